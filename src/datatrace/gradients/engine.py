@@ -1,0 +1,132 @@
+"""One entry point for per-sample gradients, whichever engine computes them.
+
+``compute_per_sample_grads`` returns a :class:`PerSampleGrads`: dense gradients for
+parameters the functional engine handled, and :class:`LayerFactors` for Linear/Conv2d layers
+handled by hooks. Consumers (projections, inner products) work per parameter block, so the
+full ``(batch, n_params)`` matrix exists only if a caller asks for :meth:`PerSampleGrads.flat`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from datatrace.data import Batch
+from datatrace.errors import ConfigError, NumericalError
+from datatrace.gradients.functional import functional_per_sample_grads
+from datatrace.gradients.hooks import LayerFactors, hook_factors, hookable_modules
+from datatrace.task import Task
+
+__all__ = ["Engine", "PerSampleGrads", "compute_per_sample_grads"]
+
+Engine = Literal["auto", "functional", "hooks"]
+
+
+@dataclass
+class PerSampleGrads:
+    """Per-sample gradients of one batch over the task's tracked parameters.
+
+    Attributes:
+        names: tracked parameter names in canonical (model) order.
+        shapes: their shapes.
+        dense: ``{name: (B, *shape)}`` for parameters the functional engine computed.
+        factors: factored layers from the hook engine.
+        objective: ``(B,)`` objective values (loss or query objective).
+    """
+
+    names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    factors: list[LayerFactors] = field(default_factory=list)
+    batch_size: int = 0
+
+    def blocks(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, (B, numel))`` per parameter in canonical order, one layer materialised at a time."""
+        by_name = {n: f for f in self.factors for n in (f.weight, f.bias) if n is not None}
+        cache: dict[str, dict[str, torch.Tensor]] = {}
+        for name in self.names:
+            if name in self.dense:
+                yield name, self.dense[name].reshape(self.batch_size, -1)
+                continue
+            f = by_name[name]
+            if f.module not in cache:
+                cache.clear()  # hold one layer at a time
+                cache[f.module] = f.split(f.matrix())
+            yield name, cache[f.module][name].reshape(self.batch_size, -1)
+
+    def flat(self) -> torch.Tensor:
+        """All tracked gradients as ``(B, n_tracked)`` (only for small models)."""
+        return torch.cat([b for _, b in self.blocks()], dim=1)
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {n: b.reshape(self.batch_size, *self.shapes[n]) for n, b in self.blocks()}
+
+    def scale(self, factor: torch.Tensor) -> None:
+        """Multiply example ``n``'s gradient by ``factor[n]`` in place."""
+        for n in self.dense:
+            self.dense[n] = self.dense[n] * factor.view(-1, *([1] * (self.dense[n].ndim - 1)))
+        for f in self.factors:
+            f.g = f.g * factor.view(-1, 1, 1)
+
+
+def _check_finite(psg: PerSampleGrads, which: str) -> None:
+    bad = [n for n, t in psg.dense.items() if not torch.isfinite(t).all()]
+    bad += [f.module for f in psg.factors if not (torch.isfinite(f.a).all() and torch.isfinite(f.g).all())]
+    if bad:
+        raise NumericalError(
+            f"per-sample gradients of the {which} objective contain NaN/inf (in {bad[:5]}); check the "
+            "inputs for NaN/inf, the loss for log(0), or lower the learning rate of the run."
+        )
+
+
+def compute_per_sample_grads(
+    task: Task,
+    batch: Batch,
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
+    which: str = "loss",
+    engine: Engine = "auto",
+    chunk_size: int | None = None,
+) -> PerSampleGrads:
+    """Per-sample gradients of ``batch`` w.r.t. the task's tracked parameters.
+
+    Args:
+        task: the task.
+        batch: one batch.
+        state: parameters/buffers to evaluate at (default: the model's current weights).
+        which: ``"loss"`` for the training loss, ``"query"`` for the query objective.
+        engine: ``"hooks"`` (Linear/Conv2d from layer factors, others fall back to the
+            functional engine), ``"functional"`` (vmap for everything) or ``"auto"`` (= hooks).
+        chunk_size: vmap chunk size of the functional engine.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2).eval()
+        >>> task = Task(model)
+        >>> batch = (torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+        >>> compute_per_sample_grads(task, batch).flat().shape
+        torch.Size([4, 8])
+    """
+    if engine not in ("auto", "functional", "hooks"):
+        raise ConfigError(f"engine must be 'auto', 'functional' or 'hooks'; got {engine!r}.")
+    task.check_batch(batch)
+    state = task.state() if state is None else state
+    names = task.tracked_names
+    shapes = {n: tuple(p.shape) for n, p in task.tracked_params().items()}
+    modules = hookable_modules(task) if engine != "functional" else {}
+    factors: list[LayerFactors] = []
+    b = 0
+    if modules:
+        factors, obj = hook_factors(task, state, batch, modules, which)
+        b = obj.shape[0]
+    covered = {n for f in factors for n in (f.weight, f.bias) if n is not None}
+    rest = [n for n in names if n not in covered]
+    dense: dict[str, torch.Tensor] = {}
+    if rest:
+        dense = functional_per_sample_grads(task, state, batch, rest, which, chunk_size)
+        b = next(iter(dense.values())).shape[0]
+    psg = PerSampleGrads(names, shapes, dense, factors, b)
+    _check_finite(psg, which)
+    return psg

@@ -1,0 +1,121 @@
+"""Typed attribution results (DESIGN.md §1).
+
+``Scores.values[q, i]`` estimates how much training on unit ``i`` improves the model on query
+``q``: positive values are proponents, negative values opponents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from datatrace.errors import DataError
+
+__all__ = ["Scores", "TopK", "streaming_topk"]
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k strongest proponents and opponents of every query.
+
+    Attributes:
+        proponent_ids: ``(n_query, k)`` unit ids, highest score first.
+        proponent_values: ``(n_query, k)`` their scores.
+        opponent_ids: ``(n_query, k)`` unit ids, lowest score first.
+        opponent_values: ``(n_query, k)`` their scores.
+    """
+
+    proponent_ids: torch.Tensor
+    proponent_values: torch.Tensor
+    opponent_ids: torch.Tensor
+    opponent_values: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Attribution scores of shape ``(n_query, n_units)``.
+
+    Example:
+        >>> s = Scores(torch.tensor([[0.5, -1.0, 2.0]]), method="grad-dot")
+        >>> s.topk(1).proponent_ids.tolist()
+        [[2]]
+    """
+
+    values: torch.Tensor
+    unit_ids: torch.Tensor | None = None
+    query_ids: torch.Tensor | None = None
+    method: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.values.ndim != 2:
+            raise DataError(
+                f"Scores.values must be 2-D (n_query, n_units); got shape {tuple(self.values.shape)}."
+            )
+        n_query, n_units = self.values.shape
+        if self.unit_ids is None:
+            object.__setattr__(self, "unit_ids", torch.arange(n_units))
+        if self.query_ids is None:
+            object.__setattr__(self, "query_ids", torch.arange(n_query))
+        assert self.unit_ids is not None and self.query_ids is not None
+        if self.unit_ids.shape != (n_units,) or self.query_ids.shape != (n_query,):
+            raise DataError(
+                f"Scores ids do not match values of shape {(n_query, n_units)}: got unit_ids "
+                f"{tuple(self.unit_ids.shape)} and query_ids {tuple(self.query_ids.shape)}."
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.values.shape[0]), int(self.values.shape[1]))
+
+    def topk(self, k: int) -> TopK:
+        """Return the ``k`` highest (proponents) and lowest (opponents) units per query."""
+        assert self.unit_ids is not None
+        return streaming_topk([(self.unit_ids, self.values)], k)
+
+
+def streaming_topk(blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], k: int) -> TopK:
+    """Top-k over score blocks ``(unit_ids, values[n_query, n_block])`` seen one at a time.
+
+    Never holds more than ``n_query x (k + n_block)`` scores, so the full
+    ``n_query x n_train`` matrix need not exist.
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise DataError(f"k must be a positive integer; got {k!r}.")
+    best_v: torch.Tensor | None = None
+    best_i: torch.Tensor | None = None
+    worst_v: torch.Tensor | None = None
+    worst_i: torch.Tensor | None = None
+    for ids, values in _iter_blocks(blocks):
+        ids_b = ids.to(values.device).unsqueeze(0).expand(values.shape[0], -1)
+        if best_v is None:
+            cand_v, cand_i = values, ids_b
+            low_v, low_i = values, ids_b
+        else:
+            assert best_i is not None and worst_v is not None and worst_i is not None
+            cand_v, cand_i = torch.cat([best_v, values], 1), torch.cat([best_i, ids_b], 1)
+            low_v, low_i = torch.cat([worst_v, values], 1), torch.cat([worst_i, ids_b], 1)
+        kk = min(k, cand_v.shape[1])
+        top = torch.topk(cand_v, kk, dim=1)
+        best_v, best_i = top.values, torch.gather(cand_i, 1, top.indices)
+        bot = torch.topk(low_v, kk, dim=1, largest=False)
+        worst_v, worst_i = bot.values, torch.gather(low_i, 1, bot.indices)
+    if best_v is None:
+        raise DataError("streaming_topk received no score blocks; the train set is empty.")
+    assert best_i is not None and worst_v is not None and worst_i is not None
+    return TopK(best_i, best_v, worst_i, worst_v)
+
+
+def _iter_blocks(
+    blocks: Iterable[tuple[torch.Tensor, torch.Tensor]],
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for ids, values in blocks:
+        if values.ndim != 2 or ids.shape != (values.shape[1],):
+            raise DataError(
+                f"score block must be (unit_ids[n], values[n_query, n]); got ids "
+                f"{tuple(ids.shape)} and values {tuple(values.shape)}."
+            )
+        yield ids, values

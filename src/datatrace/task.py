@@ -1,0 +1,422 @@
+"""What the user tells datatrace about their model (DESIGN.md §2).
+
+A :class:`Task` bundles the ``nn.Module``, how to get the per-example training loss from a
+batch, the target (measurement) function to attribute, the checkpoints of the run and which
+parameters to track. Everything that touches ``vmap`` or ``functional_call`` lives behind it.
+
+Sign convention: every target declares a direction. Methods differentiate the *query
+objective* ``-direction * target``, a loss-like quantity whose decrease is an improvement, so
+that a positive score always means "training on this unit improves the query".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from datatrace.data import Batch
+from datatrace.errors import ConfigError, DataError, ModelError
+
+__all__ = ["Checkpoint", "Target", "Task", "cross_entropy", "lm_loss", "log_prob", "margin"]
+
+LossFn = Callable[[torch.Tensor, Batch, torch.Tensor | None], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- losses/targets
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy, shape ``(B,)``."""
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def mse(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example half squared error summed over output dimensions, shape ``(B,)``."""
+    diff = outputs.reshape(outputs.shape[0], -1) - labels.reshape(labels.shape[0], -1)
+    return 0.5 * (diff**2).sum(1)
+
+
+def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """TRAK's classification margin ``logit_y - logsumexp_{c != y} logit_c`` (higher is better)."""
+    true = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+    others = logits.scatter(1, labels.view(-1, 1), float("-inf"))
+    return true - torch.logsumexp(others, dim=1)
+
+
+def _token_log_probs(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    # Causal LM: position t predicts token t+1. Labels equal to -100 are ignored (HF convention).
+    shift_logits = logits[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != -100
+    if mask is not None:
+        keep = keep & mask[:, 1:].bool()
+    safe = shift_labels.clamp_min(0)
+    lp = torch.log_softmax(shift_logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return (lp * keep.to(lp.dtype)).sum(1)
+
+
+def log_prob(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token log-probability of each sequence, shape ``(B,)`` (higher is better)."""
+    return _token_log_probs(logits, labels, mask)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of each sequence, shape ``(B,)``."""
+    return -_token_log_probs(logits, labels, mask)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A measurement function to attribute.
+
+    Attributes:
+        name: id used in configs and manifests.
+        fn: ``fn(outputs, labels, mask) -> (B,)``; ``mask`` is the attention mask or None.
+        direction: +1 if higher values are better (margin, log-prob), -1 if lower (loss).
+    """
+
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    direction: Literal[1, -1]
+
+
+_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
+    "cross_entropy": lambda o, y, m: cross_entropy(o, y),
+    "mse": lambda o, y, m: mse(o, y),
+    "lm": lm_loss,
+}
+_TARGETS = {
+    "margin": Target("margin", lambda o, y, m: margin(o, y), 1),
+    "log_prob": Target("log_prob", log_prob, 1),
+}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@dataclass(frozen=True)
+class Checkpoint:
+    """A saved state of one training run (DESIGN.md §2).
+
+    Attributes:
+        state: a state dict, or a path to one saved with ``torch.save`` (loaded with
+            ``weights_only=True``).
+        step: optimizer step at which it was saved.
+        learning_rate: learning rate in force at that step (TracIn and Source weigh by it).
+        optimizer: optimizer kind, e.g. ``"sgd"`` or ``"adam"``.
+        train_indices: training indices the run used up to this checkpoint (multi-stage runs).
+
+    Example:
+        >>> ckpt = Checkpoint(nn.Linear(2, 2).state_dict(), step=10, learning_rate=0.1)
+        >>> sorted(ckpt.load())
+        ['bias', 'weight']
+    """
+
+    state: Mapping[str, torch.Tensor] | str | Path
+    step: int = 0
+    learning_rate: float = 1.0
+    optimizer: str = "sgd"
+    train_indices: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, (Mapping, str, Path)):
+            raise ModelError(
+                f"Checkpoint.state must be a state dict or a path; got {type(self.state).__name__}."
+            )
+        if not (self.learning_rate > 0):
+            raise ConfigError(f"Checkpoint.learning_rate must be > 0; got {self.learning_rate}.")
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """The state dict, loaded safely (``weights_only=True``) if a path was given."""
+        if isinstance(self.state, Mapping):
+            return dict(self.state)
+        path = Path(self.state)
+        if not path.exists():
+            raise ModelError(f"checkpoint file {str(path)!r} does not exist.")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping):
+            raise ModelError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict.")
+        return dict(obj)
+
+
+# ----------------------------------------------------------------------------- task
+@dataclass
+class _SplitBatch:
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    labels: torch.Tensor | None
+    mask: torch.Tensor | None
+
+
+class Task:
+    """The model, its loss, the target to attribute, its checkpoints and tracked parameters.
+
+    Args:
+        model: any ``nn.Module``; it must be in eval mode.
+        loss: per-example training loss: ``"cross_entropy"``, ``"mse"``, ``"lm"`` (summed
+            next-token NLL) or a callable ``loss(outputs, labels) -> (B,)``.
+        target: the function attributed for queries: ``"loss"`` (default), ``"margin"``,
+            ``"log_prob"`` or a :class:`Target`.
+        checkpoints: saved states of the training run (state dicts, paths or
+            :class:`Checkpoint`); default: the model's current weights.
+        params: names of parameters or modules to track (a module name selects all its
+            parameters); default: every trainable parameter.
+        module_types: track only parameters of modules of these types (e.g. ``(nn.Linear,)``).
+        batch_to_inputs: ``batch -> (args, kwargs)`` for the model call, if the default (tuple:
+            all but the last entry; dict: every key except ``labels``) does not fit.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 3)).eval()
+        >>> task = Task(model, loss="cross_entropy", target="margin")
+        >>> list(task.tracked_params())
+        ['0.weight', '0.bias']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "cross_entropy",
+        target: str | Target = "loss",
+        *,
+        checkpoints: Sequence[Checkpoint | Mapping[str, torch.Tensor] | str | Path] | None = None,
+        params: Sequence[str] | None = None,
+        module_types: Sequence[type[nn.Module]] | None = None,
+        batch_to_inputs: Callable[[Batch], tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"Task needs an nn.Module; got {type(model).__name__}.")
+        self.model = model
+        if isinstance(loss, str):
+            if loss not in _LOSSES:
+                raise ConfigError(f"unknown loss {loss!r}; choose one of {sorted(_LOSSES)} or pass a callable.")
+            self.loss_name = loss
+            self._loss = _LOSSES[loss]
+        elif callable(loss):
+            user_loss = loss
+            self.loss_name = getattr(loss, "__name__", "custom")
+            self._loss = lambda o, y, m: user_loss(o, y)
+        else:
+            raise ConfigError(f"loss must be a name or a callable; got {type(loss).__name__}.")
+        if isinstance(target, Target):
+            self.target = target
+        elif target == "loss":
+            self.target = Target("loss", self._loss, -1)
+        elif isinstance(target, str) and target in _TARGETS:
+            self.target = _TARGETS[target]
+        else:
+            raise ConfigError(
+                f"unknown target {target!r}; choose 'loss', 'margin', 'log_prob' or pass a Target."
+            )
+        self.batch_to_inputs = batch_to_inputs
+        self._tracked = self._select_params(params, module_types)
+        self.checkpoints = [c if isinstance(c, Checkpoint) else Checkpoint(c) for c in (checkpoints or [])]
+
+    # -- parameters ---------------------------------------------------------------------------
+    def _select_params(
+        self, params: Sequence[str] | None, module_types: Sequence[type[nn.Module]] | None
+    ) -> list[str]:
+        named = dict(self.model.named_parameters())
+        if isinstance(params, str):
+            params = [params]
+        chosen: list[str] = []
+        if params is not None:
+            modules = dict(self.model.named_modules())
+            for name in params:
+                if name in named:
+                    chosen.append(name)
+                elif name in modules:
+                    prefix = f"{name}." if name else ""
+                    chosen.extend(n for n in named if n.startswith(prefix))
+                else:
+                    raise ModelError(
+                        f"{name!r} is neither a parameter nor a module of the model; parameters are "
+                        f"{list(named)[:20]}{' ...' if len(named) > 20 else ''}."
+                    )
+        else:
+            chosen = [n for n, p in named.items() if p.requires_grad]
+        if module_types is not None:
+            types = tuple(module_types)
+            owned = {
+                f"{mname}.{pname}" if mname else pname
+                for mname, mod in self.model.named_modules()
+                if isinstance(mod, types)
+                for pname, _ in mod.named_parameters(recurse=False)
+            }
+            if not owned:
+                raise ModelError(
+                    f"the model has no modules of type {[t.__name__ for t in types]}; "
+                    "choose types the model contains."
+                )
+            chosen = [n for n in chosen if n in owned]
+        order = list(named)
+        chosen = sorted(set(chosen), key=order.index)
+        if not chosen:
+            raise ModelError("no parameters selected; check params= and module_types=.")
+        return chosen
+
+    def tracked_params(self) -> dict[str, torch.Tensor]:
+        """Tracked parameters, in the model's parameter order."""
+        named = dict(self.model.named_parameters())
+        return {n: named[n] for n in self._tracked}
+
+    @property
+    def tracked_names(self) -> list[str]:
+        return list(self._tracked)
+
+    @property
+    def num_tracked(self) -> int:
+        return sum(p.numel() for p in self.tracked_params().values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.tracked_params().values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tracked_params().values())).device
+
+    # -- states -------------------------------------------------------------------------------
+    def check_eval_mode(self) -> None:
+        """Refuse a model in train mode: dropout would make gradients random."""
+        training = [n or type(self.model).__name__ for n, m in self.model.named_modules() if m.training]
+        if training:
+            raise ModelError(
+                f"the model is in train mode (modules {training[:5]}); call model.eval() before "
+                "attribution so that dropout and batch-norm are deterministic."
+            )
+
+    def state(self, checkpoint: Checkpoint | None = None) -> dict[str, torch.Tensor]:
+        """Parameters and buffers of the model, overridden by ``checkpoint``'s state."""
+        base = {n: p.detach() for n, p in self.model.named_parameters()}
+        base.update({n: b for n, b in self.model.named_buffers()})
+        if checkpoint is None:
+            return base
+        loaded = checkpoint.load()
+        missing = [k for k in base if k not in loaded]
+        unexpected = [k for k in loaded if k not in base]
+        if missing or unexpected:
+            raise ModelError(
+                f"checkpoint does not match the model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}; members must share the task model's architecture."
+            )
+        for k, v in loaded.items():
+            if v.shape != base[k].shape:
+                raise ModelError(
+                    f"checkpoint tensor {k!r} has shape {tuple(v.shape)} but the model's has "
+                    f"{tuple(base[k].shape)}; members must share the task model's architecture."
+                )
+            base[k] = v.to(device=base[k].device, dtype=base[k].dtype)
+        return base
+
+    # -- batches ------------------------------------------------------------------------------
+    def split_batch(self, batch: Batch) -> _SplitBatch:
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if self.batch_to_inputs is not None:
+            args, kwargs = self.batch_to_inputs(batch)
+            labels = batch["labels"] if isinstance(batch, Mapping) else batch[-1]
+            return _SplitBatch(tuple(args), dict(kwargs), labels, mask)
+        if isinstance(batch, Mapping):
+            if "labels" not in batch:
+                labels = batch.get("input_ids") if self.loss_name == "lm" else None
+                if labels is None:
+                    raise DataError(
+                        f"dict batch has keys {sorted(batch)} but no 'labels'; add labels or pass "
+                        "batch_to_inputs=."
+                    )
+            else:
+                labels = batch["labels"]
+            kwargs = {k: v for k, v in batch.items() if k != "labels"}
+            return _SplitBatch((), kwargs, labels, mask)
+        if isinstance(batch, (tuple, list)):
+            if len(batch) < 2 and self.loss_name != "lm":
+                raise DataError(
+                    f"batch has {len(batch)} tensor(s) but the task's loss takes inputs and labels; "
+                    "pass (inputs..., labels) tuples, or batch_to_inputs= to say how to split it."
+                )
+            if self.loss_name == "lm" and len(batch) == 1:
+                return _SplitBatch((batch[0],), {}, batch[0], None)
+            return _SplitBatch(tuple(batch[:-1]), {}, batch[-1], None)
+        raise DataError(f"a batch must be a tuple/list or dict of tensors; got {type(batch).__name__}.")
+
+    def check_batch(self, batch: Batch) -> None:
+        """Refuse inputs whose dtype or device cannot meet the model's."""
+        split = self.split_batch(batch)
+        leaves = list(split.args) + list(split.kwargs.values())
+        for t in leaves:
+            if not isinstance(t, torch.Tensor):
+                continue
+            if t.device != self.device:
+                raise DataError(
+                    f"an input tensor is on {t.device} but the model is on {self.device}; move the "
+                    "data or the model so they match."
+                )
+            if t.is_floating_point() and t.dtype != self.dtype:
+                raise DataError(
+                    f"an input tensor has dtype {t.dtype} but the model's parameters are "
+                    f"{self.dtype}; cast the data (e.g. x.to({self.dtype})) or the model."
+                )
+
+    def outputs(self, state: Mapping[str, torch.Tensor], split: _SplitBatch) -> torch.Tensor:
+        """Model outputs (logits) under ``state``."""
+        out = functional_call(self.model, dict(state), split.args, split.kwargs, strict=False)
+        if hasattr(out, "logits"):
+            out = out.logits
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            raise ModelError(f"the model returned {type(out).__name__}; expected a tensor or .logits.")
+        return out
+
+    def loss_from_outputs(self, outputs: torch.Tensor, split: _SplitBatch) -> torch.Tensor:
+        """Per-example training loss ``(B,)``."""
+        assert split.labels is not None
+        return self._checked(self._loss(outputs, split.labels, split.mask), outputs, "loss")
+
+    def query_objective_from_outputs(self, outputs: torch.Tensor, split: _SplitBatch) -> torch.Tensor:
+        """``-direction * target``: loss-like, its decrease is an improvement of the query."""
+        assert split.labels is not None
+        value = self.target.fn(outputs, split.labels, split.mask)
+        return self._checked(-float(self.target.direction) * value, outputs, "target")
+
+    def objective(self, which: str) -> Callable[[torch.Tensor, _SplitBatch], torch.Tensor]:
+        if which == "loss":
+            return self.loss_from_outputs
+        if which == "query":
+            return self.query_objective_from_outputs
+        raise ConfigError(f"objective must be 'loss' or 'query'; got {which!r}.")
+
+    @staticmethod
+    def _checked(values: torch.Tensor, outputs: torch.Tensor, what: str) -> torch.Tensor:
+        if values.ndim != 1 or values.shape[0] != outputs.shape[0]:
+            raise ModelError(
+                f"the {what} function returned shape {tuple(values.shape)}; it must return one "
+                f"value per example, shape ({outputs.shape[0]},) — use reduction='none'."
+            )
+        return values
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able description (goes into store manifests)."""
+        return {
+            "model": type(self.model).__name__,
+            "loss": self.loss_name,
+            "target": self.target.name,
+            "params": self.tracked_names,
+        }
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of an ensemble: a trajectory of checkpoints (the last one is the final model)."""
+
+    trajectory: tuple[Checkpoint, ...] = field(default_factory=tuple)
+
+    @property
+    def final(self) -> Checkpoint | None:
+        return self.trajectory[-1] if self.trajectory else None
