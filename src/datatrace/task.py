@@ -138,7 +138,13 @@ class Checkpoint:
         path = Path(self.state)
         if not path.exists():
             raise ModelError(f"checkpoint file {str(path)!r} does not exist.")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises UnpicklingError/RuntimeError for unsafe files
+            raise ModelError(
+                f"checkpoint {str(path)!r} could not be loaded with weights_only=True ({exc}); "
+                "save plain state dicts of tensors (torch.save(model.state_dict(), path))."
+            ) from exc
         if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping):
@@ -385,12 +391,24 @@ class Task:
         value = self.target.fn(outputs, split.labels, split.mask)
         return self._checked(-float(self.target.direction) * value, outputs, "target")
 
+    def negative_margin_from_outputs(self, outputs: torch.Tensor, split: _SplitBatch) -> torch.Tensor:
+        """``-margin``: TRAK's loss-like output function for classification."""
+        assert split.labels is not None
+        return self._checked(-margin(outputs, split.labels), outputs, "margin")
+
     def objective(self, which: str) -> Callable[[torch.Tensor, _SplitBatch], torch.Tensor]:
+        """The per-example function differentiated for ``which``.
+
+        ``"loss"``: the training loss; ``"query"``: ``-direction * target``; ``"margin"``:
+        the negative classification margin. All are loss-like (lower is better).
+        """
         if which == "loss":
             return self.loss_from_outputs
         if which == "query":
             return self.query_objective_from_outputs
-        raise ConfigError(f"objective must be 'loss' or 'query'; got {which!r}.")
+        if which == "margin":
+            return self.negative_margin_from_outputs
+        raise ConfigError(f"objective must be 'loss', 'query' or 'margin'; got {which!r}.")
 
     @staticmethod
     def _checked(values: torch.Tensor, outputs: torch.Tensor, what: str) -> torch.Tensor:

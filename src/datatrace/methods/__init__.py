@@ -1,0 +1,24 @@
+"""Attribution methods: the shared loop and one file per method (DESIGN.md §3)."""
+
+from datatrace.methods.base import METHODS, Attributor, MethodConfig, make_attributor
+from datatrace.methods.gradsim import GradCosAttributor, GradDotAttributor
+from datatrace.methods.influence import InfluenceAttributor, InfluenceConfig
+from datatrace.methods.rps import RepresenterAttributor, RepresenterConfig
+from datatrace.methods.tracin import TracInAttributor
+from datatrace.methods.trak import TRAKAttributor, TRAKConfig
+
+__all__ = [
+    "METHODS",
+    "Attributor",
+    "GradCosAttributor",
+    "GradDotAttributor",
+    "InfluenceAttributor",
+    "InfluenceConfig",
+    "MethodConfig",
+    "RepresenterAttributor",
+    "RepresenterConfig",
+    "TRAKAttributor",
+    "TRAKConfig",
+    "TracInAttributor",
+    "make_attributor",
+]

@@ -1,0 +1,303 @@
+"""The shared attribution loop (DESIGN.md §1, §4).
+
+A method declares three things: how it featurizes training examples, how it transforms query
+features, and how the two combine (an inner product, by default). The loop owns everything
+else: batching, ensemble members and their checkpoints, projections, the on-disk store with
+resume, streaming over train shards, top-k and self-attribution.
+
+For every member ``m``: ``scores_m = transform_m(Q_m) @ F_m^T`` where ``F_m`` holds the train
+features and ``Q_m`` the query features; members are then aggregated (mean by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from datatrace.data import Batch, iter_batches, num_examples
+from datatrace.ensemble import member_states, resolve_members
+from datatrace.errors import ConfigError, DataError, NotFittedError
+from datatrace.gradients import compute_per_sample_grads
+from datatrace.projection import Projector, make_projector
+from datatrace.scores import Scores, TopK, streaming_topk
+from datatrace.store import Store, fingerprint_batch, fingerprint_tensors
+from datatrace.task import Checkpoint, Member, Task
+
+__all__ = ["METHODS", "Attributor", "MemberContext", "MethodConfig", "make_attributor", "register"]
+
+ProjectorKind = Literal["none", "gaussian", "rademacher", "sjlt", "factored"]
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Settings every method shares.
+
+    Attributes:
+        batch_size: examples per batch when datatrace batches the data itself.
+        engine: per-sample gradient engine: ``"auto"`` (hooks for Linear/Conv2d, functional
+            for the rest), ``"hooks"`` or ``"functional"``.
+        projector: random projection of gradients: ``"none"``, ``"gaussian"``,
+            ``"rademacher"``, ``"sjlt"`` or ``"factored"`` (per-layer, LoGra-style).
+        proj_dim: projected dimension (per layer side for ``"factored"``: proj_dim x proj_dim).
+        seed: seed of the projections (combined with the member index).
+        progress: show progress bars.
+    """
+
+    batch_size: int = 64
+    engine: Literal["auto", "hooks", "functional"] = "auto"
+    projector: ProjectorKind = "none"
+    proj_dim: int = 1024
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1; got {self.batch_size!r}.")
+        if self.engine not in ("auto", "hooks", "functional"):
+            raise ConfigError(f"engine must be 'auto', 'hooks' or 'functional'; got {self.engine!r}.")
+        if self.projector not in ("none", "gaussian", "rademacher", "sjlt", "factored"):
+            raise ConfigError(
+                f"projector must be one of 'none', 'gaussian', 'rademacher', 'sjlt', 'factored'; "
+                f"got {self.projector!r}."
+            )
+        if not isinstance(self.proj_dim, int) or self.proj_dim < 1:
+            raise ConfigError(f"proj_dim must be an integer >= 1; got {self.proj_dim!r}.")
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclass
+class MemberContext:
+    """What a method sees of one ensemble member."""
+
+    index: int
+    member: Member
+    checkpoints: list[Checkpoint | None]
+    states: list[dict[str, torch.Tensor]]
+    projector: Projector | None
+    fitted: dict[str, Any] = field(default_factory=dict)
+    features: list[torch.Tensor] = field(default_factory=list)  # in-memory train shards
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The member's final state."""
+        return self.states[-1]
+
+
+class Attributor(ABC):
+    """Base class of every attribution method (see the module docstring).
+
+    Subclasses set ``method_id`` and ``Config`` and implement :meth:`_fit_member`.
+    """
+
+    method_id: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        members: Sequence[Any] | None = None,
+        store: str | Path | None = None,
+        **settings: Any,
+    ) -> None:
+        if not isinstance(task, Task):
+            raise ConfigError(f"the first argument must be a datatrace.Task; got {type(task).__name__}.")
+        valid = [f.name for f in dataclasses.fields(self.Config)]
+        unknown = sorted(set(settings) - set(valid))
+        if unknown:
+            raise ConfigError(
+                f"{type(self).__name__} got unknown setting(s) {unknown}; valid settings: {valid}."
+            )
+        self.task = task
+        self.config = self.Config(**settings)
+        self._members_arg = members
+        self._store_path = Path(store) if store is not None else None
+        self._contexts: list[MemberContext] = []
+        self._train: Any = None
+        self._n_train = 0
+        self.store: Store | None = None
+
+    # ------------------------------------------------------------------ hooks for methods
+    def _features(self, ctx: MemberContext, batch: Batch, which: str, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-sample gradients of ``which`` at ``state``, projected by the member's projector."""
+        psg = compute_per_sample_grads(self.task, batch, state=state, which=which, engine=self.config.engine)
+        if ctx.projector is None:
+            return psg.flat()
+        return ctx.projector.project(psg)
+
+    def _train_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
+        """``(B, d)`` features of training examples (default: training-loss gradients)."""
+        return self._features(ctx, batch, "loss", ctx.state)
+
+    def _query_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
+        """``(B, d)`` features of queries (default: gradients of the query objective)."""
+        return self._features(ctx, batch, "query", ctx.state)
+
+    @abstractmethod
+    def _fit_member(self, ctx: MemberContext) -> None:
+        """Per-train-set work after featurization (curvature, kernels); fills ``ctx.fitted``."""
+
+    def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
+        """Map query features to the space train features are scored in (default: identity)."""
+        return q
+
+    def _combine(self, ctx: MemberContext, q: torch.Tensor, train: torch.Tensor, start: int) -> torch.Tensor:
+        """Scores ``(n_query, n_block)`` of transformed queries against a train feature block."""
+        return q @ train.T
+
+    def _aggregate(self, blocks: list[torch.Tensor], start: int) -> torch.Tensor:
+        """Combine members' score blocks (default: mean)."""
+        return torch.stack(blocks).mean(0)
+
+    def _self_scores(self, ctx: MemberContext, train: torch.Tensor, start: int) -> torch.Tensor:
+        """Self-attribution of a train feature block (default: its own transformed inner product)."""
+        return (self._transform_queries(ctx, train) * train).sum(1)
+
+    # ------------------------------------------------------------------ public API
+    def fit(self, train: Any) -> Attributor:
+        """Featurize ``train`` for every member and do the per-train-set work once."""
+        self.task.check_eval_mode()
+        n = num_examples(train)
+        if n == 0:
+            raise DataError("the training set is empty; attribution needs at least one example.")
+        members = resolve_members(self.task, self._members_arg)
+        self._train, self._n_train = train, n
+        if self._store_path is not None:
+            self.store = Store(self._store_path, config=self._store_config(), fingerprints=self._fingerprints(members))
+        self._contexts = []
+        for index, member in enumerate(members):
+            pairs = member_states(self.task, member)
+            projector = None
+            if self.config.projector != "none":
+                projector = make_projector(
+                    self.config.projector, self.config.proj_dim, seed=self.config.seed, member=index
+                )
+            ctx = MemberContext(index, member, [c for c, _ in pairs], [s for _, s in pairs], projector)
+            self._featurize_train(ctx, train)
+            self._fit_member(ctx)
+            self._contexts.append(ctx)
+        return self
+
+    def attribute(self, queries: Any) -> Scores:
+        """Scores ``(n_query, n_train)``; positive = training on the unit improves the query."""
+        ids, blocks = [], []
+        for unit_ids, block in self._score_blocks(queries):
+            ids.append(unit_ids)
+            blocks.append(block)
+        return Scores(
+            torch.cat(blocks, 1), torch.cat(ids), None, self.method_id, self.describe()
+        )
+
+    def topk(self, queries: Any, k: int) -> TopK:
+        """Top-``k`` proponents/opponents per query, streaming over train shards."""
+        return streaming_topk(self._score_blocks(queries), k)
+
+    def self_attribute(self) -> torch.Tensor:
+        """``(n_train,)`` self-influence of each training unit (mislabel detection)."""
+        self._check_fitted()
+        total = torch.zeros(self._n_train, dtype=self.task.dtype)
+        for ctx in self._contexts:
+            for start, block in self._iter_train_features(ctx):
+                total[start : start + block.shape[0]] += self._self_scores(ctx, block, start)
+        return total / len(self._contexts)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description of the method and its settings."""
+        return {"method": self.method_id, "config": self.config.to_json(), "task": self.task.config()}
+
+    # ------------------------------------------------------------------ loop internals
+    def _check_fitted(self) -> None:
+        if not self._contexts:
+            raise NotFittedError(
+                f"{type(self).__name__}.attribute/self_attribute was called before fit(); call "
+                "attributor.fit(train) first."
+            )
+
+    def _store_config(self) -> dict[str, Any]:
+        return {"method": self.method_id, "config": self.config.to_json(), "task": self.task.config()}
+
+    def _fingerprints(self, members: list[Member]) -> dict[str, str]:
+        fps = {}
+        for i, m in enumerate(members):
+            states = [s for _, s in member_states(self.task, m)]
+            fps[f"member{i}"] = fingerprint_tensors([t for s in states for t in s.values()])
+        return fps
+
+    def _featurize_train(self, ctx: MemberContext, train: Any) -> None:
+        kind = f"train-m{ctx.index}"
+        batches = iter_batches(train, self.config.batch_size)
+        it = tqdm(batches, desc=f"{self.method_id}: train features (member {ctx.index})", disable=not self.config.progress)
+        for b, batch in enumerate(it):
+            if self.store is not None:
+                fp = fingerprint_batch(batch)
+                if self.store.has_shard(kind, b, fp):
+                    continue
+                self.store.write_shard(kind, b, self._train_features(ctx, batch).detach(), fp)
+            else:
+                ctx.features.append(self._train_features(ctx, batch).detach())
+
+    def _iter_train_features(self, ctx: MemberContext) -> Iterator[tuple[int, torch.Tensor]]:
+        start = 0
+        if self.store is not None and not ctx.features:
+            for _, block in self.store.iter_shards(f"train-m{ctx.index}"):
+                yield start, block
+                start += block.shape[0]
+        else:
+            for block in ctx.features:
+                yield start, block
+                start += block.shape[0]
+
+    def _all_train_features(self, ctx: MemberContext) -> torch.Tensor:
+        return torch.cat([b for _, b in self._iter_train_features(ctx)], 0)
+
+    def _transformed_queries(self, queries: Any) -> list[torch.Tensor]:
+        self._check_fitted()
+        self.task.check_eval_mode()
+        out = []
+        for ctx in self._contexts:
+            feats = [self._query_features(ctx, b).detach() for b in iter_batches(queries, self.config.batch_size)]
+            out.append(self._transform_queries(ctx, torch.cat(feats, 0)))
+        return out
+
+    def _score_blocks(self, queries: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        qs = self._transformed_queries(queries)
+        iters = [self._iter_train_features(ctx) for ctx in self._contexts]
+        for parts in zip(*iters):
+            start = parts[0][0]
+            blocks = [self._combine(ctx, q, block, start) for ctx, q, (_, block) in zip(self._contexts, qs, parts)]
+            size = blocks[0].shape[1]
+            yield torch.arange(start, start + size), self._aggregate(blocks, start)
+
+
+MethodEntry = tuple[type[Attributor], dict[str, Any]]
+METHODS: dict[str, MethodEntry] = {}
+
+
+def register(method_id: str, **defaults: Any) -> Any:
+    """Class decorator: register an attributor under ``method_id`` with default settings."""
+
+    def deco(cls: type[Attributor]) -> type[Attributor]:
+        METHODS[method_id] = (cls, defaults)
+        return cls
+
+    return deco
+
+
+def make_attributor(method_id: str, task: Task, **kwargs: Any) -> Attributor:
+    """Build the attributor registered as ``method_id`` (DESIGN.md §8 ids)."""
+    if method_id not in METHODS:
+        raise ConfigError(f"unknown method {method_id!r}; registered methods: {sorted(METHODS)}.")
+    cls, defaults = METHODS[method_id]
+    obj = cls(task, **{**defaults, **kwargs})
+    obj.method_id = method_id
+    return obj

@@ -1,0 +1,510 @@
+"""Inverse-curvature solvers: ``x ≈ (A + λI)⁻¹ b`` for any curvature operator ``A``.
+
+Influence functions (Koh & Liang 2017, "Understanding black-box predictions via influence
+functions", eq. 2) need inverse-Hessian-vector products. Every solver works on any
+:class:`~datatrace.curvature.LinearOperator`; ``λ`` is the ``damping`` (DESIGN.md §8).
+
+- ``explicit``: materialise ``A``, invert through its eigendecomposition.
+- ``cg``: conjugate gradients (Koh & Liang 2017 §3), vectorised over right-hand sides.
+- ``lissa``: Agarwal, Bullins & Hazan 2017 ("Second-order stochastic optimization for machine
+  learning in linear time", LiSSA, Alg. 1) in Koh & Liang's scaled form:
+  ``x_{t+1} = b + (I - (A + λI)/s) x_t``, result ``x_T / s``.
+- ``arnoldi``: top-``rank`` eigenpairs by Arnoldi iteration (Schioppa, Zablotskaia, Vilar &
+  Sokolov 2022, "Scaling up influence functions", Alg. 2), then ``U diag(1/(sigma + λ)) Uᵀ b``.
+- ``datainf``: Kwon, Wu, Wu & Zou 2024 ("DataInf: efficiently estimating data influence in
+  LoRA-tuned LLMs and diffusion models", eq. 5): the mean of the per-example inverses
+  ``(g_i g_iᵀ + λI)⁻¹`` in place of the inverse of the mean, in closed form (Sherman-Morrison).
+
+Example:
+    >>> from datatrace.curvature import DenseOperator
+    >>> inv = make_solver("cg", max_iter=50).prepare(DenseOperator(torch.eye(3)), damping=1.0)
+    >>> inv.apply(torch.ones(3))
+    tensor([0.5000, 0.5000, 0.5000])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from datatrace.curvature import FisherOperator, LinearOperator, as_columns
+from datatrace.errors import ConfigError, NumericalError
+
+__all__ = [
+    "SOLVERS",
+    "ArnoldiSolver",
+    "CGInfo",
+    "CGSolver",
+    "DataInfSolver",
+    "ExplicitSolver",
+    "InverseOperator",
+    "LiSSASolver",
+    "Solver",
+    "SpectralInverse",
+    "make_solver",
+]
+
+
+def _check_int(label: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{label} must be an integer >= {low}; got {value!r}.")
+
+
+def _check_number(label: str, value: Any, low: float = 0.0, strict: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value < math.inf
+    if not (ok and (value > low if strict else value >= low)):
+        raise ConfigError(
+            f"{label} must be a finite number {'>' if strict else '>='} {low:g}; got {value!r}."
+        )
+
+
+# ----------------------------------------------------------------------------- inverses
+class InverseOperator(ABC):
+    """``B -> ≈ (A + λI)⁻¹ B`` for a prepared curvature ``A`` and damping ``λ``.
+
+    Attributes:
+        dim: size of the vectors (``dtype``, ``device``: those it returns).
+        damping: the ``λ`` it was prepared with.
+
+    Example:
+        >>> from datatrace.curvature import DenseOperator
+        >>> ExplicitSolver().prepare(DenseOperator(torch.eye(2)), 3.0).apply(torch.ones(2, 1))
+        tensor([[0.2500],
+                [0.2500]])
+    """
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, damping: float) -> None:
+        self.dim, self.dtype, self.device, self.damping = dim, dtype, device, damping
+
+    def apply(self, b: torch.Tensor) -> torch.Tensor:
+        """Solve for ``b`` of shape ``(dim,)`` or ``(dim, k)``; returns the same shape."""
+        out = self._apply(as_columns(b, self, f"{type(self).__name__}.apply"))
+        return out.squeeze(1) if b.ndim == 1 else out
+
+    @abstractmethod
+    def _apply(self, b: torch.Tensor) -> torch.Tensor:
+        """Solve for ``b`` of shape ``(dim, k)``."""
+
+
+class SpectralInverse(InverseOperator):
+    """``U diag(1/(sigma + λ)) Uᵀ`` from (some) eigenpairs ``(sigma, U)`` of the curvature.
+
+    Attributes:
+        eigenvalues: ``(r,)`` eigenvalues ``sigma`` of the undamped operator, largest magnitude first.
+        eigenvectors: ``(dim, r)`` orthonormal columns ``U``.
+
+    Example:
+        >>> inv = SpectralInverse(torch.tensor([2.0]), torch.tensor([[1.0], [0.0]]), damping=2.0)
+        >>> inv.apply(torch.tensor([1.0, 1.0]))
+        tensor([0.2500, 0.0000])
+    """
+
+    def __init__(
+        self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, damping: float
+    ) -> None:
+        v = eigenvectors
+        super().__init__(int(v.shape[0]), v.dtype, v.device, damping)
+        self.eigenvalues = eigenvalues
+        self.eigenvectors = eigenvectors
+        shifted = eigenvalues + damping
+        scale = max(float(shifted.abs().max()), float(torch.finfo(self.dtype).tiny))
+        tol = self.dim * float(torch.finfo(self.dtype).eps) * scale
+        small = shifted.abs() <= tol
+        if bool(small.any()):
+            raise NumericalError(
+                f"the damped curvature is singular: {int(small.sum())} eigenvalue(s) of A + λI are "
+                f"within {tol:.2e} of 0 (damping={damping}); increase damping."
+            )
+        self._inv = 1.0 / shifted
+
+    def _apply(self, b: torch.Tensor) -> torch.Tensor:
+        u = self.eigenvectors
+        return u @ (self._inv.unsqueeze(1) * (u.T @ b))
+
+
+@dataclass
+class CGInfo:
+    """Convergence of the last :class:`CGSolver` solve.
+
+    Attributes:
+        iterations: iterations run (the slowest column's).
+        relative_residual: largest ``||b - A x|| / ||b||`` over the columns.
+        converged: whether every column met ``rtol``.
+
+    Example:
+        >>> from datatrace.curvature import DenseOperator
+        >>> inv = CGSolver().prepare(DenseOperator(torch.eye(2)), 0.0)
+        >>> _ = inv.apply(torch.ones(2)); inv.info.iterations
+        1
+    """
+
+    iterations: int
+    relative_residual: float
+    converged: bool
+
+
+class _CGInverse(InverseOperator):
+    def __init__(self, op: LinearOperator, damping: float, max_iter: int, rtol: float) -> None:
+        super().__init__(op.dim, op.dtype, op.device, damping)
+        self.op, self.max_iter, self.rtol = op, max_iter, rtol
+        self.info: CGInfo | None = None
+
+    def _apply(self, b: torch.Tensor) -> torch.Tensor:
+        x = torch.zeros_like(b)
+        r = b.clone()
+        p = r.clone()
+        rs = (r * r).sum(0)
+        target = self.rtol * rs.sqrt()
+        active = rs.sqrt() > target  # zero right-hand sides are solved by x = 0
+        it = 0
+        while bool(active.any()) and it < self.max_iter:
+            idx = active.nonzero().squeeze(1)
+            # Each column keeps its own step sizes; only unconverged columns cost a product.
+            pa = p[:, idx]
+            ap = self.op.matvec(pa) + self.damping * pa
+            curv = (pa * ap).sum(0)
+            if bool((curv <= 0).any()):
+                raise NumericalError(
+                    f"CG met a direction of non-positive curvature (pᵀ(A + λI)p = {float(curv.min()):.3e}) "
+                    f"with damping={self.damping}; CG needs a positive-definite operator: increase "
+                    "damping, use a GGN/Fisher operator, or use the explicit or arnoldi solver."
+                )
+            alpha = rs[idx] / curv
+            x[:, idx] += alpha * pa
+            r[:, idx] -= alpha * ap
+            rs_new = (r[:, idx] ** 2).sum(0)
+            p[:, idx] = r[:, idx] + (rs_new / rs[idx]) * pa
+            rs[idx] = rs_new
+            active[idx] = rs_new.sqrt() > target[idx]
+            it += 1
+        if not bool(torch.isfinite(x).all()):
+            raise NumericalError(f"CG produced NaN/inf (damping={self.damping}); increase damping.")
+        norm_b = (b * b).sum(0).sqrt().clamp_min(torch.finfo(b.dtype).tiny)
+        rel = float(((r * r).sum(0).sqrt() / norm_b).max())
+        self.info = CGInfo(it, rel, not bool(active.any()))
+        return x
+
+
+class _LiSSAInverse(InverseOperator):
+    def __init__(
+        self, op: LinearOperator, damping: float, depth: int, scale: float, repeats: int
+    ) -> None:
+        super().__init__(op.dim, op.dtype, op.device, damping)
+        self.op, self.depth, self.scale, self.repeats = op, depth, scale, repeats
+
+    def _apply(self, b: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(b)
+        for _ in range(self.repeats):
+            x = b.clone()
+            for _ in range(self.depth):
+                x = b + x - (self.op.matvec(x) + self.damping * x) / self.scale
+            total += x / self.scale
+        out = total / self.repeats
+        if not bool(torch.isfinite(out).all()):
+            raise NumericalError(
+                f"LiSSA diverged (scale={self.scale:.3e}, damping={self.damping}); the recursion "
+                "needs 0 < eigenvalues of A + λI < 2 * scale: increase scale or damping."
+            )
+        return out
+
+
+class _DataInfInverse(InverseOperator):
+    def __init__(self, op: FisherOperator, damping: float) -> None:
+        super().__init__(op.dim, op.dtype, op.device, damping)
+        self.grads, self.n = op.grads, op.n
+        self.blocks = op.blocks or [slice(0, op.dim)]
+        # Sherman-Morrison weight 1 / (λ + ||g_i||²) of each example, per block.
+        self._coef = [1.0 / (damping + (self.grads[:, s] ** 2).sum(1)) for s in self.blocks]
+
+    def _apply(self, b: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(b)
+        for s, coef in zip(self.blocks, self._coef):
+            g = self.grads[:, s]
+            proj = coef.unsqueeze(1) * (g @ b[s])  # (n, k): (g_iᵀ v) / (λ + ||g_i||²)
+            out[s] = (b[s] - g.T @ proj / self.n) / self.damping
+        return out
+
+
+# ----------------------------------------------------------------------------- solvers
+class Solver(ABC):
+    """Settings of an inverse-curvature method; :meth:`prepare` does the per-operator work.
+
+    Subclasses are frozen dataclasses whose ``__post_init__`` validates the settings, so that
+    ``make_solver(s.name, **s.config())`` rebuilds an equal solver.
+    """
+
+    name: ClassVar[str]
+
+    def prepare(self, op: LinearOperator, damping: float) -> InverseOperator:
+        """Factor or wrap ``op + damping * I`` for repeated :meth:`InverseOperator.apply`."""
+        if not isinstance(op, LinearOperator):
+            raise ConfigError(
+                f"{type(self).__name__}.prepare needs a LinearOperator from datatrace.curvature; "
+                f"got {type(op).__name__}."
+            )
+        _check_number("damping", damping, strict=False)
+        return self._prepare(op, float(damping))
+
+    @abstractmethod
+    def _prepare(self, op: LinearOperator, damping: float) -> InverseOperator: ...
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able settings (for store manifests)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class ExplicitSolver(Solver):
+    """Materialise ``A`` and invert ``A + λI`` through its eigendecomposition.
+
+    Works for indefinite but nonsingular ``A + λI`` (e.g. a Hessian away from a minimum);
+    raises :class:`~datatrace.errors.NumericalError` when it is singular. Costs ``dim``
+    operator products and ``O(dim³)`` time: small models only.
+
+    Example:
+        >>> from datatrace.curvature import DenseOperator
+        >>> inv = ExplicitSolver().prepare(DenseOperator(torch.diag(torch.tensor([1.0, 3.0]))), 1.0)
+        >>> inv.apply(torch.ones(2))
+        tensor([0.5000, 0.2500])
+    """
+
+    name: ClassVar[str] = "explicit"
+
+    def _prepare(self, op: LinearOperator, damping: float) -> InverseOperator:
+        dense = op.to_dense()
+        evals, evecs = torch.linalg.eigh((dense + dense.T) / 2)
+        order = evals.abs().argsort(descending=True)
+        return SpectralInverse(evals[order], evecs[:, order], damping)
+
+
+@dataclass(frozen=True)
+class CGSolver(Solver):
+    """Conjugate gradients on ``(A + λI) x = b``, one operator product per iteration.
+
+    Columns of a ``(dim, k)`` right-hand side run together, each with its own step sizes;
+    iteration stops when every ``||r|| < rtol * ||b||``. The last solve's convergence is on the
+    inverse's ``.info`` (:class:`CGInfo`). ``A + λI`` must be positive definite.
+
+    Attributes:
+        max_iter: most iterations (>= 1).
+        rtol: relative residual tolerance (> 0).
+
+    Example:
+        >>> from datatrace.curvature import DenseOperator
+        >>> inv = CGSolver(max_iter=10).prepare(DenseOperator(torch.diag(torch.tensor([1.0, 3.0]))), 1.0)
+        >>> inv.apply(torch.ones(2))
+        tensor([0.5000, 0.2500])
+    """
+
+    name: ClassVar[str] = "cg"
+    max_iter: int = 100
+    rtol: float = 1e-10
+
+    def __post_init__(self) -> None:
+        _check_int("CGSolver.max_iter", self.max_iter, 1)
+        _check_number("CGSolver.rtol", self.rtol)
+
+    def _prepare(self, op: LinearOperator, damping: float) -> InverseOperator:
+        return _CGInverse(op, damping, self.max_iter, float(self.rtol))
+
+
+@dataclass(frozen=True)
+class LiSSASolver(Solver):
+    """LiSSA (Agarwal et al. 2017): the truncated Neumann series of ``(A + λI)/scale``.
+
+    ``x_0 = b``, ``x_{t+1} = b + (I - (A + λI)/scale) x_t``, result ``x_depth / scale``, averaged
+    over ``repeats``. It converges when the eigenvalues of ``A + λI`` lie in ``(0, 2 * scale)``,
+    at rate ``1 - λ_min/scale`` per step. Koh & Liang's (damping ``d``, scale ``s``) form is the
+    case ``λ = d * s``. Deterministic given the operator; ``repeats > 1`` only helps with a
+    stochastic (mini-batch) operator.
+
+    Attributes:
+        depth: recursion steps (>= 1), one operator product each.
+        scale: ``s`` (> 0); default ``1.1 x`` the top eigenvalue of ``A + λI`` by power iteration.
+        repeats: independent recursions averaged (>= 1).
+        power_iter: power-iteration steps used to estimate the default scale (>= 1).
+
+    Example:
+        >>> from datatrace.curvature import DenseOperator
+        >>> inv = LiSSASolver(depth=200).prepare(DenseOperator(torch.diag(torch.tensor([1.0, 3.0]))), 1.0)
+        >>> torch.allclose(inv.apply(torch.ones(2)), torch.tensor([0.5, 0.25]))
+        True
+    """
+
+    name: ClassVar[str] = "lissa"
+    depth: int = 1000
+    scale: float | None = None
+    repeats: int = 1
+    power_iter: int = 20
+
+    def __post_init__(self) -> None:
+        _check_int("LiSSASolver.depth", self.depth, 1)
+        if self.scale is not None:
+            _check_number("LiSSASolver.scale", self.scale)
+        _check_int("LiSSASolver.repeats", self.repeats, 1)
+        _check_int("LiSSASolver.power_iter", self.power_iter, 1)
+
+    def _prepare(self, op: LinearOperator, damping: float) -> InverseOperator:
+        scale = self.scale
+        if scale is None:
+            scale = 1.1 * _top_eigenvalue(op, damping, self.power_iter)
+        return _LiSSAInverse(op, damping, self.depth, float(scale), self.repeats)
+
+
+def _top_eigenvalue(op: LinearOperator, damping: float, steps: int) -> float:
+    gen = torch.Generator(device=op.device).manual_seed(0)
+    v = torch.randn(op.dim, generator=gen, dtype=op.dtype, device=op.device)
+    v = v / v.norm()
+    est = 0.0
+    for _ in range(steps):
+        w = op.matvec(v) + damping * v
+        est = float(v @ w)  # Rayleigh quotient: never above the top eigenvalue
+        norm = float(w.norm())
+        if norm == 0.0:
+            break
+        v = w / norm
+    if not est > 0:
+        raise NumericalError(
+            f"power iteration found no positive curvature in A + λI (estimate {est:.3e}); LiSSA "
+            "needs a positive-definite operator: increase damping or pass scale=."
+        )
+    return est
+
+
+@dataclass(frozen=True)
+class ArnoldiSolver(Solver):
+    """Top-``rank`` eigenpairs by Arnoldi iteration (Schioppa et al. 2022), then their inverse.
+
+    ``n_iter`` Arnoldi steps from a seeded Gaussian start, fully re-orthogonalised (restarted
+    if the Krylov space becomes invariant); the ``rank`` Ritz pairs of largest ``|sigma|`` give
+    ``U diag(1/(sigma + λ)) Uᵀ``: the inverse on the top eigenspace, as in the paper, exact when
+    ``rank == dim``. The eigenpairs are on the returned :class:`SpectralInverse`.
+
+    Attributes:
+        rank: eigenpairs kept (>= 1, <= the operator's dim).
+        n_iter: Arnoldi steps (>= rank); default ``min(dim, 2 * rank + 10)``.
+        seed: seed of the start vector.
+
+    Example:
+        >>> from datatrace.curvature import DenseOperator
+        >>> op = DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)))
+        >>> inv = ArnoldiSolver(rank=2).prepare(op, damping=0.0)
+        >>> inv.eigenvalues
+        tensor([4., 2.], dtype=torch.float64)
+    """
+
+    name: ClassVar[str] = "arnoldi"
+    rank: int = 20
+    n_iter: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("ArnoldiSolver.rank", self.rank, 1)
+        if self.n_iter is not None:
+            _check_int("ArnoldiSolver.n_iter", self.n_iter, self.rank)
+        _check_int("ArnoldiSolver.seed", self.seed, 0)
+
+    def _prepare(self, op: LinearOperator, damping: float) -> InverseOperator:
+        if self.rank > op.dim:
+            raise ConfigError(
+                f"ArnoldiSolver.rank={self.rank} exceeds the operator's dim {op.dim}; use rank <= {op.dim}."
+            )
+        steps = min(op.dim, self.n_iter if self.n_iter is not None else 2 * self.rank + 10)
+        q, h = _arnoldi(op, steps, self.seed)
+        ritz, vecs = torch.linalg.eigh((h + h.T) / 2)
+        top = ritz.abs().argsort(descending=True)[: self.rank]
+        return SpectralInverse(ritz[top], q @ vecs[:, top], damping)
+
+
+def _arnoldi(op: LinearOperator, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal ``Q`` (dim, steps) and ``H = Qᵀ A Q`` (steps, steps), upper Hessenberg."""
+    gen = torch.Generator(device=op.device).manual_seed(seed)
+
+    def fresh() -> torch.Tensor:
+        return torch.randn(op.dim, generator=gen, dtype=op.dtype, device=op.device)
+
+    q = torch.zeros(op.dim, steps, dtype=op.dtype, device=op.device)
+    h = torch.zeros(steps, steps, dtype=op.dtype, device=op.device)
+    v = fresh()
+    q[:, 0] = v / v.norm()
+    eps = float(torch.finfo(op.dtype).eps)
+    for j in range(steps):
+        w = op.matvec(q[:, j])
+        norm_aq = float(w.norm())
+        basis = q[:, : j + 1]
+        for _ in range(2):  # "twice is enough" (Kahan, Parlett): orthogonal to rounding
+            coef = basis.T @ w
+            h[: j + 1, j] += coef
+            w = w - basis @ coef
+        if j + 1 == steps:
+            break
+        norm = float(w.norm())
+        if norm > 10 * op.dim * eps * max(norm_aq, 1.0):
+            h[j + 1, j] = norm
+            q[:, j + 1] = w / norm
+            continue
+        # Invariant subspace found: continue from a new direction (h[j+1, j] stays 0).
+        for _ in range(5):
+            v = fresh()
+            for _ in range(2):
+                v = v - basis @ (basis.T @ v)
+            if float(v.norm()) > 1e-3:
+                break
+        q[:, j + 1] = v / v.norm()
+    return q, h
+
+
+@dataclass(frozen=True)
+class DataInfSolver(Solver):
+    """DataInf (Kwon et al. 2024): ``(1/n) Σ_i (g_i g_iᵀ + λI)⁻¹`` in closed form, per block.
+
+    By Sherman-Morrison, ``(1/n) Σ_i (g_i g_iᵀ + λI)⁻¹ v = (1/(nλ)) Σ_i (v - g_i (g_iᵀ v) /
+    (λ + ||g_i||²))``. This swaps the mean and the inverse of the damped empirical Fisher, so
+    it approximates ``(F + λI)⁻¹`` (well for small ``||g_i||²/λ``). Block-diagonal over the
+    operator's ``blocks`` (one per layer, as in the paper) or one block. Needs a
+    :class:`~datatrace.curvature.FisherOperator` and ``damping > 0``.
+
+    Example:
+        >>> from datatrace.curvature import FisherOperator
+        >>> inv = DataInfSolver().prepare(FisherOperator(torch.tensor([[1.0, 0.0]])), damping=1.0)
+        >>> inv.apply(torch.ones(2))
+        tensor([0.5000, 1.0000])
+    """
+
+    name: ClassVar[str] = "datainf"
+
+    def _prepare(self, op: LinearOperator, damping: float) -> InverseOperator:
+        if not isinstance(op, FisherOperator):
+            raise ConfigError(
+                f"DataInfSolver needs a FisherOperator (it inverts each per-example gradient); got "
+                f"{type(op).__name__}. Build one with FisherOperator(grads) or "
+                "FisherOperator.from_task(task, data), or choose another solver."
+            )
+        if not damping > 0:
+            raise ConfigError(f"DataInfSolver needs damping > 0 (it divides by λ); got {damping}.")
+        return _DataInfInverse(op, damping)
+
+
+SOLVERS: dict[str, type[Solver]] = {
+    cls.name: cls for cls in (ExplicitSolver, CGSolver, LiSSASolver, ArnoldiSolver, DataInfSolver)
+}
+
+
+def make_solver(name: str, **kwargs: Any) -> Solver:
+    """Build a registered solver by id (``explicit``, ``cg``, ``lissa``, ``arnoldi``, ``datainf``).
+
+    Example:
+        >>> make_solver("arnoldi", rank=5)
+        ArnoldiSolver(rank=5, n_iter=None, seed=0)
+    """
+    if name not in SOLVERS:
+        raise ConfigError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}.")
+    try:
+        return SOLVERS[name](**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad settings {sorted(kwargs)} for solver {name!r}: {exc}.") from exc

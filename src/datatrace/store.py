@@ -1,0 +1,402 @@
+"""Sharded on-disk arrays with a manifest: nothing lost, nothing stale (DESIGN.md §5).
+
+A store is one directory::
+
+    <path>/
+        manifest.json              format_version, config, fingerprints, shards, arrays
+        shard-<kind>-<index>.npy   one block of a streamed quantity (e.g. train features)
+        array-<name>.npy           fitted state (e.g. a kernel inverse)
+        .tmp-*                     a write in progress; removed when the store is next opened
+
+Every file is written under a temporary name in the same directory, flushed, fsynced and
+renamed with ``os.replace``; the manifest is then rewritten the same way. A shard therefore
+counts as complete only once the manifest lists it, so a killed job resumes from its last
+complete shard and never reads half a file. Reopening a store under a different
+``format_version``, ``config`` or ``fingerprints`` raises ``StoreError`` naming what differs.
+
+Arrays are NumPy ``.npy`` files loaded with ``allow_pickle=False``; bfloat16 is stored as its
+16-bit pattern and the dtype is taken from the manifest. One process writes to a store at a
+time (distributed ranks each write their own and rank 0 merges manifests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import numpy as np
+import torch
+
+from datatrace.errors import ConfigError, DataError, StoreError
+
+__all__ = ["FORMAT_VERSION", "Store", "fingerprint_batch", "fingerprint_tensors"]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_TMP_PREFIX = ".tmp-"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_OWNED = re.compile(r"^(shard|array)-[A-Za-z0-9_.-]+\.npy$")
+# torch dtype name -> (torch dtype, dtype of the .npy file holding it)
+_DTYPES: dict[str, tuple[torch.dtype, torch.dtype]] = {
+    "float32": (torch.float32, torch.float32),
+    "float64": (torch.float64, torch.float64),
+    "float16": (torch.float16, torch.float16),
+    "bfloat16": (torch.bfloat16, torch.int16),  # NumPy has no bfloat16: keep the bit pattern
+    "int64": (torch.int64, torch.int64),
+    "int32": (torch.int32, torch.int32),
+    "bool": (torch.bool, torch.bool),
+}
+
+
+def fingerprint_tensors(tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> str:
+    """SHA-256 hex digest of the names, dtypes, shapes and bytes of ``tensors``.
+
+    A mapping (e.g. ``model.state_dict()``) is hashed in sorted key order; a sequence in its
+    own order. Any dtype works, bfloat16 included, on any device.
+    """
+    if isinstance(tensors, Mapping):
+        items = [(str(k), tensors[k]) for k in sorted(tensors, key=str)]
+        tag = b"mapping"
+    else:
+        items = [(str(i), t) for i, t in enumerate(tensors)]
+        tag = b"sequence"
+    h = hashlib.sha256(tag)
+    for name, t in items:
+        if not isinstance(t, torch.Tensor):
+            raise DataError(
+                f"cannot fingerprint entry {name!r} of type {type(t).__name__}; every entry must be "
+                "a torch.Tensor (convert labels/ids with torch.as_tensor first)."
+            )
+        t = t.detach().to("cpu").contiguous()
+        header = f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|"
+        h.update(len(header).to_bytes(8, "little") + header.encode())
+        # Reinterpret as raw bytes: works for bfloat16, which .numpy() refuses.
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def fingerprint_batch(batch: Any) -> str:
+    """Fingerprint of a batch: a tensor, a tuple/list of tensors or a dict (key order ignored)."""
+    if isinstance(batch, torch.Tensor):
+        return fingerprint_tensors([batch])
+    if isinstance(batch, Mapping):
+        return fingerprint_tensors({str(k): v for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return fingerprint_tensors(list(batch))
+    raise DataError(
+        f"cannot fingerprint a batch of type {type(batch).__name__}; pass a tensor, a tuple/list "
+        "of tensors or a dict of tensors."
+    )
+
+
+def _json_normalise(value: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(value, sort_keys=True))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"the store {what} must be JSON-serialisable ({exc}); convert dataclasses with "
+            "dataclasses.asdict, enums to their .value and tensors to lists."
+        ) from exc
+
+
+_MISSING = object()
+
+
+def _short(value: Any, limit: int = 48) -> str:
+    text = "<missing>" if value is _MISSING else json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _diff(old: Any, new: Any, prefix: str) -> list[str]:
+    """Dotted keys at which two JSON values differ, with both values (shortened)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += _diff(old.get(key, _MISSING), new.get(key, _MISSING), f"{prefix}.{key}")
+        return out
+    if old is _MISSING or new is _MISSING or json.dumps(old) != json.dumps(new):
+        return [f"{prefix}: stored {_short(old)}, given {_short(new)}"]
+    return []
+
+
+def _check_name(name: str, what: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(
+            f"invalid {what} name {name!r}; use letters, digits, '_', '-' and '.', starting with "
+            "a letter or digit (e.g. 'features' or 'member_0'); it becomes part of a file name."
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # makes the rename durable; not possible on Windows
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Store:
+    """A directory of array shards plus a manifest that says which are complete and for what.
+
+    Args:
+        path: the store directory; created (with parents) when missing and ``create`` is true.
+        config: JSON-serialisable settings that produced the arrays (a method's settings).
+        fingerprints: hashes of what the arrays depend on, e.g. ``{"model": ..., "train": ...}``
+            from :func:`fingerprint_tensors` / :func:`fingerprint_batch`.
+        create: if false, a directory without a manifest raises ``StoreError``.
+        overwrite: if true, a store written for another config, fingerprint or format version
+            (or a corrupt one) is cleared instead of refused.
+
+    Raises:
+        StoreError: the existing store was written for a different job, or is corrupt.
+
+    Example:
+        >>> import tempfile, torch
+        >>> d = tempfile.mkdtemp()
+        >>> s = Store(d, config={"proj_dim": 8}, fingerprints={"model": "abc"})
+        >>> s.write_shard("features", 0, torch.ones(2, 8), data_fingerprint="b0")
+        >>> s = Store(d, config={"proj_dim": 8}, fingerprints={"model": "abc"})  # resume
+        >>> s.shard_indices("features"), s.has_shard("features", 0, data_fingerprint="b1")
+        ([0], False)
+        >>> s.read_shard("features", 0).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        config: Mapping[str, Any],
+        fingerprints: Mapping[str, str],
+        create: bool = True,
+        overwrite: bool = False,
+    ) -> None:
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"config must be a dict of settings; got {type(config).__name__}.")
+        if not isinstance(fingerprints, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in fingerprints.items()
+        ):
+            raise ConfigError(
+                f"fingerprints must map names to hex strings, e.g. {{'model': '3fa2...'}}; got "
+                f"{fingerprints!r:.80}."
+            )
+        self.path = Path(path)
+        wanted = {
+            "format_version": FORMAT_VERSION,
+            "config": _json_normalise(dict(config), "config"),
+            "fingerprints": dict(fingerprints),
+        }
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.exists() and not create:
+            raise StoreError(
+                f"no store at {self.path} (no {MANIFEST}); pass create=True to make one."
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        for leftover in self.path.glob(_TMP_PREFIX + "*"):  # a write killed before its rename
+            leftover.unlink(missing_ok=True)
+        if manifest_path.exists():
+            try:
+                self._manifest = self._load_manifest(wanted)
+                return
+            except StoreError:
+                if not overwrite:
+                    raise
+                Store.clear(self.path)
+                self.path.mkdir(parents=True, exist_ok=True)
+        self._manifest = {**wanted, "shards": {}, "arrays": {}}
+        self._write_manifest(self._manifest)
+
+    @staticmethod
+    def clear(path: str | os.PathLike[str]) -> None:
+        """Delete a store's manifest, shards, arrays and temporary files (other files are kept)."""
+        root = Path(path)
+        if not root.is_dir():
+            return
+        for f in root.iterdir():
+            if f.is_file() and (
+                f.name == MANIFEST or f.name.startswith(_TMP_PREFIX) or _OWNED.match(f.name)
+            ):
+                f.unlink()
+        if not any(root.iterdir()):
+            root.rmdir()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The (JSON-normalised) settings this store was written for."""
+        return json.loads(json.dumps(self._manifest["config"]))
+
+    @property
+    def fingerprints(self) -> dict[str, str]:
+        """The fingerprints this store was written for."""
+        return dict(self._manifest["fingerprints"])
+
+    def write_shard(
+        self, kind: str, index: int, array: torch.Tensor, data_fingerprint: str = ""
+    ) -> None:
+        """Atomically write shard ``index`` of ``kind`` (replacing any earlier version).
+
+        ``data_fingerprint`` identifies the inputs of this shard (e.g. the train batch), so that
+        :meth:`has_shard` can tell a stale shard from a finished one.
+        """
+        _check_name(kind, "shard kind")
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ConfigError(f"shard index must be an int >= 0; got {index!r}.")
+        entry = self._write_file(f"shard-{kind}-{index:06d}.npy", array)
+        entry.update(index=index, data_fingerprint=str(data_fingerprint))
+        manifest = json.loads(json.dumps(self._manifest))
+        manifest["shards"].setdefault(kind, {})[str(index)] = entry
+        self._write_manifest(manifest)
+
+    def has_shard(self, kind: str, index: int, data_fingerprint: str | None = None) -> bool:
+        """Whether shard ``index`` is complete (and, if given, was made from ``data_fingerprint``)."""
+        entry = self._manifest["shards"].get(kind, {}).get(str(index))
+        if entry is None or not (self.path / entry["file"]).is_file():
+            return False
+        return data_fingerprint is None or entry["data_fingerprint"] == data_fingerprint
+
+    def read_shard(self, kind: str, index: int, mmap: bool = True) -> torch.Tensor:
+        """Load shard ``index`` of ``kind`` in its recorded dtype.
+
+        With ``mmap=True`` the tensor is backed by the file through a copy-on-write memory map:
+        pages are read lazily, and in-place changes stay in memory and never reach the file.
+        Call ``.clone()`` for an independent tensor.
+        """
+        entry = self._manifest["shards"].get(kind, {}).get(str(index))
+        if entry is None:
+            raise StoreError(
+                f"store {self.path} has no complete shard {kind!r} #{index}; complete: "
+                f"{self.shard_indices(kind)}. Write it with write_shard first."
+            )
+        return self._read_file(entry, mmap)
+
+    def shard_indices(self, kind: str) -> list[int]:
+        """Sorted indices of the complete shards of ``kind``."""
+        return sorted(int(i) for i in self._manifest["shards"].get(kind, {}))
+
+    def iter_shards(self, kind: str, mmap: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(index, tensor)`` for every complete shard of ``kind``, in index order."""
+        for index in self.shard_indices(kind):
+            yield index, self.read_shard(kind, index, mmap=mmap)
+
+    def write_array(self, name: str, tensor: torch.Tensor) -> None:
+        """Atomically write the named array of fitted state (replacing any earlier version)."""
+        _check_name(name, "array")
+        entry = self._write_file(f"array-{name}.npy", tensor)
+        manifest = json.loads(json.dumps(self._manifest))
+        manifest["arrays"][name] = entry
+        self._write_manifest(manifest)
+
+    def has_array(self, name: str) -> bool:
+        """Whether the named array is complete."""
+        entry = self._manifest["arrays"].get(name)
+        return entry is not None and (self.path / entry["file"]).is_file()
+
+    def read_array(self, name: str, mmap: bool = True) -> torch.Tensor:
+        """Load the named array in its recorded dtype (``mmap`` as in :meth:`read_shard`)."""
+        entry = self._manifest["arrays"].get(name)
+        if entry is None:
+            raise StoreError(
+                f"store {self.path} has no array {name!r}; it has {sorted(self._manifest['arrays'])}."
+                " Write it with write_array first."
+            )
+        return self._read_file(entry, mmap)
+
+    def nbytes(self) -> int:
+        """Total size in bytes of the complete shard and array files."""
+        entries = [*self._manifest["arrays"].values()]
+        entries += [e for kind in self._manifest["shards"].values() for e in kind.values()]
+        files = [self.path / e["file"] for e in entries]
+        return sum(f.stat().st_size for f in files if f.is_file())
+
+    def __repr__(self) -> str:
+        kinds = {k: len(v) for k, v in self._manifest["shards"].items()}
+        return (
+            f"Store({str(self.path)!r}, shards={kinds}, arrays={sorted(self._manifest['arrays'])})"
+        )
+
+    # -- implementation ------------------------------------------------------------------------
+
+    def _load_manifest(self, wanted: dict[str, Any]) -> dict[str, Any]:
+        fix = (
+            f"use another directory, delete it with Store.clear({str(self.path)!r}), or pass "
+            "overwrite=True to start over."
+        )
+        try:
+            manifest = json.loads((self.path / MANIFEST).read_text())
+            if not isinstance(manifest, dict):
+                raise ValueError(f"top level is a {type(manifest).__name__}, not an object")
+        except (OSError, ValueError) as exc:
+            raise StoreError(
+                f"the manifest of store {self.path} is unreadable ({exc}); {fix}"
+            ) from exc
+        stored = {k: manifest.get(k, _MISSING) for k in wanted}
+        diffs = [d for k in wanted for d in _diff(stored[k], wanted[k], k)]
+        if diffs:
+            raise StoreError(
+                f"store {self.path} was written for a different job and its arrays would be "
+                f"stale: {'; '.join(diffs)}. To continue, {fix}"
+            )
+        if not all(isinstance(manifest.get(k), dict) for k in ("shards", "arrays")):
+            raise StoreError(f"the manifest of store {self.path} lacks 'shards'/'arrays'; {fix}")
+        return manifest
+
+    def _atomic_write(self, name: str, write: Callable[[IO[bytes]], object]) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".part", dir=self.path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.path)
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        text = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        self._atomic_write(MANIFEST, lambda f: f.write(text))
+        self._manifest = manifest  # only once it is on disk
+
+    def _write_file(self, name: str, tensor: torch.Tensor) -> dict[str, Any]:
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+            raise ConfigError(f"the store holds dense torch tensors; got {type(tensor).__name__}.")
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            raise ConfigError(
+                f"cannot store dtype {tensor.dtype}; supported: {sorted(_DTYPES)}. Cast with .to()."
+            )
+        t = tensor.detach().to("cpu").contiguous().view(_DTYPES[dtype][1])
+        array = t.numpy()
+        self._atomic_write(name, lambda f: np.save(f, array, allow_pickle=False))
+        return {"file": name, "shape": list(tensor.shape), "dtype": dtype}
+
+    def _read_file(self, entry: dict[str, Any], mmap: bool) -> torch.Tensor:
+        file = self.path / entry["file"]
+        torch_dtype, storage = _DTYPES[entry["dtype"]]
+        shape = tuple(entry["shape"])
+        # An empty array has nothing to map; never unpickle.
+        mode: Literal["c"] | None = "c" if mmap and int(np.prod(shape)) > 0 else None
+        try:
+            array = np.load(file, mmap_mode=mode, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise StoreError(
+                f"cannot load {file} ({exc}); the store is corrupt or was tampered with. Delete it "
+                "with Store.clear(path) and recompute."
+            ) from exc
+        expected = torch.empty(0, dtype=storage).numpy().dtype
+        if not isinstance(array, np.ndarray) or array.dtype != expected or array.shape != shape:
+            got = getattr(array, "dtype", type(array).__name__), getattr(array, "shape", None)
+            raise StoreError(
+                f"{file} holds dtype/shape {got} but the manifest records {expected}/{shape}; the "
+                "store is corrupt. Delete it with Store.clear(path) and recompute."
+            )
+        return torch.from_numpy(array).view(torch_dtype)  # mode 'c' keeps it writable

@@ -1,0 +1,111 @@
+"""One conformance suite over every registered method (STYLE.md "Tests")."""
+
+import pytest
+import torch
+
+from datatrace import METHODS, Checkpoint, NotFittedError, Task, make_attributor
+from datatrace.methods.base import Attributor
+from tests.models import classification_data, mlp
+
+# Settings that make each method fast and exact enough on a tiny float64 model.
+OPTIONS: dict[str, dict] = {
+    "trak": {"proj_dim": 16},
+    "influence": {"damping": 1e-2},
+    "if-explicit": {"damping": 1e-2},
+    "if-cg": {"damping": 1e-2},
+    "if-lissa": {"damping": 0.5, "solver_options": {"depth": 300}},
+    "if-arnoldi": {"damping": 1e-2, "solver_options": {"rank": 20}},
+    "if-datainf": {"damping": 1e-2},
+}
+IDS = sorted(METHODS)
+
+
+def build(method_id: str, task: Task | None = None, **extra) -> Attributor:
+    task = task or Task(mlp(), target="margin" if method_id == "trak" else "loss")
+    return make_attributor(method_id, task, **{**OPTIONS.get(method_id, {}), **extra})
+
+
+@pytest.fixture(scope="module")
+def data():
+    return classification_data(n=12), classification_data(n=5, seed=7)
+
+
+def test_every_design_method_id_is_registered():
+    expected = {"grad-dot", "grad-cos", "tracin", "if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-datainf", "trak", "rps"}
+    assert expected <= set(METHODS)
+
+
+@pytest.mark.parametrize("method_id", IDS)
+def test_shape_ids_and_determinism(method_id, data):
+    train, queries = data
+    s1 = build(method_id).fit(train).attribute(queries)
+    s2 = build(method_id).fit(train).attribute(queries)
+    assert s1.shape == (5, 12)
+    assert torch.equal(s1.unit_ids, torch.arange(12)) and torch.equal(s1.query_ids, torch.arange(5))
+    assert s1.method == method_id
+    assert torch.isfinite(s1.values).all()
+    assert torch.equal(s1.values, s2.values)
+
+
+@pytest.mark.parametrize("method_id", IDS)
+def test_sign_self_scores_positive_and_match_diagonal(method_id, data):
+    train, _ = data
+    attr = build(method_id).fit(train)
+    diag = attr.attribute(train).values.diagonal()
+    self_scores = attr.self_attribute()
+    assert self_scores.shape == (12,)
+    # A training example is a proponent of itself (positive definite curvature/kernels).
+    assert (self_scores > 0).all(), self_scores
+    torch.testing.assert_close(diag, self_scores, rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.parametrize("method_id", IDS)
+def test_batch_size_invariance(method_id, data):
+    train, queries = data
+    a = build(method_id, batch_size=3).fit(train).attribute(queries).values
+    b = build(method_id, batch_size=7).fit(train).attribute(queries).values
+    torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("method_id", IDS)
+def test_not_fitted(method_id, data):
+    with pytest.raises(NotFittedError):
+        build(method_id).attribute(data[1])
+
+
+@pytest.mark.parametrize("method_id", IDS)
+def test_store_resume_after_kill(method_id, data, tmp_path, monkeypatch):
+    train, queries = data
+    ref = build(method_id, batch_size=4).fit(train).attribute(queries).values
+    attr = build(method_id, batch_size=4, store=tmp_path / "store")
+    original = type(attr)._train_features
+    calls = {"n": 0}
+
+    def dying(self, ctx, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return original(self, ctx, batch)
+
+    monkeypatch.setattr(type(attr), "_train_features", dying)
+    if method_id != "rps":  # rps featurizes with one refit, not per shard
+        with pytest.raises(KeyboardInterrupt):
+            attr.fit(train)
+        calls["n"] = 10
+        resumed = build(method_id, batch_size=4, store=tmp_path / "store").fit(train)
+        # 3 shards of 4: the first survived the kill, so only 2 are recomputed.
+        assert calls["n"] == 12
+    else:
+        resumed = build(method_id, batch_size=4, store=tmp_path / "store").fit(train)
+    torch.testing.assert_close(resumed.attribute(queries).values, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method_id", IDS)
+def test_one_member_equals_plain_method(method_id, data):
+    train, queries = data
+    other = mlp(seed=4)
+    plain = build(method_id, task=Task(other, target="margin" if method_id == "trak" else "loss"))
+    via_members = build(method_id, members=[Checkpoint(other.state_dict())])
+    a = plain.fit(train).attribute(queries).values
+    b = via_members.fit(train).attribute(queries).values
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
