@@ -8,19 +8,27 @@ from torch import nn
 
 def mlp(d_in: int = 6, hidden: int = 5, n_classes: int = 3, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, n_classes)).double().eval()
+    return (
+        nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, n_classes))
+        .double()
+        .eval()
+    )
 
 
 def cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1),
-        nn.Tanh(),
-        nn.Conv2d(3, 2, 3, stride=2, dilation=1, padding=2, bias=False),
-        nn.Flatten(),
-        nn.LayerNorm(2 * 5 * 5),
-        nn.Linear(2 * 5 * 5, 4),
-    ).double().eval()
+    return (
+        nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(3, 2, 3, stride=2, dilation=1, padding=2, bias=False),
+            nn.Flatten(),
+            nn.LayerNorm(2 * 5 * 5),
+            nn.Linear(2 * 5 * 5, 4),
+        )
+        .double()
+        .eval()
+    )
 
 
 class TinyLM(nn.Module):
@@ -35,7 +43,9 @@ class TinyLM(nn.Module):
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = self.emb(input_ids)
         t = h.shape[1]
         att = self.q(h) @ self.k(h).transpose(1, 2) / h.shape[-1] ** 0.5
@@ -50,7 +60,9 @@ def tiny_lm(seed: int = 0) -> nn.Module:
     return TinyLM().double().eval()
 
 
-def classification_data(n: int = 10, d_in: int = 6, n_classes: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def classification_data(
+    n: int = 10, d_in: int = 6, n_classes: int = 3, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
     y = torch.randint(0, n_classes, (n,), generator=g)
@@ -65,7 +77,12 @@ def autograd_loop(model: nn.Module, fn, xs, ys, names: list[str] | None = None) 
     for i in range(len(ys)):
         value = fn(model, xs[i : i + 1], ys[i : i + 1])
         grads = torch.autograd.grad(value, [params[n] for n in names], allow_unused=True)
-        rows.append(torch.cat([
-            (g if g is not None else torch.zeros_like(params[n])).flatten() for g, n in zip(grads, names)
-        ]))
+        rows.append(
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(params[n])).flatten()
+                    for g, n in zip(grads, names)
+                ]
+            )
+        )
     return torch.stack(rows)

@@ -53,12 +53,18 @@ def _leading_dim(tensors: Sequence[Any], kind: str) -> int:
     sizes = set()
     for t in tensors:
         if not isinstance(t, torch.Tensor):
-            raise DataError(f"every entry of a {kind} of data must be a tensor; got {type(t).__name__}.")
+            raise DataError(
+                f"every entry of a {kind} of data must be a tensor; got {type(t).__name__}."
+            )
         if t.ndim == 0:
-            raise DataError(f"data tensors need a leading example dimension; got a scalar in the {kind}.")
+            raise DataError(
+                f"data tensors need a leading example dimension; got a scalar in the {kind}."
+            )
         sizes.add(int(t.shape[0]))
     if len(sizes) != 1:
-        raise DataError(f"the tensors of the {kind} have different lengths {sorted(sizes)}; they must agree.")
+        raise DataError(
+            f"the tensors of the {kind} have different lengths {sorted(sizes)}; they must agree."
+        )
     return sizes.pop()
 
 

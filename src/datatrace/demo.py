@@ -17,7 +17,9 @@ from datatrace import InfluenceAttributor, Task, TRAKAttributor
 from datatrace.errors import ConfigError
 
 
-def load_digits_split(seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def load_digits_split(
+    seed: int = 0,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Digits as float32 tensors in [0, 1]: (train, test) with a fixed 80/20 split."""
     try:
         from sklearn.datasets import load_digits
@@ -32,10 +34,14 @@ def load_digits_split(seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor],
     return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
 
 
-def train_mlp(train: tuple[torch.Tensor, torch.Tensor], epochs: int = 30, seed: int = 0) -> nn.Module:
+def train_mlp(
+    train: tuple[torch.Tensor, torch.Tensor], epochs: int = 30, seed: int = 0
+) -> nn.Module:
     """A 64-128-64-10 MLP trained with Adam (deterministic given the seed)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
     x, y = train
     g = torch.Generator().manual_seed(seed)
@@ -62,12 +68,17 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     model = train_mlp(train)
     acc = (model(test[0]).argmax(1) == test[1]).float().mean().item()
-    print(f"trained a digits MLP on {len(train[1])} images in {time.perf_counter() - t0:.1f}s; test accuracy {acc:.3f}")
+    print(
+        f"trained a digits MLP on {len(train[1])} images in {time.perf_counter() - t0:.1f}s; test accuracy {acc:.3f}"
+    )
     queries = (test[0][: args.queries], test[1][: args.queries])
     task = Task(model, target="margin")
     for name, attributor in (
         ("TRAK (proj_dim=512)", TRAKAttributor(task, proj_dim=512, batch_size=256)),
-        ("influence (GGN, CG, damping=1e-2)", InfluenceAttributor(Task(model), damping=1e-2, batch_size=256)),
+        (
+            "influence (GGN, CG, damping=1e-2)",
+            InfluenceAttributor(Task(model), damping=1e-2, batch_size=256),
+        ),
     ):
         t0 = time.perf_counter()
         top = attributor.fit(train).topk(queries, args.k)
@@ -75,8 +86,22 @@ def main(argv: list[str] | None = None) -> None:
         for q in range(args.queries):
             pred = int(model(queries[0][q : q + 1]).argmax())
             print(f"  query {q}: true digit {int(queries[1][q])}, predicted {pred}")
-            print(_row("proponents", top.proponent_ids[q].tolist(), top.proponent_values[q].tolist(), train[1]))
-            print(_row("opponents ", top.opponent_ids[q].tolist(), top.opponent_values[q].tolist(), train[1]))
+            print(
+                _row(
+                    "proponents",
+                    top.proponent_ids[q].tolist(),
+                    top.proponent_values[q].tolist(),
+                    train[1],
+                )
+            )
+            print(
+                _row(
+                    "opponents ",
+                    top.opponent_ids[q].tolist(),
+                    top.opponent_values[q].tolist(),
+                    train[1],
+                )
+            )
 
 
 if __name__ == "__main__":

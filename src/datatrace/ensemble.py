@@ -44,7 +44,9 @@ def resolve_members(task: Task, members: Sequence[Any] | None) -> list[Member]:
     """
     if members is None:
         return [Member(tuple(task.checkpoints))]
-    if isinstance(members, (Mapping, str, Path, nn.Module, Checkpoint)) or not isinstance(members, Sequence):
+    if isinstance(members, (Mapping, str, Path, nn.Module, Checkpoint)) or not isinstance(
+        members, Sequence
+    ):
         raise ConfigError(
             f"members= must be a list of members; got a single {type(members).__name__}. "
             "Wrap it in a list: members=[...]."
@@ -66,7 +68,9 @@ def resolve_members(task: Task, members: Sequence[Any] | None) -> list[Member]:
     return out
 
 
-def member_states(task: Task, member: Member) -> list[tuple[Checkpoint | None, dict[str, torch.Tensor]]]:
+def member_states(
+    task: Task, member: Member
+) -> list[tuple[Checkpoint | None, dict[str, torch.Tensor]]]:
     """``(checkpoint, state)`` for each checkpoint of the member's trajectory (final last)."""
     if not member.trajectory:
         return [(None, task.state())]

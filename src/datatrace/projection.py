@@ -96,7 +96,14 @@ class _ChunkCache:
 
 
 class Projector(abc.ABC):
-    """Base of all projectors: a linear map ``R^n_params -> R^proj_dim`` with ``E[P P^T] = I``."""
+    """Base of all projectors: a linear map ``R^n_params -> R^proj_dim`` with ``E[P P^T] = I``.
+
+    Example:
+        >>> proj = make_projector("rademacher", 8, seed=0)
+        >>> x = torch.randn(2, 30)
+        >>> torch.allclose(proj.project_flat(x), proj.project_flat(x[:, :10]) + proj.project_flat(x[:, 10:], 10))
+        True
+    """
 
     @property
     @abc.abstractmethod
@@ -113,7 +120,7 @@ class Projector(abc.ABC):
         offset = 0
         for _, block in psg.blocks():
             part = self.project_flat(block, offset)
-            out = part if out is None else out + part
+            out = part if out is None else out.add_(part)
             offset += block.shape[1]
         if out is None:
             raise DataError("these per-sample gradients hold no parameters.")
@@ -412,13 +419,14 @@ class FactoredProjector(Projector):
         """``P_a`` (``(in_features, proj_dim_in)``) and ``P_g`` (``(out_features, proj_dim_out)``)."""
 
         def matrix(side: str, rows: int, k: int) -> torch.Tensor:
-            seed = _stable_seed("factored", self.seed, self.member, layer, side)
-            make = lambda: (_randn(torch.Generator().manual_seed(seed), rows, k, dtype).to(device),)  # noqa: E731
+            def make() -> tuple[torch.Tensor, ...]:
+                seed = _stable_seed("factored", self.seed, self.member, layer, side)
+                return (_randn(torch.Generator().manual_seed(seed), rows, k, dtype).to(device),)
+
             return self._cache.get((layer, side, rows, dtype, device), make)[0]
 
-        return matrix("a", in_features, self.proj_dim_in), matrix(
-            "g", out_features, self.proj_dim_out
-        )
+        p_a = matrix("a", in_features, self.proj_dim_in)
+        return p_a, matrix("g", out_features, self.proj_dim_out)
 
     def _units(self, psg: PerSampleGrads) -> list[_Unit]:
         """Hook layers, dense ``(module, weight, bias)`` matrices and other parameter names."""

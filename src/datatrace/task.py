@@ -62,12 +62,16 @@ def _token_log_probs(
     return (lp * keep.to(lp.dtype)).sum(1)
 
 
-def log_prob(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def log_prob(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Summed next-token log-probability of each sequence, shape ``(B,)`` (higher is better)."""
     return _token_log_probs(logits, labels, mask)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Summed next-token negative log-likelihood of each sequence, shape ``(B,)``."""
     return -_token_log_probs(logits, labels, mask)
 
@@ -145,10 +149,16 @@ class Checkpoint:
                 f"checkpoint {str(path)!r} could not be loaded with weights_only=True ({exc}); "
                 "save plain state dicts of tensors (torch.save(model.state_dict(), path))."
             ) from exc
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        if (
+            isinstance(obj, Mapping)
+            and "state_dict" in obj
+            and isinstance(obj["state_dict"], Mapping)
+        ):
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping):
-            raise ModelError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict.")
+            raise ModelError(
+                f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict."
+            )
         return dict(obj)
 
 
@@ -201,7 +211,9 @@ class Task:
         self.model = model
         if isinstance(loss, str):
             if loss not in _LOSSES:
-                raise ConfigError(f"unknown loss {loss!r}; choose one of {sorted(_LOSSES)} or pass a callable.")
+                raise ConfigError(
+                    f"unknown loss {loss!r}; choose one of {sorted(_LOSSES)} or pass a callable."
+                )
             self.loss_name = loss
             self._loss = _LOSSES[loss]
         elif callable(loss):
@@ -222,7 +234,9 @@ class Task:
             )
         self.batch_to_inputs = batch_to_inputs
         self._tracked = self._select_params(params, module_types)
-        self.checkpoints = [c if isinstance(c, Checkpoint) else Checkpoint(c) for c in (checkpoints or [])]
+        self.checkpoints = [
+            c if isinstance(c, Checkpoint) else Checkpoint(c) for c in (checkpoints or [])
+        ]
 
     # -- parameters ---------------------------------------------------------------------------
     def _select_params(
@@ -291,7 +305,9 @@ class Task:
     # -- states -------------------------------------------------------------------------------
     def check_eval_mode(self) -> None:
         """Refuse a model in train mode: dropout would make gradients random."""
-        training = [n or type(self.model).__name__ for n, m in self.model.named_modules() if m.training]
+        training = [
+            n or type(self.model).__name__ for n, m in self.model.named_modules() if m.training
+        ]
         if training:
             raise ModelError(
                 f"the model is in train mode (modules {training[:5]}); call model.eval() before "
@@ -349,7 +365,9 @@ class Task:
             if self.loss_name == "lm" and len(batch) == 1:
                 return _SplitBatch((batch[0],), {}, batch[0], None)
             return _SplitBatch(tuple(batch[:-1]), {}, batch[-1], None)
-        raise DataError(f"a batch must be a tuple/list or dict of tensors; got {type(batch).__name__}.")
+        raise DataError(
+            f"a batch must be a tuple/list or dict of tensors; got {type(batch).__name__}."
+        )
 
     def check_batch(self, batch: Batch) -> None:
         """Refuse inputs whose dtype or device cannot meet the model's."""
@@ -377,7 +395,9 @@ class Task:
         elif isinstance(out, (tuple, list)):
             out = out[0]
         if not isinstance(out, torch.Tensor):
-            raise ModelError(f"the model returned {type(out).__name__}; expected a tensor or .logits.")
+            raise ModelError(
+                f"the model returned {type(out).__name__}; expected a tensor or .logits."
+            )
         return out
 
     def loss_from_outputs(self, outputs: torch.Tensor, split: _SplitBatch) -> torch.Tensor:
@@ -385,13 +405,17 @@ class Task:
         assert split.labels is not None
         return self._checked(self._loss(outputs, split.labels, split.mask), outputs, "loss")
 
-    def query_objective_from_outputs(self, outputs: torch.Tensor, split: _SplitBatch) -> torch.Tensor:
+    def query_objective_from_outputs(
+        self, outputs: torch.Tensor, split: _SplitBatch
+    ) -> torch.Tensor:
         """``-direction * target``: loss-like, its decrease is an improvement of the query."""
         assert split.labels is not None
         value = self.target.fn(outputs, split.labels, split.mask)
         return self._checked(-float(self.target.direction) * value, outputs, "target")
 
-    def negative_margin_from_outputs(self, outputs: torch.Tensor, split: _SplitBatch) -> torch.Tensor:
+    def negative_margin_from_outputs(
+        self, outputs: torch.Tensor, split: _SplitBatch
+    ) -> torch.Tensor:
         """``-margin``: TRAK's loss-like output function for classification."""
         assert split.labels is not None
         return self._checked(-margin(outputs, split.labels), outputs, "margin")

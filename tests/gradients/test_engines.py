@@ -58,15 +58,20 @@ def test_sequence_model_dict_batches_and_log_prob(engine):
     task = Task(model, loss="lm", target="log_prob")
     for which, fn in (("loss", lm_loss), ("query", lambda o, y, m: -log_prob(o, y, m))):
         got = compute_per_sample_grads(task, batch, which=which, engine=engine).flat()
-        ref = torch.stack([
-            torch.cat([
-                gr.flatten()
-                for gr in torch.autograd.grad(
-                    fn(model(ids[i : i + 1]), ids[i : i + 1], mask[i : i + 1]).sum(), list(model.parameters())
+        ref = torch.stack(
+            [
+                torch.cat(
+                    [
+                        gr.flatten()
+                        for gr in torch.autograd.grad(
+                            fn(model(ids[i : i + 1]), ids[i : i + 1], mask[i : i + 1]).sum(),
+                            list(model.parameters()),
+                        )
+                    ]
                 )
-            ])
-            for i in range(4)
-        ])
+                for i in range(4)
+            ]
+        )
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
 
@@ -95,12 +100,19 @@ def test_parameter_selection_by_name_and_module_type(engine):
     task = Task(model, params=["2"])
     assert task.tracked_names == ["2.weight", "2.bias"]
     got = compute_per_sample_grads(task, (x, y), engine=engine).flat()
-    torch.testing.assert_close(got, autograd_loop(model, ce, x, y, ["2.weight", "2.bias"]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        got, autograd_loop(model, ce, x, y, ["2.weight", "2.bias"]), rtol=1e-10, atol=1e-12
+    )
     only_w = Task(model, params=["0.weight", "2.weight"])
     got = compute_per_sample_grads(only_w, (x, y), engine=engine).flat()
-    torch.testing.assert_close(got, autograd_loop(model, ce, x, y, ["0.weight", "2.weight"]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        got, autograd_loop(model, ce, x, y, ["0.weight", "2.weight"]), rtol=1e-10, atol=1e-12
+    )
     lm = tiny_lm()
-    assert Task(lm, loss="lm", module_types=[torch.nn.LayerNorm]).tracked_names == ["ln.weight", "ln.bias"]
+    assert Task(lm, loss="lm", module_types=[torch.nn.LayerNorm]).tracked_names == [
+        "ln.weight",
+        "ln.bias",
+    ]
 
 
 def test_bias_only_tracking_uses_ones_column():
@@ -108,7 +120,9 @@ def test_bias_only_tracking_uses_ones_column():
     x, y = classification_data()
     task = Task(model, params=["0.bias"])
     got = compute_per_sample_grads(task, (x, y), engine="hooks").flat()
-    torch.testing.assert_close(got, autograd_loop(model, ce, x, y, ["0.bias"]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        got, autograd_loop(model, ce, x, y, ["0.bias"]), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_engines_agree_on_checkpoint_state():

@@ -31,7 +31,18 @@ def data():
 
 
 def test_every_design_method_id_is_registered():
-    expected = {"grad-dot", "grad-cos", "tracin", "if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-datainf", "trak", "rps"}
+    expected = {
+        "grad-dot",
+        "grad-cos",
+        "tracin",
+        "if-explicit",
+        "if-cg",
+        "if-lissa",
+        "if-arnoldi",
+        "if-datainf",
+        "trak",
+        "rps",
+    }
     assert expected <= set(METHODS)
 
 

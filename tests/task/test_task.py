@@ -42,7 +42,11 @@ def test_sequential_loader_dataset_tuple_and_dict_give_same_scores():
             return self.inner(features)
 
     dm = DictModel(model).eval()
-    got = GradDotAttributor(Task(dm)).fit({"features": x, "labels": y}).attribute({"features": x, "labels": y})
+    got = (
+        GradDotAttributor(Task(dm))
+        .fit({"features": x, "labels": y})
+        .attribute({"features": x, "labels": y})
+    )
     torch.testing.assert_close(got.values, ref, rtol=1e-10, atol=0)
 
 
@@ -140,7 +144,9 @@ def test_checkpoint_with_other_architecture():
     with pytest.raises(ModelError, match="shape"):
         task.state(Checkpoint(mlp(hidden=7).state_dict()))
     with pytest.raises(ModelError, match="missing"):
-        GradDotAttributor(task, members=[{"0.weight": torch.zeros(5, 6)}]).fit(classification_data())
+        GradDotAttributor(task, members=[{"0.weight": torch.zeros(5, 6)}]).fit(
+            classification_data()
+        )
 
 
 def test_loss_with_wrong_reduction_is_named():

@@ -74,7 +74,11 @@ class PerSampleGrads:
 
 def _check_finite(psg: PerSampleGrads, which: str) -> None:
     bad = [n for n, t in psg.dense.items() if not torch.isfinite(t).all()]
-    bad += [f.module for f in psg.factors if not (torch.isfinite(f.a).all() and torch.isfinite(f.g).all())]
+    bad += [
+        f.module
+        for f in psg.factors
+        if not (torch.isfinite(f.a).all() and torch.isfinite(f.g).all())
+    ]
     if bad:
         raise NumericalError(
             f"per-sample gradients of the {which} objective contain NaN/inf (in {bad[:5]}); check the "

@@ -45,9 +45,14 @@ def functional_per_sample_grads(
     params = {n: state[n].detach() for n in names}
     rest = {n: v for n, v in state.items() if n not in params}
 
-    def one(p: dict[str, torch.Tensor], args: Any, kwargs: Any, labels: Any, mask: Any) -> torch.Tensor:
+    def one(
+        p: dict[str, torch.Tensor], args: Any, kwargs: Any, labels: Any, mask: Any
+    ) -> torch.Tensor:
         single = _SplitBatch(
-            tree_map(_unsqueeze, args), tree_map(_unsqueeze, kwargs), _unsqueeze(labels), _unsqueeze(mask)
+            tree_map(_unsqueeze, args),
+            tree_map(_unsqueeze, kwargs),
+            _unsqueeze(labels),
+            _unsqueeze(mask),
         )
         out = task.outputs({**rest, **p}, single)
         return objective(out, single)[0]

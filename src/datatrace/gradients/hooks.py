@@ -68,7 +68,11 @@ def _is_supported(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
     if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+        return (
+            module.groups == 1
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+        )
     return False
 
 
@@ -93,8 +97,10 @@ def hookable_modules(task: Task) -> dict[str, tuple[str | None, str | None]]:
 
 def _layer_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Conv2d):
+        padding = module.padding
+        assert not isinstance(padding, str)  # string padding is routed to the functional engine
         cols = F.unfold(
-            x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+            x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
         )
         return cols.transpose(1, 2)
     return x.reshape(x.shape[0], -1, x.shape[-1])
@@ -124,12 +130,16 @@ def hook_factors(
     handles = []
     for mname in modules:
 
-        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor, mname: str = mname) -> None:
+        def hook(
+            mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor, mname: str = mname
+        ) -> None:
             calls[mname].append((inp[0].detach(), out))
 
         handles.append(mods[mname].register_forward_hook(hook))
     grad_names = {n for pair in modules.values() for n in pair if n is not None}
-    live = {n: (v.detach().requires_grad_(True) if n in grad_names else v) for n, v in state.items()}
+    live = {
+        n: (v.detach().requires_grad_(True) if n in grad_names else v) for n, v in state.items()
+    }
     try:
         with torch.enable_grad():
             outputs = task.outputs(live, split)
@@ -150,7 +160,7 @@ def hook_factors(
             gz = torch.zeros_like(out) if gz is None else gz
             a_parts.append(_layer_input(module, x))
             g_parts.append(_layer_grad(module, gz.detach()))
-        weight_t: torch.Tensor = getattr(module, "weight")
+        weight_t: torch.Tensor = module.weight
         if a_parts:
             a = torch.cat(a_parts, 1)
             g = torch.cat(g_parts, 1)

@@ -26,14 +26,12 @@ from datatrace.data import Batch, iter_batches, num_examples
 from datatrace.ensemble import member_states, resolve_members
 from datatrace.errors import ConfigError, DataError, NotFittedError
 from datatrace.gradients import compute_per_sample_grads
-from datatrace.projection import Projector, make_projector
+from datatrace.projection import Projector, ProjectorKind, make_projector
 from datatrace.scores import Scores, TopK, streaming_topk
 from datatrace.store import Store, fingerprint_batch, fingerprint_tensors
 from datatrace.task import Checkpoint, Member, Task
 
 __all__ = ["METHODS", "Attributor", "MemberContext", "MethodConfig", "make_attributor", "register"]
-
-ProjectorKind = Literal["none", "gaussian", "rademacher", "sjlt", "factored"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,7 @@ class MethodConfig:
             for the rest), ``"hooks"`` or ``"functional"``.
         projector: random projection of gradients: ``"none"``, ``"gaussian"``,
             ``"rademacher"``, ``"sjlt"`` or ``"factored"`` (per-layer, LoGra-style).
-        proj_dim: projected dimension (per layer side for ``"factored"``: proj_dim x proj_dim).
+        proj_dim: projected dimension (for ``"factored"``: features per layer, a perfect square).
         seed: seed of the projections (combined with the member index).
         progress: show progress bars.
     """
@@ -62,7 +60,9 @@ class MethodConfig:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be an integer >= 1; got {self.batch_size!r}.")
         if self.engine not in ("auto", "hooks", "functional"):
-            raise ConfigError(f"engine must be 'auto', 'hooks' or 'functional'; got {self.engine!r}.")
+            raise ConfigError(
+                f"engine must be 'auto', 'hooks' or 'functional'; got {self.engine!r}."
+            )
         if self.projector not in ("none", "gaussian", "rademacher", "sjlt", "factored"):
             raise ConfigError(
                 f"projector must be one of 'none', 'gaussian', 'rademacher', 'sjlt', 'factored'; "
@@ -111,7 +111,9 @@ class Attributor(ABC):
         **settings: Any,
     ) -> None:
         if not isinstance(task, Task):
-            raise ConfigError(f"the first argument must be a datatrace.Task; got {type(task).__name__}.")
+            raise ConfigError(
+                f"the first argument must be a datatrace.Task; got {type(task).__name__}."
+            )
         valid = [f.name for f in dataclasses.fields(self.Config)]
         unknown = sorted(set(settings) - set(valid))
         if unknown:
@@ -119,7 +121,10 @@ class Attributor(ABC):
                 f"{type(self).__name__} got unknown setting(s) {unknown}; valid settings: {valid}."
             )
         self.task = task
+        self.name = self.method_id  # the registry id it was built under (make_attributor sets it)
         self.config = self.Config(**settings)
+        if self.config.projector != "none":  # validate projector settings now, not in fit()
+            make_projector(self.config.projector, self.config.proj_dim, seed=self.config.seed)
         self._members_arg = members
         self._store_path = Path(store) if store is not None else None
         self._contexts: list[MemberContext] = []
@@ -128,9 +133,13 @@ class Attributor(ABC):
         self.store: Store | None = None
 
     # ------------------------------------------------------------------ hooks for methods
-    def _features(self, ctx: MemberContext, batch: Batch, which: str, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _features(
+        self, ctx: MemberContext, batch: Batch, which: str, state: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
         """Per-sample gradients of ``which`` at ``state``, projected by the member's projector."""
-        psg = compute_per_sample_grads(self.task, batch, state=state, which=which, engine=self.config.engine)
+        psg = compute_per_sample_grads(
+            self.task, batch, state=state, which=which, engine=self.config.engine
+        )
         if ctx.projector is None:
             return psg.flat()
         return ctx.projector.project(psg)
@@ -151,7 +160,9 @@ class Attributor(ABC):
         """Map query features to the space train features are scored in (default: identity)."""
         return q
 
-    def _combine(self, ctx: MemberContext, q: torch.Tensor, train: torch.Tensor, start: int) -> torch.Tensor:
+    def _combine(
+        self, ctx: MemberContext, q: torch.Tensor, train: torch.Tensor, start: int
+    ) -> torch.Tensor:
         """Scores ``(n_query, n_block)`` of transformed queries against a train feature block."""
         return q @ train.T
 
@@ -173,7 +184,11 @@ class Attributor(ABC):
         members = resolve_members(self.task, self._members_arg)
         self._train, self._n_train = train, n
         if self._store_path is not None:
-            self.store = Store(self._store_path, config=self._store_config(), fingerprints=self._fingerprints(members))
+            self.store = Store(
+                self._store_path,
+                config=self._store_config(),
+                fingerprints=self._fingerprints(members),
+            )
         self._contexts = []
         for index, member in enumerate(members):
             pairs = member_states(self.task, member)
@@ -182,7 +197,9 @@ class Attributor(ABC):
                 projector = make_projector(
                     self.config.projector, self.config.proj_dim, seed=self.config.seed, member=index
                 )
-            ctx = MemberContext(index, member, [c for c, _ in pairs], [s for _, s in pairs], projector)
+            ctx = MemberContext(
+                index, member, [c for c, _ in pairs], [s for _, s in pairs], projector
+            )
             self._featurize_train(ctx, train)
             self._fit_member(ctx)
             self._contexts.append(ctx)
@@ -194,9 +211,7 @@ class Attributor(ABC):
         for unit_ids, block in self._score_blocks(queries):
             ids.append(unit_ids)
             blocks.append(block)
-        return Scores(
-            torch.cat(blocks, 1), torch.cat(ids), None, self.method_id, self.describe()
-        )
+        return Scores(torch.cat(blocks, 1), torch.cat(ids), None, self.name, self.describe())
 
     def topk(self, queries: Any, k: int) -> TopK:
         """Top-``k`` proponents/opponents per query, streaming over train shards."""
@@ -213,7 +228,11 @@ class Attributor(ABC):
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description of the method and its settings."""
-        return {"method": self.method_id, "config": self.config.to_json(), "task": self.task.config()}
+        return {
+            "method": self.name,
+            "config": self.config.to_json(),
+            "task": self.task.config(),
+        }
 
     # ------------------------------------------------------------------ loop internals
     def _check_fitted(self) -> None:
@@ -224,7 +243,11 @@ class Attributor(ABC):
             )
 
     def _store_config(self) -> dict[str, Any]:
-        return {"method": self.method_id, "config": self.config.to_json(), "task": self.task.config()}
+        return {
+            "method": self.name,
+            "config": self.config.to_json(),
+            "task": self.task.config(),
+        }
 
     def _fingerprints(self, members: list[Member]) -> dict[str, str]:
         fps = {}
@@ -236,7 +259,11 @@ class Attributor(ABC):
     def _featurize_train(self, ctx: MemberContext, train: Any) -> None:
         kind = f"train-m{ctx.index}"
         batches = iter_batches(train, self.config.batch_size)
-        it = tqdm(batches, desc=f"{self.method_id}: train features (member {ctx.index})", disable=not self.config.progress)
+        it = tqdm(
+            batches,
+            desc=f"{self.name}: train features (member {ctx.index})",
+            disable=not self.config.progress,
+        )
         for b, batch in enumerate(it):
             if self.store is not None:
                 fp = fingerprint_batch(batch)
@@ -265,7 +292,10 @@ class Attributor(ABC):
         self.task.check_eval_mode()
         out = []
         for ctx in self._contexts:
-            feats = [self._query_features(ctx, b).detach() for b in iter_batches(queries, self.config.batch_size)]
+            feats = [
+                self._query_features(ctx, b).detach()
+                for b in iter_batches(queries, self.config.batch_size)
+            ]
             out.append(self._transform_queries(ctx, torch.cat(feats, 0)))
         return out
 
@@ -274,7 +304,10 @@ class Attributor(ABC):
         iters = [self._iter_train_features(ctx) for ctx in self._contexts]
         for parts in zip(*iters):
             start = parts[0][0]
-            blocks = [self._combine(ctx, q, block, start) for ctx, q, (_, block) in zip(self._contexts, qs, parts)]
+            blocks = [
+                self._combine(ctx, q, block, start)
+                for ctx, q, (_, block) in zip(self._contexts, qs, parts)
+            ]
             size = blocks[0].shape[1]
             yield torch.arange(start, start + size), self._aggregate(blocks, start)
 
@@ -299,5 +332,5 @@ def make_attributor(method_id: str, task: Task, **kwargs: Any) -> Attributor:
         raise ConfigError(f"unknown method {method_id!r}; registered methods: {sorted(METHODS)}.")
     cls, defaults = METHODS[method_id]
     obj = cls(task, **{**defaults, **kwargs})
-    obj.method_id = method_id
+    obj.name = method_id
     return obj

@@ -51,7 +51,9 @@ class InfluenceConfig(MethodConfig):
         if self.solver not in SOLVERS:
             raise ConfigError(f"unknown solver {self.solver!r}; choose one of {sorted(SOLVERS)}.")
         if self.curvature not in ("ggn", "hessian", "fisher"):
-            raise ConfigError(f"curvature must be 'ggn', 'hessian' or 'fisher'; got {self.curvature!r}.")
+            raise ConfigError(
+                f"curvature must be 'ggn', 'hessian' or 'fisher'; got {self.curvature!r}."
+            )
         if not (isinstance(self.damping, (int, float)) and self.damping >= 0):
             raise ConfigError(f"damping must be a number >= 0; got {self.damping!r}.")
         if self.curvature != "fisher" and self.projector != "none":
@@ -107,7 +109,9 @@ class InfluenceAttributor(Attributor):
         return op_cls(self.task, self._train, state=ctx.state, batch_size=cfg.batch_size)
 
     def _fit_member(self, ctx: MemberContext) -> None:
-        ctx.fitted["inverse"] = self._solver.prepare(self._operator(ctx), float(self.config.damping))
+        ctx.fitted["inverse"] = self._solver.prepare(
+            self._operator(ctx), float(self.config.damping)
+        )
 
     def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
         return ctx.fitted["inverse"].apply(q.T).T / self._n_train

@@ -42,7 +42,9 @@ class RepresenterConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (isinstance(self.damping, (int, float)) and self.damping > 0):
-            raise ConfigError(f"damping (the L2 penalty of the refit) must be > 0; got {self.damping!r}.")
+            raise ConfigError(
+                f"damping (the L2 penalty of the refit) must be > 0; got {self.damping!r}."
+            )
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise ConfigError(f"max_iter must be an integer >= 1; got {self.max_iter!r}.")
 
@@ -55,8 +57,10 @@ def _final_linear(task: Task, name: str | None) -> tuple[str, nn.Linear]:
             raise ModelError("representer points need a final nn.Linear layer; the model has none.")
         name = linears[-1]
     if name not in modules or not isinstance(modules[name], nn.Linear):
-        raise ModelError(f"layer={name!r} is not an nn.Linear of the model; pass the final Linear's name.")
-    return name, modules[name]  # type: ignore[return-value]
+        raise ModelError(
+            f"layer={name!r} is not an nn.Linear of the model; pass the final Linear's name."
+        )
+    return name, modules[name]
 
 
 @register("rps")
@@ -75,7 +79,9 @@ class RepresenterAttributor(Attributor):
     Config = RepresenterConfig
     config: RepresenterConfig
 
-    def _representations(self, state: dict[str, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, _SplitBatch]:
+    def _representations(
+        self, state: dict[str, torch.Tensor], batch: Batch
+    ) -> tuple[torch.Tensor, _SplitBatch]:
         """Inputs of the final layer with a ones column: ``(B, d + 1)``; checks it is final."""
         name, layer = _final_linear(self.task, self.config.layer)
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -104,7 +110,7 @@ class RepresenterAttributor(Attributor):
 
     def _refit(self, ctx: MemberContext) -> None:
         feats, splits = self._collect(ctx, self._train)
-        name, layer = _final_linear(self.task, self.config.layer)
+        name, _ = _final_linear(self.task, self.config.layer)
         prefix = f"{name}." if name else ""
         w0 = ctx.state[f"{prefix}weight"]
         b0 = ctx.state.get(f"{prefix}bias", w0.new_zeros(w0.shape[0]))
@@ -120,8 +126,15 @@ class RepresenterAttributor(Attributor):
             ]
             return torch.cat(losses).mean() + lam * (w**2).sum()
 
-        opt = torch.optim.LBFGS([w], lr=1, max_iter=self.config.max_iter, tolerance_grad=1e-12,
-                                tolerance_change=0.0, history_size=50, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            [w],
+            lr=1,
+            max_iter=self.config.max_iter,
+            tolerance_grad=1e-12,
+            tolerance_change=0.0,
+            history_size=50,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
@@ -132,7 +145,9 @@ class RepresenterAttributor(Attributor):
         opt.step(closure)
         w = w.detach()
         logits = (feats @ w.T).requires_grad_(True)
-        losses = torch.cat([self.task.loss_from_outputs(c, s) for c, s in zip(torch.split(logits, sizes), splits)])
+        losses = torch.cat(
+            [self.task.loss_from_outputs(c, s) for c, s in zip(torch.split(logits, sizes), splits)]
+        )
         (dl,) = torch.autograd.grad(losses.sum(), logits)
         if not torch.isfinite(dl).all():
             raise NumericalError("the representer refit produced NaN/inf gradients; raise damping.")
@@ -152,7 +167,9 @@ class RepresenterAttributor(Attributor):
     def _query_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
         f, split = self._representations(ctx.state, batch)
         if split.labels is None or split.labels.ndim != 1:
-            raise ModelError("representer points attribute classification queries with integer labels.")
+            raise ModelError(
+                "representer points attribute classification queries with integer labels."
+            )
         n_classes = ctx.fitted["alpha"].shape[1]
         onehot = torch.nn.functional.one_hot(split.labels, n_classes).to(f.dtype)
         return torch.einsum("nc,nd->ncd", onehot, f).reshape(f.shape[0], -1)

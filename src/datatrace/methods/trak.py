@@ -22,7 +22,8 @@ import torch
 
 from datatrace.data import Batch, iter_batches
 from datatrace.errors import ConfigError
-from datatrace.methods.base import Attributor, MemberContext, MethodConfig, ProjectorKind, register
+from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.projection import ProjectorKind
 from datatrace.task import margin
 
 __all__ = ["TRAKAttributor", "TRAKConfig"]
@@ -46,7 +47,9 @@ class TRAKConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.damping is not None and not (isinstance(self.damping, (int, float)) and self.damping >= 0):
+        if self.damping is not None and not (
+            isinstance(self.damping, (int, float)) and self.damping >= 0
+        ):
             raise ConfigError(f"damping must be None or a number >= 0; got {self.damping!r}.")
         if self.output not in ("margin", "loss"):
             raise ConfigError(f"output must be 'margin' or 'loss'; got {self.output!r}.")

@@ -1,0 +1,126 @@
+"""Method-specific identities: TracIn, representer points, TRAK, gradient similarity."""
+
+import torch
+
+from datatrace import (
+    Checkpoint,
+    GradCosAttributor,
+    GradDotAttributor,
+    RepresenterAttributor,
+    Task,
+    TracInAttributor,
+    TRAKAttributor,
+)
+from datatrace.gradients import compute_per_sample_grads
+from datatrace.projection import make_projector
+from tests.models import classification_data, cnn, mlp
+
+
+def test_grad_dot_and_cos_equal_dense_formulas():
+    model = mlp()
+    train, queries = classification_data(n=9), classification_data(n=4, seed=3)
+    task = Task(model)
+    g = compute_per_sample_grads(task, train).flat()
+    gq = compute_per_sample_grads(task, queries, which="query").flat()
+    dot = GradDotAttributor(task).fit(train).attribute(queries).values
+    torch.testing.assert_close(dot, gq @ g.T, rtol=1e-10, atol=0)
+    cos = GradCosAttributor(task).fit(train).attribute(queries).values
+    expected = (gq / gq.norm(dim=1, keepdim=True)) @ (g / g.norm(dim=1, keepdim=True)).T
+    torch.testing.assert_close(cos, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_tracin_one_checkpoint_equals_lr_times_grad_dot():
+    model = mlp()
+    train, queries = classification_data(n=9), classification_data(n=4, seed=3)
+    lr = 0.37
+    tracin = TracInAttributor(
+        Task(model, checkpoints=[Checkpoint(model.state_dict(), step=5, learning_rate=lr)])
+    )
+    dot = GradDotAttributor(Task(model)).fit(train).attribute(queries).values
+    torch.testing.assert_close(
+        tracin.fit(train).attribute(queries).values, lr * dot, rtol=1e-10, atol=0
+    )
+
+
+def test_tracin_sums_over_checkpoints_with_learning_rates():
+    a, b = mlp(seed=1), mlp(seed=2)
+    train, queries = classification_data(n=9), classification_data(n=4, seed=3)
+    ckpts = [
+        Checkpoint(a.state_dict(), step=1, learning_rate=0.5),
+        Checkpoint(b.state_dict(), step=2, learning_rate=0.1),
+    ]
+    got = TracInAttributor(Task(a, checkpoints=ckpts)).fit(train).attribute(queries).values
+    expected = 0.5 * GradDotAttributor(Task(a)).fit(train).attribute(queries).values
+    expected += 0.1 * GradDotAttributor(Task(b)).fit(train).attribute(queries).values
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_representer_values_sum_to_preactivations():
+    model = mlp()
+    train, queries = classification_data(n=30), classification_data(n=6, seed=3)
+    rps = RepresenterAttributor(Task(model), damping=1e-2).fit(train)
+    values = rps.attribute(queries).values
+    pre = rps.refit_preactivations(queries)
+    expected = pre.gather(1, queries[1].view(-1, 1)).squeeze(1)
+    torch.testing.assert_close(values.sum(1), expected, rtol=1e-6, atol=1e-8)
+
+
+def test_representer_refuses_non_final_layer():
+    import pytest
+
+    from datatrace import ModelError
+
+    with pytest.raises(ModelError, match=r"final nn\.Linear"):
+        RepresenterAttributor(Task(mlp()), layer="0").fit(classification_data())
+
+
+def test_trak_single_member_formula():
+    """TRAK on one model equals the dense formula φ_q (Φ^TΦ + λI)^{-1} Φ^T diag(1 - p)."""
+    model = mlp()
+    train, queries = classification_data(n=20), classification_data(n=4, seed=3)
+    task = Task(model, target="margin")
+    trak = TRAKAttributor(task, proj_dim=12, damping=0.01).fit(train)
+    proj = make_projector("rademacher", 12, seed=0, member=0)
+    phi = proj.project(compute_per_sample_grads(task, train, which="margin"))
+    phq = proj.project(compute_per_sample_grads(task, queries, which="query"))
+    with torch.no_grad():
+        p = model(train[0]).softmax(1).gather(1, train[1].view(-1, 1)).squeeze(1)
+    k = phi.T @ phi + 0.01 * torch.eye(12, dtype=phi.dtype)
+    expected = phq @ torch.linalg.solve(k, phi.T) * (1 - p)
+    torch.testing.assert_close(trak.attribute(queries).values, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_trak_ensemble_averages_kernels_and_q_separately():
+    models = [mlp(seed=s) for s in (1, 2, 3)]
+    train, queries = classification_data(n=20), classification_data(n=4, seed=3)
+    members = [Checkpoint(m.state_dict()) for m in models]
+    ens = TRAKAttributor(
+        Task(models[0], target="margin"), proj_dim=12, damping=0.01, members=members
+    )
+    got = ens.fit(train).attribute(queries).values
+    kernel_scores, qs = [], []
+    transformed = ens._transformed_queries(queries)
+    for i, m in enumerate(models):
+        # member i: its own model and projection seed; rebuild its kernel scores and 1 - p densely
+        ctx = ens._contexts[i]
+        kernel_scores.append(transformed[i] @ ens._all_train_features(ctx).T)
+        with torch.no_grad():
+            p = m(train[0]).softmax(1).gather(1, train[1].view(-1, 1)).squeeze(1)
+        torch.testing.assert_close(ctx.fitted["q"], 1 - p, rtol=1e-10, atol=1e-14)
+        qs.append(1 - p)
+    expected = torch.stack(kernel_scores).mean(0) * torch.stack(qs).mean(0)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_trak_works_on_cnn_with_sjlt():
+    model = cnn()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (16,), generator=g)
+    s = (
+        TRAKAttributor(Task(model, target="margin"), projector="sjlt", proj_dim=32)
+        .fit((x, y))
+        .attribute((x, y))
+    )
+    assert s.shape == (16, 16)
+    assert (s.values.diagonal() > 0).all()
