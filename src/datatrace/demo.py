@@ -11,46 +11,9 @@ import argparse
 import time
 
 import torch
-from torch import nn
 
 from datatrace import InfluenceAttributor, Task, TRAKAttributor
-from datatrace.errors import ConfigError
-
-
-def load_digits_split(
-    seed: int = 0,
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Digits as float32 tensors in [0, 1]: (train, test) with a fixed 80/20 split."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ConfigError("the demo needs scikit-learn: pip install 'datatrace[bench]'") from exc
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    x, y = x[perm], y[perm]
-    n_train = int(0.8 * len(y))
-    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
-
-
-def train_mlp(
-    train: tuple[torch.Tensor, torch.Tensor], epochs: int = 30, seed: int = 0
-) -> nn.Module:
-    """A 64-128-64-10 MLP trained with Adam (deterministic given the seed)."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)
-    )
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    x, y = train
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=g).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+from datatrace.bench.digits import load_digits_split, train_digits_mlp
 
 
 def _row(label: str, ids: list[int], values: list[float], labels: torch.Tensor) -> str:
@@ -66,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     train, test = load_digits_split()
     t0 = time.perf_counter()
-    model = train_mlp(train)
+    model = train_digits_mlp(train)
     acc = (model(test[0]).argmax(1) == test[1]).float().mean().item()
     print(
         f"trained a digits MLP on {len(train[1])} images in {time.perf_counter() - t0:.1f}s; test accuracy {acc:.3f}"

@@ -15,6 +15,7 @@ Cost: one per-sample gradient per example plus the solver's curvature products p
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -114,4 +115,15 @@ class InfluenceAttributor(Attributor):
         )
 
     def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
-        return ctx.fitted["inverse"].apply(q.T).T / self._n_train
+        inverse = ctx.fitted["inverse"]
+        out = inverse.apply(q.T).T / self._n_train
+        info = getattr(inverse, "info", None)
+        if info is not None and not info.converged:
+            warnings.warn(
+                f"CG stopped after {info.iterations} iterations with relative residual "
+                f"{info.relative_residual:.2e}; scores are approximate. Raise "
+                "solver_options={'max_iter': ...} or damping.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return out
