@@ -347,8 +347,8 @@ class LiSSASolver(Solver):
 
 
 def _top_eigenvalue(op: LinearOperator, damping: float, steps: int) -> float:
-    gen = torch.Generator(device=op.device).manual_seed(0)
-    v = torch.randn(op.dim, generator=gen, dtype=op.dtype, device=op.device)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(op.dim, generator=gen, dtype=op.dtype).to(op.device)
     v = v / v.norm()
     est = 0.0
     for _ in range(steps):
@@ -413,10 +413,10 @@ class ArnoldiSolver(Solver):
 
 def _arnoldi(op: LinearOperator, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal ``Q`` (dim, steps) and ``H = Qᵀ A Q`` (steps, steps), upper Hessenberg."""
-    gen = torch.Generator(device=op.device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
 
     def fresh() -> torch.Tensor:
-        return torch.randn(op.dim, generator=gen, dtype=op.dtype, device=op.device)
+        return torch.randn(op.dim, generator=gen, dtype=op.dtype).to(op.device)
 
     q = torch.zeros(op.dim, steps, dtype=op.dtype, device=op.device)
     h = torch.zeros(steps, steps, dtype=op.dtype, device=op.device)

@@ -124,3 +124,15 @@ def test_trak_works_on_cnn_with_sjlt():
     )
     assert s.shape == (16, 16)
     assert (s.values.diagonal() > 0).all()
+
+
+def test_trak_singular_kernel_is_reported():
+    import pytest
+
+    from datatrace import NumericalError
+
+    train = classification_data(n=10)
+    with pytest.raises(NumericalError, match="not positive definite"):
+        TRAKAttributor(Task(mlp(), target="margin"), proj_dim=40, relative_damping=0.0).fit(train)
+    # with relative damping the same setting works
+    TRAKAttributor(Task(mlp(), target="margin"), proj_dim=40, relative_damping=1e-3).fit(train)

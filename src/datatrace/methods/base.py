@@ -220,7 +220,7 @@ class Attributor(ABC):
     def self_attribute(self) -> torch.Tensor:
         """``(n_train,)`` self-influence of each training unit (mislabel detection)."""
         self._check_fitted()
-        total = torch.zeros(self._n_train, dtype=self.task.dtype)
+        total = torch.zeros(self._n_train, dtype=self.task.dtype, device=self.task.device)
         for ctx in self._contexts:
             for start, block in self._iter_train_features(ctx):
                 total[start : start + block.shape[0]] += self._self_scores(ctx, block, start)
@@ -277,7 +277,7 @@ class Attributor(ABC):
         start = 0
         if self.store is not None and not ctx.features:
             for _, block in self.store.iter_shards(f"train-m{ctx.index}"):
-                yield start, block
+                yield start, block.to(self.task.device)
                 start += block.shape[0]
         else:
             for block in ctx.features:

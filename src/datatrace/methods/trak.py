@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from datatrace.data import Batch, iter_batches
-from datatrace.errors import ConfigError
+from datatrace.errors import ConfigError, NumericalError
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.projection import ProjectorKind
 from datatrace.task import margin
@@ -36,13 +36,16 @@ class TRAKConfig(MethodConfig):
     Attributes:
         projector: defaults to ``"rademacher"`` (TRAK's choice).
         proj_dim: projected dimension (default 2048).
-        damping: λ added to ``Φ^T Φ``; None = 1e-6 x its mean diagonal (numerical safety).
+        damping: λ added to ``Φ^T Φ``; None = ``relative_damping`` x its mean diagonal.
+        relative_damping: the scale-free λ used when ``damping`` is None (1e-6: numerical
+            safety only; larger values regularise when ``proj_dim`` nears the train size).
         output: ``"margin"`` for classification (cross-entropy tasks) or ``"loss"``.
     """
 
     projector: ProjectorKind = "rademacher"
     proj_dim: int = 2048
     damping: float | None = None
+    relative_damping: float = 1e-6
     output: Literal["margin", "loss"] = "margin"
 
     def __post_init__(self) -> None:
@@ -51,6 +54,10 @@ class TRAKConfig(MethodConfig):
             isinstance(self.damping, (int, float)) and self.damping >= 0
         ):
             raise ConfigError(f"damping must be None or a number >= 0; got {self.damping!r}.")
+        if not (isinstance(self.relative_damping, (int, float)) and self.relative_damping >= 0):
+            raise ConfigError(
+                f"relative_damping must be a number >= 0; got {self.relative_damping!r}."
+            )
         if self.output not in ("margin", "loss"):
             raise ConfigError(f"output must be 'margin' or 'loss'; got {self.output!r}.")
 
@@ -84,7 +91,7 @@ class TRAKAttributor(Attributor):
 
     def _q_weights(self, ctx: MemberContext) -> torch.Tensor:
         if not self._uses_margin():
-            return torch.ones(self._n_train, dtype=self.task.dtype)
+            return torch.ones(self._n_train, dtype=self.task.dtype, device=self.task.device)
         parts = []
         with torch.no_grad():
             for batch in iter_batches(self._train, self.config.batch_size):
@@ -102,9 +109,18 @@ class TRAKAttributor(Attributor):
         assert kernel is not None
         damping = self.config.damping
         if damping is None:
-            damping = 1e-6 * float(kernel.diagonal().mean())
-        kernel = kernel + damping * torch.eye(kernel.shape[0], dtype=kernel.dtype)
-        ctx.fitted["chol"] = torch.linalg.cholesky(kernel)
+            damping = self.config.relative_damping * float(kernel.diagonal().mean())
+        kernel = kernel + damping * torch.eye(
+            kernel.shape[0], dtype=kernel.dtype, device=kernel.device
+        )
+        chol, info = torch.linalg.cholesky_ex(kernel)
+        if int(info) != 0:
+            raise NumericalError(
+                f"TRAK's kernel Φ^TΦ + λI (proj_dim={kernel.shape[0]}, n_train={self._n_train}) is not "
+                f"positive definite at λ={damping:.3g}; raise damping or relative_damping, or use a "
+                "proj_dim below the number of training examples."
+            )
+        ctx.fitted["chol"] = chol
         ctx.fitted["q"] = self._q_weights(ctx)
 
     def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
