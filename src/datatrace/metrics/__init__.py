@@ -15,16 +15,33 @@ from datatrace.metrics.lds import (
     spearman,
     spearman_batched,
 )
+from datatrace.metrics.mislabel import MislabelResult, mislabel_detection
+from datatrace.metrics.removal import (
+    BrittlenessResult,
+    PruningResult,
+    brittleness_curve,
+    pruning_curve,
+    random_pruning_curve,
+    top_proponents,
+)
 
 __all__ = [
+    "BrittlenessResult",
     "Comparison",
     "LDSResult",
     "LOOCorrelation",
+    "MislabelResult",
+    "PruningResult",
     "beats",
+    "brittleness_curve",
     "lds",
     "loo_correlation",
+    "mislabel_detection",
     "not_worse",
     "paired_bootstrap",
+    "pruning_curve",
+    "random_pruning_curve",
     "spearman",
     "spearman_batched",
+    "top_proponents",
 ]
