@@ -1,9 +1,9 @@
-# Two commands a newcomer needs: `make demo` and `make test`. Each creates .venv on first use.
+# Two commands a newcomer needs: `make bench` and `make test`. Each creates .venv on first use.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test lint typecheck clean
+.PHONY: venv bench demo test lint typecheck clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 venv: $(BIN)/.installed
+
+bench: venv
+	$(BIN)/datatrace bench --json out/bench.json
 
 demo: venv
 	$(BIN)/python -m datatrace.demo
