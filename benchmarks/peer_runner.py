@@ -1,0 +1,326 @@
+"""Run one peer library (traker or dattri) on the inputs written by ``benchmarks/peers.py``.
+
+This file runs inside the peer's own throw-away virtualenv, so it imports only the standard
+library, torch and the peer library -- never datatrace. It rebuilds the digits MLP
+(64-128-64-10, ReLU) from the saved state dicts, computes the peer's scores for the saved
+queries, times ``fit`` and ``attribute`` (median of warm repeated runs) and writes
+everything back as a ``.pt`` file that loads with ``torch.load(..., weights_only=True)``.
+
+Scores are returned in datatrace's orientation, ``(n_query, n_train)`` with positive =
+training on the example improves the query; both peers already use that sign (see
+``docs/peers.md``), so only the transpose is needed.
+
+Usage (peers.py does this)::
+
+    /tmp/peer-dattri/bin/python benchmarks/peer_runner.py --peer dattri \
+        --inputs DIR/inputs.pt --out DIR/dattri.pt --spec '{"methods": ["grad-dot"], ...}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+# Methods whose single run takes tens of seconds: timed with spec["slow_repeats"].
+SLOW = {"if-cg"}
+
+
+def build_mlp(hidden: list[int]) -> nn.Module:
+    """The benchmark's MLP: 64 -> hidden -> 10 with ReLU (same parameter names)."""
+    layers: list[nn.Module] = []
+    width = 64
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers)
+
+
+def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """TRAK's margin ``logit_y - logsumexp_{c != y} logit_c`` = ``log(p_y / (1 - p_y))``."""
+    true = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+    others = logits.scatter(1, labels.view(-1, 1), float("-inf"))
+    return true - torch.logsumexp(others, dim=1)
+
+
+def timed(
+    fit: Callable[[], Any], attribute: Callable[[Any], torch.Tensor], repeats: int, warmup: int
+) -> dict[str, Any]:
+    """Median fit / attribute / total seconds of ``repeats`` runs after ``warmup`` runs."""
+    fits, attrs, totals = [], [], []
+    scores = None
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        state = fit()
+        t1 = time.perf_counter()
+        scores = attribute(state)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            fits.append(t1 - t0)
+            attrs.append(t2 - t1)
+            totals.append(t2 - t0)
+    assert scores is not None
+    return {
+        "scores": scores.detach().to(torch.float32).contiguous(),
+        "fit_s": statistics.median(fits),
+        "attribute_s": statistics.median(attrs),
+        "total_s": statistics.median(totals),
+        "runs": float(repeats),
+    }
+
+
+def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+# ------------------------------------------------------------------------------------ dattri
+
+
+def dattri_methods(data: dict[str, Any], spec: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    from dattri.algorithm import IFAttributorCG, TracInAttributor, TRAKAttributor
+    from dattri.task import AttributionTask
+
+    model = build_mlp(data["hidden"]).eval()
+    members = data["members"]
+    xt, yt, xq, yq = data["x_train"], data["y_train"], data["x_query"], data["y_query"]
+    n_train, bs = len(yt), spec["batch_size"]
+
+    def _batched(d: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # TRAK/TracIn call the functions per example without a batch dim; IF with one.
+        x, y = d
+        return (x.unsqueeze(0), y.unsqueeze(0)) if x.ndim == 1 else (x, y)
+
+    def ce_loss(params: dict[str, torch.Tensor], data_: Any) -> torch.Tensor:
+        x, y = _batched(data_)
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    def neg_margin(params: dict[str, torch.Tensor], data_: Any) -> torch.Tensor:
+        # Loss-like query objective (lower = better), as datatrace's "query" gradient.
+        x, y = _batched(data_)
+        return -margin(torch.func.functional_call(model, params, (x,)), y).mean()
+
+    def pos_margin(params: dict[str, torch.Tensor], data_: Any) -> torch.Tensor:
+        # dattri's TRAK examples use log(p / (1 - p)) for both loss_func and target_func.
+        x, y = _batched(data_)
+        return margin(torch.func.functional_call(model, params, (x,)), y).mean()
+
+    def correct_prob(params: dict[str, torch.Tensor], data_: Any) -> torch.Tensor:
+        x, y = _batched(data_)
+        logits = torch.func.functional_call(model, params, (x,))
+        return torch.softmax(logits, dim=-1).gather(1, y.view(-1, 1)).squeeze()
+
+    def trak(k: int, proj_dim: int | None, layer_name: list[str] | None) -> tuple[Any, Any]:
+        def fit() -> Any:
+            task = AttributionTask(
+                loss_func=pos_margin, model=model, checkpoints=members[:k], target_func=pos_margin
+            )
+            kwargs = {
+                "proj_dim": proj_dim if proj_dim is not None else 1,
+                "proj_max_batch_size": 32,
+                "proj_seed": spec["seed"],
+                "device": "cpu",
+                "proj_type": "normal" if proj_dim is not None else "identity",
+            }
+            attr = TRAKAttributor(
+                task,
+                correct_probability_func=correct_prob,
+                projector_kwargs=kwargs,
+                layer_name=layer_name,
+                device="cpu",
+                regularization=0.0,
+            )
+            if layer_name is not None:
+                # dattri divides grads by sqrt(#params of the whole model): rescale
+                # datatrace's absolute damping so both invert the same matrix.
+                attr.regularization = spec["last_layer_damping"] / attr.norm_scaler**2
+            attr.cache(loader(xt, yt, bs))
+            return attr
+
+        def attribute(attr: Any) -> torch.Tensor:
+            return attr.attribute(loader(xq, yq, bs)).T
+
+        return fit, attribute
+
+    def tracin(normalized: bool) -> tuple[Any, Any]:
+        def fit() -> Any:
+            task = AttributionTask(
+                loss_func=ce_loss, model=model, checkpoints=members[:1], target_func=neg_margin
+            )
+            attr = TracInAttributor(
+                task, weight_list=torch.ones(1), normalized_grad=normalized, device="cpu"
+            )
+            # dattri 0.3.0 merges projector_kwargs=None into a 512-dim Gaussian default, so
+            # Grad-Dot/Grad-Cos are always projected unless the attribute is cleared; its
+            # attribute() handles None as "no projection" (exact gradients, like ours).
+            attr.projector_kwargs = None
+            attr.cache()
+            return attr
+
+        def attribute(attr: Any) -> torch.Tensor:
+            return attr.attribute(loader(xt, yt, bs), loader(xq, yq, len(yq))).T
+
+        return fit, attribute
+
+    def if_cg() -> tuple[Any, Any]:
+        def fit() -> Any:
+            task = AttributionTask(
+                loss_func=ce_loss, model=model, checkpoints=members[:1], target_func=neg_margin
+            )
+            attr = IFAttributorCG(
+                task,
+                device="cpu",
+                max_iter=spec["cg_iter"],
+                regularization=spec["damping"],
+            )
+            # One batch: dattri sums the inverse-HVPs of every batch of the cached loader,
+            # and recomputes the query transform for every train batch of attribute().
+            attr.cache(loader(xt, yt, n_train))
+            return attr
+
+        def attribute(attr: Any) -> torch.Tensor:
+            # CG is vmapped over the queries of a test batch; all 200 at once needs ~14 GB.
+            queries = loader(xq, yq, spec["if_query_batch"])
+            return attr.attribute(loader(xt, yt, n_train), queries).T
+
+        return fit, attribute
+
+    P = spec["proj_dim"]
+    return {
+        "trak-1": trak(1, P, None),
+        "trak-5": trak(5, P, None),
+        "trak-last-exact": trak(1, None, spec["last_layer"]),
+        "grad-dot": tracin(False),
+        "grad-cos": tracin(True),
+        "if-cg": if_cg(),
+    }
+
+
+# ------------------------------------------------------------------------------------ traker
+
+
+def traker_methods(data: dict[str, Any], spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    from trak import TRAKer
+    from trak.projectors import NoOpProjector
+
+    model = build_mlp(data["hidden"]).eval()
+    members = data["members"]
+    xt, yt, xq, yq = data["x_train"], data["y_train"], data["x_query"], data["y_query"]
+    bs = spec["batch_size"]
+
+    def trak(k: int, exact_last_layer: bool) -> tuple[Any, Any]:
+        def fit() -> Any:
+            save_dir = Path(tempfile.mkdtemp(dir=work, prefix="trak-"))
+            kwargs: dict[str, Any] = {"proj_dim": spec["proj_dim"], "projector_seed": spec["seed"]}
+            if exact_last_layer:
+                kwargs = {"projector": NoOpProjector(device="cpu"), "grad_wrt": spec["last_layer"]}
+            traker = TRAKer(
+                model=model,
+                task="image_classification",
+                train_set_size=len(yt),
+                save_dir=str(save_dir),
+                load_from_save_dir=True,  # False skips writing experiments.json (0.3.2)
+                device="cpu",
+                use_half_precision=False,  # float16 on CPU is slow and lossy; we compare fp32
+                logging_level=logging.ERROR,
+                **kwargs,
+            )
+            for i, sd in enumerate(members[:k]):
+                traker.load_checkpoint(sd, model_id=i)
+                for x, y in loader(xt, yt, bs):
+                    traker.featurize(batch=(x, y), num_samples=len(y))
+            if exact_last_layer:
+                # traker's kernel is built from grads / sqrt(n_params): rescale datatrace's
+                # absolute damping so both invert the same matrix.
+                lam = spec["last_layer_damping"] / float(traker.normalize_factor) ** 2
+                traker.score_computer.lambda_reg = lam
+            traker.finalize_features()
+            return traker, save_dir
+
+        def attribute(state: Any) -> torch.Tensor:
+            traker, save_dir = state
+            for i, sd in enumerate(members[:k]):
+                traker.start_scoring_checkpoint(
+                    exp_name="queries", checkpoint=sd, model_id=i, num_targets=len(yq)
+                )
+                for x, y in loader(xq, yq, bs):
+                    traker.score(batch=(x, y), num_samples=len(y))
+            scores = torch.from_numpy(traker.finalize_scores(exp_name="queries").copy())
+            shutil.rmtree(save_dir, ignore_errors=True)
+            return scores.T
+
+        return fit, attribute
+
+    return {
+        "trak-1": trak(1, False),
+        "trak-5": trak(5, False),
+        "trak-last-exact": trak(1, True),
+    }
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peer", required=True, choices=["traker", "dattri"])
+    ap.add_argument("--inputs", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--spec", required=True, help="JSON: methods, proj_dim, damping, ...")
+    args = ap.parse_args()
+    spec = json.loads(args.spec)
+    torch.set_num_threads(spec["threads"])
+    warnings.filterwarnings("ignore")
+    data = torch.load(args.inputs, weights_only=True)
+    work = Path(tempfile.mkdtemp(prefix=f"peer-{args.peer}-"))
+    try:
+        if args.peer == "dattri":
+            available = dattri_methods(data, spec)
+        else:
+            available = traker_methods(data, spec, work)
+        results: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        out = {
+            "library": args.peer,
+            "version": metadata.version(args.peer),
+            "torch": str(torch.__version__),
+            "threads": float(torch.get_num_threads()),
+            "results": results,
+            "errors": errors,
+        }
+        for name in spec["methods"]:
+            if name not in available:
+                continue
+            fit, attribute = available[name]
+            slow = name in SLOW
+            reps = spec["slow_repeats"] if slow else spec["repeats"]
+            warm = spec["slow_warmup"] if slow else spec["warmup"]
+            t0 = time.perf_counter()
+            try:
+                results[name] = timed(fit, attribute, reps, warm)
+            except Exception as exc:  # report, and go on with the other methods
+                errors[name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+            print(f"[{args.peer}] {name}: {time.perf_counter() - t0:.1f}s", flush=True)
+            # Written after every method: a crash (e.g. out of memory) keeps the others.
+            torch.save(out, args.out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
