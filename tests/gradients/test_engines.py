@@ -154,4 +154,6 @@ def test_factored_inner_products_equal_dense(model_fn):
         task, b1, b2 = Task(model, loss="lm"), {"input_ids": ids[:5]}, {"input_ids": ids[5:]}
     p1 = compute_per_sample_grads(task, b1)
     p2 = compute_per_sample_grads(task, b2, which="query")
-    torch.testing.assert_close(per_sample_inner(p1, p2), p1.flat() @ p2.flat().T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        per_sample_inner(p1, p2), p1.flat() @ p2.flat().T, rtol=1e-10, atol=1e-12
+    )

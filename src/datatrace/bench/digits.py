@@ -59,7 +59,13 @@ def train_digits_mlp(
 ) -> nn.Module:
     """Train the MLP with Adam; deterministic given ``seed`` (init and data order)."""
     model, _ = train_digits_mlp_trajectory(
-        train, seed=seed, epochs=epochs, hidden=hidden, lr=lr, weight_decay=weight_decay, batch_size=batch_size
+        train,
+        seed=seed,
+        epochs=epochs,
+        hidden=hidden,
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
     )
     return model
 
