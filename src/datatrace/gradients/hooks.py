@@ -51,7 +51,21 @@ class LayerFactors:
 
     def matrix(self) -> torch.Tensor:
         """Per-sample gradient blocks ``(B, O, I')``."""
-        return torch.einsum("bto,bti->boi", self.g, self.a)
+        return _outer_sum(self.g, self.a)
+
+    def weight_grads(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Per-sample weight gradients ``(B, O', I)`` of output rows ``start:stop``.
+
+        Contiguous, without the ones column, so ``.reshape(B, -1)`` is free; rows can be
+        taken a few at a time to bound memory.
+        """
+        if self.weight is None:
+            raise ValueError(f"layer {self.module!r} has no tracked weight.")
+        return _outer_sum(self.g[:, :, start:stop], self.a[:, :, : self.in_features])
+
+    def bias_grads(self) -> torch.Tensor:
+        """Per-sample bias gradients ``(B, O)``: ``sum_t g_t``."""
+        return self.g.sum(1)
 
     def split(self, block: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split ``(B, O, I')`` blocks into ``{param_name: (B, *param.shape)}``."""
@@ -62,6 +76,13 @@ class LayerFactors:
         if self.bias is not None:
             out[self.bias] = block[:, :, -1]
         return out
+
+
+def _outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``sum_t g[:, t, :, None] * a[:, t, None, :]``: ``(B, O, I)`` from ``(B, T, O)``, ``(B, T, I)``."""
+    if g.shape[1] == 1:  # one position (MLPs): a broadcast product, about 2x faster than bmm
+        return g[:, 0, :, None] * a[:, 0, None, :]
+    return torch.einsum("bto,bti->boi", g, a)
 
 
 def _is_supported(module: nn.Module) -> bool:
@@ -162,8 +183,9 @@ def hook_factors(
             g_parts.append(_layer_grad(module, gz.detach()))
         weight_t: torch.Tensor = module.weight
         if a_parts:
-            a = torch.cat(a_parts, 1)
-            g = torch.cat(g_parts, 1)
+            # one call (the usual case): no concatenation copy, only a layout fix if needed
+            a = a_parts[0].contiguous() if len(a_parts) == 1 else torch.cat(a_parts, 1)
+            g = g_parts[0].contiguous() if len(g_parts) == 1 else torch.cat(g_parts, 1)
         else:  # tracked but unused in this forward pass: its gradient is zero
             n = obj.shape[0]
             a = obj.new_zeros(n, 1, weight_t[0].numel())

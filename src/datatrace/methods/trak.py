@@ -15,6 +15,7 @@ Cost: projected per-sample gradients plus a ``proj_dim x proj_dim`` solve per me
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,6 +63,35 @@ class TRAKConfig(MethodConfig):
             raise ConfigError(f"output must be 'margin' or 'loss'; got {self.output!r}.")
 
 
+def _gram(blocks: Iterable[torch.Tensor], min_rows: int = 1024) -> torch.Tensor:
+    """``Φ^T Φ`` over row blocks of ``Φ``, accumulated in place, ``min_rows`` rows at a time.
+
+    Shards are often small (one batch): a ``d x d`` product per shard re-reads and re-writes
+    the whole kernel for a few rows of work (and allocated a new one each time), so shards
+    are concatenated into groups of at least ``min_rows`` rows first.
+    """
+    kernel: torch.Tensor | None = None
+    group: list[torch.Tensor] = []
+    rows = 0
+
+    def flush() -> None:
+        nonlocal kernel, rows
+        x = group[0] if len(group) == 1 else torch.cat(group, 0)
+        kernel = x.T @ x if kernel is None else kernel.addmm_(x.T, x)
+        group.clear()
+        rows = 0
+
+    for block in blocks:
+        group.append(block)
+        rows += block.shape[0]
+        if rows >= min_rows:
+            flush()
+    if group:
+        flush()
+    assert kernel is not None
+    return kernel
+
+
 @register("trak")
 class TRAKAttributor(Attributor):
     """TRAK with projected kernel, damping and ensemble averaging.
@@ -102,11 +132,7 @@ class TRAKAttributor(Attributor):
         return torch.cat(parts)
 
     def _fit_member(self, ctx: MemberContext) -> None:
-        kernel = None
-        for _, block in self._iter_train_features(ctx):
-            k = block.T @ block
-            kernel = k if kernel is None else kernel + k
-        assert kernel is not None
+        kernel = _gram(block for _, block in self._iter_train_features(ctx))
         damping = self.config.damping
         if damping is None:
             damping = self.config.relative_damping * float(kernel.diagonal().mean())
