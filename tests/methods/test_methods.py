@@ -136,3 +136,16 @@ def test_trak_singular_kernel_is_reported():
         TRAKAttributor(Task(mlp(), target="margin"), proj_dim=40, relative_damping=0.0).fit(train)
     # with relative damping the same setting works
     TRAKAttributor(Task(mlp(), target="margin"), proj_dim=40, relative_damping=1e-3).fit(train)
+
+
+def test_trak_default_runs_when_proj_dim_exceeds_train_size():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+    ).eval()
+    x, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    scores = (
+        TRAKAttributor(Task(model, target="margin"), proj_dim=256).fit((x, y)).attribute((x, y))
+    )
+    assert torch.isfinite(scores.values).all()
+    assert (scores.values.diagonal() > 0).all()

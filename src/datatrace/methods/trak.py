@@ -38,15 +38,16 @@ class TRAKConfig(MethodConfig):
         projector: defaults to ``"rademacher"`` (TRAK's choice).
         proj_dim: projected dimension (default 2048).
         damping: λ added to ``Φ^T Φ``; None = ``relative_damping`` x its mean diagonal.
-        relative_damping: the scale-free λ used when ``damping`` is None (1e-6: numerical
-            safety only; larger values regularise when ``proj_dim`` nears the train size).
+        relative_damping: the scale-free λ used when ``damping`` is None (1e-4: above the
+            rounding of a float32 kernel, so ``proj_dim >= n_train`` still factors; larger
+            values regularise, which raised LDS on digits — see docs/benchmarks.md).
         output: ``"margin"`` for classification (cross-entropy tasks) or ``"loss"``.
     """
 
     projector: ProjectorKind = "rademacher"
     proj_dim: int = 2048
     damping: float | None = None
-    relative_damping: float = 1e-6
+    relative_damping: float = 1e-4
     output: Literal["margin", "loss"] = "margin"
 
     def __post_init__(self) -> None:
@@ -132,7 +133,9 @@ class TRAKAttributor(Attributor):
         return torch.cat(parts)
 
     def _fit_member(self, ctx: MemberContext) -> None:
-        kernel = _gram(block for _, block in self._iter_train_features(ctx))
+        # The d x d kernel is small: factor it in float64 (the float32 Gram's rounding is
+        # covered by the default relative damping, even when Φ^TΦ is rank-deficient).
+        kernel = _gram(block for _, block in self._iter_train_features(ctx)).double()
         damping = self.config.damping
         if damping is None:
             damping = self.config.relative_damping * float(kernel.diagonal().mean())
@@ -150,7 +153,7 @@ class TRAKAttributor(Attributor):
         ctx.fitted["q"] = self._q_weights(ctx)
 
     def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
-        return torch.cholesky_solve(q.T, ctx.fitted["chol"]).T
+        return torch.cholesky_solve(q.T.double(), ctx.fitted["chol"]).T.to(q.dtype)
 
     def _aggregate(self, blocks: list[torch.Tensor], start: int) -> torch.Tensor:
         size = blocks[0].shape[1]
