@@ -4,37 +4,25 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch import nn
 
 import datatrace.bench.cache as cache
 from datatrace import ConfigError
 from datatrace.bench.cache import GroundTruthSpec, lds_ground_truth
-from datatrace.bench.settings import ClassifierSetting, SettingData, register_setting
+from datatrace.bench.settings import register_setting
+from tests.bench.blobs import BlobsBase
 
 
 @register_setting
 @dataclass(frozen=True, kw_only=True)
-class Blobs(ClassifierSetting):
+class Blobs(BlobsBase):
     """Two Gaussian blobs in 2-D (test setting)."""
 
     name: str = "test-blobs"
     n_train: int = 24
     n_val: int = 4
     n_test: int = 6
-    lr: float = 0.1
     epochs: int = 5
     gap: float = 3.0
-
-    def _build_data(self) -> SettingData:
-        g = torch.Generator().manual_seed(self.split_seed)
-        n = self.n_train + self.n_val + self.n_test
-        y = torch.arange(n) % 2
-        x = torch.randn(n, 2, generator=g) + self.gap * y[:, None]
-        a, b = self.n_train, self.n_train + self.n_val
-        return SettingData((x[:a], y[:a]), (x[a:b], y[a:b]), (x[b:], y[b:]))
-
-    def _build_model(self) -> nn.Module:
-        return nn.Linear(2, 2)
 
 
 def _count_calls(monkeypatch):

@@ -21,19 +21,18 @@ from torch import nn
 
 from datatrace import GradDotAttributor, Task, TracInAttributor
 from datatrace.bench.settings import (
-    ClassifierSetting,
     DigitsCNN,
     DigitsLR,
     DigitsMLP,
     PydocCharLM,
     Setting,
-    SettingData,
     get_setting,
     list_settings,
     register_setting,
 )
 from datatrace.bench.settings import registry as settings_registry
 from datatrace.errors import ConfigError, DataError, ModelError
+from tests.bench.blobs import BlobsBase
 
 BUILTIN = ["breast-cancer-mlp", "digits-cnn", "digits-lr", "digits-mlp", "pydoc-charlm"]
 # Held-out accuracy each small setting must reach (stated in the settings' docstrings).
@@ -373,27 +372,10 @@ def test_charlm_refuses_more_chunks_than_the_corpus_has() -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Blobs(ClassifierSetting):
+class _Blobs(BlobsBase):
     """Two Gaussian blobs in 2-D, ``gap`` apart."""
 
     name: str = "test-settings-blobs"
-    n_train: int = 64
-    n_val: int = 8
-    n_test: int = 16
-    epochs: int = 30
-    lr: float = 0.1
-    gap: float = 4.0
-
-    def _build_data(self) -> SettingData:
-        g = torch.Generator().manual_seed(self.split_seed)
-        n = self.n_train + self.n_val + self.n_test
-        y = torch.arange(n) % 2
-        x = torch.randn(n, 2, generator=g) + self.gap * y[:, None]
-        a, b = self.n_train, self.n_train + self.n_val
-        return SettingData((x[:a], y[:a]), (x[a:b], y[a:b]), (x[b:], y[b:]))
-
-    def _build_model(self) -> nn.Module:
-        return nn.Linear(2, 2)
 
 
 def test_a_user_setting_registers_and_round_trips(registry) -> None:
