@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 bench: venv
-	$(BIN)/datatrace bench --json out/bench.json
+	$(BIN)/datatrace bench --json out/bench.json --out out
 
 demo: venv
 	$(BIN)/python -m datatrace.demo

@@ -139,6 +139,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     val, test = slice(0, n_val), slice(n_val, None)
     model, trajectory = setting.train_trajectory(seed=0)
     rows: list[dict[str, Any]] = []
+    per_query: dict[str, torch.Tensor] = {}
     g = torch.Generator().manual_seed(0)
     random_lds = lds(
         torch.randn(gt.targets.shape[1], setting.n_train, generator=g)[test],
@@ -165,6 +166,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             continue
         v, chosen, values, fit_s, attr_s = best
         result = lds(values[test], gt.subsets, gt.targets[:, test])
+        per_query[method] = result.per_query
         low, high = result.bootstrap_ci()
         rows.append(
             {
@@ -188,6 +190,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             "noise_ceiling": None if ceiling is None else ceiling.mean,
         }
         args.json.write_text(json.dumps(payload, indent=2, default=str))
+    if args.out is not None:
+        from datatrace.bench.plots import plot_lds_distribution, plot_pareto
+
+        done = [r for r in rows if "error" not in r]
+        if done:
+            plot_pareto(done, args.out / "pareto.png", f"{setting.name}: efficacy vs cost")
+            plot_lds_distribution(
+                per_query, args.out / "lds_per_query.png", f"{setting.name}: per-query LDS"
+            )
+            print(f"plots written to {args.out}/pareto.png and lds_per_query.png")
     return 0
 
 

@@ -93,3 +93,57 @@ def test_settings_lists_registered(capsys):
     text = capsys.readouterr().out
     for name in ("digits-lr", "digits-mlp", "digits-cnn", "breast-cancer-mlp", "pydoc-charlm"):
         assert name in text
+
+
+def test_bench_writes_labelled_plots(tmp_path):
+    from PIL import Image  # matplotlib depends on pillow
+
+    import datatrace.bench.plots as plots
+
+    titles: dict[str, tuple] = {}
+    real_close = plots._pyplot().close
+
+    def record(fig):
+        ax = fig.axes[0]
+        legend = ax.get_legend()
+        titles[ax.get_title()] = (
+            ax.get_xlabel(),
+            ax.get_ylabel(),
+            legend is not None and len(legend.get_texts()),
+        )
+        real_close(fig)
+
+    plt = plots._pyplot()
+    original = plt.close
+    plt.close = record
+    try:
+        code = main(
+            [
+                "bench",
+                "--setting",
+                "test-blobs",
+                "--m",
+                "6",
+                "--seeds",
+                "2",
+                "--workers",
+                "1",
+                "--quiet",
+                "--cache",
+                str(tmp_path / "cache"),
+                "--methods",
+                "grad-dot,rps",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+    finally:
+        plt.close = original
+    assert code == 0
+    for name in ("pareto.png", "lds_per_query.png"):
+        with Image.open(tmp_path / "out" / name) as img:
+            assert img.size[0] > 100 and img.size[1] > 100
+    pareto = titles["test-blobs: efficacy vs cost"]
+    assert pareto[0] and pareto[1] and pareto[2] == 2  # labelled axes, a legend with both methods
+    dist = titles["test-blobs: per-query LDS"]
+    assert dist[0] and dist[1]
