@@ -22,28 +22,16 @@ def test_parse_methods():
         parse_methods("trak:proj_dim")
 
 
+def _bench(tmp_path, methods, *extra):
+    """Run ``datatrace bench`` on the tiny test-blobs setting with a small ground truth."""
+    argv = ["bench", "--setting", "test-blobs", "--m", "6", "--seeds", "2", "--workers", "1"]
+    argv += ["--quiet", "--cache", str(tmp_path / "cache"), "--methods", methods, *extra]
+    return main(argv)
+
+
 def test_bench_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(
-        [
-            "bench",
-            "--setting",
-            "test-blobs",
-            "--m",
-            "6",
-            "--seeds",
-            "2",
-            "--workers",
-            "1",
-            "--quiet",
-            "--cache",
-            str(tmp_path / "cache"),
-            "--methods",
-            "grad-dot,trak:proj_dim=4,rps",
-            "--json",
-            str(out),
-        ]
-    )
+    code = _bench(tmp_path, "grad-dot,trak:proj_dim=4,rps", "--json", str(out))
     assert code == 0
     text = capsys.readouterr().out
     assert "grad-dot" in text and "noise ceiling" in text and "random scores" in text
@@ -117,26 +105,7 @@ def test_bench_writes_labelled_plots(tmp_path):
     original = plt.close
     plt.close = record
     try:
-        code = main(
-            [
-                "bench",
-                "--setting",
-                "test-blobs",
-                "--m",
-                "6",
-                "--seeds",
-                "2",
-                "--workers",
-                "1",
-                "--quiet",
-                "--cache",
-                str(tmp_path / "cache"),
-                "--methods",
-                "grad-dot,rps",
-                "--out",
-                str(tmp_path / "out"),
-            ]
-        )
+        code = _bench(tmp_path, "grad-dot,rps", "--out", str(tmp_path / "out"))
     finally:
         plt.close = original
     assert code == 0
