@@ -4,14 +4,18 @@ A store is one directory::
 
     <path>/
         manifest.json              format_version, config, fingerprints, shards, arrays
+        journal.jsonl              shards completed since the manifest was last rewritten
         shard-<kind>-<index>.npy   one block of a streamed quantity (e.g. train features)
         array-<name>.npy           fitted state (e.g. a kernel inverse)
         .tmp-*                     a write in progress; removed when the store is next opened
 
 Every file is written under a temporary name in the same directory, flushed, fsynced and
-renamed with ``os.replace``; the manifest is then rewritten the same way. A shard therefore
-counts as complete only once the manifest lists it, so a killed job resumes from its last
-complete shard and never reads half a file. Reopening a store under a different
+renamed with ``os.replace``. A completed shard is then recorded by appending one fsynced JSON
+line to the journal (constant cost per shard; rewriting the manifest for every shard made a
+long job quadratic), and the store folds the journal into the manifest, atomically, when it is
+opened and on :meth:`Store.compact`. A shard counts as complete only once the manifest or a
+whole journal line lists it (a torn last line from a killed write is ignored and the shard is
+recomputed), so a killed job resumes from its last complete shard and never reads half a file. Reopening a store under a different
 ``format_version``, ``config`` or ``fingerprints`` raises ``StoreError`` naming what differs.
 
 Arrays are NumPy ``.npy`` files loaded with ``allow_pickle=False``; bfloat16 is stored as its
@@ -40,6 +44,7 @@ __all__ = ["FORMAT_VERSION", "Store", "fingerprint_batch", "fingerprint_tensors"
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+JOURNAL = "journal.jsonl"
 _TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _OWNED = re.compile(r"^(shard|array)-[A-Za-z0-9_.-]+\.npy$")
@@ -205,12 +210,14 @@ class Store:
         if manifest_path.exists():
             try:
                 self._manifest = self._load_manifest(wanted)
+                self._replay_journal()
                 return
             except StoreError:
                 if not overwrite:
                     raise
                 Store.clear(self.path)
                 self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / JOURNAL).unlink(missing_ok=True)  # belongs to no manifest any more
         self._manifest = {**wanted, "shards": {}, "arrays": {}}
         self._write_manifest(self._manifest)
 
@@ -222,7 +229,9 @@ class Store:
             return
         for f in root.iterdir():
             if f.is_file() and (
-                f.name == MANIFEST or f.name.startswith(_TMP_PREFIX) or _OWNED.match(f.name)
+                f.name in (MANIFEST, JOURNAL)
+                or f.name.startswith(_TMP_PREFIX)
+                or _OWNED.match(f.name)
             ):
                 f.unlink()
         if not any(root.iterdir()):
@@ -249,11 +258,31 @@ class Store:
         _check_name(kind, "shard kind")
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ConfigError(f"shard index must be an int >= 0; got {index!r}.")
+        if str(index) in self._manifest["shards"].get(kind, {}):
+            # Retract the old entry first: a job killed while replacing the file must not leave
+            # the new contents listed under the old shape and data fingerprint.
+            self._journal(kind, index, None)
         entry = self._write_file(f"shard-{kind}-{index:06d}.npy", array)
         entry.update(index=index, data_fingerprint=str(data_fingerprint))
-        manifest = json.loads(json.dumps(self._manifest))
-        manifest["shards"].setdefault(kind, {})[str(index)] = entry
-        self._write_manifest(manifest)
+        self._journal(kind, index, entry)
+
+    def _journal(self, kind: str, index: int, entry: dict[str, Any] | None) -> None:
+        line = json.dumps({"kind": kind, "index": index, "entry": entry}, sort_keys=True)
+        with open(self.path / JOURNAL, "ab") as f:
+            f.write(line.encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        shards = self._manifest["shards"].setdefault(kind, {})  # only once it is on disk
+        if entry is None:
+            shards.pop(str(index), None)
+        else:
+            shards[str(index)] = entry
+
+    def compact(self) -> None:
+        """Fold the journal of completed shards into the manifest (atomic; also done on open)."""
+        self._write_manifest(json.loads(json.dumps(self._manifest)))
+        (self.path / JOURNAL).unlink(missing_ok=True)
+        _fsync_dir(self.path)
 
     def has_shard(self, kind: str, index: int, data_fingerprint: str | None = None) -> bool:
         """Whether shard ``index`` is complete (and, if given, was made from ``data_fingerprint``)."""
@@ -347,6 +376,23 @@ class Store:
         if not all(isinstance(manifest.get(k), dict) for k in ("shards", "arrays")):
             raise StoreError(f"the manifest of store {self.path} lacks 'shards'/'arrays'; {fix}")
         return manifest
+
+    def _replay_journal(self) -> None:
+        journal = self.path / JOURNAL
+        if not journal.exists():
+            return
+        for raw in journal.read_bytes().split(b"\n"):
+            try:
+                record = json.loads(raw)
+                kind, index, entry = record["kind"], int(record["index"]), record["entry"]
+            except (ValueError, KeyError, TypeError):
+                continue  # empty or torn line: that shard is not complete and is recomputed
+            shards = self._manifest["shards"].setdefault(kind, {})
+            if entry is None:
+                shards.pop(str(index), None)
+            else:
+                shards[str(index)] = entry
+        self.compact()
 
     def _atomic_write(self, name: str, write: Callable[[IO[bytes]], object]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".part", dir=self.path)

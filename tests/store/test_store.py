@@ -26,6 +26,8 @@ def make_store(path: Path, **kwargs) -> Store:
 
 
 def manifest(path: Path) -> dict:
+    """The manifest on disk after reopening the store (which folds the journal into it)."""
+    make_store(path)
     return json.loads((path / "manifest.json").read_text())
 
 
@@ -96,22 +98,60 @@ def test_crash_before_rename_leaves_no_shard(tmp_path: Path, monkeypatch) -> Non
     assert reopened.shard_indices("features") == [0, 1]
 
 
-def test_crash_before_manifest_update_does_not_count_the_shard(tmp_path: Path, monkeypatch) -> None:
+def test_crash_before_journal_append_does_not_count_the_shard(tmp_path: Path, monkeypatch) -> None:
     store = make_store(tmp_path)
-    real_replace = os.replace
 
-    def crash_on_manifest(src, dst):
-        if Path(dst).name == "manifest.json":
-            raise OSError("killed")
-        return real_replace(src, dst)
+    def killed(*args, **kwargs):
+        raise OSError("killed")
 
-    monkeypatch.setattr(os, "replace", crash_on_manifest)
+    monkeypatch.setattr(Store, "_journal", killed)
     with pytest.raises(OSError):
         store.write_shard("features", 0, torch.ones(2))
-    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.undo()
     assert (tmp_path / "shard-features-000000.npy").exists()  # renamed, but never recorded
     assert not store.has_shard("features", 0)
     assert not make_store(tmp_path).has_shard("features", 0)
+
+
+def test_torn_journal_line_is_ignored_and_the_journal_is_compacted(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    for i in range(3):
+        store.write_shard("features", i, torch.full((2,), float(i)), data_fingerprint=f"b{i}")
+    assert "features" not in json.loads((tmp_path / "manifest.json").read_text())["shards"]
+    journal = tmp_path / "journal.jsonl"
+    text = journal.read_bytes()
+    journal.write_bytes(text[: len(text) - 20])  # the last append was killed mid-line
+    reopened = make_store(tmp_path)
+    assert reopened.shard_indices("features") == [0, 1]
+    assert not journal.exists()  # folded into the manifest
+    assert sorted(json.loads((tmp_path / "manifest.json").read_text())["shards"]["features"]) == [
+        "0",
+        "1",
+    ]
+    reopened.write_shard("features", 2, torch.full((2,), 2.0), data_fingerprint="b2")
+    assert torch.equal(make_store(tmp_path).read_shard("features", 2), torch.full((2,), 2.0))
+
+
+def test_replacing_a_shard_retracts_the_old_entry_before_the_file_changes(
+    tmp_path: Path, monkeypatch
+) -> None:
+    store = make_store(tmp_path)
+    store.write_shard("features", 0, torch.ones(2), data_fingerprint="old")
+    real_replace = os.replace
+
+    def crash_on_shard(src, dst):
+        if Path(dst).name.startswith("shard-"):
+            real_replace(src, dst)  # the new contents land, then the job dies
+            raise OSError("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_shard)
+    with pytest.raises(OSError):
+        store.write_shard("features", 0, torch.zeros(3), data_fingerprint="new")
+    monkeypatch.undo()
+    reopened = make_store(tmp_path)
+    assert not reopened.has_shard("features", 0)  # neither stale "old" nor unrecorded "new"
+    assert not reopened.has_shard("features", 0, data_fingerprint="old")
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
