@@ -12,10 +12,14 @@ GPT?") projects a Linear/Conv2d gradient ``G = sum_t g_t a_t^T`` as
 ``P_g^T G P_a = sum_t (P_g^T g_t)(P_a^T a_t)^T``, i.e. with ``P = P_g (x) P_a``, without ever
 forming ``G``.
 
-Dense matrices are generated in row chunks of ``block_rows`` from a CPU ``torch.Generator``
+Dense matrices are generated in row chunks of ``block_rows`` from a ``torch.Generator``
 seeded by a stable hash of ``(seed, member, chunk)``, so a matrix depends only on these settings
 (and, for Gaussians, on the generation dtype: float64 for float64 inputs, else float32), never
-on how the input is split into blocks, on the batch or on the device.
+on how the input is split into blocks or on the batch. ``generate_on="device"`` (the default)
+draws the chunks with a generator on the input's device: on a GPU that is the difference
+between generating a large matrix in microseconds and copying it over from the CPU for every
+batch, but CUDA's random stream differs from the CPU's, so the same seed gives another (equally
+valid) matrix there. ``generate_on="cpu"`` gives the identical matrix on every device.
 """
 
 from __future__ import annotations
@@ -72,8 +76,10 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _randn(gen: torch.Generator, rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(rows, k)`` entries ``N(0, 1/k)``."""
-    return torch.randn(rows, k, generator=gen, dtype=dtype).mul_(1.0 / math.sqrt(k))
+    """``(rows, k)`` entries ``N(0, 1/k)`` on the generator's device."""
+    return torch.randn(rows, k, generator=gen, dtype=dtype, device=gen.device).mul_(
+        1.0 / math.sqrt(k)
+    )
 
 
 def _psg_dtype(psg: PerSampleGrads) -> torch.dtype:
@@ -271,12 +277,16 @@ class _ChunkedProjector(Projector):
         member: int = 0,
         block_rows: int = 8192,
         cache_bytes: int = 256 * _MiB,
+        generate_on: Literal["device", "cpu"] = "device",
     ) -> None:
         self._proj_dim = _check_int("proj_dim", proj_dim, 1)
         self.seed = _check_int("seed", seed, 0)
         self.member = _check_int("member", member, 0)
         self.block_rows = _check_int("block_rows", block_rows, 1)
         self.cache_bytes = _check_int("cache_bytes", cache_bytes, 0)
+        if generate_on not in ("device", "cpu"):
+            raise ConfigError(f"generate_on must be 'device' or 'cpu'; got {generate_on!r}.")
+        self.generate_on = generate_on
         self._cache = _ChunkCache(cache_bytes)
         self._scratch_bufs: dict[Hashable, torch.Tensor] = {}
 
@@ -320,8 +330,10 @@ class _ChunkedProjector(Projector):
             return memo["chunk"]
 
         def make() -> tuple[torch.Tensor, ...]:
-            # CPU generator: the same matrix on every device.
-            gen = torch.Generator().manual_seed(
+            # A CPU generator gives the same matrix on every device; one on the device avoids
+            # generating on the CPU and copying (module docstring).
+            where = device if self.generate_on == "device" else torch.device("cpu")
+            gen = torch.Generator(device=where).manual_seed(
                 _stable_seed(self._kind, self.seed, self.member, index)
             )
             return tuple(t.to(device) for t in self._make_chunk(gen, dtype))
@@ -369,6 +381,8 @@ class GaussianProjector(_ChunkedProjector):
         block_rows: rows per generated chunk (part of the matrix's identity).
         cache_bytes: generated chunks are kept up to this many bytes (per projector) so that
             repeated batches reuse them; 0 regenerates every chunk every time.
+        generate_on: ``"device"`` (draw on the input's device) or ``"cpu"`` (the same matrix
+            on every device); see the module docstring.
 
     Example:
         >>> proj = GaussianProjector(16, seed=0)
@@ -397,7 +411,12 @@ class RademacherProjector(_ChunkedProjector):
 
     def _make_chunk(self, gen: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         bits = torch.randint(
-            0, 2, (self.block_rows, self.proj_dim), generator=gen, dtype=torch.int8
+            0,
+            2,
+            (self.block_rows, self.proj_dim),
+            generator=gen,
+            dtype=torch.int8,
+            device=gen.device,
         )
         return (bits.to(dtype).mul_(2).sub_(1).mul_(1.0 / math.sqrt(self.proj_dim)),)
 
@@ -415,6 +434,7 @@ class SJLTProjector(_ChunkedProjector):
         nnz: non-zeros per input coordinate, ``1 <= nnz <= proj_dim``.
         block_rows: coordinates per generated hash chunk.
         cache_bytes: hash chunks are kept up to this many bytes.
+        generate_on: as in :class:`GaussianProjector`.
 
     Example:
         >>> proj = SJLTProjector(32, seed=0, nnz=2)
@@ -432,8 +452,9 @@ class SJLTProjector(_ChunkedProjector):
         nnz: int = 1,
         block_rows: int = 1 << 16,
         cache_bytes: int = 256 * _MiB,
+        generate_on: Literal["device", "cpu"] = "device",
     ) -> None:
-        super().__init__(proj_dim, seed, member, block_rows, cache_bytes)
+        super().__init__(proj_dim, seed, member, block_rows, cache_bytes, generate_on)
         self.nnz = _check_int("nnz", nnz, 1)
         if nnz > proj_dim:
             raise ConfigError(f"nnz must be in [1, proj_dim={proj_dim}]; got nnz={nnz}.")
@@ -441,10 +462,14 @@ class SJLTProjector(_ChunkedProjector):
     def _make_chunk(self, gen: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         edges = [j * self.proj_dim // self.nnz for j in range(self.nnz + 1)]
         cols = [
-            torch.randint(edges[j], edges[j + 1], (self.block_rows,), generator=gen)
+            torch.randint(
+                edges[j], edges[j + 1], (self.block_rows,), generator=gen, device=gen.device
+            )
             for j in range(self.nnz)
         ]
-        bits = torch.randint(0, 2, (self.block_rows, self.nnz), generator=gen, dtype=torch.int8)
+        bits = torch.randint(
+            0, 2, (self.block_rows, self.nnz), generator=gen, dtype=torch.int8, device=gen.device
+        )
         return torch.stack(cols, 1), bits.to(dtype).mul_(2).sub_(1).mul_(1.0 / math.sqrt(self.nnz))
 
     def _apply(
@@ -742,9 +767,9 @@ class FactoredProjector(Projector):
 
 
 _BUILDERS: dict[str, tuple[Callable[..., Projector], frozenset[str]]] = {
-    "gaussian": (GaussianProjector, frozenset({"block_rows", "cache_bytes"})),
-    "rademacher": (RademacherProjector, frozenset({"block_rows", "cache_bytes"})),
-    "sjlt": (SJLTProjector, frozenset({"nnz", "block_rows", "cache_bytes"})),
+    "gaussian": (GaussianProjector, frozenset({"block_rows", "cache_bytes", "generate_on"})),
+    "rademacher": (RademacherProjector, frozenset({"block_rows", "cache_bytes", "generate_on"})),
+    "sjlt": (SJLTProjector, frozenset({"nnz", "block_rows", "cache_bytes", "generate_on"})),
     "factored": (FactoredProjector, frozenset({"proj_dim_in", "proj_dim_out", "cache_bytes"})),
     "none": (IdentityProjector, frozenset({"n_params"})),
 }

@@ -306,3 +306,13 @@ def test_make_projector_builds_each_kind() -> None:
     assert isinstance(fac, FactoredProjector) and (fac.proj_dim_in, fac.proj_dim_out) == (4, 4)
     fac = make_projector("factored", None, proj_dim_in=3, proj_dim_out=2)
     assert isinstance(fac, FactoredProjector) and fac.dim_per_layer == 6
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sjlt"])
+def test_generate_on_cpu_and_device_agree_on_cpu_and_bad_value_is_refused(kind):
+    x = torch.randn(3, 50, dtype=torch.float64)
+    on_device = make_projector(kind, 16, seed=4, block_rows=7, generate_on="device")
+    on_cpu = make_projector(kind, 16, seed=4, block_rows=7, generate_on="cpu")
+    assert torch.equal(on_device.project_flat(x), on_cpu.project_flat(x))
+    with pytest.raises(ConfigError, match="generate_on must be 'device' or 'cpu'; got 'gpu'"):
+        make_projector(kind, 16, generate_on="gpu")
