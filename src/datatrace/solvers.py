@@ -373,7 +373,10 @@ class ArnoldiSolver(Solver):
     ``n_iter`` Arnoldi steps from a seeded Gaussian start, fully re-orthogonalised (restarted
     if the Krylov space becomes invariant); the ``rank`` Ritz pairs of largest ``|sigma|`` give
     ``U diag(1/(sigma + λ)) Uᵀ``: the inverse on the top eigenspace, as in the paper, exact when
-    ``rank == dim``. The eigenpairs are on the returned :class:`SpectralInverse`.
+    ``rank == dim``. Ritz values within rounding noise of zero (``|sigma| <= n_iter * eps *
+    max|sigma|``) are dropped like the directions outside the kept space, so fewer than
+    ``rank`` pairs may be kept (with ``rank == dim`` they are kept as exact zeros); the
+    eigenpairs are on the returned :class:`SpectralInverse`.
 
     Attributes:
         rank: eigenpairs kept (>= 1, <= the operator's dim).
@@ -408,6 +411,21 @@ class ArnoldiSolver(Solver):
         q, h = _arnoldi(op, steps, self.seed)
         ritz, vecs = torch.linalg.eigh((h + h.T) / 2)
         top = ritz.abs().argsort(descending=True)[: self.rank]
+        # Ritz values at the rounding level of the largest are null directions measured as
+        # noise (in float32 they can sit near -λ and make A + λI look singular). With
+        # rank < dim they are dropped like every direction outside the kept eigenspace (a
+        # lower rank); with rank == dim (the exact inverse) they are set to exactly 0.
+        tol = steps * float(torch.finfo(op.dtype).eps) * float(ritz.abs().max())
+        noise = ritz.abs() <= tol
+        if self.rank == op.dim:
+            ritz = ritz.masked_fill(noise, 0.0)
+        else:
+            top = top[~noise[top]]
+        if top.numel() == 0:
+            raise NumericalError(
+                "Arnoldi found no eigenvalue of the curvature above rounding noise; the operator "
+                "is (numerically) zero. Check the model and data, or use another solver."
+            )
         return SpectralInverse(ritz[top], q @ vecs[:, top], damping)
 
 

@@ -237,3 +237,16 @@ def test_registry_and_config_round_trip() -> None:
         "repeats": 1,
         "power_iter": 20,
     }
+
+
+def test_arnoldi_float32_drops_null_ritz_values_instead_of_calling_the_curvature_singular():
+    # A rank-10 PSD matrix asked for 40 eigenpairs with tiny damping: in float32 the 30 null
+    # Ritz values are rounding noise near -λ; they must be dropped, not inverted or refused.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 10, generator=gen, dtype=torch.float64)
+    m = a @ a.T
+    b = m[:, 0]
+    ref = torch.linalg.solve(m + 1e-4 * torch.eye(200, dtype=torch.float64), b)
+    inv = ArnoldiSolver(rank=40).prepare(DenseOperator(m.float()), damping=1e-4)
+    assert inv.eigenvalues.shape == (10,)
+    torch.testing.assert_close(inv.apply(b.float()).double(), ref, rtol=1e-4, atol=0)
