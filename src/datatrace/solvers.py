@@ -373,8 +373,8 @@ class ArnoldiSolver(Solver):
     ``n_iter`` Arnoldi steps from a seeded Gaussian start, fully re-orthogonalised (restarted
     if the Krylov space becomes invariant); the ``rank`` Ritz pairs of largest ``|sigma|`` give
     ``U diag(1/(sigma + λ)) Uᵀ``: the inverse on the top eigenspace, as in the paper, exact when
-    ``rank == dim``. Ritz values within rounding noise of zero (``|sigma| <= n_iter * eps *
-    max|sigma|``) are dropped like the directions outside the kept space, so fewer than
+    ``rank == dim``. Ritz values within rounding noise of zero (``|sigma| <= dim * eps *
+    max|sigma|``, the rule :class:`SpectralInverse` uses) are dropped like the directions outside the kept space, so fewer than
     ``rank`` pairs may be kept (with ``rank == dim`` they are kept as exact zeros); the
     eigenpairs are on the returned :class:`SpectralInverse`.
 
@@ -415,7 +415,7 @@ class ArnoldiSolver(Solver):
         # noise (in float32 they can sit near -λ and make A + λI look singular). With
         # rank < dim they are dropped like every direction outside the kept eigenspace (a
         # lower rank); with rank == dim (the exact inverse) they are set to exactly 0.
-        tol = steps * float(torch.finfo(op.dtype).eps) * float(ritz.abs().max())
+        tol = op.dim * float(torch.finfo(op.dtype).eps) * float(ritz.abs().max())
         noise = ritz.abs() <= tol
         if self.rank == op.dim:
             ritz = ritz.masked_fill(noise, 0.0)
