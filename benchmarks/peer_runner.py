@@ -1,4 +1,4 @@
-"""Run one peer library (traker or dattri) on the inputs written by ``benchmarks/peers.py``.
+"""Run one peer library (traker, dattri or kronfluence) on the inputs written by ``benchmarks/peers.py``.
 
 This file runs inside the peer's own throw-away virtualenv, so it imports only the standard
 library, torch and the peer library -- never datatrace. It rebuilds the digits MLP
@@ -273,12 +273,90 @@ def traker_methods(data: dict[str, Any], spec: dict[str, Any], work: Path) -> di
     }
 
 
+# ------------------------------------------------------------------------------------ kronfluence
+
+
+def kronfluence_methods(data: dict[str, Any], spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """K-FAC / EK-FAC influence with kronfluence's Analyzer (true Fisher, sampled labels).
+
+    The measurement is ``-margin`` (loss-like, as kronfluence's own classification examples),
+    so a positive score means training on the example raises the query's margin: datatrace's
+    sign. kronfluence does not divide by ``n``; LDS and rank correlations ignore the scale.
+    Damping ``None`` is kronfluence's 0.1 x mean-eigenvalue heuristic, per module.
+    """
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from torch.utils.data import TensorDataset
+
+    xt, yt, xq, yq = data["x_train"], data["y_train"], data["x_query"], data["y_query"]
+    bs = spec["batch_size"]
+    damping = spec.get("kfac_damping")
+
+    class Classification(Task):
+        def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Any:
+            x, y = batch
+            logits = model(x)
+            if sample:
+                with torch.no_grad():
+                    probs = torch.softmax(logits.detach(), dim=-1)
+                    y = torch.multinomial(probs, num_samples=1).flatten()
+            return F.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch: Any, model: nn.Module) -> Any:
+            x, y = batch
+            return -margin(model(x), y).sum()
+
+    def method(strategy: str) -> tuple[Any, Any]:
+        def fit() -> Any:
+            model = build_mlp(data["hidden"])
+            model.load_state_dict(data["members"][0])
+            model = prepare_model(model.eval(), Classification())
+            out_dir = Path(tempfile.mkdtemp(dir=work, prefix="kronfluence-"))
+            analyzer = Analyzer(
+                analysis_name="digits",
+                model=model,
+                task=Classification(),
+                cpu=True,
+                disable_tqdm=True,
+                output_dir=str(out_dir),
+            )
+            analyzer.fit_all_factors(
+                factors_name=strategy,
+                dataset=TensorDataset(xt, yt),
+                per_device_batch_size=bs,
+                factor_args=FactorArguments(strategy=strategy),
+                overwrite_output_dir=True,
+            )
+            return analyzer, out_dir
+
+        def attribute(state: Any) -> torch.Tensor:
+            analyzer, out_dir = state
+            analyzer.compute_pairwise_scores(
+                scores_name="scores",
+                factors_name=strategy,
+                query_dataset=TensorDataset(xq, yq),
+                train_dataset=TensorDataset(xt, yt),
+                per_device_query_batch_size=len(yq),
+                per_device_train_batch_size=bs,
+                score_args=ScoreArguments(damping_factor=damping),
+                overwrite_output_dir=True,
+            )
+            scores = analyzer.load_pairwise_scores("scores")["all_modules"].clone()
+            shutil.rmtree(out_dir, ignore_errors=True)
+            return scores
+
+        return fit, attribute
+
+    return {"if-ekfac": method("ekfac"), "if-kfac": method("kfac")}
+
+
 # ------------------------------------------------------------------------------------ main
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--peer", required=True, choices=["traker", "dattri"])
+    ap.add_argument("--peer", required=True, choices=["traker", "dattri", "kronfluence"])
     ap.add_argument("--inputs", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--spec", required=True, help="JSON: methods, proj_dim, damping, ...")
@@ -291,6 +369,8 @@ def main() -> None:
     try:
         if args.peer == "dattri":
             available = dattri_methods(data, spec)
+        elif args.peer == "kronfluence":
+            available = kronfluence_methods(data, spec, work)
         else:
             available = traker_methods(data, spec, work)
         results: dict[str, Any] = {}

@@ -1,9 +1,9 @@
-"""datatrace next to the peer libraries (traker, dattri) on the same digits MLP and ground truth.
+"""datatrace next to the peer libraries (traker, dattri, kronfluence) on one digits MLP and ground truth.
 
     .venv/bin/python benchmarks/peers.py --json out/peers.json
 
 Each peer lives in its own throw-away virtualenv outside the repository (``--venv-root``,
-default ``/tmp``: ``/tmp/peer-traker``, ``/tmp/peer-dattri``), created on first use by
+default ``/tmp``: ``/tmp/peer-traker``, ``/tmp/peer-dattri``, ``/tmp/peer-kronfluence``), created on first use by
 :func:`setup_peer` with ``python3 -m venv`` and ``pip install torch==2.14.1
 torchvision==0.29.1 <peer>==<version>`` (torch pinned: an unpinned torch pulls a multi-GB CUDA
 build). The peers are never datatrace dependencies. ``--setup-only`` only builds the venvs.
@@ -16,7 +16,8 @@ peer's scores and times back. Everything runs on CPU with the same thread count.
 
 For every algorithm both sides implement (TRAK with 1 and 5 members at the same
 ``proj_dim``, TRAK on the last layer without projection, Grad-Dot, Grad-Cos, IF with CG on
-the damped exact Hessian), it reports: the Spearman correlation of our scores with the peer's
+the damped exact Hessian; with kronfluence, K-FAC and EK-FAC influence on the true Fisher),
+it reports: the Spearman correlation of our scores with the peer's
 (mean over queries of the per-query correlation over training examples, and over all
 entries flattened); for TRAK also ours against ours with another projection seed (the
 agreement projection randomness alone allows); the LDS of both on the test queries with the
@@ -56,14 +57,24 @@ from datatrace.metrics import lds, paired_bootstrap, spearman, spearman_batched
 
 RUNNER = Path(__file__).resolve().parent / "peer_runner.py"
 # Peer versions the comparison was written and run against (docs/peers.md).
-PEERS = {"traker": "0.3.2", "dattri": "0.3.0"}
+PEERS = {"traker": "0.3.2", "dattri": "0.3.0", "kronfluence": "1.0.1"}
 TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]
 # Which of our method keys each peer implements.
 PEER_METHODS = {
     "traker": ["trak-1", "trak-5", "trak-last-exact"],
     "dattri": ["trak-1", "trak-5", "trak-last-exact", "grad-dot", "grad-cos", "if-cg"],
+    "kronfluence": ["if-ekfac", "if-kfac"],
 }
-ALL_METHODS = ["trak-1", "trak-5", "trak-last-exact", "grad-dot", "grad-cos", "if-cg"]
+ALL_METHODS = [
+    "trak-1",
+    "trak-5",
+    "trak-last-exact",
+    "grad-dot",
+    "grad-cos",
+    "if-cg",
+    "if-ekfac",
+    "if-kfac",
+]
 LAST_LAYER = ["4.weight", "4.bias"]  # the 64 -> 10 output layer of the 64-128-64-10 MLP
 
 EXPLAIN = {
@@ -102,6 +113,16 @@ EXPLAIN = {
         "= proponent when the target is loss-like (we pass -margin); ours: curvature="
         "'hessian', the same damping and max_iter, scores / n. So peer = n x ours (n = 1437, "
         "'scale' below), which neither Spearman nor LDS sees."
+    ),
+    "if-ekfac": (
+        "kronfluence Analyzer, strategy 'ekfac': true Fisher with labels sampled from the model "
+        "(each library draws its own), K-FAC eigenbases of every Linear layer (bias as a ones "
+        "column), eigenvalues corrected on the training gradients, damping 0.1 x each layer's "
+        "mean eigenvalue (or --kfac-damping), measurement -margin, no 1/n factor. Ours: "
+        "curvature='ekfac', fisher='true', the same damping rule, scores / n."
+    ),
+    "if-kfac": (
+        "As if-ekfac with strategy 'kfac' (eigenvalues = products of the factor eigenvalues)."
     ),
 }
 
@@ -220,6 +241,16 @@ def ours_methods(
             {"projector": "none", "damping": lam_last, "members": sds[:1], **common},
         ),
         "grad-dot": ("grad-dot", full, {"members": sds[:1], **common}),
+        # K-FAC / EK-FAC with kronfluence's defaults: true Fisher (sampled labels) and, unless
+        # --kfac-damping is a number, 0.1 x each layer's mean eigenvalue.
+        **{
+            f"if-{kind}": (
+                f"if-{kind}",
+                full,
+                {"damping": args.kfac_damping, "fisher": "true", "members": sds[:1], **common},
+            )
+            for kind in ("ekfac", "kfac")
+        },
         "grad-cos": ("grad-cos", full, {"members": sds[:1], **common}),
         "if-cg": (
             "if-cg",
@@ -295,7 +326,9 @@ def fmt_row(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="datatrace vs traker / dattri on the digits MLP")
-    ap.add_argument("--peers", default="traker,dattri", help="comma-separated: traker,dattri")
+    ap.add_argument(
+        "--peers", default="traker,dattri,kronfluence", help="comma-separated: " + ",".join(PEERS)
+    )
     ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated keys")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs (median) per method")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
@@ -313,6 +346,12 @@ def main(argv: list[str] | None = None) -> None:
         help="IF-CG damping on the mean-loss Hessian; must exceed -lambda_min(H) ~ 0.045",
     )
     ap.add_argument("--cg-iter", type=int, default=30, help="CG iterations (both libraries)")
+    ap.add_argument(
+        "--kfac-damping",
+        type=lambda t: t if t == "heuristic" else float(t),
+        default="heuristic",
+        help="K-FAC/EK-FAC damping: a number, or 'heuristic' (0.1 x mean eigenvalue per layer)",
+    )
     ap.add_argument("--batch-size", type=int, default=256, help="featurization batch size")
     ap.add_argument(
         "--if-query-batch", type=int, default=25, help="queries per CG batch in dattri's IF"
@@ -380,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         "last_layer_damping": lam_last,
         "seed": 0,
         "if_query_batch": args.if_query_batch,
+        "kfac_damping": None if args.kfac_damping == "heuristic" else args.kfac_damping,
     }
 
     # ---- ours
