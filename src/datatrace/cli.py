@@ -2,12 +2,15 @@
 
     datatrace settings
     datatrace groundtruth --setting digits-mlp --m 50 --seeds 2 --workers 2
+    datatrace groundtruth --verify          # retrain 3 subsets, compare with the stored values
     datatrace bench --setting digits-mlp --methods grad-cos,trak:proj_dim=1024 --json out/bench.json
 
-``bench`` reports, for every method, LDS on the test queries with a 95% bootstrap interval
-next to its cost (fit and attribute seconds), beside a random-score baseline and the noise
-ceiling (DESIGN.md §9). Hyperparameters come from a small documented grid and are chosen on
-the validation queries, unless options are given (``method:key=value:key=value``).
+``bench`` reports, for every method, LDS on the test queries with a 95% bootstrap interval,
+mislabel AUROC (settings that memorise flipped labels), LOO Pearson (convex settings) and its
+cost (fit and attribute seconds, peak memory in its own process, bytes stored), beside a
+random-score baseline, the noise ceiling and the training-loss ranking (DESIGN.md §9); see
+:mod:`datatrace.bench.benchmark`. Hyperparameters come from a small documented grid and are
+chosen on the validation queries, unless options are given (``method:key=value:key=value``).
 """
 
 from __future__ import annotations
@@ -15,32 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from datatrace.bench.benchmark import DEFAULT_GRIDS, DEFAULT_METHODS, DEFAULT_TASKS
 from datatrace.errors import ConfigError, DatatraceError
 
-__all__ = ["DEFAULT_GRIDS", "DEFAULT_METHODS", "main", "parse_methods"]
-
-DEFAULT_METHODS = "grad-dot,grad-cos,tracin,trak,if-explicit,if-datainf,rps"
-
-# The documented default grids (chosen on validation queries; DESIGN.md §9).
-DEFAULT_GRIDS: dict[str, list[dict[str, Any]]] = {
-    "trak": [{"proj_dim": k, "relative_damping": r} for k in (512, 1024) for r in (0.1, 1.0)],
-    "if-explicit": [
-        {"curvature": "fisher", "projector": "rademacher", "proj_dim": 1024, "damping": d}
-        for d in (1e-3, 1e-2)
-    ],
-    "if-datainf": [{"damping": 1e-2}],
-    "if-cg": [{"damping": d, "solver_options": {"max_iter": 50}} for d in (1e-3, 1e-2)],
-    "if-arnoldi": [{"damping": d, "solver_options": {"rank": 100}} for d in (1e-2, 1e-1)],
-    "if-lissa": [{"damping": 0.1, "solver_options": {"depth": 100}}],
-    "rps": [{"damping": d} for d in (1e-2, 1e-1)],
-}
+__all__ = ["DEFAULT_GRIDS", "DEFAULT_METHODS", "main", "parse_methods", "print_table"]
 
 
 def _value(text: str) -> Any:
@@ -103,6 +88,21 @@ def _ground_truth(args: argparse.Namespace, setting: Any) -> Any:
 
 def _cmd_groundtruth(args: argparse.Namespace) -> int:
     setting = _setting(args)
+    if args.verify:
+        from datatrace.bench.cache import GroundTruthSpec
+        from datatrace.bench.shipped import verify_ground_truth
+
+        spec = GroundTruthSpec(m=args.m, alpha=args.alpha, seeds=args.seeds)
+        result = verify_ground_truth(
+            setting, spec, cache_dir=args.cache, n_subsets=args.verify_subsets
+        )
+        verdict = "match" if result.ok else "MISMATCH"
+        print(
+            f"{setting.name}: retrained {len(result.checked)} subsets: {verdict} (max |diff| "
+            f"{result.max_abs_diff:.3g}, max |diff|/(1+|stored|) {result.max_rel_diff:.3g}, "
+            f"tolerance {result.rtol:g})"
+        )
+        return 0 if result.ok else 1
     gt = _ground_truth(args, setting)
     print(
         f"{setting.name}: {gt.subsets.shape[0]} subsets x {gt.per_seed.shape[1]} seeds, "
@@ -111,114 +111,136 @@ def _cmd_groundtruth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(
-    setting: Any, model: Any, trajectory: list[Any], method: str, opts: dict[str, Any]
-) -> tuple[torch.Tensor, float, float]:
-    from datatrace.methods import make_attributor
-
-    task = setting.make_task(model, checkpoints=trajectory if method == "tracin" else None)
-    attributor = make_attributor(method, task, batch_size=256, **opts)
-    t0 = time.perf_counter()
-    attributor.fit(setting.data.train)
-    t1 = time.perf_counter()
-    values = attributor.attribute(setting.data.queries("all")).values
-    return values, t1 - t0, time.perf_counter() - t1
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from datatrace.metrics import lds
+    from datatrace.bench.benchmark import BenchConfig, parse_tasks, run_benchmark
+    from datatrace.bench.cache import GroundTruthSpec, LOOSpec
+    from datatrace.bench.mislabel import MislabelSpec
 
     methods = parse_methods(args.methods)
+    tasks = parse_tasks(args.tasks)
+    ks = _int_list(args.removal_ks, "--removal-ks")
+    spec = GroundTruthSpec(m=args.m, alpha=args.alpha, seeds=args.seeds)
+    mislabel, loo = MislabelSpec(p=args.mislabel_p), LOOSpec(n_points=args.loo_points)
     if args.json is not None:
         _check_writable(args.json.parent)
     if args.out is not None:
         _check_writable(args.out)
     setting = _setting(args)
-    gt = _ground_truth(args, setting)
-    n_val = setting.n_val
-    val, test = slice(0, n_val), slice(n_val, None)
-    model, trajectory = setting.train_trajectory(seed=0)
-    rows: list[dict[str, Any]] = []
-    per_query: dict[str, torch.Tensor] = {}
-    g = torch.Generator().manual_seed(0)
-    random_lds = lds(
-        torch.randn(gt.targets.shape[1], setting.n_train, generator=g)[test],
-        gt.subsets,
-        gt.targets[:, test],
+    config = BenchConfig(
+        setting=setting,
+        methods=methods,
+        spec=spec,
+        tasks=tasks,
+        mislabel=mislabel,
+        loo=loo,
+        removal_ks=ks,
+        removal_queries=args.removal_queries,
+        cache_dir=args.cache,
+        workers=args.workers,
+        isolate=not args.in_process,
+        threads=args.threads,
+        progress=not args.quiet,
     )
-    ceiling = gt.noise_ceiling() if gt.per_seed.shape[1] >= 2 else None
-    for method, opts in methods:
-        grid = [opts] if opts is not None else DEFAULT_GRIDS.get(method, [{}])
-        best: tuple[float, dict[str, Any], torch.Tensor, float, float] | None = None
-        tried: list[dict[str, Any]] = []
-        for candidate in grid:
-            try:
-                values, fit_s, attr_s = _run(setting, model, trajectory, method, candidate)
-            except DatatraceError as exc:
-                tried.append({"setting": candidate, "error": str(exc)})
-                continue
-            v = lds(values[val], gt.subsets, gt.targets[:, val]).mean
-            tried.append({"setting": candidate, "val_lds": v})
-            if best is None or v > best[0]:
-                best = (v, candidate, values, fit_s, attr_s)
-        if best is None:
-            rows.append({"method": method, "error": tried})
-            continue
-        v, chosen, values, fit_s, attr_s = best
-        result = lds(values[test], gt.subsets, gt.targets[:, test])
-        per_query[method] = result.per_query
-        low, high = result.bootstrap_ci()
-        rows.append(
-            {
-                "method": method,
-                "setting": chosen,
-                "val_lds": v,
-                "lds": result.mean,
-                "ci": [low, high],
-                "fit_s": fit_s,
-                "attribute_s": attr_s,
-                "grid": tried,
-            }
-        )
-    _print_table(setting.name, rows, random_lds.mean, None if ceiling is None else ceiling.mean)
+    outcome = run_benchmark(config)
+    payload = outcome.payload
+    print_table(payload)
     if args.json is not None:
-        payload = {
-            "setting": setting.to_json(),
-            "recipe_hash": setting.recipe_hash(),
-            "rows": rows,
-            "random_lds": random_lds.mean,
-            "noise_ceiling": None if ceiling is None else ceiling.mean,
-        }
         args.json.write_text(json.dumps(payload, indent=2, default=str))
     if args.out is not None:
-        from datatrace.bench.plots import plot_lds_distribution, plot_pareto
-
-        done = [r for r in rows if "error" not in r]
-        if done:
-            plot_pareto(done, args.out / "pareto.png", f"{setting.name}: efficacy vs cost")
-            plot_lds_distribution(
-                per_query, args.out / "lds_per_query.png", f"{setting.name}: per-query LDS"
-            )
-            print(f"plots written to {args.out}/pareto.png and lds_per_query.png")
+        written = _plots(setting, outcome, args.out)
+        if written:
+            print(f"plots written to {args.out}: {', '.join(written)}")
     return 0
 
 
-def _print_table(
-    name: str, rows: list[dict[str, Any]], random_lds: float, ceiling: float | None
-) -> None:
+def _plots(setting: Any, outcome: Any, out: Path) -> list[str]:
+    from datatrace.bench.plots import plot_lds_distribution, plot_pareto, plot_proponents
+
+    done = [r for r in outcome.payload["rows"] if "error" not in r]
+    if not done:
+        return []
+    name = setting.name
+    plot_pareto(done, out / "pareto.png", f"{name}: efficacy vs cost")
+    plot_lds_distribution(outcome.per_query, out / "lds_per_query.png", f"{name}: per-query LDS")
+    written = ["pareto.png", "lds_per_query.png"]
+    if setting.image_shape is not None:
+        best = max(done, key=lambda r: r["lds"])["method"]
+        plot_proponents(
+            setting,
+            outcome.values[best][setting.n_val :],
+            out / "proponents.png",
+            f"{name}: top proponents and opponents ({best})",
+        )
+        written.append("proponents.png")
+    return written
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError as exc:
+        raise ConfigError(
+            f"{flag} must be comma-separated ints such as 10,20,40; got {text!r}."
+        ) from exc
+    if not values or any(v < 1 for v in values) or list(values) != sorted(set(values)):
+        raise ConfigError(f"{flag} must be strictly increasing ints >= 1; got {text!r}.")
+    return values
+
+
+def _fmt(value: Any, width: int, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return f"{'—':>{width}s}"
+    return f"{value:{width}{spec}}"
+
+
+def _mib(value: int | None) -> str:
+    return "—" if value is None else f"{value / 2**20:.1f}M"
+
+
+def print_table(payload: dict[str, Any]) -> None:
+    """Print the benchmark table (one row per method, then the baselines and notes)."""
+    name = payload["setting"]["name"]
+    mislabel = payload.get("mislabel", {}).get("memorised", False)
+    loo = "loo" in payload
     print(f"\n{name}: LDS on test queries (hyperparameters chosen on validation queries)")
-    print(f"{'method':14s} {'LDS':>7s} {'95% CI':>17s} {'fit s':>8s} {'attr s':>8s}  setting")
-    for r in rows:
+    head = f"{'method':14s} {'LDS':>7s} {'95% CI':>17s}"
+    if mislabel:
+        head += f" {'mislabel AUROC':>14s}"
+    if loo:
+        head += f" {'LOO r':>6s} {'slope':>6s}"
+    head += f" {'fit s':>8s} {'attr s':>8s} {'peak mem':>9s} {'stored':>9s}  setting"
+    print(head)
+    for r in payload["rows"]:
         if "error" in r:
             print(f"{r['method']:14s} failed on every grid point: {r['error'][0]['error']}")
             continue
         ci = f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
-        print(
-            f"{r['method']:14s} {r['lds']:7.3f} {ci:>17s} {r['fit_s']:8.2f} {r['attribute_s']:8.2f}  {json.dumps(r['setting'])}"
+        line = f"{r['method']:14s} {r['lds']:7.3f} {ci:>17s}"
+        if mislabel:
+            line += f" {_fmt(r.get('mislabel_auroc'), 14)}"
+        if loo:
+            line += f" {_fmt(r.get('loo_pearson'), 6)} {_fmt(r.get('loo_slope'), 6, '.2f')}"
+        line += (
+            f" {r['fit_s']:8.2f} {r['attribute_s']:8.2f} {_mib(r['peak_rss_bytes']):>9s}"
+            f" {_mib(r['bytes_stored']):>9s}  {json.dumps(r['setting'])}"
         )
-    print(f"{'random scores':14s} {random_lds:7.3f}")
-    if ceiling is not None:
-        print(f"{'noise ceiling':14s} {ceiling:7.3f}")
+        print(line)
+    print(f"{'random scores':14s} {payload['random_lds']:7.3f}")
+    if payload["noise_ceiling"] is not None:
+        print(f"{'noise ceiling':14s} {payload['noise_ceiling']:7.3f}")
+    if mislabel:
+        pad = " " * 25
+        print(f"{'training loss':14s}{pad} {payload['mislabel']['training_loss_auroc']:14.3f}")
+    removal = payload.get("removal")
+    if removal:
+        print(
+            f"\nremoval: fraction of {len(removal['queries'])} correctly predicted test queries "
+            f"flipped after removing their top-k proponents (k = {removal['ks']})"
+        )
+        for method, fractions in removal["fraction_flipped"].items():
+            print(f"{method:14s} " + " ".join(f"{f:6.2f}" for f in fractions))
+    for note in payload.get("notes", []):
+        print(f"note: {note}")
 
 
 def _check_writable(path: Path) -> None:
@@ -257,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, default=2, help="retraining processes (default 2)")
         p.add_argument("--cache", type=Path, default=None, help="ground-truth cache directory")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "groundtruth":
+            p.add_argument(
+                "--verify",
+                action="store_true",
+                help="retrain a few subsets and check they match the stored ground truth",
+            )
+            p.add_argument(
+                "--verify-subsets", type=int, default=3, help="subsets --verify retrains"
+            )
         if name == "bench":
             p.add_argument(
                 "--methods",
@@ -265,6 +296,36 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
             p.add_argument("--out", type=Path, default=None, help="output directory")
+            p.add_argument(
+                "--tasks",
+                default=DEFAULT_TASKS,
+                help=f"comma-separated tasks among lds, mislabel, loo, removal (default "
+                f"{DEFAULT_TASKS}; mislabel runs where the model memorises its flips, loo on "
+                "convex settings)",
+            )
+            p.add_argument(
+                "--mislabel-p", type=float, default=0.1, help="flipped-label rate (default 0.1)"
+            )
+            p.add_argument(
+                "--loo-points", type=int, default=100, help="leave-one-out sample (default 100)"
+            )
+            p.add_argument(
+                "--removal-ks", default="10,20,40", help="removal budgets (default 10,20,40)"
+            )
+            p.add_argument(
+                "--removal-queries", type=int, default=5, help="queries of the removal task"
+            )
+            p.add_argument(
+                "--threads",
+                type=int,
+                default=1,
+                help="torch threads of the run and of each method's process (default 1)",
+            )
+            p.add_argument(
+                "--in-process",
+                action="store_true",
+                help="run methods in this process (faster; no peak memory column)",
+            )
     return parser
 
 

@@ -3,12 +3,14 @@
 import json
 
 import pytest
+import torch
 
 from datatrace import ConfigError
 from datatrace.cli import main, parse_methods
 from tests.bench.test_cache import Blobs  # registers "test-blobs"
+from tests.bench.test_mislabel import Wide  # registers "test-wide"
 
-assert Blobs
+assert Blobs and Wide
 
 
 def test_parse_methods():
@@ -22,11 +24,11 @@ def test_parse_methods():
         parse_methods("trak:proj_dim")
 
 
-def _bench(tmp_path, methods, *extra):
-    """Run ``datatrace bench`` on the tiny test-blobs setting with a small ground truth."""
-    argv = ["bench", "--setting", "test-blobs", "--m", "6", "--seeds", "2", "--workers", "1"]
+def _bench(tmp_path, methods, *extra, setting="test-blobs", isolate=False):
+    """Run ``datatrace bench`` on a tiny test setting with a small ground truth."""
+    argv = ["bench", "--setting", setting, "--m", "6", "--seeds", "2", "--workers", "1"]
     argv += ["--quiet", "--cache", str(tmp_path / "cache"), "--methods", methods, *extra]
-    return main(argv)
+    return main(argv if isolate else [*argv, "--in-process"])
 
 
 def test_bench_end_to_end(tmp_path, capsys):
@@ -51,6 +53,13 @@ def test_bench_end_to_end(tmp_path, capsys):
         (["groundtruth", "--setting", "test-blobs", "--alpha", "2"], "alpha"),
         (["groundtruth", "--setting", "test-blobs", "--m", "1"], "m "),
         (["groundtruth", "--setting", "test-blobs", "--seeds", "0"], "seeds"),
+        (["bench", "--setting", "test-blobs", "--tasks", "lds,bogus"], "unknown task(s) ['bogus']"),
+        (["bench", "--setting", "test-blobs", "--mislabel-p", "1.5"], "got 1.5"),
+        (["bench", "--setting", "test-blobs", "--loo-points", "1"], "n_points"),
+        (["bench", "--setting", "test-blobs", "--removal-ks", "5,2"], "strictly increasing"),
+        (["bench", "--setting", "test-blobs", "--removal-ks", "a"], "comma-separated ints"),
+        (["bench", "--setting", "test-blobs", "--threads", "0"], "threads must be an int >= 1"),
+        (["bench", "--setting", "test-blobs", "--removal-queries", "0"], "removal_queries"),
     ],
 )
 def test_bad_input_is_a_clear_error(argv, match, capsys, tmp_path):
@@ -116,3 +125,110 @@ def test_bench_writes_labelled_plots(tmp_path):
     assert pareto[0] and pareto[1] and pareto[2] == 2  # labelled axes, a legend with both methods
     dist = titles["test-blobs: per-query LDS"]
     assert dist[0] and dist[1]
+
+
+def test_bench_mislabel_loo_and_cost_columns(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = _bench(
+        tmp_path,
+        "grad-dot",
+        "--json",
+        str(out),
+        "--loo-points",
+        "4",
+        setting="test-wide",
+        isolate=True,
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    for column in ("mislabel AUROC", "LOO r", "slope", "peak mem", "stored", "training loss"):
+        assert column in text
+    payload = json.loads(out.read_text())
+    assert payload["mislabel"]["memorised"] and payload["mislabel"]["n_flipped"] == 2
+    assert 0 <= payload["mislabel"]["training_loss_auroc"] <= 1
+    (row,) = payload["rows"]
+    assert 0 <= row["mislabel_auroc"] <= 1 and 0 <= row["mislabel_auprc"] <= 1
+    assert -1 <= row["loo_pearson"] <= 1 and -1 <= row["loo_spearman"] <= 1
+    assert row["peak_rss_bytes"] >= 0 and row["peak_rss_total_bytes"] > 50 * 2**20
+    assert row["bytes_stored"] == 24 * 66 * 4  # one float32 gradient of Linear(32, 2) each
+
+
+def test_bench_skips_tasks_with_a_note(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert _bench(tmp_path, "grad-dot", "--json", str(out)) == 0
+    text = capsys.readouterr().out
+    assert "mislabel AUROC" not in text and "LOO r" not in text
+    assert "note: LOO task skipped: test-blobs is not convex" in text
+    payload = json.loads(out.read_text())
+    assert payload["mislabel"]["memorised"] is False
+    assert any(n.startswith("mislabel task skipped") for n in payload["notes"])
+    assert payload["rows"][0]["peak_rss_bytes"] is None  # --in-process: not measured
+
+
+def test_bench_removal_task(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = _bench(
+        tmp_path,
+        "grad-dot,rps",
+        "--json",
+        str(out),
+        "--tasks",
+        "removal",
+        "--removal-ks",
+        "1,4",
+        "--removal-queries",
+        "2",
+    )
+    assert code == 0
+    assert "removal: fraction of 2 correctly predicted test queries" in capsys.readouterr().out
+    removal = json.loads(out.read_text())["removal"]
+    assert removal["ks"] == [1, 4] and len(removal["queries"]) == 2
+    for fractions in removal["fraction_flipped"].values():
+        assert len(fractions) == 2 and all(f in (0.0, 0.5, 1.0) for f in fractions)
+
+
+def test_proponents_grid_is_labelled(tmp_path):
+    from PIL import Image
+
+    import datatrace.bench.plots as plots
+    from datatrace.bench.settings import get_setting
+
+    setting = get_setting("digits-mlp", size="small")
+    values = torch.randn(
+        setting.n_test, setting.n_train, generator=torch.Generator().manual_seed(0)
+    )
+    seen = {}
+    plt = plots._pyplot()
+    original = plt.close
+
+    def record(fig):
+        seen["suptitle"] = fig._suptitle.get_text() if fig._suptitle else ""
+        seen["titles"] = [ax.get_title() for ax in fig.axes[:7]]
+        seen["ylabels"] = [fig.axes[7 * r].get_ylabel() for r in range(4)]
+        seen["xlabels"] = [ax.get_xlabel() for ax in fig.axes]
+        seen["legends"] = [ax.get_legend() for ax in fig.axes]
+        original(fig)
+
+    plt.close = record
+    try:
+        plots.plot_proponents(setting, values, tmp_path / "p.png", "digits: proponents")
+    finally:
+        plt.close = original
+    with Image.open(tmp_path / "p.png") as img:
+        assert img.size[0] > 300 and img.size[1] > 300
+    assert seen["suptitle"] == "digits: proponents"
+    assert seen["titles"] == [
+        "query",
+        *(f"proponent {i}" for i in (1, 2, 3)),
+        *(f"opponent {i}" for i in (1, 2, 3)),
+    ]
+    assert seen["ylabels"] == [f"test query {r}" for r in range(4)]
+    # each caption names the label and, for training images, the score; top proponent first
+    best = int(torch.argmax(values[0]))
+    assert (
+        seen["xlabels"][1]
+        == f"label {int(setting.data.train[1][best])}, {float(values[0, best]):+.2g}"
+    )
+    assert all(legend is None for legend in seen["legends"])  # one series: no legend
+    with pytest.raises(ConfigError, match="image_shape"):
+        plots.plot_proponents(get_setting("test-blobs"), values, tmp_path / "q.png", "t")

@@ -3,6 +3,13 @@
 The subset ground truth follows the LDS protocol of TRAK (Park et al., 2023).
 """
 
+from datatrace.bench.cache import (
+    GroundTruthSpec,
+    LOOSpec,
+    default_cache_dir,
+    lds_ground_truth,
+    loo_ground_truth,
+)
 from datatrace.bench.groundtruth import (
     LeaveOneOut,
     SubsetGroundTruth,
@@ -11,11 +18,26 @@ from datatrace.bench.groundtruth import (
     sample_subsets,
     subset_ground_truth,
 )
+from datatrace.bench.mislabel import (
+    MislabelGroundTruth,
+    MislabelSpec,
+    flip_labels,
+    mislabel_ground_truth,
+)
 
 __all__ = [
+    "GroundTruthSpec",
+    "LOOSpec",
     "LeaveOneOut",
+    "MislabelGroundTruth",
+    "MislabelSpec",
     "SubsetGroundTruth",
+    "default_cache_dir",
+    "flip_labels",
+    "lds_ground_truth",
     "leave_one_out",
+    "loo_ground_truth",
+    "mislabel_ground_truth",
     "noise_ceiling",
     "sample_subsets",
     "subset_ground_truth",

@@ -1,7 +1,8 @@
 """Cached, resumable, parallel LDS ground truth for registered settings (DESIGN.md §5, §7).
 
 Retraining a setting on ``m`` random subsets with ``seeds`` seeds each is the expensive part
-of a benchmark. It runs once: results go to a :class:`~datatrace.store.Store` whose config is
+of a benchmark. It runs once (or not at all where the package ships it,
+:mod:`datatrace.bench.shipped`): results go to a :class:`~datatrace.store.Store` whose config is
 the setting's JSON plus the protocol (``m``, ``alpha``, ``seeds``, ``subset_seed``) and whose
 fingerprint is the setting's recipe hash, one shard per subset. A second run reuses it, a
 changed recipe is refused with a message saying what differs, and a killed run resumes from
@@ -15,16 +16,23 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from datatrace.bench.groundtruth import SubsetGroundTruth, sample_subsets
+from datatrace.bench.groundtruth import LeaveOneOut, SubsetGroundTruth, sample_subsets
 from datatrace.bench.settings import Setting
 from datatrace.errors import ConfigError
 from datatrace.store import Store
 
-__all__ = ["GroundTruthSpec", "default_cache_dir", "lds_ground_truth"]
+__all__ = [
+    "GroundTruthSpec",
+    "LOOSpec",
+    "default_cache_dir",
+    "lds_ground_truth",
+    "loo_ground_truth",
+]
 
 
 def default_cache_dir() -> Path:
@@ -62,6 +70,44 @@ class GroundTruthSpec:
         return f"m{self.m}-a{self.alpha:g}-s{self.seeds}-r{self.subset_seed}"
 
 
+@dataclass(frozen=True)
+class LOOSpec:
+    """Leave-one-out protocol: ``n_points`` training units drawn by ``seed``, training seed 0.
+
+    ``n_points`` larger than the training set means every unit.
+
+    Example:
+        >>> LOOSpec(n_points=30).key()
+        'n30-r0'
+    """
+
+    n_points: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.n_points, bool)
+            or not isinstance(self.n_points, int)
+            or self.n_points < 2
+        ):
+            raise ConfigError(
+                f"n_points (leave-one-out retrainings) must be an int >= 2; got {self.n_points!r}."
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"the leave-one-out seed must be an int >= 0; got {self.seed!r}.")
+
+    def key(self) -> str:
+        return f"n{self.n_points}-r{self.seed}"
+
+    def indices(self, n_train: int) -> torch.Tensor:
+        """The units left out, ascending: the first ``n_points`` of a seeded permutation.
+
+        Every unit when ``n_train <= n_points``.
+        """
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(self.seed))
+        return perm[: self.n_points].sort().values
+
+
 def _init_worker() -> None:
     torch.set_num_threads(1)  # one thread per process: the pool already uses the cores
 
@@ -74,6 +120,44 @@ def _retrain(setting: Setting, indices: torch.Tensor, seed: int) -> torch.Tensor
     """
     model = setting.train(indices, seed=seed)
     return setting.measure(model, "all").detach().to(torch.float64)
+
+
+def _check_workers(workers: Any) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be an int >= 1; got {workers!r}.")
+
+
+def _run_jobs(
+    setting: Setting,
+    store: Store,
+    jobs: list[tuple[str, int, torch.Tensor, int]],
+    workers: int,
+    desc: str,
+    progress: bool,
+) -> None:
+    """Retrain ``(kind, index, indices, seed)`` jobs and write each result as a shard."""
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress or not jobs)
+    if workers == 1 or len(jobs) <= 1:
+        for kind, index, indices, seed in jobs:
+            store.write_shard(kind, index, _retrain(setting, indices, seed))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker
+        ) as pool:
+            futures = {
+                pool.submit(_retrain, setting, indices, seed): (kind, index)
+                for kind, index, indices, seed in jobs
+            }
+            for future in futures:  # written in submission order as each completes
+                kind, index = futures[future]
+                store.write_shard(kind, index, future.result())
+                bar.update()
+    bar.close()
+
+
+def _store_path(root: Path, setting: Setting, spec: GroundTruthSpec) -> Path:
+    return root / f"{setting.name}-{setting.recipe_hash()}-lds-{spec.key()}"
 
 
 def lds_ground_truth(
@@ -97,12 +181,20 @@ def lds_ground_truth(
         A :class:`SubsetGroundTruth` whose targets cover ``setting.data.queries("all")``.
     """
     spec = spec or GroundTruthSpec()
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"workers must be an int >= 1; got {workers!r}.")
+    _check_workers(workers)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = root / f"{setting.name}-{setting.recipe_hash()}-lds-{spec.key()}"
     config = {"setting": setting.to_json(), "spec": spec.__dict__}
-    store = Store(path, config=config, fingerprints={"recipe": setting.recipe_hash()})
+    store = Store(
+        _store_path(root, setting, spec),
+        config=config,
+        fingerprints={"recipe": setting.recipe_hash()},
+    )
+    if not all(store.has_shard(f"seed{s}", j) for j in range(spec.m) for s in range(spec.seeds)):
+        from datatrace.bench.shipped import _seed_store, load_shipped, shipped_file
+
+        shipped = shipped_file(setting, spec)
+        if shipped is not None:  # ground truth that ships with the package: no retraining
+            _seed_store(store, load_shipped(setting, spec, shipped))
     subsets = sample_subsets(setting.n_train, spec.m, spec.alpha, spec.subset_seed)
     jobs = [
         (j, s, spec.subset_seed * spec.m * spec.seeds + j * spec.seeds + s)
@@ -110,28 +202,14 @@ def lds_ground_truth(
         for s in range(spec.seeds)
         if not store.has_shard(f"seed{s}", j)
     ]
-    bar = tqdm(
-        total=len(jobs), desc=f"{setting.name}: ground truth", disable=not progress or not jobs
+    _run_jobs(
+        setting,
+        store,
+        [(f"seed{s}", j, subsets[j].nonzero().squeeze(1), seed) for j, s, seed in jobs],
+        workers,
+        f"{setting.name}: ground truth",
+        progress,
     )
-    if workers == 1 or len(jobs) <= 1:
-        for j, s, seed in jobs:
-            store.write_shard(
-                f"seed{s}", j, _retrain(setting, subsets[j].nonzero().squeeze(1), seed)
-            )
-            bar.update()
-    else:
-        with ProcessPoolExecutor(
-            max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker
-        ) as pool:
-            futures = {
-                pool.submit(_retrain, setting, subsets[j].nonzero().squeeze(1), seed): (j, s)
-                for j, s, seed in jobs
-            }
-            for future in futures:  # written in submission order as each completes
-                j, s = futures[future]
-                store.write_shard(f"seed{s}", j, future.result())
-                bar.update()
-    bar.close()
     per_seed = torch.stack(
         [
             torch.stack([store.read_shard(f"seed{s}", j, mmap=False) for s in range(spec.seeds)])
@@ -145,3 +223,48 @@ def lds_ground_truth(
         ]
     )
     return SubsetGroundTruth(subsets, per_seed.mean(1), per_seed, seeds)
+
+
+def loo_ground_truth(
+    setting: Setting,
+    spec: LOOSpec | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> LeaveOneOut:
+    """Leave-one-out effects on every query (val then test) of a sample of units; cached.
+
+    Meaningful for convex settings trained to their optimum (``setting.convex``), where the
+    retrained model does not depend on the seed. Every model, the full one included, trains
+    with seed 0; ``effects[k, q] = full[q] - target_q(trained without indices[k])``.
+    Cached like :func:`lds_ground_truth` (one shard per retraining, resumable).
+
+    Args:
+        setting: a registered setting.
+        spec: which units to leave out (default ``LOOSpec()``: 100 units, seed 0).
+        cache_dir: where stores live (default :func:`default_cache_dir`).
+        workers: retraining processes (each uses one thread); 1 runs in this process.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`~datatrace.bench.groundtruth.LeaveOneOut` over ``setting.data.queries("all")``.
+    """
+    spec = spec or LOOSpec()
+    _check_workers(workers)
+    n = setting.n_train
+    indices = spec.indices(n)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = root / f"{setting.name}-{setting.recipe_hash()}-loo-{spec.key()}"
+    config = {"setting": setting.to_json(), "spec": spec.__dict__}
+    store = Store(path, config=config, fingerprints={"recipe": setting.recipe_hash()})
+    everything = torch.arange(n)
+    jobs = [] if store.has_shard("full", 0) else [("full", 0, everything, 0)]
+    for k, i in enumerate(indices.tolist()):
+        if not store.has_shard("loo", k):
+            kept = torch.cat([everything[:i], everything[i + 1 :]])
+            jobs.append(("loo", k, kept, 0))
+    _run_jobs(setting, store, jobs, workers, f"{setting.name}: leave-one-out", progress)
+    full = store.read_shard("full", 0, mmap=False)
+    without = torch.stack([store.read_shard("loo", k, mmap=False) for k in range(len(indices))])
+    return LeaveOneOut(effects=full - without, full=full, indices=indices)

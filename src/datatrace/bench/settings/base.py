@@ -151,6 +151,13 @@ class Setting(ABC):
         presets: ``{size: {field: value}}`` for fields left at 0.
         recipe_version: bump it when the code of the recipe changes what it trains, so that
             cached ground truth keyed by :meth:`recipe_hash` is not reused.
+        convex: True when the training objective is convex and trained to its optimum, so
+            leave-one-out ground truth is meaningful (``datatrace bench`` reports LOO).
+        image_shape: ``(height, width)`` when each training input is a grey image of that
+            size (the bench draws its top proponents), else None.
+        memorise: field changes for the flipped-label model of the mislabel task
+            (:mod:`datatrace.bench.mislabel`), chosen so that it memorises its flips (100%
+            training accuracy); the task is skipped with a note when it does not.
 
     Example:
         >>> from datatrace.bench.settings import get_setting
@@ -175,6 +182,9 @@ class Setting(ABC):
     target: ClassVar[str] = "margin"
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {"full": {}, "small": {}}
     recipe_version: ClassVar[int] = 1
+    convex: ClassVar[bool] = False
+    image_shape: ClassVar[tuple[int, int] | None] = None
+    memorise: ClassVar[Mapping[str, Any]] = {}
     _unhashed: ClassVar[frozenset[str]] = frozenset({"description", "checkpoints"})
 
     def __post_init__(self) -> None:

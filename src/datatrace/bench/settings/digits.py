@@ -97,7 +97,9 @@ class DigitsLR(Setting):
     max_iter: int = 1000
     tolerance: float = 1e-9
 
+    image_shape: ClassVar = (8, 8)
     presets: ClassVar = _PRESETS
+    convex: ClassVar[bool] = True
 
     def _check(self) -> None:
         super()._check()
@@ -183,10 +185,13 @@ class DigitsMLP(ClassifierSetting):
     dropout: float = 0.1
     epochs: int = 0
 
+    image_shape: ClassVar = (8, 8)
     presets: ClassVar = {
         "full": {**_PRESETS["full"], "epochs": 30},
         "small": {**_PRESETS["small"], "epochs": 20},
     }
+    # 10% flipped labels are memorised (100% training accuracy) without dropout and decay.
+    memorise: ClassVar = {"epochs": 150, "dropout": 0.0, "weight_decay": 0.0}
 
     def _check(self) -> None:
         super()._check()
@@ -244,10 +249,12 @@ class DigitsCNN(ClassifierSetting):
     hidden: int = 64
     epochs: int = 0
 
+    image_shape: ClassVar = (8, 8)
     presets: ClassVar = {
         "full": {**_PRESETS["full"], "epochs": 20, "channels": (16, 32)},
         "small": {**_PRESETS["small"], "epochs": 20, "channels": (8, 16)},
     }
+    memorise: ClassVar = {"epochs": 60, "weight_decay": 0.0}
 
     def _check(self) -> None:
         super()._check()

@@ -55,6 +55,7 @@ class BreastCancerMLP(ClassifierSetting):
         "full": {"n_train": _N_TRAIN, "n_val": 30, "n_test": 84, "epochs": 40},
         "small": {"n_train": 200, "n_val": 20, "n_test": 50, "epochs": 40},
     }
+    memorise: ClassVar = {"epochs": 400, "weight_decay": 0.0, "lr": 3e-3}
 
     def _check(self) -> None:
         super()._check()
