@@ -16,6 +16,11 @@ OPTIONS: dict[str, dict] = {
     "if-lissa": {"damping": 0.5, "solver_options": {"depth": 300}},
     "if-arnoldi": {"damping": 1e-2, "solver_options": {"rank": 20}},
     "if-datainf": {"damping": 1e-2},
+    "if-kfac": {"damping": 1e-2},
+    "if-ekfac": {"damping": 1e-2},
+    # no trajectory in this suite: one segment at the final weights with summed lr 10
+    "source": {"horizon": 10.0},
+    "logra": {"proj_dim_in": 4, "proj_dim_out": 3, "damping": 1e-2},
 }
 IDS = sorted(METHODS)
 
@@ -40,8 +45,12 @@ def test_every_design_method_id_is_registered():
         "if-lissa",
         "if-arnoldi",
         "if-datainf",
+        "if-kfac",
+        "if-ekfac",
         "trak",
         "rps",
+        "source",
+        "logra",
     }
     assert expected <= set(METHODS)
 

@@ -8,23 +8,66 @@ reverse of removing it, so
     score[q, i] = ∇f_q^T (H + λI)^{-1} ∇L_i / n,
 
 in units of the target's change (leave-one-out scale; positive = proponent). ``H`` is the
-GGN (default), the exact Hessian, or the empirical Fisher of the (optionally projected)
-gradients; any solver in :mod:`datatrace.solvers` inverts it.
+GGN (default), the exact Hessian, the empirical Fisher of the (optionally projected)
+gradients, or K-FAC / EK-FAC (:mod:`datatrace.kfac`; Grosse et al. 2023, "Studying large
+language model generalization with influence functions", eq. 20-22); any solver in
+:mod:`datatrace.solvers` inverts it, and ``solver="explicit"`` inverts K-FAC/EK-FAC in closed
+form in its Kronecker eigenbasis.
+
+Factored training scores (``train_features="factored"``, the default with K-FAC/EK-FAC): a
+Linear/Conv2d layer's preconditioned query gradient is a matrix ``P_q`` (``O x I'``) and
+example n's gradient is ``sum_t g_{n,t} a_{n,t}ᵀ``, so
+
+    score[q, n] = sum_layers sum_t g_{n,t}ᵀ P_q a_{n,t} / n
+
+is contracted from stored layer inputs ``a`` and output gradients ``g`` (``T (I' + O)``
+numbers per layer; a layer where that exceeds ``O I'``, e.g. a conv with many patches, stores
+its gradient matrix instead). Against many queries (``k T >= I'``) a block of training
+examples has its layer gradients formed transiently, the faster order of the same
+contraction; nothing of size ``n_train x n_params`` is formed or stored. ``query_rank=r``
+replaces each ``P_q`` by its best rank-r approximation (truncated SVD): ``r (O + I')`` per
+position instead of ``O I'``.
+With ``groups=`` the train gradient of a group is its summed-loss gradient, so its score
+is the sum of its members' scores (removing the group moves the optimum by the sum); the GGN
+and Hessian stay those of the whole training set. With ``curvature="fisher"`` the Fisher is
+built from the group gradients (``(1/n) Σ_g G_g G_gᵀ``), an approximation of GGDA's kind.
 Cost: one per-sample gradient per example plus the solver's curvature products per query.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from datatrace.curvature import FisherOperator, GGNOperator, HessianOperator, LinearOperator
+from datatrace.data import Batch, iter_batches
 from datatrace.errors import ConfigError
+from datatrace.gradients import compute_per_sample_grads
+from datatrace.gradients.hooks import _outer_sum
+from datatrace.kfac import (
+    KFACCurvature,
+    ParamLayout,
+    check_damping,
+    check_fisher_samples,
+    fit_kfac,
+    kfac_modules,
+)
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.methods.per_module import (
+    module_param_spans,
+    per_module_scores,
+    per_token_scores,
+)
+from datatrace.scores import Scores
 from datatrace.solvers import SOLVERS, make_solver
+from datatrace.store import fingerprint_batch
+
+KFAC_KINDS = ("kfac", "ekfac")
 
 __all__ = ["InfluenceAttributor", "InfluenceConfig"]
 
@@ -35,28 +78,71 @@ class InfluenceConfig(MethodConfig):
 
     Attributes:
         solver: inverse solver id: ``"explicit"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``,
-            ``"datainf"``.
-        curvature: ``"ggn"`` (Gauss-Newton / true Fisher), ``"hessian"`` (exact) or
-            ``"fisher"`` (empirical Fisher of the train features; works with projections).
-        damping: λ added to the curvature (of the mean loss), >= 0.
+            ``"datainf"``. With K-FAC/EK-FAC, ``"explicit"`` is the closed-form inverse in the
+            Kronecker eigenbasis; the others run on the K-FAC operator.
+        curvature: ``"ggn"`` (Gauss-Newton / true Fisher), ``"hessian"`` (exact),
+            ``"fisher"`` (empirical Fisher of the train features; works with projections),
+            ``"kfac"`` or ``"ekfac"`` (:mod:`datatrace.kfac`; Linear/Conv2d parameters only).
+        damping: λ added to the curvature (of the mean loss), >= 0. With K-FAC/EK-FAC and the
+            explicit solver also ``"heuristic"`` (0.1 x each layer's mean eigenvalue) or a
+            ``{module: λ}`` dict.
         solver_options: keyword arguments of the solver (e.g. ``{"max_iter": 200}``).
+        fisher: K-FAC/EK-FAC only: ``"true"`` (labels sampled from the model, seeded by
+            ``seed``), ``"empirical"`` (training labels) or ``"exact"`` (closed-form
+            expectation; small outputs).
+        train_features: ``"factored"`` (layer inputs and output gradients, contracted with
+            preconditioned queries; needs every tracked parameter in a Linear/Conv2d layer),
+            ``"gradients"`` (flattened per-sample gradients) or ``"auto"`` (factored for
+            K-FAC/EK-FAC without projection, gradients otherwise).
+        query_rank: factored path only: rank of the truncated SVD of each layer's
+            preconditioned query gradient (None: exact).
+        fisher_samples: K-FAC/EK-FAC with ``fisher="true"``: labels sampled per example,
+            their Fisher contributions averaged (less sampling noise).
     """
 
     solver: str = "cg"
-    curvature: Literal["ggn", "hessian", "fisher"] = "ggn"
-    damping: float = 1e-3
+    curvature: Literal["ggn", "hessian", "fisher", "kfac", "ekfac"] = "ggn"
+    damping: float | str | dict[str, float] = 1e-3
     solver_options: dict[str, Any] = field(default_factory=dict)
+    fisher: Literal["true", "empirical", "exact"] = "true"
+    train_features: Literal["auto", "factored", "gradients"] = "auto"
+    query_rank: int | None = None
+    fisher_samples: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.solver not in SOLVERS:
             raise ConfigError(f"unknown solver {self.solver!r}; choose one of {sorted(SOLVERS)}.")
-        if self.curvature not in ("ggn", "hessian", "fisher"):
+        if self.curvature not in ("ggn", "hessian", "fisher", *KFAC_KINDS):
             raise ConfigError(
-                f"curvature must be 'ggn', 'hessian' or 'fisher'; got {self.curvature!r}."
+                f"curvature must be 'ggn', 'hessian', 'fisher', 'kfac' or 'ekfac'; got "
+                f"{self.curvature!r}."
             )
-        if not (isinstance(self.damping, (int, float)) and self.damping >= 0):
-            raise ConfigError(f"damping must be a number >= 0; got {self.damping!r}.")
+        check_damping(self.damping)
+        if not isinstance(self.damping, (int, float)) and not (
+            self.curvature in KFAC_KINDS and self.solver == "explicit"
+        ):
+            raise ConfigError(
+                f"damping={self.damping!r} (per layer) needs curvature='kfac' or 'ekfac' with "
+                f"solver='explicit'; got curvature={self.curvature!r}, solver={self.solver!r}. "
+                "Pass a number."
+            )
+        if self.fisher not in ("true", "empirical", "exact"):
+            raise ConfigError(
+                f"fisher must be 'true', 'empirical' or 'exact'; got {self.fisher!r}."
+            )
+        check_fisher_samples(self.fisher_samples, self.fisher)
+        if self.fisher_samples > 1 and self.curvature not in KFAC_KINDS:
+            raise ConfigError(
+                f"fisher_samples={self.fisher_samples} applies to curvature='kfac'/'ekfac' only; "
+                f"got curvature={self.curvature!r}."
+            )
+        if self.fisher != "true" and self.curvature not in KFAC_KINDS:
+            raise ConfigError(
+                f"fisher={self.fisher!r} applies to curvature='kfac'/'ekfac' only; got "
+                f"curvature={self.curvature!r} (use curvature='ggn' for the exact true Fisher, "
+                "'fisher' for the empirical one)."
+            )
         if self.curvature != "fisher" and self.projector != "none":
             raise ConfigError(
                 f"curvature={self.curvature!r} acts on the full parameter space, but projector="
@@ -67,6 +153,40 @@ class InfluenceConfig(MethodConfig):
                 f"the DataInf solver inverts the empirical Fisher of per-sample gradients; got "
                 f"curvature={self.curvature!r}. Set curvature='fisher'."
             )
+        if self.train_features not in ("auto", "factored", "gradients"):
+            raise ConfigError(
+                f"train_features must be 'auto', 'factored' or 'gradients'; got "
+                f"{self.train_features!r}."
+            )
+        if self.train_features == "factored" and (
+            self.curvature == "fisher" or self.engine == "functional"
+        ):
+            raise ConfigError(
+                f"train_features='factored' contracts hook factors with preconditioned queries; "
+                f"it needs curvature != 'fisher' and engine != 'functional' (got curvature="
+                f"{self.curvature!r}, engine={self.engine!r}). Use train_features='gradients'."
+            )
+        if self.query_rank is not None:
+            if isinstance(self.query_rank, bool) or not isinstance(self.query_rank, int):
+                raise ConfigError(
+                    f"query_rank must be None or an integer >= 1; got {self.query_rank!r}."
+                )
+            if self.query_rank < 1:
+                raise ConfigError(
+                    f"query_rank must be None or an integer >= 1; got {self.query_rank!r}."
+                )
+            if not self.factored:
+                raise ConfigError(
+                    f"query_rank={self.query_rank} compresses the factored training-score path; "
+                    "set train_features='factored' (with curvature 'kfac'/'ekfac' it is the default)."
+                )
+
+    @property
+    def factored(self) -> bool:
+        """Whether training scores use the factored path."""
+        if self.train_features == "auto":
+            return self.curvature in KFAC_KINDS and self.engine != "functional"
+        return self.train_features == "factored"
 
 
 @register("influence")
@@ -75,6 +195,8 @@ class InfluenceConfig(MethodConfig):
 @register("if-lissa", solver="lissa")
 @register("if-arnoldi", solver="arnoldi")
 @register("if-datainf", solver="datainf", curvature="fisher")
+@register("if-kfac", solver="explicit", curvature="kfac")
+@register("if-ekfac", solver="explicit", curvature="ekfac")
 class InfluenceAttributor(Attributor):
     """Influence functions with any solver and curvature.
 
@@ -85,6 +207,10 @@ class InfluenceAttributor(Attributor):
         >>> attr = InfluenceAttributor(Task(model), solver="explicit", damping=1e-2)
         >>> attr.fit(train).attribute((train[0][:2], train[1][:2])).shape
         (2, 16)
+        >>> ekfac = InfluenceAttributor(Task(model), curvature="ekfac", solver="explicit",
+        ...                             damping="heuristic", fisher="exact")
+        >>> ekfac.fit(train).attribute((train[0][:2], train[1][:2])).shape
+        (2, 16)
     """
 
     method_id = "influence"
@@ -94,11 +220,35 @@ class InfluenceAttributor(Attributor):
     def __init__(self, task: Any, **kwargs: Any) -> None:
         super().__init__(task, **kwargs)
         self._solver = make_solver(self.config.solver, **self.config.solver_options)
+        cfg = self.config
+        if cfg.train_features == "factored" and self._groups_arg is not None:
+            raise ConfigError(
+                "train_features='factored' keeps each example's layer factors, which cannot be "
+                "summed into a group's gradient; with groups= use train_features='gradients' "
+                "(or 'auto')."
+            )
+        # factored training scores: not for groups, whose features are summed gradients
+        self._factored = cfg.factored and self._groups_arg is None
+        if cfg.query_rank is not None and not self._factored:
+            raise ConfigError(
+                f"query_rank={cfg.query_rank} compresses the factored training-score path, "
+                "which groups= turns off; drop query_rank or groups=."
+            )
+        if cfg.curvature in KFAC_KINDS or self._factored:
+            # refuse parameters outside Linear/Conv2d (and a per-layer damping that does not
+            # name every layer) now, not in fit
+            modules = list(kfac_modules(self.task))
+            if isinstance(cfg.damping, dict):
+                check_damping(cfg.damping, modules)
 
     def _operator(self, ctx: MemberContext) -> LinearOperator:
         cfg = self.config
         if cfg.curvature == "fisher":
             grads = self._all_train_features(ctx)
+            if self._grouping is not None:
+                # group rows: (1/n_train) Σ_g G_g G_gᵀ, the per-example Fisher's scale when the
+                # members' gradients are uncorrelated (equal to it for singleton groups)
+                grads = grads * (self._n_units / self._n_train) ** 0.5
             blocks = None
             if ctx.projector is None:
                 blocks, start = [], 0
@@ -106,17 +256,59 @@ class InfluenceAttributor(Attributor):
                     blocks.append(slice(start, start + p.numel()))
                     start += p.numel()
             return FisherOperator(grads, blocks=blocks)
+        if cfg.curvature in KFAC_KINDS:
+            return self._kfac(ctx)
         op_cls = GGNOperator if cfg.curvature == "ggn" else HessianOperator
         return op_cls(self.task, self._train, state=ctx.state, batch_size=cfg.batch_size)
 
-    def _fit_member(self, ctx: MemberContext) -> None:
-        ctx.fitted["inverse"] = self._solver.prepare(
-            self._operator(ctx), float(self.config.damping)
+    def _kfac(self, ctx: MemberContext) -> KFACCurvature:
+        """Fit K-FAC/EK-FAC, or reload its factors from the store (keyed by the train data)."""
+        cfg = self.config
+        prefix = ""
+        if self.store is not None:
+            h = hashlib.sha256()
+            for batch in iter_batches(self._train, cfg.batch_size):
+                h.update(fingerprint_batch(batch).encode())
+            prefix = f"kfac-m{ctx.index}-{h.hexdigest()[:16]}-"
+            names = [
+                f"L{j}-{f}"
+                for j in range(len(kfac_modules(self.task)))
+                for f in KFACCurvature.FIELDS
+            ]
+            if all(self.store.has_array(prefix + n) for n in names):
+                arrays = {n: self.store.read_array(prefix + n, mmap=False) for n in names}
+                return KFACCurvature.from_arrays(
+                    self.task, arrays, kind=cfg.curvature, fisher=cfg.fisher
+                )
+        curv = fit_kfac(
+            self.task,
+            self._train,
+            state=ctx.state,
+            kind=cfg.curvature,  # type: ignore[arg-type]
+            fisher=cfg.fisher,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed + 7919 * ctx.index,  # member 0 samples as the plain method does
+            fisher_samples=cfg.fisher_samples,
         )
+        if self.store is not None:
+            for name, t in curv.to_arrays().items():
+                self.store.write_array(prefix + name, t)
+        return curv
+
+    def _fit_member(self, ctx: MemberContext) -> None:
+        op = self._operator(ctx)
+        if isinstance(op, KFACCurvature) and self.config.solver == "explicit":
+            ctx.fitted["inverse"] = op.inverse(self.config.damping)  # type: ignore[arg-type]
+        else:
+            ctx.fitted["inverse"] = self._solver.prepare(op, float(self.config.damping))  # type: ignore[arg-type]
+        if self._factored:
+            ctx.fitted["layout"] = ParamLayout(self.task)
 
     def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
         inverse = ctx.fitted["inverse"]
         out = inverse.apply(q.T).T / self._n_train
+        if self._factored and self.config.query_rank is not None:
+            out = _pack_low_rank(ctx.fitted["layout"], out, self.config.query_rank)
         info = getattr(inverse, "info", None)
         if info is not None and not info.converged:
             warnings.warn(
@@ -127,3 +319,183 @@ class InfluenceAttributor(Attributor):
                 stacklevel=3,
             )
         return out
+
+    # ------------------------------------------------------------------ factored path
+    def _train_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
+        if not self._factored:
+            return super()._train_features(ctx, batch)
+        psg = compute_per_sample_grads(self.task, batch, state=ctx.state, engine="hooks")
+        return _encode_factors(ctx.fitted.get("layout") or ParamLayout(self.task), psg.factors)
+
+    def _combine(
+        self, ctx: MemberContext, q: torch.Tensor, train: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        if not self._factored:
+            return super()._combine(ctx, q, train, start)
+        layout: ParamLayout = ctx.fitted["layout"]
+        rank = self.config.query_rank
+        queries = _unpack_low_rank(layout, q, rank) if rank is not None else None
+        full = layout.to_matrices(q) if rank is None else None
+        total = q.new_zeros(q.shape[0], train.shape[0])
+        for j, part in enumerate(_decode_factors(layout, train)):
+            if rank is None:
+                assert full is not None
+                total += _contract(full[j], part)
+            else:
+                assert queries is not None
+                total += _contract_low_rank(*queries[j], part)
+        return total
+
+    def _self_scores(self, ctx: MemberContext, train: torch.Tensor, start: int) -> torch.Tensor:
+        if not self._factored:
+            return super()._self_scores(ctx, train, start)
+        layout: ParamLayout = ctx.fitted["layout"]
+        mats = [
+            _outer_sum(part[1], part[0]) if len(part) == 2 else part[0]
+            for part in _decode_factors(layout, train)
+        ]
+        grads = layout.from_matrices(mats)
+        pre = ctx.fitted["inverse"].apply(grads.T).T / self._n_train
+        return (pre * grads).sum(1)
+
+    # ------------------------------------------------------------------ per-module scores
+    def attribute_per_module(self, queries: Any) -> dict[str, Scores]:
+        """``{module: Scores}``: each module's term of the scores; they sum to :meth:`attribute`.
+
+        Module ``m``'s term is ``∇L_{i,m}ᵀ [(H + λI)⁻¹ ∇f_q]_m / n`` (its parameters' part of
+        the inner product). With K-FAC/EK-FAC, whose inverse is block-diagonal over layers, it
+        is exactly the influence computed with module ``m``'s parameters alone; with a dense
+        curvature (GGN, Hessian) the preconditioned query still couples the modules.
+
+        Raises:
+            ConfigError: with a projection (projected columns belong to no module).
+        """
+        if self.config.projector != "none":
+            raise ConfigError(
+                f"per-module scores split gradients by parameter; projector="
+                f"{self.config.projector!r} mixes all modules into each column. Use "
+                "projector='none' (K-FAC/EK-FAC need none)."
+            )
+        params = self.task.tracked_params()
+        spans = module_param_spans(list(params), [p.numel() for p in params.values()])
+        rank = self.config.query_rank
+        if self._factored and rank is not None:  # packed rows [L_1, R_1, ..., L_L, R_L]
+            spans, pos = {}, 0
+            for slot in ParamLayout(self.task).slots:
+                width = min(rank, slot.out_features, slot.in_width) * (
+                    slot.out_features + slot.in_width
+                )
+                spans[slot.module] = [slice(pos, pos + width)]
+                pos += width
+        return per_module_scores(self, queries, spans)
+
+    def attribute_per_token(self, queries: Any) -> torch.Tensor:
+        """``(n_query, T, n_units)`` scores per predicted query token (language models); they
+        sum over tokens to :meth:`attribute`. See :func:`datatrace.methods.per_module.per_token_scores`."""
+        return per_token_scores(self, queries)
+
+
+# ----------------------------------------------------------------------------- factored features
+# A factored train feature row is [T_1 .. T_L | layer 1 | ... | layer L]: T_l is the number of
+# positions of layer l in this batch, and a layer holds a (T_l I') then g (T_l O) when that is
+# smaller than its gradient matrix (O I'), else the matrix. T_l in the row makes every shard
+# self-describing (sequence lengths may differ between batches).
+
+
+def _stores_factors(t: int, o: int, i: int) -> bool:
+    return t * (i + o) <= o * i
+
+
+def _encode_factors(layout: ParamLayout, factors: Sequence[Any]) -> torch.Tensor:
+    by_module = {f.module: f for f in factors}
+    b = factors[0].a.shape[0]
+    header = [float(by_module[m].a.shape[1]) for m in layout.modules]
+    parts = [factors[0].a.new_tensor(header).expand(b, -1)]
+    for slot in layout.slots:
+        f = by_module[slot.module]
+        if _stores_factors(f.a.shape[1], slot.out_features, slot.in_width):
+            parts += [f.a.reshape(b, -1), f.g.reshape(b, -1)]
+        else:
+            parts.append(f.matrix().reshape(b, -1))
+    return torch.cat(parts, 1)
+
+
+def _decode_factors(layout: ParamLayout, rows: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer ``(a (B, T, I'), g (B, T, O))`` or ``(gradient (B, O, I'),)``."""
+    b, n_layers = rows.shape[0], len(layout.slots)
+    ts = [int(t) for t in rows[0, :n_layers].tolist()] if b else [1] * n_layers
+    pos = n_layers
+    out: list[tuple[torch.Tensor, ...]] = []
+    for slot, t in zip(layout.slots, ts):
+        o, i = slot.out_features, slot.in_width
+        if _stores_factors(t, o, i):
+            a = rows[:, pos : pos + t * i].reshape(b, t, i)
+            g = rows[:, pos + t * i : pos + t * (i + o)].reshape(b, t, o)
+            out.append((a, g))
+            pos += t * (i + o)
+        else:
+            out.append((rows[:, pos : pos + o * i].reshape(b, o, i),))
+            pos += o * i
+    return out
+
+
+_CHUNK = 1 << 24  # elements of the (queries, O, B, T) intermediate per step
+
+
+def _contract(p: torch.Tensor, part: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``sum_t g_tᵀ P_q a_t`` (or ``<P_q, D_n>``) for ``P`` (k, O, I'): ``(k, B)``.
+
+    Two equivalent orders: ``(P a) · g`` holds a ``(k, O, B, T)`` intermediate (chunked over
+    queries), forming the block's gradients holds ``(B, O, I')`` and is one matrix product.
+    The first is taken while ``k T < I'`` (fewer queries than inputs), the second otherwise.
+    """
+    k, o, i = p.shape
+    if len(part) == 1:
+        return p.reshape(k, -1) @ part[0].reshape(part[0].shape[0], -1).T
+    a, g = part
+    b, t = a.shape[0], a.shape[1]
+    if k * t >= i:
+        return p.reshape(k, -1) @ _outer_sum(g, a).reshape(b, -1).T
+    out = p.new_empty(k, b)
+    step = max(1, _CHUNK // max(1, o * b * t))
+    g_obt = g.permute(2, 0, 1)
+    for s in range(0, k, step):
+        pa = (p[s : s + step].reshape(-1, i) @ a.reshape(b * t, i).T).reshape(-1, o, b, t)
+        out[s : s + step] = (pa * g_obt).sum((1, 3))
+    return out
+
+
+def _contract_low_rank(
+    left: torch.Tensor, right: torch.Tensor, part: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """As :func:`_contract` for ``P = L R`` with ``L`` (k, O, r), ``R`` (k, r, I')."""
+    if len(part) == 1:
+        return _contract(left @ right, part)
+    a, g = part
+    gl = torch.einsum("bto,kor->kbtr", g, left)
+    ra = torch.einsum("bti,kri->kbtr", a, right)
+    return (gl * ra).sum((2, 3))
+
+
+def _pack_low_rank(layout: ParamLayout, pre: torch.Tensor, rank: int) -> torch.Tensor:
+    """Rows ``[L_1, R_1, ..., L_L, R_L]`` of each layer's truncated SVD ``P ≈ L R``."""
+    parts = []
+    for p in layout.to_matrices(pre):
+        u, sv, vh = torch.linalg.svd(p, full_matrices=False)
+        r = min(rank, sv.shape[1])
+        parts += [(u[:, :, :r] * sv[:, None, :r]).flatten(1), vh[:, :r, :].flatten(1)]
+    return torch.cat(parts, 1)
+
+
+def _unpack_low_rank(
+    layout: ParamLayout, packed: torch.Tensor, rank: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    k, pos, out = packed.shape[0], 0, []
+    for slot in layout.slots:
+        o, i = slot.out_features, slot.in_width
+        r = min(rank, o, i)
+        left = packed[:, pos : pos + o * r].reshape(k, o, r)
+        right = packed[:, pos + o * r : pos + r * (o + i)].reshape(k, r, i)
+        out.append((left, right))
+        pos += r * (o + i)
+    return out

@@ -1,0 +1,879 @@
+"""K-FAC and EK-FAC curvature of ``nn.Linear`` and ``nn.Conv2d`` layers.
+
+For a layer ``z = W a`` (the bias is a trailing ones column of ``a``) applied at positions
+``t`` (tokens, conv patches), example ``n``'s gradient is ``D_n = sum_t g_{n,t} a_{n,t}^T``
+(``O x I'``) with ``g = d loss / d z``. The curvature block of the layer,
+``F = E_n E_y[vec(D_n) vec(D_n)^T]`` (row-major ``vec``), is approximated by
+
+- **K-FAC** (Martens & Grosse 2015, eq. 1; Grosse & Martens 2016 for conv patches;
+  Eschenhagen et al. 2023 "K-FAC expand" for positions): ``F ≈ G ⊗ A`` with
+  ``A = mean over positions of a aᵀ`` and ``G = (1/n) sum_{n,t} g gᵀ``. With eigenbases
+  ``A = Q_A diag(λ_A) Q_Aᵀ``, ``G = Q_G diag(λ_G) Q_Gᵀ`` its eigenvalues are ``λ_G λ_Aᵀ``.
+- **EK-FAC** (George et al. 2018, eq. 10; Grosse et al. 2023, eq. 20): the same Kronecker
+  eigenbasis with the eigenvalues refitted by a second pass over the data,
+  ``Λ[o, i] = (1/n) sum_n E_y (Q_Gᵀ D_n Q_A)[o, i]²``: the diagonal of ``F`` in that basis,
+  the best Frobenius fit of ``F`` among matrices with this eigenbasis.
+
+``E_y`` is the Fisher kind: ``"true"`` samples one label per example from the model's
+predictive distribution (``fisher_samples=k``: k labels, their contributions averaged; seeded
+per example, so results do not depend on batching; losses ``cross_entropy``, ``mse``, ``lm``), ``"empirical"`` uses the training labels, and
+``"exact"`` takes the expectation in closed form by back-propagating the columns of a square
+root of each example's output Hessian (one backward pass per output dimension: small outputs
+only). With ``"exact"`` the curvature is a block-diagonal approximation of the GGN that
+:class:`datatrace.curvature.GGNOperator` computes exactly.
+
+Padding: when a batch carries an ``attention_mask`` whose shape matches a layer's positions,
+``A`` averages over unmasked positions only. Parameters outside Linear/Conv2d layers (norms,
+embeddings) are refused with the list of them: select the layers with ``Task(params=...)`` or
+``Task(module_types=(nn.Linear, nn.Conv2d))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+from torch.func import grad, jvp, vmap
+
+from datatrace.curvature import LinearOperator
+from datatrace.data import iter_batches, num_examples
+from datatrace.errors import ConfigError, DataError, ModelError, NumericalError
+from datatrace.gradients.hooks import _layer_grad, _layer_input, _outer_sum, hookable_modules
+from datatrace.solvers import InverseOperator
+from datatrace.task import Task, _SplitBatch
+
+__all__ = [
+    "Damping",
+    "FisherKind",
+    "KFACCurvature",
+    "KFACInverse",
+    "KFACKind",
+    "KFACLayer",
+    "LayerSlot",
+    "ParamLayout",
+    "Projections",
+    "check_damping",
+    "check_fisher_samples",
+    "fit_ekfac_eigenvalues",
+    "fit_kfac",
+    "fit_kfac_layers",
+    "inverse_eigenvalues",
+    "kfac_modules",
+    "layer_damping",
+]
+
+KFACKind = Literal["kfac", "ekfac"]
+FisherKind = Literal["true", "empirical", "exact"]
+Damping = float | Literal["heuristic"] | Mapping[str, float]
+# per layer (P_a (I', k_in), P_g (O, k_out)); None keeps that side unprojected
+Projections = Sequence[tuple[torch.Tensor | None, torch.Tensor | None]]
+HEURISTIC_DAMPING = 0.1  # damping="heuristic": 0.1 x the mean eigenvalue of each layer
+MAX_EXACT_OUTPUTS = 4096  # fisher="exact": one backward pass per output dimension
+
+
+@dataclass
+class KFACLayer:
+    """The factored curvature of one layer (see the module docstring).
+
+    Attributes:
+        module: the module's name.
+        weight: tracked weight parameter name, or None.
+        bias: tracked bias parameter name, or None.
+        weight_shape: shape of the weight.
+        a_factor: ``(I', I')`` input covariance ``A``.
+        g_factor: ``(O, O)`` output-gradient covariance ``G``.
+        q_a: ``(I', I')`` eigenvectors of ``A`` (columns).
+        q_g: ``(O, O)`` eigenvectors of ``G`` (columns).
+        eigenvalues: ``(O, I')`` eigenvalues in the basis ``q_g ⊗ q_a``: ``λ_G λ_Aᵀ`` for
+            K-FAC, the corrected ``Λ`` for EK-FAC.
+    """
+
+    module: str
+    weight: str | None
+    bias: str | None
+    weight_shape: tuple[int, ...]
+    a_factor: torch.Tensor
+    g_factor: torch.Tensor
+    q_a: torch.Tensor
+    q_g: torch.Tensor
+    eigenvalues: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(O, I')`` of the layer's gradient matrices."""
+        return int(self.q_g.shape[0]), int(self.q_a.shape[0])
+
+    @property
+    def params(self) -> list[str]:
+        """Tracked parameter names of the layer (weight first)."""
+        return [n for n in (self.weight, self.bias) if n is not None]
+
+    @classmethod
+    def from_factors(
+        cls,
+        module: str,
+        weight: str | None,
+        bias: str | None,
+        weight_shape: tuple[int, ...],
+        a_factor: torch.Tensor,
+        g_factor: torch.Tensor,
+    ) -> KFACLayer:
+        """Eigendecompose ``A`` and ``G`` (in float64) into a K-FAC layer (``Λ = λ_G λ_Aᵀ``).
+
+        Example:
+            >>> layer = KFACLayer.from_factors("fc", "fc.weight", None, (2, 2),
+            ...                                torch.eye(2), torch.diag(torch.tensor([1.0, 3.0])))
+            >>> layer.eigenvalues
+            tensor([[1., 1.],
+                    [3., 3.]], dtype=torch.float64)
+        """
+        a, g = a_factor.to(torch.float64), g_factor.to(torch.float64)
+        la, qa = torch.linalg.eigh((a + a.T) / 2)
+        lg, qg = torch.linalg.eigh((g + g.T) / 2)
+        # the factors are PSD: rounding may leave eigenvalues at -1e-17
+        evals = lg.clamp_min(0).unsqueeze(1) * la.clamp_min(0).unsqueeze(0)
+        return cls(module, weight, bias, weight_shape, a, g, qa, qg, evals)
+
+    def rotate(self, mats: torch.Tensor) -> torch.Tensor:
+        """``Q_Gᵀ M Q_A`` for ``(k, O, I')`` matrices."""
+        return self.q_g.T @ mats @ self.q_a
+
+    def unrotate(self, mats: torch.Tensor) -> torch.Tensor:
+        """``Q_G M Q_Aᵀ`` for ``(k, O, I')`` matrices."""
+        return self.q_g @ mats @ self.q_a.T
+
+
+def kfac_modules(task: Task) -> dict[str, tuple[str | None, str | None]]:
+    """Linear/Conv2d modules holding the tracked parameters; refuses any other tracked one.
+
+    Raises:
+        ModelError: a tracked parameter is outside supported layers, or none is inside.
+    """
+    modules = hookable_modules(task)
+    covered = {n for pair in modules.values() for n in pair if n is not None}
+    rest = [n for n in task.tracked_names if n not in covered]
+    if rest:
+        raise ModelError(
+            f"K-FAC/EK-FAC covers nn.Linear and nn.Conv2d (groups=1, zero padding) weights and "
+            f"biases only; tracked parameters {rest[:10]}{' ...' if len(rest) > 10 else ''} are "
+            "not. Track only supported layers: Task(model, module_types=(nn.Linear, nn.Conv2d)) "
+            "or Task(model, params=[...])."
+        )
+    return modules
+
+
+def _check_choice(label: str, value: Any, options: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in options:
+        raise ConfigError(f"{label} must be one of {list(options)}; got {value!r}.")
+
+
+def check_damping(damping: Any, modules: Sequence[str] | None = None) -> None:
+    """Validate a damping: a number >= 0, ``"heuristic"`` or ``{module: number >= 0}``."""
+    if isinstance(damping, str):
+        if damping != "heuristic":
+            raise ConfigError(
+                f"damping must be a number >= 0, 'heuristic' or a dict {{module: number}}; got "
+                f"{damping!r}."
+            )
+        return
+    if isinstance(damping, Mapping):
+        for k, v in damping.items():
+            check_damping(v)
+            if isinstance(v, str):
+                raise ConfigError(f"per-layer damping of {k!r} must be a number; got {v!r}.")
+        if modules is not None:
+            missing = [m for m in modules if m not in damping]
+            extra = [k for k in damping if k not in modules]
+            if missing or extra:
+                raise ConfigError(
+                    f"per-layer damping must name every K-FAC layer {list(modules)}; missing "
+                    f"{missing}, unknown {extra}."
+                )
+        return
+    ok = isinstance(damping, (int, float)) and not isinstance(damping, bool)
+    if not (ok and 0 <= damping < float("inf")):
+        raise ConfigError(f"damping must be a finite number >= 0; got {damping!r}.")
+
+
+def check_fisher_samples(fisher_samples: Any, fisher: str) -> None:
+    """Validate ``fisher_samples``: an integer >= 1, above 1 only with ``fisher="true"``."""
+    ok = isinstance(fisher_samples, int) and not isinstance(fisher_samples, bool)
+    if not ok or fisher_samples < 1:
+        raise ConfigError(f"fisher_samples must be an integer >= 1; got {fisher_samples!r}.")
+    if fisher_samples > 1 and fisher != "true":
+        raise ConfigError(
+            f"fisher_samples={fisher_samples} samples labels, which only fisher='true' does; "
+            f"got fisher={fisher!r}."
+        )
+
+
+# ----------------------------------------------------------------------------- data passes
+def _example_generator(seed: int, index: int) -> torch.Generator:
+    # One stream per example, so sampled labels do not depend on batching. The CPU generator
+    # keeps 32 bits of its seed: mix (seed, index) with SplitMix64 so both change them.
+    x = (seed * 0x9E3779B97F4A7C15 + index + 1) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return torch.Generator().manual_seed((x ^ (x >> 31)) % 2**63)
+
+
+def _sample_labels(
+    task: Task, z: torch.Tensor, split: _SplitBatch, seed: int, offset: int, samples: int = 1
+) -> list[Any]:
+    """``samples`` label sets drawn from the model; draw ``j`` of example ``i`` is the ``j``-th
+    from example ``i``'s own stream, so the first set does not depend on ``samples``."""
+    labels = split.labels
+    assert labels is not None
+    gens = [_example_generator(seed, offset + i) for i in range(z.shape[0])]
+    if task.loss_name not in ("cross_entropy", "mse", "lm"):
+        raise ConfigError(
+            f"fisher='true' samples labels from the model's predictive distribution, known for "
+            f"the losses 'cross_entropy', 'mse' and 'lm'; the task's loss is {task.loss_name!r}. "
+            "Use fisher='empirical' or fisher='exact'."
+        )
+    # per example all its draws in a row: its stream, not the batch, fixes them
+    per_example = [
+        [_draw(task, z[i], labels[i], g) for _ in range(samples)] for i, g in enumerate(gens)
+    ]
+    out = []
+    for j in range(samples):
+        drawn = torch.stack([draws[j] for draws in per_example])
+        if task.loss_name == "lm":  # position t predicts token t + 1
+            full = labels.clone()
+            full[:, 1:] = torch.where(
+                labels[:, 1:] == -100, labels[:, 1:], drawn[:, :-1].to(labels)
+            )
+            drawn = full
+        out.append(drawn)
+    return out
+
+
+def _draw(task: Task, z: torch.Tensor, label: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One label for one example from its output ``z`` (``lm``: one token per position)."""
+    if task.loss_name == "cross_entropy":
+        return torch.multinomial(torch.softmax(z.reshape(-1), -1), 1, generator=gen)[0]
+    if task.loss_name == "mse":  # 0.5 ||z - y||² is the NLL of y ~ N(z, I)
+        noise = torch.randn(label.shape, generator=gen, dtype=z.dtype).to(z.device)
+        return z.reshape(label.shape) + noise
+    return torch.multinomial(torch.softmax(z, -1), 1, generator=gen)[:, 0]
+
+
+def _output_hessian_sqrt(task: Task, z: torch.Tensor, split: _SplitBatch) -> torch.Tensor:
+    """``(B, D, D)`` square roots ``S`` with ``S Sᵀ`` = each example's output Hessian (PSD part)."""
+    b, d = z.shape[0], z[0].numel()
+    if d > MAX_EXACT_OUTPUTS:
+        raise ConfigError(
+            f"fisher='exact' back-propagates one vector per output dimension, here {d} per "
+            f"example (more than {MAX_EXACT_OUTPUTS}); use fisher='true'."
+        )
+
+    def loss(zz: torch.Tensor) -> torch.Tensor:
+        return task.loss_from_outputs(zz, split).sum()
+
+    # The summed loss's Hessian is block-diagonal over examples: column d of every block at once.
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+    tangents = eye.unsqueeze(1).expand(d, b, d).reshape(d, *z.shape)
+    cols = vmap(lambda t: jvp(grad(loss), (z,), (t,))[1])(tangents)
+    h = cols.reshape(d, b, d).permute(1, 2, 0)
+    evals, evecs = torch.linalg.eigh((h + h.transpose(1, 2)) / 2)
+    return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)
+
+
+@dataclass
+class _Captured:
+    a: torch.Tensor  # (B, T, I')
+    gs: list[torch.Tensor]  # one (B, T, O) per Fisher sample / Hessian-root column
+    valid: torch.Tensor | None  # (B, T) unmasked positions, or None
+
+
+def _capture(
+    task: Task,
+    state: Mapping[str, torch.Tensor],
+    batch: Any,
+    modules: Mapping[str, tuple[str | None, str | None]],
+    fisher: str,
+    seed: int,
+    offset: int,
+    fisher_samples: int = 1,
+) -> list[_Captured]:
+    """One forward pass with hooks, then the backward pass(es) of the chosen Fisher kind."""
+    task.check_batch(batch)
+    split = task.split_batch(batch)
+    mods = dict(task.model.named_modules())
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in modules}
+    handles = []
+    for mname in modules:
+
+        def hook(mod: nn.Module, inp: Any, out: torch.Tensor, mname: str = mname) -> None:
+            calls[mname].append((inp[0].detach(), out))
+
+        handles.append(mods[mname].register_forward_hook(hook))
+    names = {n for pair in modules.values() for n in pair if n is not None}
+    live = {n: (v.detach().requires_grad_(True) if n in names else v) for n, v in state.items()}
+    try:
+        with torch.enable_grad():
+            z = task.outputs(live, split)
+            outs = [o for m in modules for _, o in calls[m]]
+            if fisher == "exact":
+                roots = _output_hessian_sqrt(task, z.detach(), split)
+                vectors = [roots[:, :, k].reshape(z.shape) for k in range(roots.shape[2])]
+                grads = [
+                    torch.autograd.grad(z, outs, v, retain_graph=True, allow_unused=True)
+                    for v in vectors
+                ]
+            elif fisher == "true":
+                # k sampled labels: each gradient scaled by 1/sqrt(k), so that the factors and
+                # eigenvalues (sums of squares over the gradients) average the k samples
+                sets = _sample_labels(task, z.detach(), split, seed, offset, fisher_samples)
+                grads = [
+                    torch.autograd.grad(
+                        task.loss_from_outputs(z, dataclasses.replace(split, labels=y)).sum()
+                        / len(sets) ** 0.5,
+                        outs,
+                        retain_graph=j < len(sets) - 1,
+                        allow_unused=True,
+                    )
+                    for j, y in enumerate(sets)
+                ]
+            else:
+                loss = task.loss_from_outputs(z, split).sum()
+                grads = [torch.autograd.grad(loss, outs, allow_unused=True)]
+    finally:
+        for h in handles:
+            h.remove()
+    out: list[_Captured] = []
+    k = 0
+    for mname, (w, b) in modules.items():
+        module = mods[mname]
+        pairs = calls[mname]
+        if not pairs:
+            raise ModelError(f"layer {mname!r} is tracked but was not called in the forward pass.")
+        a = torch.cat([_layer_input(module, x) for x, _ in pairs], 1)
+        gs = []
+        for per_vector in grads:
+            parts = [
+                _layer_grad(module, torch.zeros_like(o) if g is None else g.detach())
+                for g, (_, o) in zip(per_vector[k : k + len(pairs)], pairs)
+            ]
+            gs.append(torch.cat(parts, 1))
+        k += len(pairs)
+        if w is None:
+            a = a.new_ones(a.shape[0], a.shape[1], 1)
+        elif b is not None:
+            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], 2)
+        valid = None
+        if split.mask is not None and tuple(split.mask.shape) == tuple(a.shape[:2]):
+            valid = split.mask.to(torch.bool)
+        out.append(_Captured(a, gs, valid))
+    return out
+
+
+def _passes(
+    task: Task,
+    data: Any,
+    state: Mapping[str, torch.Tensor],
+    fisher: str,
+    batch_size: int,
+    seed: int,
+    projections: Projections | None = None,
+    fisher_samples: int = 1,
+) -> Any:
+    modules = kfac_modules(task)
+    offset = 0
+    for batch in iter_batches(data, batch_size):
+        captured = _capture(task, state, batch, modules, fisher, seed, offset, fisher_samples)
+        offset += captured[0].a.shape[0]
+        yield captured if projections is None else _project(captured, projections)
+
+
+def _project(captured: list[_Captured], projections: Projections) -> list[_Captured]:
+    """Project each layer's inputs by ``P_a`` and output gradients by ``P_g`` (None: keep)."""
+    if len(projections) != len(captured):
+        raise ConfigError(
+            f"projections must hold one (P_a, P_g) pair per K-FAC layer ({len(captured)}); got "
+            f"{len(projections)}."
+        )
+    out = []
+    for c, (pa, pg) in zip(captured, projections):
+        a = c.a if pa is None else c.a @ pa.to(c.a.dtype)
+        gs = [g if pg is None else g @ pg.to(g.dtype) for g in c.gs]
+        out.append(_Captured(a, gs, c.valid))
+    return out
+
+
+def fit_ekfac_eigenvalues(
+    task: Task,
+    data: Any,
+    layers: Sequence[KFACLayer],
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
+    fisher: FisherKind = "true",
+    batch_size: int = 64,
+    seed: int = 0,
+    projections: Projections | None = None,
+    fisher_samples: int = 1,
+) -> list[torch.Tensor]:
+    """EK-FAC's eigenvalues ``(1/n) sum_n E_y (Q_Gᵀ D_n Q_A)²`` in the bases of ``layers``.
+
+    The bases need not come from ``data`` or ``state`` (e.g. one basis shared by several
+    checkpoints, as Source averages them). Returns float64 ``(O, I')`` tensors, one per layer.
+    With ``projections`` (see :func:`fit_kfac`) ``D_n`` is the projected ``P_gᵀ D_n P_a`` and
+    the layers are those of the projected factors.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double().eval()
+        >>> data = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+        >>> curv = fit_kfac(Task(model), data, kind="ekfac")
+        >>> lam = fit_ekfac_eigenvalues(Task(model), data, curv.layers)
+        >>> torch.allclose(lam[0], curv.layers[0].eigenvalues)
+        True
+    """
+    _check_choice("fisher", fisher, ("true", "empirical", "exact"))
+    check_fisher_samples(fisher_samples, fisher)
+    state = task.state() if state is None else dict(state)
+    f64 = torch.float64
+    bases = [(layer.q_g.to(f64), layer.q_a.to(f64)) for layer in layers]
+    acc = [torch.zeros(layer.shape, dtype=f64, device=layer.q_a.device) for layer in layers]
+    n = 0
+    passes = _passes(task, data, state, fisher, batch_size, seed, projections, fisher_samples)
+    for captured in passes:
+        n += captured[0].a.shape[0]
+        for (qg, qa), c, out in zip(bases, captured, acc):
+            # Q_Gᵀ (sum_t g_t a_tᵀ) Q_A = sum_t (Q_Gᵀ g_t)(Q_Aᵀ a_t)ᵀ: rotate the factors, not
+            # the (O, I') gradients; with one position the square is an outer product too.
+            a_rot = c.a.to(f64) @ qa
+            for g in c.gs:
+                g_rot = g.to(f64) @ qg
+                if a_rot.shape[1] == 1:
+                    out += (g_rot[:, 0] ** 2).T @ (a_rot[:, 0] ** 2)
+                else:
+                    out += (_outer_sum(g_rot, a_rot) ** 2).sum(0)
+    return [a / n for a in acc]
+
+
+def fit_kfac_layers(
+    task: Task,
+    data: Any,
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
+    kind: KFACKind = "ekfac",
+    fisher: FisherKind = "true",
+    batch_size: int = 64,
+    seed: int = 0,
+    projections: Projections | None = None,
+    fisher_samples: int = 1,
+) -> list[KFACLayer]:
+    """The layers of :func:`fit_kfac`, optionally of projected gradients (LoGra).
+
+    With ``projections`` (one ``(P_a, P_g)`` pair per layer of :func:`kfac_modules`, None
+    for an unprojected side) the factors are those of the projected inputs ``P_aᵀ a`` and
+    output gradients ``P_gᵀ g``, and EK-FAC's eigenvalues those of the projected per-sample
+    gradients ``P_gᵀ D_n P_a``: K-FAC/EK-FAC of the ``k_out x k_in`` projected gradients,
+    without forming a full-size factor. Arguments otherwise as :func:`fit_kfac`.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double().eval()
+        >>> data = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+        >>> proj = [(torch.randn(5, 2, dtype=torch.float64), None)]
+        >>> fit_kfac_layers(Task(model), data, projections=proj)[0].eigenvalues.shape
+        torch.Size([3, 2])
+    """
+    _check_choice("kind", kind, ("kfac", "ekfac"))
+    _check_choice("fisher", fisher, ("true", "empirical", "exact"))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1; got {batch_size!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer; got {seed!r}.")
+    check_fisher_samples(fisher_samples, fisher)
+    modules = kfac_modules(task)
+    if fisher == "true" and task.loss_name not in ("cross_entropy", "mse", "lm"):
+        raise ConfigError(
+            f"fisher='true' samples labels from the model's predictive distribution, known for "
+            f"the losses 'cross_entropy', 'mse' and 'lm'; the task's loss is {task.loss_name!r}. "
+            "Use fisher='empirical' or fisher='exact'."
+        )
+    if num_examples(data) == 0:
+        raise DataError("the dataset is empty; K-FAC needs at least one example.")
+    state = task.state() if state is None else dict(state)
+    f64 = torch.float64
+    a_sum: list[torch.Tensor] = []
+    g_sum: list[torch.Tensor] = []
+    tokens = [0.0] * len(modules)
+    n = 0
+    passes = _passes(task, data, state, fisher, batch_size, seed, projections, fisher_samples)
+    for captured in passes:
+        n += captured[0].a.shape[0]
+        for j, c in enumerate(captured):
+            a = c.a.to(f64)
+            if c.valid is not None:
+                a = a * c.valid.unsqueeze(-1).to(f64)
+                tokens[j] += float(c.valid.sum())
+            else:
+                tokens[j] += a.shape[0] * a.shape[1]
+            a2 = a.reshape(-1, a.shape[-1])
+            g2 = torch.cat([g.to(f64).reshape(-1, g.shape[-1]) for g in c.gs])
+            if len(a_sum) <= j:
+                a_sum.append(a2.new_zeros(a2.shape[1], a2.shape[1]))
+                g_sum.append(g2.new_zeros(g2.shape[1], g2.shape[1]))
+            a_sum[j] += a2.T @ a2
+            g_sum[j] += g2.T @ g2
+    mods = dict(task.model.named_modules())
+    shapes = [tuple(mods[m].weight.shape) for m in modules]
+    if projections is not None:  # the layers are those of the projected gradients
+        shapes = [(int(g.shape[0]), int(a.shape[0])) for a, g in zip(a_sum, g_sum)]
+    layers = [
+        KFACLayer.from_factors(
+            mname,
+            w,
+            b,
+            shapes[j],
+            a_sum[j] / max(tokens[j], 1.0),
+            g_sum[j] / n,
+        )
+        for j, (mname, (w, b)) in enumerate(modules.items())
+    ]
+    if kind == "ekfac":
+        values = fit_ekfac_eigenvalues(
+            task,
+            data,
+            layers,
+            state=state,
+            fisher=fisher,
+            batch_size=batch_size,
+            seed=seed,
+            projections=projections,
+            fisher_samples=fisher_samples,
+        )
+        for layer, lam in zip(layers, values):
+            layer.eigenvalues = lam
+    dtype = task.dtype
+    for layer in layers:
+        for f in ("a_factor", "g_factor", "q_a", "q_g", "eigenvalues"):
+            setattr(layer, f, getattr(layer, f).to(dtype))
+    return layers
+
+
+def fit_kfac(
+    task: Task,
+    data: Any,
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
+    kind: KFACKind = "ekfac",
+    fisher: FisherKind = "true",
+    batch_size: int = 64,
+    seed: int = 0,
+    fisher_samples: int = 1,
+) -> KFACCurvature:
+    """Fit K-FAC (one pass over ``data``) or EK-FAC (two passes) for the task's tracked layers.
+
+    Args:
+        task: the task; every tracked parameter must belong to a Linear/Conv2d layer.
+        data: training data in any form :func:`datatrace.data.iter_batches` accepts.
+        state: parameters and buffers to evaluate at (default: ``task.state()``).
+        kind: ``"kfac"`` or ``"ekfac"`` (eigenvalue-corrected).
+        fisher: ``"true"`` (sampled labels), ``"empirical"`` (training labels) or ``"exact"``.
+        batch_size: examples per batch (results do not depend on it).
+        seed: seed of the sampled labels (``fisher="true"``).
+        fisher_samples: ``fisher="true"`` only: labels sampled per example, their Fisher
+            contributions averaged (less sampling noise, one backward pass each).
+
+    Returns:
+        The fitted :class:`KFACCurvature` (factors and eigendecompositions in float64, cast
+        back to the task's dtype).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double().eval()
+        >>> data = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+        >>> curv = fit_kfac(Task(model), data, kind="ekfac")
+        >>> curv.layers[0].eigenvalues.shape
+        torch.Size([3, 5])
+    """
+    layers = fit_kfac_layers(
+        task,
+        data,
+        state=state,
+        kind=kind,
+        fisher=fisher,
+        batch_size=batch_size,
+        seed=seed,
+        fisher_samples=fisher_samples,
+    )
+    return KFACCurvature(task, layers, kind=kind, fisher=fisher)
+
+
+def layer_damping(layers: Sequence[KFACLayer], damping: Damping) -> dict[str, float]:
+    """``{module: λ}``: a number for all, ``"heuristic"`` (0.1 x each layer's mean eigenvalue)
+    or a ``{module: number}`` dict naming every layer."""
+    modules = [layer.module for layer in layers]
+    check_damping(damping, modules)
+    if isinstance(damping, Mapping):
+        return {m: float(damping[m]) for m in modules}
+    if damping == "heuristic":
+        return {
+            layer.module: HEURISTIC_DAMPING * float(layer.eigenvalues.mean()) for layer in layers
+        }
+    return {m: float(damping) for m in modules}
+
+
+def inverse_eigenvalues(layer: KFACLayer, damping: float) -> torch.Tensor:
+    """``1 / (Λ + λ)`` of one layer, in its eigenbasis.
+
+    Raises:
+        NumericalError: some eigenvalue of ``F + λI`` is ~0 (e.g. zero damping, rank-deficient).
+    """
+    shifted = layer.eigenvalues + damping
+    tol = float(torch.finfo(shifted.dtype).eps) * max(float(shifted.max()), 1e-300)
+    if not bool((shifted > tol).all()):
+        raise NumericalError(
+            f"K-FAC layer {layer.module!r} is singular with damping {damping}: "
+            f"{int((shifted <= tol).sum())} eigenvalue(s) of F + λI are ~0; increase damping "
+            "(or use 'heuristic')."
+        )
+    return 1.0 / shifted
+
+
+# ----------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class LayerSlot:
+    """Where one layer's parameters sit in the flat tracked-parameter vector.
+
+    Attributes:
+        module: the module's name.
+        weight: tracked weight name, or None.
+        bias: tracked bias name, or None.
+        out_features: ``O``, rows of the gradient matrix.
+        in_width: ``I'``, its columns (inputs, plus one for a tracked bias).
+        weight_slice: flat slice of the weight, or None.
+        bias_slice: flat slice of the bias, or None.
+    """
+
+    module: str
+    weight: str | None
+    bias: str | None
+    out_features: int
+    in_width: int
+    weight_slice: slice | None
+    bias_slice: slice | None
+
+
+class ParamLayout:
+    """Flat tracked-parameter vectors <-> per-layer ``(O, I')`` gradient matrices.
+
+    A Linear/Conv2d layer's gradient is a matrix ``[W | b]`` (conv weights flattened to
+    ``(O, C * kh * kw)``, the order of ``F.unfold``); the flat vector holds ``W`` then ``b``.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+        >>> layout = ParamLayout(Task(model))
+        >>> [m.shape for m in layout.to_matrices(torch.zeros(2, layout.dim))]
+        [torch.Size([2, 3, 5])]
+    """
+
+    def __init__(self, task: Task) -> None:
+        offsets, pos = {}, 0
+        for name, p in task.tracked_params().items():
+            offsets[name] = slice(pos, pos + p.numel())
+            pos += p.numel()
+        self.dim = pos
+        mods = dict(task.model.named_modules())
+        self.slots: list[LayerSlot] = []
+        for mname, (w, b) in kfac_modules(task).items():
+            shape = mods[mname].weight.shape
+            width = (shape[1:].numel() if w is not None else 0) + (b is not None)
+            self.slots.append(
+                LayerSlot(
+                    mname,
+                    w,
+                    b,
+                    int(shape[0]),
+                    int(width),
+                    offsets[w] if w is not None else None,
+                    offsets[b] if b is not None else None,
+                )
+            )
+        spans = [
+            [s for s in (slot.weight_slice, slot.bias_slice) if s is not None]
+            for slot in self.slots
+        ]
+        contiguous = all(len(sp) == 1 or sp[0].stop == sp[1].start for sp in spans)
+        bounds = sorted((sp[0].start, sp[-1].stop) for sp in spans)
+        tiled = all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
+        # contiguous per-layer slices in order, for block-diagonal solvers
+        self.blocks = [slice(*b) for b in bounds] if contiguous and tiled else None
+
+    @property
+    def modules(self) -> list[str]:
+        """Module names, in order."""
+        return [slot.module for slot in self.slots]
+
+    def to_matrices(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """Split ``(k, dim)`` flat rows into per-layer ``(k, O, I')`` matrices."""
+        k, out = v.shape[0], []
+        for slot in self.slots:
+            parts = []
+            if slot.weight_slice is not None:
+                parts.append(v[:, slot.weight_slice].reshape(k, slot.out_features, -1))
+            if slot.bias_slice is not None:
+                parts.append(v[:, slot.bias_slice].reshape(k, slot.out_features, 1))
+            out.append(torch.cat(parts, 2) if len(parts) > 1 else parts[0])
+        return out
+
+    def from_matrices(self, mats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-layer ``(k, O, I')`` matrices to ``(k, dim)`` flat rows."""
+        k = mats[0].shape[0]
+        out = mats[0].new_zeros(k, self.dim)
+        for slot, m in zip(self.slots, mats):
+            if slot.weight_slice is not None:
+                out[:, slot.weight_slice] = m[
+                    :, :, : slot.in_width - (slot.bias is not None)
+                ].reshape(k, -1)
+            if slot.bias_slice is not None:
+                out[:, slot.bias_slice] = m[:, :, -1]
+        return out
+
+
+# ----------------------------------------------------------------------------- operator
+class KFACCurvature(LinearOperator):
+    """K-FAC / EK-FAC curvature: block-diagonal over layers, Kronecker-factored eigenbases.
+
+    A :class:`~datatrace.curvature.LinearOperator` over the task's tracked parameters (flat,
+    canonical order), so every solver and influence function accepts it; :meth:`inverse`
+    applies ``(F + damping I)⁻¹`` in closed form in the eigenbasis. Build it with
+    :func:`fit_kfac`, or from factors computed elsewhere (e.g. averaged over checkpoints).
+
+    Args:
+        task: the task whose tracked parameters the layers cover (each exactly once).
+        layers: one :class:`KFACLayer` per layer.
+        kind: ``"kfac"`` or ``"ekfac"`` (recorded; the eigenvalues decide the matrix).
+        fisher: the Fisher kind the factors were fitted with (recorded).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double().eval()
+        >>> data = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+        >>> curv = fit_kfac(Task(model), data)
+        >>> v = torch.randn(curv.dim, dtype=torch.float64)
+        >>> x = curv.inverse(1e-2).apply(v)
+        >>> torch.allclose(curv.matvec(x) + 1e-2 * x, v)
+        True
+    """
+
+    def __init__(
+        self, task: Task, layers: Sequence[KFACLayer], *, kind: str = "ekfac", fisher: str = "true"
+    ) -> None:
+        self.task, self.layers, self.kind, self.fisher = task, list(layers), kind, fisher
+        self.layout = ParamLayout(task)
+        if [layer.module for layer in self.layers] != self.layout.modules:
+            raise ConfigError(
+                f"KFACCurvature needs one layer per K-FAC module of the task, in order "
+                f"{self.layout.modules}; got {[layer.module for layer in self.layers]}."
+            )
+        self.dim = self.layout.dim
+        self.dtype = task.dtype
+        self.device = task.device
+        self.blocks = self.layout.blocks
+
+    @property
+    def modules(self) -> list[str]:
+        """Layer (module) names, in order."""
+        return self.layout.modules
+
+    def to_matrices(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """Split ``(k, dim)`` flat rows into per-layer ``(k, O, I')`` gradient matrices."""
+        return self.layout.to_matrices(v)
+
+    def from_matrices(self, mats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`to_matrices`."""
+        return self.layout.from_matrices(mats)
+
+    # -- spectral functions -------------------------------------------------------------------
+    def apply_spectral(
+        self, mats: Sequence[torch.Tensor], fn: Callable[[KFACLayer], torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """``Q (fn(layer) ⊙ Qᵀ M) `` per layer: any function of the eigenvalues, e.g. an inverse.
+
+        Args:
+            mats: per-layer ``(k, O, I')`` matrices.
+            fn: maps a layer to ``(O, I')`` multipliers in its eigenbasis.
+        """
+        return [layer.unrotate(fn(layer) * layer.rotate(m)) for layer, m in zip(self.layers, mats)]
+
+    def _matmat(self, v: torch.Tensor) -> torch.Tensor:
+        mats = self.apply_spectral(self.to_matrices(v.T), lambda layer: layer.eigenvalues)
+        return self.from_matrices(mats).T
+
+    def matrix(self) -> torch.Tensor:
+        """The dense ``(dim, dim)`` approximate curvature (small models)."""
+        return self.to_dense()
+
+    def layer_damping(self, damping: Damping) -> dict[str, float]:
+        """Per-layer damping values: a number for all, ``"heuristic"`` (0.1 x each layer's
+        mean eigenvalue) or a ``{module: number}`` dict naming every layer."""
+        return layer_damping(self.layers, damping)
+
+    def inverse(self, damping: Damping) -> KFACInverse:
+        """``(F + damping I)⁻¹`` in closed form (per-layer damping, see :meth:`layer_damping`)."""
+        return KFACInverse(self, self.layer_damping(damping))
+
+    # -- persistence --------------------------------------------------------------------------
+    FIELDS: ClassVar[tuple[str, ...]] = ("a_factor", "g_factor", "q_a", "q_g", "eigenvalues")
+
+    def to_arrays(self) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` of every fitted array (for :class:`datatrace.store.Store`)."""
+        return {
+            f"L{j}-{f}": getattr(lay, f) for j, lay in enumerate(self.layers) for f in self.FIELDS
+        }
+
+    @classmethod
+    def from_arrays(
+        cls, task: Task, arrays: Mapping[str, torch.Tensor], *, kind: str, fisher: str
+    ) -> KFACCurvature:
+        """Rebuild from :meth:`to_arrays` output for the same task."""
+        mods = dict(task.model.named_modules())
+        layers = []
+        for j, (mname, (w, b)) in enumerate(kfac_modules(task).items()):
+            vals = {f: arrays[f"L{j}-{f}"].to(task.device, task.dtype) for f in cls.FIELDS}
+            shape = tuple(mods[mname].weight.shape)
+            layers.append(KFACLayer(mname, w, b, shape, **vals))
+        return cls(task, layers, kind=kind, fisher=fisher)
+
+    def __repr__(self) -> str:
+        return f"KFACCurvature(kind={self.kind!r}, fisher={self.fisher!r}, layers={self.modules})"
+
+
+class KFACInverse(InverseOperator):
+    """``(F + λ_l I)⁻¹`` per layer ``l``: ``Q_G ((Q_Gᵀ M Q_A) / (Λ + λ_l)) Q_Aᵀ``.
+
+    Attributes:
+        layer_damping: ``{module: λ_l}``.
+        damping: the smallest ``λ_l``.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double().eval()
+        >>> data = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+        >>> inv = fit_kfac(Task(model), data).inverse("heuristic")
+        >>> inv.apply(torch.ones(15, dtype=torch.float64)).shape
+        torch.Size([15])
+    """
+
+    def __init__(self, curvature: KFACCurvature, layer_damping: Mapping[str, float]) -> None:
+        super().__init__(
+            curvature.dim, curvature.dtype, curvature.device, min(layer_damping.values())
+        )
+        self.curvature = curvature
+        self.layer_damping = dict(layer_damping)
+        self._inv = {
+            layer.module: inverse_eigenvalues(layer, self.layer_damping[layer.module])
+            for layer in curvature.layers
+        }
+
+    def apply_matrices(self, mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Apply the inverse to per-layer ``(k, O, I')`` gradient matrices."""
+        return self.curvature.apply_spectral(mats, lambda layer: self._inv[layer.module])
+
+    def _apply(self, b: torch.Tensor) -> torch.Tensor:
+        c = self.curvature
+        return c.from_matrices(self.apply_matrices(c.to_matrices(b.T))).T
