@@ -77,6 +77,7 @@ from datatrace.bench.settings.digits import DigitsCNN, DigitsLR, DigitsMLP
 from datatrace.bench.settings.registry import get_setting, list_settings, register_setting
 from datatrace.bench.settings.tabular import BreastCancerMLP
 from datatrace.bench.settings.training import ClassifierSetting, fit_minibatch
+from datatrace.bench.settings.trajectory import DigitsMLPShort, DigitsMLPTwoStage  # noqa: F401
 
 __all__ = [
     "BreastCancerMLP",
