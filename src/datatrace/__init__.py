@@ -5,6 +5,7 @@ conventions: scores are ``(n_query, n_units)`` and positive means "training on t
 improves the query".
 """
 
+from datatrace.ensemble import DropoutMember, dropout_members, independent_members
 from datatrace.errors import (
     ConfigError,
     DataError,
@@ -14,13 +15,16 @@ from datatrace.errors import (
     NumericalError,
     StoreError,
 )
+from datatrace.lora import LoRAMember, lora_members, train_lora_members
 from datatrace.methods import (
     METHODS,
     Attributor,
     GradCosAttributor,
     GradDotAttributor,
     InfluenceAttributor,
+    LoGraAttributor,
     RepresenterAttributor,
+    SourceAttributor,
     TracInAttributor,
     TRAKAttributor,
     make_attributor,
@@ -37,19 +41,27 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DatatraceError",
+    "DropoutMember",
     "GradCosAttributor",
     "GradDotAttributor",
     "InfluenceAttributor",
+    "LoGraAttributor",
+    "LoRAMember",
     "ModelError",
     "NotFittedError",
     "NumericalError",
     "RepresenterAttributor",
     "Scores",
+    "SourceAttributor",
     "StoreError",
     "TRAKAttributor",
     "Target",
     "Task",
     "TopK",
     "TracInAttributor",
+    "dropout_members",
+    "independent_members",
+    "lora_members",
     "make_attributor",
+    "train_lora_members",
 ]

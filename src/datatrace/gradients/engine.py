@@ -16,11 +16,17 @@ import torch
 
 from datatrace.data import Batch
 from datatrace.errors import ConfigError, NumericalError
-from datatrace.gradients.functional import functional_per_sample_grads
-from datatrace.gradients.hooks import LayerFactors, hook_factors, hookable_modules
+from datatrace.gradients.functional import functional_group_grads, functional_per_sample_grads
+from datatrace.gradients.hooks import LayerFactors, group_factors, hook_factors, hookable_modules
 from datatrace.task import Task
 
-__all__ = ["Engine", "PerSampleGrads", "compute_per_sample_grads"]
+__all__ = [
+    "Engine",
+    "PerSampleGrads",
+    "compute_group_grads",
+    "compute_per_sample_grads",
+    "group_members",
+]
 
 Engine = Literal["auto", "functional", "hooks"]
 
@@ -123,6 +129,82 @@ def compute_per_sample_grads(
         >>> compute_per_sample_grads(task, batch).flat().shape
         torch.Size([4, 8])
     """
+    return _compute(task, batch, state, which, engine, chunk_size, None)
+
+
+def group_members(local: torch.Tensor, n_groups: int | None = None) -> torch.Tensor:
+    """``(G, k)`` batch indices of each group's members from ``(B,)`` local group indices.
+
+    Groups smaller than the largest ``k`` are padded with ``-1``; members keep batch order.
+
+    Example:
+        >>> group_members(torch.tensor([1, 0, 1, 1])).tolist()
+        [[1, -1, -1], [0, 2, 3]]
+    """
+    local = local.long().cpu()
+    n = int(local.max()) + 1 if n_groups is None else n_groups
+    counts = torch.bincount(local, minlength=n)
+    k = int(counts.max())
+    order = torch.argsort(local, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(local.numel()) - starts[local[order]]
+    out = torch.full((n, k), -1, dtype=torch.long)
+    out[local[order], pos] = order
+    return out
+
+
+def compute_group_grads(
+    task: Task,
+    batch: Batch,
+    members: torch.Tensor,
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
+    which: str = "loss",
+    engine: Engine = "auto",
+    chunk_size: int | None = None,
+) -> PerSampleGrads:
+    """Gradients of each group's summed objective, one row per group (GGDA).
+
+    The hook engine runs one forward/backward over the batch and forms each group's layer
+    gradient ``sum_{n in g} sum_t g_{n,t} a_{n,t}^T`` directly as factors with the members'
+    positions concatenated (:func:`~datatrace.gradients.hooks.group_factors`); the
+    functional engine takes ``grad`` of each group's summed objective, vmapped over groups.
+    No per-sample gradient is materialised. Projectors are linear, so projecting these rows
+    gives projected group gradients.
+
+    Args:
+        task: the task.
+        batch: one batch.
+        members: ``(G, k)`` batch indices of each group's members, ``-1`` as padding (see
+            :func:`group_members`).
+        state, which, engine, chunk_size: as :func:`compute_per_sample_grads`.
+
+    Example:
+        >>> task = Task(torch.nn.Linear(3, 2).eval())
+        >>> batch = (torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+        >>> members = group_members(torch.tensor([0, 0, 1, 1]))
+        >>> gg = compute_group_grads(task, batch, members).flat()
+        >>> ps = compute_per_sample_grads(task, batch).flat()
+        >>> torch.allclose(gg, torch.stack([ps[:2].sum(0), ps[2:].sum(0)]))
+        True
+    """
+    if not isinstance(members, torch.Tensor) or members.ndim != 2 or members.dtype != torch.long:
+        raise ConfigError(
+            "members must be a (n_groups, k) int64 tensor of batch indices (-1 = padding); use "
+            "group_members(local_group_ids)."
+        )
+    return _compute(task, batch, state, which, engine, chunk_size, members)
+
+
+def _compute(
+    task: Task,
+    batch: Batch,
+    state: Mapping[str, torch.Tensor] | None,
+    which: str,
+    engine: Engine,
+    chunk_size: int | None,
+    members: torch.Tensor | None,
+) -> PerSampleGrads:
     if engine not in ("auto", "functional", "hooks"):
         raise ConfigError(f"engine must be 'auto', 'functional' or 'hooks'; got {engine!r}.")
     task.check_batch(batch)
@@ -135,11 +217,16 @@ def compute_per_sample_grads(
     if modules:
         factors, obj = hook_factors(task, state, batch, modules, which)
         b = obj.shape[0]
+        if members is not None:
+            factors, b = group_factors(factors, members), members.shape[0]
     covered = {n for f in factors for n in (f.weight, f.bias) if n is not None}
     rest = [n for n in names if n not in covered]
     dense: dict[str, torch.Tensor] = {}
     if rest:
-        dense = functional_per_sample_grads(task, state, batch, rest, which, chunk_size)
+        if members is None:
+            dense = functional_per_sample_grads(task, state, batch, rest, which, chunk_size)
+        else:
+            dense = functional_group_grads(task, state, batch, rest, members, which, chunk_size)
         b = next(iter(dense.values())).shape[0]
     psg = PerSampleGrads(names, shapes, dense, factors, b)
     _check_finite(psg, which)

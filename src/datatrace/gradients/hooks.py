@@ -20,7 +20,7 @@ from torch import nn
 from datatrace.data import Batch
 from datatrace.task import Task
 
-__all__ = ["LayerFactors", "hook_factors", "hookable_modules"]
+__all__ = ["LayerFactors", "group_factors", "hook_factors", "hookable_modules"]
 
 
 @dataclass
@@ -156,7 +156,9 @@ def hook_factors(
         ) -> None:
             calls[mname].append((inp[0].detach(), out))
 
-        handles.append(mods[mname].register_forward_hook(hook))
+        # prepend: capture the layer's own output before any user hook rewrites it (e.g. a
+        # dropout member's mask), so that g is the gradient w.r.t. W a (+ b) itself.
+        handles.append(mods[mname].register_forward_hook(hook, prepend=True))
     grad_names = {n for pair in modules.values() for n in pair if n is not None}
     live = {
         n: (v.detach().requires_grad_(True) if n in grad_names else v) for n, v in state.items()
@@ -201,3 +203,49 @@ def hook_factors(
 
 def factored_names(factors: Sequence[LayerFactors]) -> list[str]:
     return [n for f in factors for n in (f.weight, f.bias) if n is not None]
+
+
+def group_factors(factors: Sequence[LayerFactors], members: torch.Tensor) -> list[LayerFactors]:
+    """Factors of group gradients from per-sample factors, without per-sample gradients.
+
+    A group's gradient is ``sum_{n in g} sum_t g_{n,t} a_{n,t}^T``: the same form as one
+    example's, with the members' positions concatenated. ``members`` is ``(G, k)`` of batch
+    indices (``-1`` pads groups smaller than ``k``); the result has ``G`` rows and ``k * T``
+    positions, with zero factors at padded positions (they add nothing). Projections and
+    inner products of these factors are therefore those of the group gradients.
+    """
+    n_groups, k = members.shape
+    pad = members < 0
+    if not bool(pad.any()) and torch.equal(
+        members.flatten(), torch.arange(members.numel(), device=members.device)
+    ):  # groups are consecutive runs of equal size: a free reshape
+        return [
+            LayerFactors(
+                f.module,
+                f.a.reshape(n_groups, k * f.a.shape[1], f.a.shape[2]),
+                f.g.reshape(n_groups, k * f.g.shape[1], f.g.shape[2]),
+                f.weight,
+                f.bias,
+                f.weight_shape,
+            )
+            for f in factors
+        ]
+    index = members.clamp_min(0).flatten()
+    keep = (~pad).flatten()
+    out = []
+    for f in factors:
+        idx = index.to(f.a.device)
+        a = f.a[idx] * keep.to(f.a.device, f.a.dtype).view(-1, 1, 1)
+        g = f.g[idx] * keep.to(f.g.device, f.g.dtype).view(-1, 1, 1)
+        t = f.a.shape[1]
+        out.append(
+            LayerFactors(
+                f.module,
+                a.reshape(n_groups, k * t, f.a.shape[2]),
+                g.reshape(n_groups, k * t, f.g.shape[2]),
+                f.weight,
+                f.bias,
+                f.weight_shape,
+            )
+        )
+    return out

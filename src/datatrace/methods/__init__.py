@@ -3,7 +3,9 @@
 from datatrace.methods.base import METHODS, Attributor, MethodConfig, make_attributor
 from datatrace.methods.gradsim import GradCosAttributor, GradDotAttributor
 from datatrace.methods.influence import InfluenceAttributor, InfluenceConfig
+from datatrace.methods.logra import LoGraAttributor, LoGraConfig
 from datatrace.methods.rps import RepresenterAttributor, RepresenterConfig
+from datatrace.methods.source import SourceAttributor, SourceConfig
 from datatrace.methods.tracin import TracInAttributor
 from datatrace.methods.trak import TRAKAttributor, TRAKConfig
 
@@ -14,9 +16,13 @@ __all__ = [
     "GradDotAttributor",
     "InfluenceAttributor",
     "InfluenceConfig",
+    "LoGraAttributor",
+    "LoGraConfig",
     "MethodConfig",
     "RepresenterAttributor",
     "RepresenterConfig",
+    "SourceAttributor",
+    "SourceConfig",
     "TRAKAttributor",
     "TRAKConfig",
     "TracInAttributor",

@@ -7,14 +7,23 @@ resume, streaming over train shards, top-k and self-attribution.
 
 For every member ``m``: ``scores_m = transform_m(Q_m) @ F_m^T`` where ``F_m`` holds the train
 features and ``Q_m`` the query features; members are then aggregated (mean by default).
+
+With ``groups=`` the units are groups of training examples (:mod:`datatrace.group`): the loop
+visits the training set in group order, whole groups per chunk, and a method's train features
+become group features: ``_features`` returns projected gradients of each group's summed
+objective (one row per group), added up over the batches of a group that spans several.
+Train features must therefore be linear in the example's gradient; a non-linear step (e.g.
+Grad-Cos's normalisation) belongs in ``_finish_train_features``, applied to whole units.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -23,9 +32,10 @@ import torch
 from tqdm.auto import tqdm
 
 from datatrace.data import Batch, iter_batches, num_examples
-from datatrace.ensemble import member_states, resolve_members
+from datatrace.ensemble import member_fingerprint, member_scope, member_states, resolve_members
 from datatrace.errors import ConfigError, DataError, NotFittedError
-from datatrace.gradients import compute_per_sample_grads
+from datatrace.gradients import compute_group_grads, compute_per_sample_grads, group_members
+from datatrace.group import Grouping, check_groups_spec, resolve_groups, take_examples
 from datatrace.projection import Projector, ProjectorKind, make_projector
 from datatrace.scores import Scores, TopK, streaming_topk
 from datatrace.store import Store, fingerprint_batch, fingerprint_tensors
@@ -86,6 +96,8 @@ class MemberContext:
     projector: Projector | None
     fitted: dict[str, Any] = field(default_factory=dict)
     features: list[torch.Tensor] = field(default_factory=list)  # in-memory train shards
+    # (G, k) batch indices of each group's members while a grouped train batch is featurized
+    unit_members: torch.Tensor | None = None
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
@@ -96,11 +108,13 @@ class MemberContext:
 class Attributor(ABC):
     """Base class of every attribution method (see the module docstring).
 
-    Subclasses set ``method_id`` and ``Config`` and implement :meth:`_fit_member`.
+    Subclasses set ``method_id`` and ``Config`` and implement :meth:`_fit_member`. A method
+    that cannot attribute to groups sets ``supports_groups = False``.
     """
 
     method_id: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    supports_groups: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -108,6 +122,7 @@ class Attributor(ABC):
         *,
         members: Sequence[Any] | None = None,
         store: str | Path | None = None,
+        groups: Any = None,
         **settings: Any,
     ) -> None:
         if not isinstance(task, Task):
@@ -126,6 +141,14 @@ class Attributor(ABC):
         if self.config.projector != "none":  # validate projector settings now, not in fit()
             make_projector(self.config.projector, self.config.proj_dim, seed=self.config.seed)
         self._members_arg = members
+        if groups is not None and not self.supports_groups:
+            raise ConfigError(
+                f"{type(self).__name__} cannot attribute to groups; got groups={groups!r}. Drop "
+                "groups=, or sum its per-example scores over each group."
+            )
+        self._groups_arg = check_groups_spec(groups)  # validated now, resolved in fit
+        self._grouping: Grouping | None = None
+        self._n_units = 0
         self._store_path = Path(store) if store is not None else None
         self._contexts: list[MemberContext] = []
         self._train: Any = None
@@ -136,10 +159,24 @@ class Attributor(ABC):
     def _features(
         self, ctx: MemberContext, batch: Batch, which: str, state: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Per-sample gradients of ``which`` at ``state``, projected by the member's projector."""
-        psg = compute_per_sample_grads(
-            self.task, batch, state=state, which=which, engine=self.config.engine
-        )
+        """Per-unit gradients of ``which`` at ``state``, projected by the member's projector.
+
+        Per-sample gradients, or while a grouped train batch is featurized, the gradients of
+        each group's summed objective (one row per group; see the module docstring).
+        """
+        if ctx.unit_members is None:
+            psg = compute_per_sample_grads(
+                self.task, batch, state=state, which=which, engine=self.config.engine
+            )
+        else:
+            psg = compute_group_grads(
+                self.task,
+                batch,
+                ctx.unit_members,
+                state=state,
+                which=which,
+                engine=self.config.engine,
+            )
         if ctx.projector is None:
             return psg.flat()
         return ctx.projector.project(psg)
@@ -151,6 +188,10 @@ class Attributor(ABC):
     def _query_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
         """``(B, d)`` features of queries (default: gradients of the query objective)."""
         return self._features(ctx, batch, "query", ctx.state)
+
+    def _finish_train_features(self, ctx: MemberContext, features: torch.Tensor) -> torch.Tensor:
+        """Non-linear step on complete units' train features (default: none)."""
+        return features
 
     @abstractmethod
     def _fit_member(self, ctx: MemberContext) -> None:
@@ -183,6 +224,8 @@ class Attributor(ABC):
             raise DataError("the training set is empty; attribution needs at least one example.")
         members = resolve_members(self.task, self._members_arg)
         self._train, self._n_train = train, n
+        self._grouping = resolve_groups(self._groups_arg, train, self.task)
+        self._n_units = n if self._grouping is None else self._grouping.n_groups
         if self._store_path is not None:
             self.store = Store(
                 self._store_path,
@@ -191,22 +234,29 @@ class Attributor(ABC):
             )
         self._contexts = []
         for index, member in enumerate(members):
-            pairs = member_states(self.task, member)
-            projector = None
-            if self.config.projector != "none":
-                projector = make_projector(
-                    self.config.projector, self.config.proj_dim, seed=self.config.seed, member=index
+            with self._member_task(member):
+                pairs = member_states(self.task, member)
+                projector = None
+                if self.config.projector != "none":
+                    projector = make_projector(
+                        self.config.projector,
+                        self.config.proj_dim,
+                        seed=self.config.seed,
+                        member=index,
+                    )
+                ctx = MemberContext(
+                    index, member, [c for c, _ in pairs], [s for _, s in pairs], projector
                 )
-            ctx = MemberContext(
-                index, member, [c for c, _ in pairs], [s for _, s in pairs], projector
-            )
-            self._featurize_train(ctx, train)
-            self._fit_member(ctx)
+                self._featurize_train(ctx, train)
+                self._fit_member(ctx)
             self._contexts.append(ctx)
         return self
 
     def attribute(self, queries: Any) -> Scores:
-        """Scores ``(n_query, n_train)``; positive = training on the unit improves the query."""
+        """Scores ``(n_query, n_units)``; positive = training on the unit improves the query.
+
+        Units are training examples, or groups (``unit_ids`` = group ids) with ``groups=``.
+        """
         ids, blocks = [], []
         for unit_ids, block in self._score_blocks(queries):
             ids.append(unit_ids)
@@ -218,21 +268,23 @@ class Attributor(ABC):
         return streaming_topk(self._score_blocks(queries), k)
 
     def self_attribute(self) -> torch.Tensor:
-        """``(n_train,)`` self-influence of each training unit (mislabel detection)."""
+        """``(n_units,)`` self-influence of each training unit (mislabel detection)."""
         self._check_fitted()
-        total = torch.zeros(self._n_train, dtype=self.task.dtype, device=self.task.device)
+        total = torch.zeros(self._n_units, dtype=self.task.dtype, device=self.task.device)
         for ctx in self._contexts:
-            for start, block in self._iter_train_features(ctx):
-                total[start : start + block.shape[0]] += self._self_scores(ctx, block, start)
+            with self._member_task(ctx.member):  # self-scores may apply curvature (influence)
+                for start, block in self._iter_train_features(ctx):
+                    total[start : start + block.shape[0]] += self._self_scores(ctx, block, start)
         return total / len(self._contexts)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description of the method and its settings."""
-        return {
-            "method": self.name,
-            "config": self.config.to_json(),
-            "task": self.task.config(),
-        }
+        return self._store_config()
+
+    @property
+    def grouping(self) -> Grouping | None:
+        """The fitted grouping (None without ``groups=`` or before ``fit``)."""
+        return self._grouping
 
     # ------------------------------------------------------------------ loop internals
     def _check_fitted(self) -> None:
@@ -243,20 +295,36 @@ class Attributor(ABC):
             )
 
     def _store_config(self) -> dict[str, Any]:
-        return {
+        out = {
             "method": self.name,
             "config": self.config.to_json(),
             "task": self.task.config(),
         }
+        if self._grouping is not None:
+            out["groups"] = self._grouping.describe()
+        return out
 
     def _fingerprints(self, members: list[Member]) -> dict[str, str]:
         fps = {}
         for i, m in enumerate(members):
-            states = [s for _, s in member_states(self.task, m)]
-            fps[f"member{i}"] = fingerprint_tensors([t for s in states for t in s.values()])
+            fps[f"member{i}"] = member_fingerprint(self.task, m)
         return fps
 
+    @contextmanager
+    def _member_task(self, member: Member) -> Iterator[None]:
+        """Inside: ``self.task`` is the member's effective model (dropout masks, LoRA adapter)."""
+        base = self.task
+        with member_scope(base, member) as effective:
+            self.task = effective
+            try:
+                yield
+            finally:
+                self.task = base
+
     def _featurize_train(self, ctx: MemberContext, train: Any) -> None:
+        if self._grouping is not None:
+            self._featurize_train_groups(ctx, train, self._grouping)
+            return
         kind = f"train-m{ctx.index}"
         batches = iter_batches(train, self.config.batch_size)
         it = tqdm(
@@ -269,9 +337,56 @@ class Attributor(ABC):
                 fp = fingerprint_batch(batch)
                 if self.store.has_shard(kind, b, fp):
                     continue
-                self.store.write_shard(kind, b, self._train_features(ctx, batch).detach(), fp)
+                self.store.write_shard(kind, b, self._unit_train_features(ctx, batch), fp)
             else:
-                ctx.features.append(self._train_features(ctx, batch).detach())
+                ctx.features.append(self._unit_train_features(ctx, batch))
+
+    def _unit_train_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
+        return self._finish_train_features(ctx, self._train_features(ctx, batch)).detach()
+
+    def _featurize_train_groups(self, ctx: MemberContext, train: Any, grouping: Grouping) -> None:
+        """Group features, one chunk of whole groups (one shard) at a time.
+
+        ``batch_size`` counts units here too: a forward batch holds about ``batch_size``
+        groups (``batch_size`` x the mean group size examples), so projections and kernels
+        see as many rows per call as in per-example attribution.
+        """
+        kind = f"train-m{ctx.index}"
+        mean_size = -(-grouping.n_train // grouping.n_groups)
+        chunks = list(grouping.chunks(self.config.batch_size * mean_size))
+        it = tqdm(
+            chunks,
+            desc=f"{self.name}: group features (member {ctx.index})",
+            disable=not self.config.progress,
+        )
+        for c, (lo, hi, index_batches) in enumerate(it):
+            batches = [take_examples(train, idx) for idx in index_batches]
+            fp = ""
+            if self.store is not None:
+                h = hashlib.sha256(f"groups {lo}:{hi}".encode())
+                for idx, batch in zip(index_batches, batches):
+                    h.update(fingerprint_batch(batch).encode())
+                    h.update(fingerprint_tensors([grouping.labels[idx]]).encode())
+                fp = h.hexdigest()
+                if self.store.has_shard(kind, c, fp):
+                    continue
+            feats: torch.Tensor | None = None
+            try:
+                for idx, batch in zip(index_batches, batches):
+                    present, local = torch.unique(grouping.labels[idx], return_inverse=True)
+                    ctx.unit_members = group_members(local, int(present.numel()))
+                    part = self._train_features(ctx, batch).detach()
+                    if feats is None:
+                        feats = part.new_zeros(hi - lo, part.shape[1])
+                    feats.index_add_(0, (present - lo).to(part.device), part)
+            finally:
+                ctx.unit_members = None
+            assert feats is not None
+            feats = self._finish_train_features(ctx, feats).detach()
+            if self.store is not None:
+                self.store.write_shard(kind, c, feats, fp)
+            else:
+                ctx.features.append(feats)
 
     def _iter_train_features(self, ctx: MemberContext) -> Iterator[tuple[int, torch.Tensor]]:
         start = 0
@@ -292,11 +407,12 @@ class Attributor(ABC):
         self.task.check_eval_mode()
         out = []
         for ctx in self._contexts:
-            feats = [
-                self._query_features(ctx, b).detach()
-                for b in iter_batches(queries, self.config.batch_size)
-            ]
-            out.append(self._transform_queries(ctx, torch.cat(feats, 0)))
+            with self._member_task(ctx.member):
+                feats = [
+                    self._query_features(ctx, b).detach()
+                    for b in iter_batches(queries, self.config.batch_size)
+                ]
+                out.append(self._transform_queries(ctx, torch.cat(feats, 0)))
         return out
 
     def _score_blocks(self, queries: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -309,7 +425,10 @@ class Attributor(ABC):
                 for ctx, q, (_, block) in zip(self._contexts, qs, parts)
             ]
             size = blocks[0].shape[1]
-            yield torch.arange(start, start + size), self._aggregate(blocks, start)
+            ids = torch.arange(start, start + size)
+            if self._grouping is not None:
+                ids = self._grouping.ids[start : start + size]
+            yield ids, self._aggregate(blocks, start)
 
 
 MethodEntry = tuple[type[Attributor], dict[str, Any]]

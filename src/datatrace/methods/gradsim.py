@@ -3,7 +3,8 @@
 ``grad-dot``: ``score[q, i] = <g_q, g_i>`` with ``g_q`` the gradient of the query objective
 (loss-like: ``-direction * target``) and ``g_i`` that of training example i's loss. One SGD
 step on i with learning rate η lowers the query objective by ``η <g_q, g_i>`` to first order,
-so positive scores are proponents. ``grad-cos`` normalises both gradients.
+so positive scores are proponents. ``grad-cos`` normalises both gradients (with ``groups=``,
+the group gradient: the gradient of the group's summed loss).
 Cost: one per-sample gradient per example; no curvature.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from datatrace.data import Batch
 from datatrace.methods.base import Attributor, MemberContext, register
 
 __all__ = ["GradCosAttributor", "GradDotAttributor"]
@@ -55,8 +55,9 @@ class GradCosAttributor(Attributor):
 
     method_id = "grad-cos"
 
-    def _train_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
-        return _unit(super()._train_features(ctx, batch))
+    def _finish_train_features(self, ctx: MemberContext, features: torch.Tensor) -> torch.Tensor:
+        # on whole units: a group's gradient is normalised after its members are summed
+        return _unit(features)
 
     def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
         return _unit(q)

@@ -6,7 +6,8 @@ gives the representer theorem ``W = Σ_i α_i f_i^T`` with
 ``α_i = -(1 / (2λn)) ∂L_i/∂Φ_i``, so every pre-activation splits exactly into training
 contributions: ``Φ(x_q)_c = Σ_i α_{i,c} <f_i, f_q>``. The score of unit i for query q is
 its contribution to the pre-activation of the query's label c (positive = excitatory,
-i.e. a proponent). Cost: one forward pass per example and a convex refit of one layer.
+i.e. a proponent). With ``groups=`` a group's score is the sum of its members' contributions
+(the decomposition is exact, so this is the group's share of the pre-activation). Cost: one forward pass per example and a convex refit of one layer.
 """
 
 from __future__ import annotations
@@ -159,7 +160,10 @@ class RepresenterAttributor(Attributor):
         self._refit(ctx)
         alpha, feats = ctx.fitted["alpha"], ctx.fitted["feats"]
         # Train feature α_i ⊗ f_i; a query's feature e_c ⊗ f_q picks α_{i,c} <f_i, f_q>.
-        ctx.features = [torch.einsum("nc,nd->ncd", alpha, feats).reshape(feats.shape[0], -1)]
+        units = torch.einsum("nc,nd->ncd", alpha, feats).reshape(feats.shape[0], -1)
+        if self._grouping is not None:  # the decomposition is additive: a group's share is a sum
+            units = self._grouping.sum_rows(units)
+        ctx.features = [units]
 
     def _fit_member(self, ctx: MemberContext) -> None:
         return None
@@ -176,6 +180,12 @@ class RepresenterAttributor(Attributor):
 
     def _self_scores(self, ctx: MemberContext, train: torch.Tensor, start: int) -> torch.Tensor:
         alpha, feats, labels = ctx.fitted["alpha"], ctx.fitted["feats"], ctx.fitted["labels"]
+        if self._grouping is not None:
+            # A group's share of its own members' label pre-activations:
+            # sum_{i in g} sum_{j in g} α_{j, y_i} <f_j, f_i>.
+            onehot = torch.nn.functional.one_hot(labels, alpha.shape[1]).to(feats.dtype)
+            q = self._grouping.sum_rows(torch.einsum("nc,nd->ncd", onehot, feats).flatten(1))
+            return (q[start : start + train.shape[0]] * train).sum(1)
         idx = torch.arange(start, start + train.shape[0])
         return alpha[idx, labels[idx]] * (feats[idx] ** 2).sum(1)
 

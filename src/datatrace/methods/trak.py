@@ -10,6 +10,9 @@ For classification each training example's output function is its margin
 averaged over independently trained members ``m`` (kernel scores and Q are averaged
 separately, as in the paper). Positive = proponent. For non-classification losses the
 features are loss gradients and Q = 1.
+With ``groups=`` a group's feature is the projected gradient of its members' summed
+``-margin``, the kernel is built from group features, and its Q is the members' mean
+``1 - p`` (singleton groups reproduce per-example TRAK exactly).
 Cost: projected per-sample gradients plus a ``proj_dim x proj_dim`` solve per member.
 """
 
@@ -22,6 +25,7 @@ from typing import Literal
 import torch
 
 from datatrace.data import Batch, iter_batches
+from datatrace.ensemble import DropoutMember
 from datatrace.errors import ConfigError, NumericalError
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.projection import ProjectorKind
@@ -42,6 +46,12 @@ class TRAKConfig(MethodConfig):
             rounding of a float32 kernel, so ``proj_dim >= n_train`` still factors; larger
             values regularise, which raised LDS on digits — see docs/benchmarks.md).
         output: ``"margin"`` for classification (cross-entropy tasks) or ``"loss"``.
+        q_dropout: number of dropout masks averaged in ``Q`` only (0: off). Features come
+            from the unmasked model once; ``Q`` is the mean over forward passes under masks
+            ``0 .. q_dropout-1`` of :class:`~datatrace.ensemble.DropoutMember` (seed
+            ``seed``): the Q-only Dropout Ensemble, cheap to serve (forward passes only).
+        q_dropout_rate: drop probability of those masks (None: the dropout layers' own).
+        q_dropout_layers: modules to mask (None: the model's dropout layers).
     """
 
     projector: ProjectorKind = "rademacher"
@@ -49,9 +59,18 @@ class TRAKConfig(MethodConfig):
     damping: float | None = None
     relative_damping: float = 1e-4
     output: Literal["margin", "loss"] = "margin"
+    q_dropout: int = 0
+    q_dropout_rate: float | None = None
+    q_dropout_layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.q_dropout, bool) or not isinstance(self.q_dropout, int):
+            raise ConfigError(f"q_dropout must be an int >= 0; got {self.q_dropout!r}.")
+        if self.q_dropout < 0:
+            raise ConfigError(f"q_dropout must be an int >= 0; got {self.q_dropout!r}.")
+        if self.q_dropout:  # validates rate and layers now, not in fit()
+            DropoutMember(seed=self.seed, rate=self.q_dropout_rate, layers=self.q_dropout_layers)
         if self.damping is not None and not (
             isinstance(self.damping, (int, float)) and self.damping >= 0
         ):
@@ -123,6 +142,24 @@ class TRAKAttributor(Attributor):
     def _q_weights(self, ctx: MemberContext) -> torch.Tensor:
         if not self._uses_margin():
             return torch.ones(self._n_train, dtype=self.task.dtype, device=self.task.device)
+        cfg = self.config
+        if cfg.q_dropout:
+            if isinstance(ctx.member, DropoutMember):
+                raise ConfigError(
+                    "q_dropout masks Q of an unmasked model; with dropout members= the masks "
+                    "already enter features and Q. Use one of the two (q_dropout=0)."
+                )
+            qs = []
+            for j in range(cfg.q_dropout):
+                mask = DropoutMember(
+                    index=j, seed=cfg.seed, rate=cfg.q_dropout_rate, layers=cfg.q_dropout_layers
+                )
+                with mask.applied(self.task):
+                    qs.append(self._q_pass(ctx))
+            return torch.stack(qs).mean(0)
+        return self._q_pass(ctx)
+
+    def _q_pass(self, ctx: MemberContext) -> torch.Tensor:
         parts = []
         with torch.no_grad():
             for batch in iter_batches(self._train, self.config.batch_size):
@@ -150,7 +187,9 @@ class TRAKAttributor(Attributor):
                 "proj_dim below the number of training examples."
             )
         ctx.fitted["chol"] = chol
-        ctx.fitted["q"] = self._q_weights(ctx)
+        q = self._q_weights(ctx)
+        # A group's Q is its members' mean 1 - p (its features: the group's summed -margin gradient)
+        ctx.fitted["q"] = q if self._grouping is None else self._grouping.mean_rows(q)
 
     def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
         return torch.cholesky_solve(q.T.double(), ctx.fitted["chol"]).T.to(q.dtype)
