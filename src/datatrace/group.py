@@ -314,7 +314,7 @@ def kmeans(
         raise ConfigError(f"k must be an integer in [1, {n}] (the number of points); got {k!r}.")
     x = x.double()
     xx = (x * x).sum(1, keepdim=True)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = _generator("kmeans", seed)
     centres = x.new_empty(k, x.shape[1])
     centres[0] = x[int(torch.randint(n, (1,), generator=gen))]
     closest = _sq_dists(x, centres[:1], xx).squeeze(1)
@@ -398,6 +398,14 @@ class Grouper(ABC):
         return f"{type(self).__name__}({settings})"
 
 
+def _generator(kind: str, seed: int) -> torch.Generator:
+    """A CPU generator for ``(kind, seed)``: salted, so ``seed=0`` here draws another stream
+    than ``torch.Generator().manual_seed(0)`` elsewhere (label flips, subset sampling), which
+    would otherwise line random groups up with, e.g., the flipped examples."""
+    digest = hashlib.blake2b(repr(("datatrace.group", kind, int(seed))).encode(), digest_size=8)
+    return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+
+
 def _balanced(perm: torch.Tensor, n_groups: int) -> torch.Tensor:
     """Ids for a permutation: consecutive runs of near-equal size (sizes differ by <= 1)."""
     ids = torch.empty_like(perm)
@@ -420,7 +428,7 @@ class RandomGrouper(Grouper):
         n = num_examples(train)
         if self.group_size > n:
             raise DataError(f"group_size={self.group_size} exceeds the {n} training examples.")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        perm = torch.randperm(n, generator=_generator(self.grouper_id, self.seed))
         return _balanced(perm, self.n_groups(n))
 
 
@@ -442,7 +450,7 @@ class ClassRandomGrouper(Grouper):
 
     def _group_ids(self, train: Any, task: Task | None) -> torch.Tensor:
         labels = _labels_of(self._need_task(task), train, self.batch_size)
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = _generator(self.grouper_id, self.seed)
         ids = torch.empty_like(labels)
         offset = 0
         for c in torch.unique(labels, sorted=True).tolist():

@@ -200,3 +200,15 @@ def test_make_grouper_errors():
         make_grouper("random", group_size=0)
     with pytest.raises(DataError, match="exceeds the 4 training"):
         RandomGrouper(group_size=5).group(torch.zeros(4, 2))
+
+
+def test_random_groups_do_not_line_up_with_other_seed_zero_permutations():
+    # Label flips and subset sampling draw torch.randperm(n) from manual_seed(seed); random
+    # groups with the same seed must not reuse that permutation (the flipped examples would
+    # then fill the first groups and every detector would look perfect).
+    n, size = 1437, 16
+    grouping = RandomGrouper(group_size=size, seed=0).group(torch.zeros(n, 1))
+    naive = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    first_flips = naive[: n // 10]
+    groups_hit = grouping.labels[first_flips].unique().numel()
+    assert groups_hit > 50  # ~74 of 90 groups expected; the collision put them in 9
