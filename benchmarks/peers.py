@@ -247,7 +247,13 @@ def ours_methods(
             f"if-{kind}": (
                 f"if-{kind}",
                 full,
-                {"damping": args.kfac_damping, "fisher": "true", "members": sds[:1], **common},
+                {
+                    "damping": args.kfac_damping,
+                    "fisher": args.kfac_fisher,
+                    "fisher_samples": args.kfac_fisher_samples,
+                    "members": sds[:1],
+                    **common,
+                },
             )
             for kind in ("ekfac", "kfac")
         },
@@ -351,6 +357,15 @@ def main(argv: list[str] | None = None) -> None:
         type=lambda t: t if t == "heuristic" else float(t),
         default="heuristic",
         help="K-FAC/EK-FAC damping: a number, or 'heuristic' (0.1 x mean eigenvalue per layer)",
+    )
+    ap.add_argument(
+        "--kfac-fisher",
+        default="true",
+        choices=["true", "empirical", "exact"],
+        help="our K-FAC/EK-FAC Fisher (kronfluence: 'true', one sampled label per example)",
+    )
+    ap.add_argument(
+        "--kfac-fisher-samples", type=int, default=1, help="sampled labels per example (ours)"
     )
     ap.add_argument("--batch-size", type=int, default=256, help="featurization batch size")
     ap.add_argument(
