@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from datatrace.errors import ConfigError, DataError
 from datatrace.group import Grouping
+from datatrace.metrics.removal import _as_float
 from datatrace.scores import Scores
 
 __all__ = [
@@ -111,20 +112,6 @@ def _check_fractions_kept(fractions: Sequence[Any] | torch.Tensor) -> list[float
 def _n_target(fraction_kept: float, n_train: int) -> int:
     # Round half up (0.29 * 100 is 28.999999999999996 in floating point), keep at least one.
     return max(1, math.floor(fraction_kept * n_train + 0.5))
-
-
-def _as_float(x: Any, where: str) -> float:
-    try:
-        if isinstance(x, bool):
-            raise TypeError
-        value = float(x)
-    except (TypeError, ValueError, RuntimeError):
-        raise DataError(
-            f"evaluate_fn must return a float; got {type(x).__name__} {where}."
-        ) from None
-    if not math.isfinite(value):
-        raise DataError(f"evaluate_fn returned {value} {where}; expected a finite number.")
-    return value
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,12 @@ from tqdm.auto import tqdm
 from datatrace.data import Batch, iter_batches, num_examples
 from datatrace.ensemble import member_fingerprint, member_scope, member_states, resolve_members
 from datatrace.errors import ConfigError, DataError, NotFittedError
-from datatrace.gradients import compute_group_grads, compute_per_sample_grads, group_members
+from datatrace.gradients import (
+    PerSampleGrads,
+    compute_group_grads,
+    compute_per_sample_grads,
+    group_members,
+)
 from datatrace.group import Grouping, check_groups_spec, resolve_groups, take_examples
 from datatrace.projection import Projector, ProjectorKind, make_projector
 from datatrace.scores import Scores, TopK, streaming_topk
@@ -164,19 +169,7 @@ class Attributor(ABC):
         Per-sample gradients, or while a grouped train batch is featurized, the gradients of
         each group's summed objective (one row per group; see the module docstring).
         """
-        if ctx.unit_members is None:
-            psg = compute_per_sample_grads(
-                self.task, batch, state=state, which=which, engine=self.config.engine
-            )
-        else:
-            psg = compute_group_grads(
-                self.task,
-                batch,
-                ctx.unit_members,
-                state=state,
-                which=which,
-                engine=self.config.engine,
-            )
+        psg = self._unit_grads(ctx, batch, which, state)
         if ctx.projector is None:
             return psg.flat()
         return ctx.projector.project(psg)
@@ -188,6 +181,18 @@ class Attributor(ABC):
     def _query_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
         """``(B, d)`` features of queries (default: gradients of the query objective)."""
         return self._features(ctx, batch, "query", ctx.state)
+
+    def _unit_grads(
+        self, ctx: MemberContext, batch: Batch, which: str, state: Mapping[str, torch.Tensor]
+    ) -> PerSampleGrads:
+        """Unprojected per-sample gradients, or per-group ones while groups are featurized."""
+        if ctx.unit_members is None:
+            return compute_per_sample_grads(
+                self.task, batch, state=state, which=which, engine=self.config.engine
+            )
+        return compute_group_grads(
+            self.task, batch, ctx.unit_members, state=state, which=which, engine=self.config.engine
+        )
 
     def _finish_train_features(self, ctx: MemberContext, features: torch.Tensor) -> torch.Tensor:
         """Non-linear step on complete units' train features (default: none)."""

@@ -41,7 +41,6 @@ import torch
 
 from datatrace.data import Batch, iter_batches
 from datatrace.errors import ConfigError
-from datatrace.gradients import compute_group_grads, compute_per_sample_grads
 from datatrace.gradients.engine import PerSampleGrads
 from datatrace.gradients.hooks import _outer_sum
 from datatrace.kfac import (
@@ -203,20 +202,7 @@ class LoGraAttributor(Attributor):
         return torch.cat(parts, 1)
 
     def _features(self, ctx: MemberContext, batch: Batch, which: str, state: Any) -> torch.Tensor:
-        if ctx.unit_members is None:
-            psg = compute_per_sample_grads(
-                self.task, batch, state=state, which=which, engine=self.config.engine
-            )
-        else:
-            psg = compute_group_grads(
-                self.task,
-                batch,
-                ctx.unit_members,
-                state=state,
-                which=which,
-                engine=self.config.engine,
-            )
-        return self._project(ctx, psg)
+        return self._project(ctx, self._unit_grads(ctx, batch, which, state))
 
     # ------------------------------------------------------------------ curvature
     def _fit_member(self, ctx: MemberContext) -> None:
