@@ -78,3 +78,21 @@ def test_self_influence_on_the_flipped_model(tmp_path):
     direct = make_attributor("grad-dot", mgt.setting.make_task(noisy_model), batch_size=256)
     expected = direct.fit(mgt.setting.data.train).self_attribute()
     assert torch.equal(result.self_scores, expected)
+
+
+def test_a_crashing_grid_point_is_reported_and_the_rest_still_runs(tmp_path, monkeypatch):
+    from datatrace.methods.rps import RepresenterAttributor
+
+    setting = Blobs()
+    real_fit = RepresenterAttributor.fit
+
+    def fit(self, train):  # a library bug (not a DatatraceError) at one damping only
+        if self.config.damping == 10.0:
+            raise RuntimeError("shapes cannot be multiplied")
+        return real_fit(self, train)
+
+    monkeypatch.setattr(RepresenterAttributor, "fit", fit)
+    job, _, _ = _job(setting, tmp_path, "rps", [{"damping": 10.0}, {"damping": 1e-3}])
+    result = run_method(job)
+    assert result.grid[0]["error"] == "RuntimeError: shapes cannot be multiplied"
+    assert result.chosen == {"damping": 1e-3} and result.values is not None

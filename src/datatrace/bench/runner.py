@@ -183,8 +183,11 @@ def run_method(job: MethodJob, measure_memory: bool = False) -> MethodResult:
             t1 = time.perf_counter()
             values = attributor.attribute(queries).values.detach()
             t2 = time.perf_counter()
-        except DatatraceError as exc:
-            result.grid.append({"setting": dict(candidate), "error": str(exc)})
+        except Exception as exc:  # a failing method (even a bug) must not lose the others
+            message = (
+                str(exc) if isinstance(exc, DatatraceError) else f"{type(exc).__name__}: {exc}"
+            )
+            result.grid.append({"setting": dict(candidate), "error": message})
             continue
         v = lds(values[:n_val], job.subsets, job.val_targets).mean
         result.grid.append({"setting": dict(candidate), "val_lds": v})
@@ -208,8 +211,10 @@ def run_method(job: MethodJob, measure_memory: bool = False) -> MethodResult:
                 variant, flipped_model, job.mislabel_trajectory, job, result.chosen
             )
             result.self_scores = attributor.fit(variant.data.train).self_attribute().detach()
-        except DatatraceError as exc:
-            result.mislabel_error = str(exc)
+        except Exception as exc:  # reported in the table, like a failed grid point
+            result.mislabel_error = (
+                str(exc) if isinstance(exc, DatatraceError) else f"{type(exc).__name__}: {exc}"
+            )
     return result
 
 
