@@ -111,3 +111,42 @@ def median_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> tup
         out = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+@dataclass
+class DigitsBench:
+    """Everything the digits-MLP benchmark scripts share: ground truth, splits, the model."""
+
+    recipe: DigitsRecipe
+    gt: SubsetGroundTruth
+    train: tuple[torch.Tensor, torch.Tensor]
+    queries: tuple[torch.Tensor, torch.Tensor]
+    val: slice
+    test: slice
+    model: torch.nn.Module
+    checkpoints: list[Any]
+
+
+def digits_bench(threads: int = 2) -> DigitsBench:
+    """Cached ground truth, train/query split and the seed-0 model (eval mode) with its
+    trajectory (a checkpoint every 10 epochs), with ``threads`` torch threads."""
+    from datatrace.bench.digits import train_digits_mlp_trajectory
+
+    torch.set_num_threads(threads)
+    recipe = DigitsRecipe()
+    gt = digits_ground_truth(recipe)
+    train, queries = digits_queries(recipe)
+    model, checkpoints = train_digits_mlp_trajectory(
+        train, seed=0, epochs=recipe.epochs, hidden=recipe.hidden, every=10
+    )
+    model.eval()
+    return DigitsBench(
+        recipe,
+        gt,
+        train,
+        queries,
+        slice(0, recipe.n_val),
+        slice(recipe.n_val, recipe.n_val + recipe.n_test),
+        model,
+        checkpoints,
+    )

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DigitsRecipe, digits_ground_truth, digits_queries
+from benchmarks.common import digits_bench
 from datatrace import DatatraceError, Task, make_attributor
 from datatrace.bench.digits import train_digits_mlp_trajectory
 from datatrace.metrics import beats, lds
@@ -71,15 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-    recipe = DigitsRecipe()
-    gt = digits_ground_truth(recipe)
-    train, queries = digits_queries(recipe)
-    val = slice(0, recipe.n_val)
-    test = slice(recipe.n_val, recipe.n_val + recipe.n_test)
-    model, checkpoints = train_digits_mlp_trajectory(
-        train, seed=0, epochs=recipe.epochs, hidden=recipe.hidden, every=10
-    )
+    bench = digits_bench()
+    recipe, gt, train, queries = bench.recipe, bench.gt, bench.train, bench.queries
+    val, test, model, checkpoints = bench.val, bench.test, bench.model, bench.checkpoints
 
     def score(values: torch.Tensor, part: slice):
         return lds(values[part], gt.subsets, gt.targets[:, part])

@@ -25,9 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import DigitsRecipe, digits_ground_truth, digits_queries, median_time
+from benchmarks.common import digits_bench, median_time
 from benchmarks.ekfac_digits import DAMPINGS, run
-from datatrace.bench.digits import train_digits_mlp_trajectory
 from datatrace.metrics import beats, lds, not_worse
 
 FISHERS = ("empirical", "exact")  # if-ekfac's best points on this model (ekfac_digits.py)
@@ -53,16 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="write results as JSON here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-    recipe = DigitsRecipe()
-    gt = digits_ground_truth(recipe)
-    train, queries = digits_queries(recipe)
-    val = slice(0, recipe.n_val)
-    test = slice(recipe.n_val, recipe.n_val + recipe.n_test)
-    model, _ = train_digits_mlp_trajectory(
-        train, seed=0, epochs=recipe.epochs, hidden=recipe.hidden, every=10
-    )
-    model.eval()
+    bench = digits_bench()
+    recipe, gt, train, queries = bench.recipe, bench.gt, bench.train, bench.queries
+    val, test, model = bench.val, bench.test, bench.model
     print(f"ground truth: {recipe}; noise ceiling {gt.noise_ceiling().mean:.3f}")
 
     best: dict[str, tuple[float, str, dict[str, Any], torch.Tensor]] = {}
