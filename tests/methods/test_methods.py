@@ -13,7 +13,7 @@ from datatrace import (
 )
 from datatrace.gradients import compute_per_sample_grads
 from datatrace.projection import make_projector
-from tests.models import classification_data, cnn, mlp
+from tests.models import classification_data, cnn, mlp, tiny_lm
 
 
 def test_grad_dot_and_cos_equal_dense_formulas():
@@ -63,6 +63,26 @@ def test_representer_values_sum_to_preactivations():
     pre = rps.refit_preactivations(queries)
     expected = pre.gather(1, queries[1].view(-1, 1)).squeeze(1)
     torch.testing.assert_close(values.sum(1), expected, rtol=1e-6, atol=1e-8)
+
+
+def test_representer_values_sum_to_next_token_preactivations_for_lm():
+    """LM: a query's scores sum to its refit next-token pre-activations, masked positions out."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (14, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:3, 4:] = 0  # padded tails: those positions must not count
+    train = {"input_ids": ids[:10], "attention_mask": mask[:10]}
+    queries = {"input_ids": ids[10:], "attention_mask": mask[10:]}
+    rps = RepresenterAttributor(Task(tiny_lm(), loss="lm", target="log_prob"), damping=1e-2)
+    values = rps.fit(train).attribute(queries).values
+    pre = rps.refit_preactivations(queries)  # (4, 6, 11)
+    nxt = pre[:, :-1].gather(2, queries["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+    expected = (nxt * queries["attention_mask"][:, 1:]).sum(1)
+    torch.testing.assert_close(values.sum(1), expected, rtol=1e-6, atol=1e-8)
+    # train self-scores use the same decomposition: a padded sequence drops its tail
+    self_scores = rps.self_attribute()
+    full = rps.attribute(train).values.diagonal()
+    torch.testing.assert_close(self_scores, full, rtol=1e-8, atol=1e-10)
 
 
 def test_representer_refuses_non_final_layer():

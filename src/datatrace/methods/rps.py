@@ -7,12 +7,19 @@ gives the representer theorem ``W = Σ_i α_i f_i^T`` with
 contributions: ``Φ(x_q)_c = Σ_i α_{i,c} <f_i, f_q>``. The score of unit i for query q is
 its contribution to the pre-activation of the query's label c (positive = excitatory,
 i.e. a proponent). With ``groups=`` a group's score is the sum of its members' contributions
-(the decomposition is exact, so this is the group's share of the pre-activation). Cost: one forward pass per example and a convex refit of one layer.
+(the decomposition is exact, so this is the group's share of the pre-activation).
+
+Sequence models (``loss="lm"``): the final layer maps every position's representation
+``f_{i,t}`` to logits, the refit uses the summed next-token loss, and a query's value is the
+sum over its predicted positions of the next token's pre-activation,
+``Σ_t Φ(x_q)_{t, y_{t+1}} = Σ_i Σ_{s,t} α_{i,s,y_{t+1}} <f_{i,s}, f_{q,t}>`` — split exactly
+into training sequences. Cost: one forward pass per example and a convex refit of one layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,6 +71,41 @@ def _final_linear(task: Task, name: str | None) -> tuple[str, nn.Linear]:
     return name, modules[name]
 
 
+def _newton_polish(
+    objective: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, steps: int = 3
+) -> torch.Tensor:
+    """A few Newton-CG steps from L-BFGS's end point, until the gradient is at rounding level.
+
+    The representer decomposition is exact only at a stationary point. L-BFGS stops once the
+    objective stops decreasing in floating point, which can leave a gradient far above
+    rounding (seen: 1e-8 on a summed LM loss); Newton steps need only gradients and
+    Hessian-vector products, so they go on to the stationary point (the refit is strongly
+    convex: λ > 0).
+    """
+    for _ in range(steps):
+        w = w.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(objective(w), w, create_graph=True)
+        g_norm = float(g.detach().norm())
+        if g_norm <= 1e3 * torch.finfo(w.dtype).eps * max(1.0, float(w.detach().norm())):
+            break
+        x = torch.zeros_like(w)
+        r = -g.detach()
+        p = r.clone()
+        rs = float((r * r).sum())
+        for _ in range(100):  # CG on H x = -g
+            (hp,) = torch.autograd.grad(g, w, p, retain_graph=True)
+            step = rs / float((p * hp).sum())
+            x += step * p
+            r -= step * hp
+            rs_new = float((r * r).sum())
+            if rs_new**0.5 <= 1e-6 * g_norm:
+                break
+            p = r + (rs_new / rs) * p
+            rs = rs_new
+        w = w.detach() + x
+    return w.detach()
+
+
 @register("rps")
 class RepresenterAttributor(Attributor):
     """Representer point selection on the final linear layer.
@@ -98,8 +140,42 @@ class RepresenterAttributor(Attributor):
                 f"layer {name!r} does not produce the model's output directly; representer points "
                 "need the final nn.Linear (pass layer= with its name)."
             )
-        f = seen[0][0].reshape(out.shape[0], -1)
-        return torch.cat([f, f.new_ones(f.shape[0], 1)], 1), split
+        f = seen[0][0]
+        if out.ndim == 2:  # classification: one position per example
+            f = f.reshape(out.shape[0], 1, -1)
+        elif out.ndim == 3 and self.task.loss_name == "lm":  # (B, T, d): one row per position
+            f = f.reshape(out.shape[0], out.shape[1], -1)
+        else:
+            raise ModelError(
+                f"representer points need outputs of shape (batch, classes), or (batch, tokens, "
+                f"vocab) with loss='lm'; got outputs of shape {tuple(out.shape)} with loss "
+                f"{self.task.loss_name!r}."
+            )
+        return torch.cat([f, f.new_ones(*f.shape[:2], 1)], 2), split
+
+    def _selectors(self, split: _SplitBatch, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """``(B, T, C)``: 1 where a position's pre-activation counts toward the query's value.
+
+        Classification: the label's class (T = 1). LM: at position t the next token
+        ``labels[t + 1]``, for positions the loss keeps (labels != -100, attention mask).
+        """
+        labels = split.labels
+        if labels is None:
+            raise ModelError("representer points attribute labelled queries; the batch has none.")
+        if self.task.loss_name != "lm":
+            if labels.ndim != 1 or labels.dtype.is_floating_point:
+                raise ModelError(
+                    "representer points attribute classification queries with integer labels; "
+                    f"got labels of shape {tuple(labels.shape)} and dtype {labels.dtype}."
+                )
+            return torch.nn.functional.one_hot(labels, shape[2]).to(dtype).unsqueeze(1)
+        nxt = labels[:, 1:]
+        keep = nxt != -100
+        if split.mask is not None:
+            keep = keep & split.mask[:, 1:].bool()
+        sel = torch.nn.functional.one_hot(nxt.clamp_min(0), shape[2]).to(dtype)
+        sel = sel * keep.unsqueeze(-1).to(dtype)
+        return torch.cat([sel, sel.new_zeros(shape[0], 1, shape[2])], 1)
 
     def _collect(self, ctx: MemberContext, data: Any) -> tuple[torch.Tensor, list[_SplitBatch]]:
         feats, splits = [], []
@@ -119,13 +195,19 @@ class RepresenterAttributor(Attributor):
         lam, n = float(self.config.damping), feats.shape[0]
         sizes = [s.labels.shape[0] for s in splits if s.labels is not None]
 
-        def objective() -> torch.Tensor:
-            logits = feats @ w.T
+        lm = self.task.loss_name == "lm"
+
+        def head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            out = x @ weight.T  # (n, T, C); classification outputs are (n, C)
+            return out if lm else out.squeeze(1)
+
+        def objective(weight: torch.Tensor) -> torch.Tensor:
+            logits = head(feats, weight)
             losses = [
                 self.task.loss_from_outputs(chunk, s)
                 for chunk, s in zip(torch.split(logits, sizes), splits)
             ]
-            return torch.cat(losses).mean() + lam * (w**2).sum()
+            return torch.cat(losses).mean() + lam * (weight**2).sum()
 
         opt = torch.optim.LBFGS(
             [w],
@@ -139,28 +221,34 @@ class RepresenterAttributor(Attributor):
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            value = objective()
+            value = objective(w)
             value.backward()
             return value
 
         opt.step(closure)
-        w = w.detach()
-        logits = (feats @ w.T).requires_grad_(True)
+        w = _newton_polish(objective, w.detach())
+        logits = head(feats, w).requires_grad_(True)
         losses = torch.cat(
             [self.task.loss_from_outputs(c, s) for c, s in zip(torch.split(logits, sizes), splits)]
         )
         (dl,) = torch.autograd.grad(losses.sum(), logits)
         if not torch.isfinite(dl).all():
             raise NumericalError("the representer refit produced NaN/inf gradients; raise damping.")
-        alpha = -dl / (2 * lam * n)
-        labels = torch.cat([s.labels for s in splits if s.labels is not None])
-        ctx.fitted.update(weight=w, alpha=alpha, feats=feats, labels=labels)
+        alpha = (dl if lm else dl.unsqueeze(1)) / (-2 * lam * n)
+        selectors = torch.cat(
+            [
+                self._selectors(s, a.shape, a.dtype)
+                for a, s in zip(torch.split(alpha, sizes), splits)
+            ]
+        )
+        ctx.fitted.update(weight=w, alpha=alpha, feats=feats, selectors=selectors)
 
     def _featurize_train(self, ctx: MemberContext, train: Any) -> None:
         self._refit(ctx)
         alpha, feats = ctx.fitted["alpha"], ctx.fitted["feats"]
-        # Train feature α_i ⊗ f_i; a query's feature e_c ⊗ f_q picks α_{i,c} <f_i, f_q>.
-        units = torch.einsum("nc,nd->ncd", alpha, feats).reshape(feats.shape[0], -1)
+        # Train feature Σ_t α_{i,t} ⊗ f_{i,t}; a query's feature Σ_t e_{y_t} ⊗ f_{q,t} picks
+        # Σ_{s,t} α_{i,s,y_t} <f_{i,s}, f_{q,t}>.
+        units = torch.einsum("ntc,ntd->ncd", alpha, feats).reshape(feats.shape[0], -1)
         if self._grouping is not None:  # the decomposition is additive: a group's share is a sum
             units = self._grouping.sum_rows(units)
         ctx.features = [units]
@@ -170,28 +258,28 @@ class RepresenterAttributor(Attributor):
 
     def _query_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
         f, split = self._representations(ctx.state, batch)
-        if split.labels is None or split.labels.ndim != 1:
-            raise ModelError(
-                "representer points attribute classification queries with integer labels."
-            )
-        n_classes = ctx.fitted["alpha"].shape[1]
-        onehot = torch.nn.functional.one_hot(split.labels, n_classes).to(f.dtype)
-        return torch.einsum("nc,nd->ncd", onehot, f).reshape(f.shape[0], -1)
+        shape = torch.Size((f.shape[0], f.shape[1], ctx.fitted["alpha"].shape[2]))
+        sel = self._selectors(split, shape, f.dtype)
+        return torch.einsum("ntc,ntd->ncd", sel, f).reshape(f.shape[0], -1)
 
     def _self_scores(self, ctx: MemberContext, train: torch.Tensor, start: int) -> torch.Tensor:
-        alpha, feats, labels = ctx.fitted["alpha"], ctx.fitted["feats"], ctx.fitted["labels"]
+        feats, sel = ctx.fitted["feats"], ctx.fitted["selectors"]
         if self._grouping is not None:
             # A group's share of its own members' label pre-activations:
-            # sum_{i in g} sum_{j in g} α_{j, y_i} <f_j, f_i>.
-            onehot = torch.nn.functional.one_hot(labels, alpha.shape[1]).to(feats.dtype)
-            q = self._grouping.sum_rows(torch.einsum("nc,nd->ncd", onehot, feats).flatten(1))
+            # sum_{i in g} sum_{j in g} <α_j ⊗ f_j, e_{y_i} ⊗ f_i>.
+            q = self._grouping.sum_rows(torch.einsum("ntc,ntd->ncd", sel, feats).flatten(1))
             return (q[start : start + train.shape[0]] * train).sum(1)
-        idx = torch.arange(start, start + train.shape[0])
-        return alpha[idx, labels[idx]] * (feats[idx] ** 2).sum(1)
+        rows = slice(start, start + train.shape[0])
+        q = torch.einsum("ntc,ntd->ncd", sel[rows], feats[rows]).flatten(1)
+        return (q * train).sum(1)
 
     def refit_preactivations(self, queries: Any) -> torch.Tensor:
-        """``(n_query, n_classes)`` pre-activations of the refit last layer (first member)."""
+        """Pre-activations of the refit last layer (first member).
+
+        ``(n_query, n_classes)`` for classification, ``(n_query, tokens, vocab)`` for LMs.
+        """
         self._check_fitted()
         ctx = self._contexts[0]
         f, _ = self._collect(ctx, queries)
-        return f @ ctx.fitted["weight"].T
+        out = f @ ctx.fitted["weight"].T
+        return out.squeeze(1) if self.task.loss_name != "lm" else out

@@ -45,7 +45,9 @@ class TRAKConfig(MethodConfig):
         relative_damping: the scale-free λ used when ``damping`` is None (1e-4: above the
             rounding of a float32 kernel, so ``proj_dim >= n_train`` still factors; larger
             values regularise, which raised LDS on digits — see docs/benchmarks.md).
-        output: ``"margin"`` for classification (cross-entropy tasks) or ``"loss"``.
+        output: ``"margin"`` (classification; needs a cross-entropy task), ``"loss"`` (any
+            task: features are training-loss gradients and Q = 1) or ``"auto"`` (default:
+            margin for cross-entropy tasks, loss otherwise, e.g. language models).
         q_dropout: number of dropout masks averaged in ``Q`` only (0: off). Features come
             from the unmasked model once; ``Q`` is the mean over forward passes under masks
             ``0 .. q_dropout-1`` of :class:`~datatrace.ensemble.DropoutMember` (seed
@@ -58,7 +60,7 @@ class TRAKConfig(MethodConfig):
     proj_dim: int = 2048
     damping: float | None = None
     relative_damping: float = 1e-4
-    output: Literal["margin", "loss"] = "margin"
+    output: Literal["auto", "margin", "loss"] = "auto"
     q_dropout: int = 0
     q_dropout_rate: float | None = None
     q_dropout_layers: tuple[str, ...] | None = None
@@ -79,8 +81,8 @@ class TRAKConfig(MethodConfig):
             raise ConfigError(
                 f"relative_damping must be a number >= 0; got {self.relative_damping!r}."
             )
-        if self.output not in ("margin", "loss"):
-            raise ConfigError(f"output must be 'margin' or 'loss'; got {self.output!r}.")
+        if self.output not in ("auto", "margin", "loss"):
+            raise ConfigError(f"output must be 'auto', 'margin' or 'loss'; got {self.output!r}.")
 
 
 def _gram(blocks: Iterable[torch.Tensor], min_rows: int = 1024) -> torch.Tensor:
@@ -129,6 +131,8 @@ class TRAKAttributor(Attributor):
     config: TRAKConfig
 
     def _uses_margin(self) -> bool:
+        if self.config.output == "auto":
+            return self.task.loss_name == "cross_entropy"
         if self.config.output == "margin" and self.task.loss_name != "cross_entropy":
             raise ConfigError(
                 f"TRAK's margin output needs a cross-entropy task; the task's loss is "
