@@ -62,6 +62,22 @@ DEFAULT_GRIDS: dict[str, list[dict[str, Any]]] = {
     "if-arnoldi": [{"damping": d, "solver_options": {"rank": 100}} for d in (1e-2, 1e-1)],
     "if-lissa": [{"damping": 0.1, "solver_options": {"depth": 100}}],
     "rps": [{"damping": d} for d in (1e-2, 1e-1)],
+    # K-FAC / EK-FAC: the sampled (true) and empirical Fisher, per-layer heuristic damping
+    # (0.1 x each layer's mean eigenvalue) or a fixed one.
+    **{
+        kind: [
+            {"fisher": f, "damping": d}
+            for f in ("true", "empirical")
+            for d in ("heuristic", 1e-3, 1e-2)
+        ]
+        for kind in ("if-kfac", "if-ekfac")
+    },
+    "logra": [
+        {"fisher": f, "damping": d} for f in ("true", "empirical") for d in ("heuristic", 1e-2)
+    ],
+    # Source: one segment per recorded interval or 2 segments; damping on top of the unrolled
+    # response (0 = the closed form alone).
+    "source": [{"segments": s, "damping": d} for s in (None, 2) for d in (0.0, 1e-2)],
 }
 
 # Setting-specific grids replace the default grid of a method on that setting. digits-lr has
