@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from datatrace import ConfigError, Task, make_attributor
-from datatrace.kfac import _example_generator, fit_ekfac_eigenvalues, fit_kfac
+from datatrace.kfac import _example_generator, eigen_pass_seed, fit_ekfac_eigenvalues, fit_kfac
 from tests.models import classification_data, mlp
 
 RTOL = 1e-10
@@ -37,8 +37,11 @@ def test_k_samples_average_the_empirical_fisher_of_k_drawn_label_sets():
         g = sum(c.layers[j].g_factor for c in per_set) / k
         torch.testing.assert_close(layer.a_factor, a, rtol=RTOL, atol=1e-14)
         torch.testing.assert_close(layer.g_factor, g, rtol=RTOL, atol=1e-14)
-    # EK-FAC: the eigenvalues in the averaged basis average those of the k label sets
-    lams = [fit_ekfac_eigenvalues(task, (x, s), curv.layers, fisher="empirical") for s in sets]
+    # EK-FAC: the eigenvalues in the averaged basis average those of k label sets drawn
+    # afresh (the eigenvalue pass's own seed), not the sets that estimated the factors
+    fresh = _drawn_labels(model, x, eigen_pass_seed(seed), k)
+    assert not all(torch.equal(a, b) for a, b in zip(sets, fresh))
+    lams = [fit_ekfac_eigenvalues(task, (x, s), curv.layers, fisher="empirical") for s in fresh]
     for j, layer in enumerate(curv.layers):
         expected = sum(lam[j] for lam in lams) / k
         torch.testing.assert_close(layer.eigenvalues, expected, rtol=RTOL, atol=1e-14)

@@ -65,7 +65,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from datatrace.curvature import GGNOperator, HessianOperator
 from datatrace.data import Batch, num_examples
 from datatrace.errors import ConfigError, DataError
-from datatrace.kfac import KFACCurvature, KFACLayer, fit_ekfac_eigenvalues, fit_kfac
+from datatrace.kfac import (
+    KFACCurvature,
+    KFACLayer,
+    eigen_pass_seed,
+    fit_ekfac_eigenvalues,
+    fit_kfac,
+)
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.methods.per_module import (
     module_param_spans,
@@ -235,7 +241,7 @@ def _kfac_spectrum(
                 state=state,
                 fisher=fisher,  # type: ignore[arg-type]
                 batch_size=batch_size,
-                seed=seed,
+                seed=eigen_pass_seed(seed),
             )
             for acc, lam in zip(corrected, lams):
                 acc += w * lam
