@@ -14,6 +14,7 @@ from datatrace.group import (
     KMeansInputGrouper,
     KMeansReprGrouper,
     RandomGrouper,
+    balanced_kmeans,
     kmeans,
     make_grouper,
     resolve_groups,
@@ -141,6 +142,22 @@ def test_kmeans_recovers_separated_blobs_and_is_seeded():
     assert torch.equal(labels, kmeans(x, 4, seed=0))
 
 
+def test_balanced_kmeans_caps_cluster_sizes_and_keeps_equal_blobs():
+    x, y = blobs(n_per=30, centres=4)
+    labels = balanced_kmeans(x, 4, seed=0)
+    assert len(set(zip(labels.tolist(), y.tolist()))) == 4  # equal blobs: nothing moves
+    # unequal data: one dense blob of 50 and a far one of 10, 6 clusters -> at most 10 each
+    g = torch.Generator().manual_seed(0)
+    skew = torch.cat([torch.randn(50, 2, generator=g), 20 + torch.randn(10, 2, generator=g)])
+    plain = kmeans(skew, 6, seed=0).bincount()
+    capped = balanced_kmeans(skew, 6, seed=0)
+    assert int(capped.bincount().max()) <= 10 < int(plain.max())
+    assert capped[50:].unique().numel() == 1  # the far blob stays one cluster
+    assert torch.equal(capped, balanced_kmeans(skew, 6, seed=0))
+    with pytest.raises(ConfigError, match="balanced must be True or False"):
+        KMeansInputGrouper(balanced="yes")
+
+
 def test_kmeans_refuses_more_clusters_than_points():
     with pytest.raises(ConfigError, match=r"\[1, 3\]"):
         kmeans(torch.randn(3, 2), 4)
@@ -159,10 +176,13 @@ def test_kmeans_repr_clusters_the_last_linear_input():
     x, y = classification_data(n=30)
     model = mlp()
     task = Task(model)
-    g = KMeansReprGrouper(group_size=5, seed=0, standardize=False).group((x, y), task)
+    g = KMeansReprGrouper(group_size=5, seed=0, standardize=False, balanced=False)
+    g = g.group((x, y), task)
     with torch.no_grad():
         h = torch.tanh(model[0](x))
     assert torch.equal(g.labels, Grouping.from_ids(kmeans(h, 6, seed=0)).labels)
+    balanced = KMeansReprGrouper(group_size=5, seed=0, standardize=False).group((x, y), task)
+    assert torch.equal(balanced.labels, Grouping.from_ids(balanced_kmeans(h, 6, seed=0)).labels)
     with pytest.raises(ModelError, match="not a submodule"):
         KMeansReprGrouper(module="nope").group((x, y), task)
 
