@@ -324,12 +324,15 @@ def lds_bench(args: argparse.Namespace) -> dict[str, Any]:
         return attr.fit(train).attribute(queries).values
 
     per_sample = trak(None)
-    plan = [(g, k) for k in (16,) for g in args.groupers.split(",")]
-    plan += [(g, k) for k in (4, 64) for g in ("random", "kmeans-grad")]
-    out: dict[str, Any] = {"m": args.m, "alpha": 0.5, "rows": []}
+    seeds = [int(x) for x in args.grouping_seeds.split(",")]
+    sizes = [int(x) for x in args.sizes.split(",")]
+    plan = [(g, 16) for g in args.groupers.split(",")] if 16 in sizes else []
+    plan += [(g, k) for k in sizes if k != 16 for g in ("random", "kmeans-grad")]
+    out: dict[str, Any] = {"m": args.m, "alpha": 0.5, "grouping_seeds": seeds, "rows": []}
+    # per-query LDS of each (grouper, size), averaged over the grouping seeds
     per_query: dict[tuple[str, int], torch.Tensor] = {}
-    for grouper, k in plan:
-        grouping = make_grouper(grouper, group_size=k, seed=0).group(train, task)
+    for grouper, k, seed in [(g, k, s) for g, k in plan for s in seeds]:
+        grouping = make_grouper(grouper, group_size=k, seed=seed).group(train, task)
         t0 = time.perf_counter()
         gt = group_subset_ground_truth(
             lambda idx, s: setting.train(idx, seed=s),
@@ -341,16 +344,23 @@ def lds_bench(args: argparse.Namespace) -> dict[str, Any]:
         t_gt = time.perf_counter() - t0
         res = group_lds(trak(grouping), gt)
         summed = group_lds(grouping.sum_rows(per_sample.T).T, gt)  # per-sample, summed
-        per_query[(grouper, k)] = res.per_query
+        key = (grouper, k)
+        per_query[key] = per_query.get(key, 0) + res.per_query / len(seeds)
         row = {
             "grouper": grouper,
             "group_size": k,
+            "grouping_seed": seed,
+            "max_group": int(grouping.sizes().max()),
             "n_groups": grouping.n_groups,
             "grouping_s": grouping.seconds,
             "lds_group_trak": res.mean,
             "lds_per_sample_trak_summed": summed.mean,
             "ground_truth_s": t_gt,
         }
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    for (grouper, k), pq in per_query.items():
+        row = {"grouper": grouper, "group_size": k, "mean_over_seeds": float(pq.nanmean())}
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
     comparisons = []
@@ -380,6 +390,12 @@ def main(argv: list[str] | None = None) -> None:
     sl.add_argument("--m", type=int, default=30, help="random subsets of groups per grouping")
     sl.add_argument(
         "--groupers", default="random,class-random,kmeans-input,kmeans-repr,kmeans-grad"
+    )
+    sl.add_argument("--sizes", default="4,16,64", help="group sizes (16: every grouper)")
+    sl.add_argument(
+        "--grouping-seeds",
+        default="0",
+        help="grouper seeds; each grouping gets its own ground truth, per-query LDS averaged",
     )
     for p in (sp, sl):
         p.add_argument("--threads", type=int, default=None)
