@@ -231,7 +231,8 @@ def ours_methods(
     full = Task(model, target="margin")
     last = Task(model, target="margin", params=LAST_LAYER)
     common = {"batch_size": args.batch_size}
-    trak = {"projector": "gaussian", "proj_dim": args.proj_dim, **common}
+    # relative_damping 1e-4 (our default until session 3): near traker's plain inverse
+    trak = {"projector": "gaussian", "proj_dim": args.proj_dim, "relative_damping": 1e-4, **common}
     return {
         "trak-1": ("trak", full, {**trak, "members": sds[:1]}),
         "trak-5": ("trak", full, {**trak, "members": sds[:5]}),

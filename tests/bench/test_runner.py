@@ -96,3 +96,26 @@ def test_a_crashing_grid_point_is_reported_and_the_rest_still_runs(tmp_path, mon
     result = run_method(job)
     assert result.grid[0]["error"] == "RuntimeError: shapes cannot be multiplied"
     assert result.chosen == {"damping": 1e-3} and result.values is not None
+
+
+def test_layer_methods_track_only_linear_layers_of_a_language_model():
+    """K-FAC-based methods get a Task over the Linear layers (embeddings, LayerNorm excluded)."""
+    import torch
+
+    from datatrace.bench.runner import LAYER_METHODS, _attributor
+    from datatrace.bench.settings import get_setting
+
+    setting = get_setting("pydoc-charlm", size="small")
+    model = setting.build_model(0).eval()
+    linear = {
+        f"{name}.{p}"
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        for p, _ in m.named_parameters(recurse=False)
+    }
+    assert linear and linear != {n for n, _ in model.named_parameters()}
+    for method in sorted(LAYER_METHODS):
+        job = MethodJob(setting, method, [{}], {}, [], torch.zeros(1, 1), torch.zeros(1, 1))
+        assert set(_attributor(setting, model, [], job, {}).task.tracked_names) == linear
+    job = MethodJob(setting, "grad-dot", [{}], {}, [], torch.zeros(1, 1), torch.zeros(1, 1))
+    assert len(_attributor(setting, model, [], job, {}).task.tracked_names) > len(linear)

@@ -39,6 +39,9 @@ __all__ = ["TRAJECTORY_METHODS", "MethodJob", "MethodResult", "run_method", "run
 
 # Methods that read the training trajectory (the task gets the run's checkpoints).
 TRAJECTORY_METHODS = frozenset({"tracin", "source"})
+# Methods whose curvature covers nn.Linear / nn.Conv2d only (K-FAC factors): on models with
+# other parameters (embeddings, LayerNorm) they attribute through those layers' parameters.
+LAYER_METHODS = frozenset({"if-kfac", "if-ekfac", "logra", "source"})
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,10 @@ def _attributor(
     from datatrace.methods import make_attributor
 
     checkpoints = list(trajectory) if job.method in TRAJECTORY_METHODS else None
-    task = setting.make_task(model, checkpoints=checkpoints)
+    options: dict[str, Any] = {"checkpoints": checkpoints}
+    if job.method in LAYER_METHODS:  # as kronfluence: the Linear/Conv2d layers' parameters
+        options["module_types"] = (torch.nn.Linear, torch.nn.Conv2d)
+    task = setting.make_task(model, **options)
     return make_attributor(job.method, task, batch_size=job.batch_size, **dict(opts))
 
 
