@@ -33,7 +33,7 @@ import torch
 
 from datatrace.bench.settings import Setting
 from datatrace.errors import DatatraceError
-from datatrace.task import Checkpoint
+from datatrace.task import Checkpoint, Member
 
 __all__ = ["TRAJECTORY_METHODS", "MethodJob", "MethodResult", "run_method", "run_method_isolated"]
 
@@ -58,6 +58,8 @@ class MethodJob:
         mislabel_state: weights of the model trained on the noisy labels.
         mislabel_trajectory: its checkpoints.
         batch_size: batch size of the attributor.
+        members: ``members=`` of the attributor (an ensemble; see
+            :mod:`datatrace.bench.ensembles`), or None for the plain method on the model.
     """
 
     setting: Setting
@@ -72,6 +74,7 @@ class MethodJob:
     mislabel_state: Mapping[str, torch.Tensor] | None = None
     mislabel_trajectory: Sequence[Checkpoint] = ()
     batch_size: int = 256
+    members: Sequence[Member] | None = None
 
 
 @dataclass
@@ -161,7 +164,9 @@ def _attributor(
 
     checkpoints = list(trajectory) if job.method in TRAJECTORY_METHODS else None
     task = setting.make_task(model, checkpoints=checkpoints)
-    return make_attributor(job.method, task, batch_size=job.batch_size, **dict(opts))
+    return make_attributor(
+        job.method, task, members=job.members, batch_size=job.batch_size, **dict(opts)
+    )
 
 
 def run_method(job: MethodJob, measure_memory: bool = False) -> MethodResult:
