@@ -82,7 +82,7 @@ def test_specs_are_checked_against_the_model():
     with pytest.raises(ModelError, match=r"layers \['fc9'\] are not modules"):
         EnsembleSpec("dropout", 4, rate=0.1, layers=("fc9",)).check(cnn)
     EnsembleSpec("dropout", 4).check(get_setting("digits-mlp", size="small"))
-    with pytest.raises(ModelError, match="no nn.Linear submodule"):
+    with pytest.raises(ModelError, match=r"no nn\.Linear submodule"):
         EnsembleSpec("lora", 2).check(Blobs())  # the model is one Linear layer
 
 
