@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------------------- training (timed once each)
     models, train_s = [], []
     kmax = max(args.ks)
-    for seed in range(max(kmax, 2 if "dropout-2" in kinds else 1)):
+    n_models = kmax if "independent" in kinds else (2 if "dropout-2" in kinds else 1)
+    for seed in range(n_models):
         t0 = time.perf_counter()
         models.append(setting.train(seed=seed))
         train_s.append(time.perf_counter() - t0)
