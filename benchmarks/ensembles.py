@@ -1,12 +1,17 @@
 """LDS vs number of members for independent, Dropout and LoRA ensembles, with their cost.
 
-    python benchmarks/ensembles.py --json out/ensembles.json
+    python benchmarks/ensembles.py --json out/ensembles.json --out out
+    python benchmarks/ensembles.py --setting digits-cnn --ks 1,2,4 --dropout-layers 5,7 \
+        --dropout-rate 0.1 --methods trak,grad-cos --kinds independent,dropout --threads 1
 
-On the registered ``digits-mlp`` setting (full preset: 1,437 train, 60 validation and 300
-test queries, MLP 64-128-64-10 with dropout 0.1, Adam 30 epochs), for K in {1, 2, 4, 8}:
+On a registered setting (default ``digits-mlp``, full preset: 1,437 train, 60 validation and
+300 test queries, MLP 64-128-64-10 with dropout 0.1, Adam 30 epochs), for K in ``--ks``
+(default {1, 2, 4, 8}):
 
 - ``independent``: K models trained with seeds 0..K-1 (the naive ensemble).
-- ``dropout``: the seed-0 model seen through K fixed masks of its own dropout layers.
+- ``dropout``: the seed-0 model seen through K fixed masks of its own dropout layers, or of
+  the outputs of ``--dropout-layers`` at ``--dropout-rate`` (injected dropout, for models
+  without dropout layers such as ``digits-cnn``'s).
 - ``dropout-2``: masks spread over the seed-0 and seed-1 models (round robin).
 - ``lora``: the seed-0 model plus K LoRA adapters (rank ``--rank`` on every Linear),
   each fine-tuned from it with its own seed and data order; adapter gradients.
@@ -14,11 +19,13 @@ test queries, MLP 64-128-64-10 with dropout 0.1, Adam 30 epochs), for K in {1, 2
 - ``trak-q-dropout`` (TRAK only): one unmasked model's features, Q averaged over K masks.
 
 Methods: TRAK, influence (``if-explicit``, projected empirical Fisher) and Grad-Cos, with the
-settings chosen on validation queries for one model in ``benchmarks/lds_digits.py`` (not
-re-tuned per ensemble). Costs: training time (every model and adapter the ensemble needs,
+settings chosen on validation queries for one digits-MLP model in ``benchmarks/lds_digits.py``
+(not re-tuned per ensemble or setting). Costs: training time (every model and adapter the ensemble needs,
 measured once each), serving time (fit + attribute, features written to a store), bytes
 stored (member weights + the store's train features on disk). LDS is reported on the test
 queries with 95% bootstrap intervals; the comparisons use paired bootstraps (DESIGN.md §9).
+Two PNGs go to ``--out``: LDS vs training time and LDS vs serving time, one line per method
+and ensemble kind, points labelled by K.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -38,10 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datatrace import Checkpoint, dropout_members, make_attributor, train_lora_members
 from datatrace.bench.cache import GroundTruthSpec, lds_ground_truth
+from datatrace.bench.ensembles import EnsembleSpec
+from datatrace.bench.plots import CostPoint, plot_cost_curves
 from datatrace.bench.settings import get_setting
+from datatrace.errors import DatatraceError
 from datatrace.metrics import beats, lds, not_worse
 
-KS = (1, 2, 4, 8)
 METHODS: dict[str, dict[str, Any]] = {
     "trak": {"proj_dim": 2048, "relative_damping": 1.0},
     "if-explicit": {
@@ -60,6 +70,31 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
 
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def plot_rows(rows: list[dict[str, Any]], out: Path, setting_name: str) -> list[Path]:
+    """LDS vs training time and vs serving time, one line per method x kind, labelled by K."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for cost, xlabel, key in (
+        ("training", "training time: every model and adapter (s, log scale)", "train"),
+        ("serving", "serving time: fit + attribute (s, log scale)", "serve"),
+    ):
+        points = [
+            CostPoint(
+                method=r["method"],
+                series=f"{r['method']} {r['kind']}",
+                k=r["k"],
+                cost=r["train_s"] if key == "train" else r["fit_s"] + r["attribute_s"],
+                lds=r["test_lds"],
+                ci=(r["ci"][0], r["ci"][1]),
+            )
+            for r in rows
+        ]
+        path = out / f"ensembles_{setting_name}_{key}.png"
+        title = f"{setting_name}: ensemble LDS vs {cost} cost"
+        written.append(plot_cost_curves(points, path, title, xlabel))
+    return written
 
 
 def time_training(setting: Any, args: argparse.Namespace) -> None:
@@ -84,10 +119,10 @@ def time_training(setting: Any, args: argparse.Namespace) -> None:
             seed=r,
         )
         adapter_s.append(time.perf_counter() - t0)
-    m, a = sorted(model_s)[len(model_s) // 2], sorted(adapter_s)[len(adapter_s) // 2]
+    m, a = statistics.median(model_s), statistics.median(adapter_s)
     print(f"one model: median {m:.2f} s of {[round(t, 2) for t in model_s]}")
     print(f"one adapter: median {a:.2f} s of {[round(t, 2) for t in adapter_s]}")
-    for k in KS:
+    for k in args.ks:
         print(
             f"K={k}: independent {k * m:.1f} s, dropout (1 model) {m:.1f} s, LoRA "
             f"{m + k * a:.1f} s = {(m + k * a) / (k * m):.0%} of independent"
@@ -96,7 +131,18 @@ def time_training(setting: Any, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", default="digits-mlp", help="registered setting")
     parser.add_argument("--size", default="full", choices=["full", "small"])
+    parser.add_argument("--ks", default="1,2,4,8", help="numbers of members K")
+    parser.add_argument(
+        "--dropout-layers",
+        default=None,
+        help="comma-separated modules to inject dropout after (models without dropout layers)",
+    )
+    parser.add_argument(
+        "--dropout-rate", type=float, default=None, help="drop rate (needed with --dropout-layers)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("out"), help="directory of the PNGs")
     parser.add_argument("--m", type=int, default=50, help="LDS subsets")
     parser.add_argument("--workers", type=int, default=2, help="ground-truth processes")
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -114,8 +160,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.ks = tuple(sorted({int(k) for k in args.ks.split(",")}))
+    layers = None if args.dropout_layers is None else tuple(args.dropout_layers.split(","))
 
-    setting = get_setting("digits-mlp", size=args.size)
+    setting = get_setting(args.setting, size=args.size)
+    kinds = args.kinds.split(",")
+    if {"dropout", "dropout-2"} & set(kinds):
+        try:  # a model without dropout layers needs injection: say so before any training
+            EnsembleSpec("dropout", 1, rate=args.dropout_rate, layers=layers).check(setting)
+        except DatatraceError as exc:
+            parser.error(f"{exc} (here: --dropout-layers NAME,NAME --dropout-rate 0.1)")
     if args.time_training:
         time_training(setting, args)
         return
@@ -130,16 +184,17 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- training (timed once each)
     models, train_s = [], []
-    for seed in range(max(KS)):
+    kmax = max(args.ks)
+    n_models = kmax if "independent" in kinds else (2 if "dropout-2" in kinds else 1)
+    for seed in range(n_models):
         t0 = time.perf_counter()
         models.append(setting.train(seed=seed))
         train_s.append(time.perf_counter() - t0)
     model_bytes = state_bytes(models[0].state_dict())
     base_task = setting.make_task(models[0])
-    kinds = args.kinds.split(",")
     lora, lora_s = [], []
     if "lora" in kinds or "lora-full" in kinds:
-        for j in range(max(KS)):  # one at a time, to time each adapter
+        for j in range(kmax):  # one at a time, to time each adapter
             t0 = time.perf_counter()
             (member,) = train_lora_members(
                 base_task,
@@ -155,13 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     adapter_bytes = state_bytes(dict(lora[0].adapter)) if lora else 0
     adapter_dim = sum(t.numel() for t in lora[0].adapter.values()) if lora else 0
     print(
-        f"trained {len(models)} models: {sum(train_s):.1f} s (median {sorted(train_s)[4]:.2f} s "
+        f"trained {len(models)} models: {sum(train_s):.1f} s (median {statistics.median(train_s):.2f} s "
         f"each), {model_bytes / 1e3:.0f} kB each"
     )
     if lora:
         print(
             f"trained {len(lora)} LoRA adapters (rank {args.rank}, {adapter_dim} parameters): "
-            f"{sum(lora_s):.1f} s (median {sorted(lora_s)[4]:.2f} s each), "
+            f"{sum(lora_s):.1f} s (median {statistics.median(lora_s):.2f} s each), "
             f"{adapter_bytes / 1e3:.1f} kB each"
         )
 
@@ -171,10 +226,13 @@ def main(argv: list[str] | None = None) -> None:
             members = [Checkpoint(m.state_dict()) for m in models[:k]]
             return members, sum(train_s[:k]), k * model_bytes, {}
         if kind == "dropout":
-            return dropout_members(k, models=models[:1]), train_s[0], model_bytes, {}
+            members = dropout_members(k, rate=args.dropout_rate, layers=layers, models=models[:1])
+            return members, train_s[0], model_bytes, {}
         if kind == "dropout-2":
             used = min(k, 2)
-            members = dropout_members(k, models=models[:used])
+            members = dropout_members(
+                k, rate=args.dropout_rate, layers=layers, models=models[:used]
+            )
             return members, sum(train_s[:used]), used * model_bytes, {}
         if kind == "lora":
             extra = {"projector": "none"} if adapter_dim <= 2048 else {}
@@ -183,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
             members = [dataclasses.replace(m, params="full") for m in lora[:k]]
             return members, train_s[0] + sum(lora_s[:k]), model_bytes + k * adapter_bytes, {}
         if kind == "trak-q-dropout":
-            return None, train_s[0], model_bytes, {"q_dropout": k}
+            extra = {"q_dropout": k, "q_dropout_rate": args.dropout_rate}
+            return None, train_s[0], model_bytes, {**extra, "q_dropout_layers": layers}
         raise ValueError(kind)
 
     rows: list[dict[str, Any]] = []
@@ -198,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         for kind in kinds:
             if kind == "trak-q-dropout" and method != "trak":
                 continue
-            for k in KS:
+            for k in args.ks:
                 members, t_train, w_bytes, extra = plan(kind, k)
                 opts = {**METHODS[method], **extra}
                 with tempfile.TemporaryDirectory() as tmp:
@@ -274,14 +333,14 @@ def main(argv: list[str] | None = None) -> None:
         print(text)
 
     print()
-    for method in ("trak", "if-explicit"):
-        compare((method, "dropout-2", 8), (method, "independent", 8), "not-worse")
-        compare((method, "dropout", 8), (method, "independent", 1), "beats")
-        compare((method, "dropout-2", 8), (method, "independent", 2), "beats")
-        compare((method, "trak-q-dropout", 8), (method, "independent", 1), "beats")
+    for method in args.methods.split(","):
+        compare((method, "dropout-2", kmax), (method, "independent", kmax), "not-worse")
+        compare((method, "dropout", kmax), (method, "independent", 1), "beats")
+        compare((method, "dropout-2", kmax), (method, "independent", 2), "beats")
+        compare((method, "trak-q-dropout", kmax), (method, "independent", 1), "beats")
     by = {(r["method"], r["kind"], r["k"]): r for r in rows}
     for method in args.methods.split(","):
-        naive, lo_ra = by.get((method, "independent", 8)), by.get((method, "lora", 8))
+        naive, lo_ra = by.get((method, "independent", kmax)), by.get((method, "lora", kmax))
         if naive is None or lo_ra is None:
             continue
         ratio = lo_ra["test_lds"] / naive["test_lds"]
@@ -290,14 +349,14 @@ def main(argv: list[str] | None = None) -> None:
         s_ratio = (lo_ra["fit_s"] + lo_ra["attribute_s"]) / (naive["fit_s"] + naive["attribute_s"])
         f_ratio = lo_ra["feature_bytes"] / max(naive["feature_bytes"], 1)
         print(
-            f"{method}: LoRA K=8 / independent K=8: LDS {ratio:.0%} (goal >= 90%), training "
+            f"{method}: LoRA K={kmax} / independent K={kmax}: LDS {ratio:.0%} (goal >= 90%), training "
             f"time {t_ratio:.0%} (goal <= 40%), member storage {w_ratio:.0%} (goal <= 30%), "
             f"serving time {s_ratio:.0%}, feature storage {f_ratio:.0%}"
         )
         claims.append(
             {
                 "method": method,
-                "lora_vs_independent_k8": {
+                f"lora_vs_independent_k{kmax}": {
                     "lds": ratio,
                     "train_time": t_ratio,
                     "weights": w_ratio,
@@ -306,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
                 },
             }
         )
+    for path in plot_rows(rows, args.out, setting.name):
+        print(f"plot written: {path}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         out = {

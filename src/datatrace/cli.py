@@ -4,6 +4,7 @@
     datatrace groundtruth --setting digits-mlp --m 50 --seeds 2 --workers 2
     datatrace groundtruth --verify          # retrain 3 subsets, compare with the stored values
     datatrace bench --setting digits-mlp --methods grad-cos,trak:proj_dim=1024 --json out/bench.json
+    datatrace bench --methods trak,grad-cos --ensembles independent:4,dropout:4,lora:4
 
 ``bench`` reports, for every method, LDS on the test queries with a 95% bootstrap interval,
 mislabel AUROC (settings that memorise flipped labels), LOO Pearson (convex settings) and its
@@ -11,6 +12,9 @@ cost (fit and attribute seconds, peak memory in its own process, bytes stored), 
 random-score baseline, the noise ceiling and the training-loss ranking (DESIGN.md §9); see
 :mod:`datatrace.bench.benchmark`. Hyperparameters come from a small documented grid and are
 chosen on the validation queries, unless options are given (``method:key=value:key=value``).
+``--ensembles`` runs every method once more per ensemble (``kind:K[:key=value...]``; see
+:mod:`datatrace.bench.ensembles`), with the cost of the whole ensemble: training seconds of
+every training it needs, serving seconds (fit + attribute) and member weight bytes.
 """
 
 from __future__ import annotations
@@ -114,9 +118,11 @@ def _cmd_groundtruth(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from datatrace.bench.benchmark import BenchConfig, parse_tasks, run_benchmark
     from datatrace.bench.cache import GroundTruthSpec, LOOSpec
+    from datatrace.bench.ensembles import parse_ensembles
     from datatrace.bench.mislabel import MislabelSpec
 
     methods = parse_methods(args.methods)
+    ensembles = parse_ensembles(args.ensembles)
     tasks = parse_tasks(args.tasks)
     ks = _int_list(args.removal_ks, "--removal-ks")
     spec = GroundTruthSpec(m=args.m, alpha=args.alpha, seeds=args.seeds)
@@ -129,6 +135,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     config = BenchConfig(
         setting=setting,
         methods=methods,
+        ensembles=ensembles,
         spec=spec,
         tasks=tasks,
         mislabel=mislabel,
@@ -163,8 +170,12 @@ def _plots(setting: Any, outcome: Any, out: Path) -> list[str]:
     plot_pareto(done, out / "pareto.png", f"{name}: efficacy vs cost")
     plot_lds_distribution(outcome.per_query, out / "lds_per_query.png", f"{name}: per-query LDS")
     written = ["pareto.png", "lds_per_query.png"]
+    if any(r["ensemble"] for r in done):
+        title = f"{name}: efficacy vs training cost"
+        plot_pareto(done, out / "pareto_training.png", title, cost="train")
+        written.append("pareto_training.png")
     if setting.image_shape is not None:
-        best = max(done, key=lambda r: r["lds"])["method"]
+        best = max(done, key=lambda r: r["lds"])["label"]
         plot_proponents(
             setting,
             outcome.values[best][setting.n_val :],
@@ -194,43 +205,57 @@ def _fmt(value: Any, width: int, spec: str = ".3f") -> str:
 
 
 def _mib(value: int | None) -> str:
-    return "—" if value is None else f"{value / 2**20:.1f}M"
+    """Bytes in MiB, or in KiB below 1 MiB (a small model's weights would read 0.0M)."""
+    if value is None:
+        return "—"
+    return f"{value / 2**20:.1f}M" if value >= 2**20 else f"{value / 2**10:.1f}K"
 
 
 def print_table(payload: dict[str, Any]) -> None:
-    """Print the benchmark table (one row per method, then the baselines and notes)."""
+    """Print the benchmark table (one row per method and ensemble, then baselines and notes).
+
+    Cost columns: ``train s`` (every training the row needs), ``fit s`` and ``attr s``,
+    ``serve s`` (their sum), peak memory, member ``weights`` and fitted state ``stored``.
+    """
     name = payload["setting"]["name"]
     mislabel = payload.get("mislabel", {}).get("memorised", False)
     loo = "loo" in payload
+    width = max([14, *(len(r.get("label", r["method"])) for r in payload["rows"])])
     print(f"\n{name}: LDS on test queries (hyperparameters chosen on validation queries)")
-    head = f"{'method':14s} {'LDS':>7s} {'95% CI':>17s}"
+    head = f"{'method':{width}s} {'LDS':>7s} {'95% CI':>17s}"
     if mislabel:
         head += f" {'mislabel AUROC':>14s}"
     if loo:
         head += f" {'LOO r':>6s} {'slope':>6s}"
-    head += f" {'fit s':>8s} {'attr s':>8s} {'peak mem':>9s} {'stored':>9s}  setting"
+    head += (
+        f" {'train s':>8s} {'fit s':>8s} {'attr s':>8s} {'serve s':>8s} {'peak mem':>9s}"
+        f" {'weights':>9s} {'stored':>9s}  setting"
+    )
     print(head)
     for r in payload["rows"]:
+        label = r.get("label", r["method"])
         if "error" in r:
-            print(f"{r['method']:14s} failed on every grid point: {r['error'][0]['error']}")
+            print(f"{label:{width}s} failed on every grid point: {r['error'][0]['error']}")
             continue
         ci = f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
-        line = f"{r['method']:14s} {r['lds']:7.3f} {ci:>17s}"
+        line = f"{label:{width}s} {r['lds']:7.3f} {ci:>17s}"
         if mislabel:
             line += f" {_fmt(r.get('mislabel_auroc'), 14)}"
         if loo:
             line += f" {_fmt(r.get('loo_pearson'), 6)} {_fmt(r.get('loo_slope'), 6, '.2f')}"
         line += (
-            f" {r['fit_s']:8.2f} {r['attribute_s']:8.2f} {_mib(r['peak_rss_bytes']):>9s}"
-            f" {_mib(r['bytes_stored']):>9s}  {json.dumps(r['setting'])}"
+            f" {r['train_s']:8.2f} {r['fit_s']:8.2f} {r['attribute_s']:8.2f}"
+            f" {r['serve_s']:8.2f} {_mib(r['peak_rss_bytes']):>9s}"
+            f" {_mib(r['weight_bytes']):>9s} {_mib(r['bytes_stored']):>9s}"
+            f"  {json.dumps(r['setting'])}"
         )
         print(line)
-    print(f"{'random scores':14s} {payload['random_lds']:7.3f}")
+    print(f"{'random scores':{width}s} {payload['random_lds']:7.3f}")
     if payload["noise_ceiling"] is not None:
-        print(f"{'noise ceiling':14s} {payload['noise_ceiling']:7.3f}")
+        print(f"{'noise ceiling':{width}s} {payload['noise_ceiling']:7.3f}")
     if mislabel:
         pad = " " * 25
-        print(f"{'training loss':14s}{pad} {payload['mislabel']['training_loss_auroc']:14.3f}")
+        print(f"{'training loss':{width}s}{pad} {payload['mislabel']['training_loss_auroc']:14.3f}")
     removal = payload.get("removal")
     if removal:
         print(
@@ -238,7 +263,7 @@ def print_table(payload: dict[str, Any]) -> None:
             f"flipped after removing their top-k proponents (k = {removal['ks']})"
         )
         for method, fractions in removal["fraction_flipped"].items():
-            print(f"{method:14s} " + " ".join(f"{f:6.2f}" for f in fractions))
+            print(f"{method:{width}s} " + " ".join(f"{f:6.2f}" for f in fractions))
     for note in payload.get("notes", []):
         print(f"note: {note}")
 
@@ -293,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
                 "--methods",
                 default=DEFAULT_METHODS,
                 help="comma-separated ids, options as id:key=value",
+            )
+            p.add_argument(
+                "--ensembles",
+                default="",
+                help="also run every method with each ensemble, comma-separated kind:K "
+                "(independent:K = K models trained with seeds 0..K-1; dropout:K = K masks of "
+                "the seed-0 model's dropout layers, or :rate=0.1:layers=NAME+NAME to inject "
+                "dropout after those modules where the model has none; lora:K = the seed-0 "
+                "model plus K adapters, options :rank=4:epochs=5:lr=0.01); e.g. "
+                "independent:4,dropout:4,lora:4",
             )
             p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
             p.add_argument("--out", type=Path, default=None, help="output directory")

@@ -9,6 +9,7 @@ from datatrace import ConfigError
 from datatrace.cli import main, parse_methods
 from tests.bench.test_cache import Blobs  # registers "test-blobs"
 from tests.bench.test_mislabel import Wide  # registers "test-wide"
+from tests.plot_checks import recorded_figures
 
 assert Blobs and Wide
 
@@ -95,36 +96,17 @@ def test_settings_lists_registered(capsys):
 def test_bench_writes_labelled_plots(tmp_path):
     from PIL import Image  # matplotlib depends on pillow
 
-    import datatrace.bench.plots as plots
-
-    titles: dict[str, tuple] = {}
-    real_close = plots._pyplot().close
-
-    def record(fig):
-        ax = fig.axes[0]
-        legend = ax.get_legend()
-        titles[ax.get_title()] = (
-            ax.get_xlabel(),
-            ax.get_ylabel(),
-            legend is not None and len(legend.get_texts()),
-        )
-        real_close(fig)
-
-    plt = plots._pyplot()
-    original = plt.close
-    plt.close = record
-    try:
+    with recorded_figures() as drawn:
         code = _bench(tmp_path, "grad-dot,rps", "--out", str(tmp_path / "out"))
-    finally:
-        plt.close = original
     assert code == 0
     for name in ("pareto.png", "lds_per_query.png"):
         with Image.open(tmp_path / "out" / name) as img:
             assert img.size[0] > 100 and img.size[1] > 100
-    pareto = titles["test-blobs: efficacy vs cost"]
-    assert pareto[0] and pareto[1] and pareto[2] == 2  # labelled axes, a legend with both methods
-    dist = titles["test-blobs: per-query LDS"]
-    assert dist[0] and dist[1]
+    assert not (tmp_path / "out" / "pareto_training.png").exists()  # no ensemble: no plot
+    pareto = drawn["test-blobs: efficacy vs cost"]
+    assert pareto.xlabel and pareto.ylabel and pareto.legend == ["grad-dot", "rps"]
+    dist = drawn["test-blobs: per-query LDS"]
+    assert dist.xlabel and dist.ylabel
 
 
 def test_bench_mislabel_loo_and_cost_columns(tmp_path, capsys):
@@ -143,6 +125,8 @@ def test_bench_mislabel_loo_and_cost_columns(tmp_path, capsys):
     text = capsys.readouterr().out
     for column in ("mislabel AUROC", "LOO r", "slope", "peak mem", "stored", "training loss"):
         assert column in text
+    for column in ("train s", "serve s", "weights"):
+        assert column in text
     payload = json.loads(out.read_text())
     assert payload["mislabel"]["memorised"] and payload["mislabel"]["n_flipped"] == 2
     assert 0 <= payload["mislabel"]["training_loss_auroc"] <= 1
@@ -151,6 +135,10 @@ def test_bench_mislabel_loo_and_cost_columns(tmp_path, capsys):
     assert -1 <= row["loo_pearson"] <= 1 and -1 <= row["loo_spearman"] <= 1
     assert row["peak_rss_bytes"] >= 0 and row["peak_rss_total_bytes"] > 50 * 2**20
     assert row["bytes_stored"] == 24 * 66 * 4  # one float32 gradient of Linear(32, 2) each
+    # the plain method's cost: one training, one model's weights
+    assert row["ensemble"] is None and row["trainings"] == 1 and row["train_s"] > 0
+    assert row["weight_bytes"] == 66 * 4 and row["total_bytes"] == 25 * 66 * 4
+    assert row["serve_s"] == row["fit_s"] + row["attribute_s"]
 
 
 def test_bench_skips_tasks_with_a_note(tmp_path, capsys):

@@ -15,10 +15,17 @@ Tasks (``--tasks``):
 
 Each method runs in its own process (:mod:`datatrace.bench.runner`), which gives its peak
 memory; bytes stored is the size of its fitted state.
+
+Ensembles (``--ensembles``, :mod:`datatrace.bench.ensembles`): every method also runs once per
+ensemble, through ``members=``, after its plain row. Every row carries its cost: training
+seconds of every training it needs (the plain method: the seed-0 model), serving seconds
+(fit + attribute), member weight bytes and fitted-state bytes. The mislabel task is run for
+plain methods only (ensemble members are trained on the clean labels).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +36,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from datatrace.bench.cache import GroundTruthSpec, LOOSpec, lds_ground_truth, loo_ground_truth
+from datatrace.bench.ensembles import EnsembleCost, EnsembleSpec, MemberBank
 from datatrace.bench.mislabel import MislabelSpec, mislabel_ground_truth
-from datatrace.bench.runner import MethodJob, MethodResult, run_method, run_method_isolated
+from datatrace.bench.runner import (
+    TRAJECTORY_METHODS,
+    MethodJob,
+    MethodResult,
+    run_method,
+    run_method_isolated,
+)
 from datatrace.bench.settings import Setting
 from datatrace.errors import ConfigError
 
@@ -124,6 +138,7 @@ class BenchConfig:
     Attributes:
         setting: the setting.
         methods: ``(method id, options or None for the grid)`` pairs.
+        ensembles: ensembles every method also runs with (after its plain row).
         spec: LDS protocol.
         tasks: tasks to run (see the module docstring).
         mislabel: flip rate and seed of the mislabel task.
@@ -141,6 +156,7 @@ class BenchConfig:
 
     setting: Setting
     methods: Sequence[tuple[str, dict[str, Any] | None]]
+    ensembles: Sequence[EnsembleSpec] = ()
     spec: GroundTruthSpec = field(default_factory=GroundTruthSpec)
     tasks: tuple[str, ...] = ("lds", "mislabel", "loo")
     mislabel: MislabelSpec = field(default_factory=MislabelSpec)
@@ -162,6 +178,11 @@ class BenchConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ConfigError(f"unknown task(s) {unknown}; choose from {list(TASKS)}.")
+        wrong = [e for e in self.ensembles if not isinstance(e, EnsembleSpec)]
+        if wrong:
+            raise ConfigError(
+                f"ensembles must be EnsembleSpec objects (see parse_ensembles); got {wrong!r}."
+            )
 
 
 @dataclass
@@ -172,6 +193,9 @@ class BenchOutcome:
         payload: JSON-able results (rows, baselines, notes).
         per_query: method id -> per-query test LDS.
         values: method id -> ``(n_val + n_test, n_train)`` scores.
+
+    Rows of ensembles are keyed by their label, ``"<method> <ensemble>"`` (e.g.
+    ``"trak dropout:4"``), in ``per_query`` and ``values``.
     """
 
     payload: dict[str, Any]
@@ -204,13 +228,17 @@ def _run_benchmark(cfg: BenchConfig) -> BenchOutcome:
     from datatrace.metrics import lds, loo_correlation, mislabel_detection
 
     setting = cfg.setting
+    for ensemble in cfg.ensembles:  # before any training: a bad ensemble fails at once
+        ensemble.check(setting)
     notes: list[str] = []
     gt = lds_ground_truth(
         setting, cfg.spec, cache_dir=cfg.cache_dir, workers=cfg.workers, progress=cfg.progress
     )
     n_val = setting.n_val
     val, test = slice(0, n_val), slice(n_val, None)
+    t0 = time.perf_counter()
     model, trajectory = setting.train_trajectory(seed=0)
+    seed0_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     random_lds = lds(
         torch.randn(gt.targets.shape[1], setting.n_train, generator=g)[test],
@@ -272,12 +300,25 @@ def _run_benchmark(cfg: BenchConfig) -> BenchOutcome:
         else:
             notes.append(f"LOO task skipped: {setting.name} is not convex")
 
+    bank = MemberBank(setting, trajectory, seed0_s)
+    runs: list[tuple[str, dict[str, Any] | None, EnsembleSpec | None]] = [
+        (method, opts, ensemble)
+        for method, opts in cfg.methods
+        for ensemble in (None, *cfg.ensembles)
+    ]
     rows: list[dict[str, Any]] = []
     per_query: dict[str, torch.Tensor] = {}
     values: dict[str, torch.Tensor] = {}
-    bar = tqdm(cfg.methods, desc=f"{setting.name}: methods", disable=not cfg.progress)
-    for method, opts in bar:
-        bar.set_postfix_str(method)
+    bar = tqdm(runs, desc=f"{setting.name}: methods", disable=not cfg.progress)
+    for method, opts, ensemble in bar:
+        label = method if ensemble is None else f"{method} {ensemble.label}"
+        bar.set_postfix_str(label)
+        reads_trajectory = method in TRAJECTORY_METHODS
+        cost: EnsembleCost = (
+            bank.plain(reads_trajectory)
+            if ensemble is None
+            else bank.cost(ensemble, reads_trajectory)
+        )
         job = MethodJob(
             setting=setting,
             method=method,
@@ -286,33 +327,47 @@ def _run_benchmark(cfg: BenchConfig) -> BenchOutcome:
             trajectory=trajectory,
             subsets=gt.subsets,
             val_targets=gt.targets[:, val],
-            **mislabel_kwargs,
+            members=cost.members,
+            **(mislabel_kwargs if ensemble is None else {}),
         )
         result: MethodResult = (
             run_method_isolated(job, threads=cfg.threads) if cfg.isolate else run_method(job)
         )
+        head: dict[str, Any] = {
+            "method": method,
+            "label": label,
+            "ensemble": None if ensemble is None else ensemble.to_json(),
+        }
         if result.values is None:
-            rows.append({"method": method, "error": result.grid})
+            rows.append({**head, "error": result.grid})
             continue
         res = lds(result.values[test], gt.subsets, gt.targets[:, test])
-        per_query[method] = res.per_query
-        values[method] = result.values
+        per_query[label] = res.per_query
+        values[label] = result.values
         low, high = res.bootstrap_ci()
         row: dict[str, Any] = {
-            "method": method,
+            **head,
             "setting": result.chosen,
             "val_lds": result.val_lds,
             "lds": res.mean,
             "ci": [low, high],
+            "train_s": cost.train_s,
+            "trainings": cost.trainings,
+            "adapters": cost.adapters,
             "fit_s": result.fit_s,
             "attribute_s": result.attribute_s,
+            "serve_s": result.fit_s + result.attribute_s,
             "peak_rss_bytes": result.peak_rss,
             "peak_rss_total_bytes": result.peak_rss_total,
             "bytes_stored": result.bytes_stored,
+            "weight_bytes": cost.weight_bytes,
+            "total_bytes": cost.weight_bytes + result.bytes_stored,
             "grid": result.grid,
         }
         if flipped is not None:
-            if result.self_scores is not None:
+            if ensemble is not None:
+                row["mislabel_error"] = "not run for ensembles (members use the clean labels)"
+            elif result.self_scores is not None:
                 det = mislabel_detection(result.self_scores.double(), flipped)
                 row["mislabel_auroc"] = det.auroc
                 row["mislabel_auprc"] = det.auprc

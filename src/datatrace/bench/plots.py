@@ -1,19 +1,29 @@
 """PNG plots of a benchmark run: efficacy vs cost (Pareto), per-query LDS, top proponents.
 
+Efficacy-vs-cost plots draw ensembles as lines over their number of members K
+(:func:`plot_cost_curves`), against serving or training time.
+
 matplotlib is imported lazily (extra ``bench``), with the Agg backend: no display needed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from datatrace.errors import ConfigError
 
-__all__ = ["plot_lds_distribution", "plot_pareto", "plot_proponents"]
+__all__ = [
+    "CostPoint",
+    "plot_cost_curves",
+    "plot_lds_distribution",
+    "plot_pareto",
+    "plot_proponents",
+]
 
 
 def _pyplot() -> Any:
@@ -27,36 +37,122 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
-    """Scatter of test LDS (with its 95% interval) against fit + attribute seconds."""
+@dataclass(frozen=True)
+class CostPoint:
+    """One point of an efficacy-vs-cost plot.
+
+    Attributes:
+        method: method id (points of one method share a colour).
+        series: the line the point belongs to, e.g. ``"trak dropout"`` (a plain method: its id).
+        k: members of the ensemble (the point's label), or None for a plain method.
+        cost: the x value (seconds).
+        lds: test LDS.
+        ci: its 95% interval ``(low, high)``.
+    """
+
+    method: str
+    series: str
+    k: int | None
+    cost: float
+    lds: float
+    ci: tuple[float, float]
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def plot_cost_curves(points: Sequence[CostPoint], path: Path, title: str, xlabel: str) -> Path:
+    """Test LDS (with its 95% interval) against a cost, one line per series, points labelled K.
+
+    Series of one method share a colour and differ in marker; the x axis is log-scaled.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in rows:
-        cost = r["fit_s"] + r["attribute_s"]
-        low, high = r["ci"]
-        ax.errorbar(
-            [cost],
-            [r["lds"]],
-            yerr=[[r["lds"] - low], [high - r["lds"]]],
-            fmt="o",
-            capsize=3,
-            label=r["method"],
-        )
-    ax.set_xscale("log")
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+    fig, ax = plt.subplots(figsize=(9.0, 5.0))
+    methods = list(dict.fromkeys(p.method for p in points))
+    series = list(dict.fromkeys(p.series for p in points))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    kinds_seen: dict[str, int] = {}
+    for name in series:
+        pts = sorted((p for p in points if p.series == name), key=lambda p: (p.k or 0, p.cost))
+        method = pts[0].method
+        marker = _MARKERS[kinds_seen.get(method, 0) % len(_MARKERS)]
+        kinds_seen[method] = kinds_seen.get(method, 0) + 1
+        ax.errorbar(
+            [p.cost for p in pts],
+            [p.lds for p in pts],
+            yerr=[[p.lds - p.ci[0] for p in pts], [p.ci[1] - p.lds for p in pts]],
+            fmt=f"{marker}-" if len(pts) > 1 else marker,
+            color=colours[methods.index(method) % len(colours)],
+            capsize=3,
+            label=name,
+        )
+        for p in pts:
+            if p.k is not None:
+                ax.annotate(
+                    f"K={p.k}",
+                    (p.cost, p.lds),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                )
+    ax.set_xscale("log")
     # Ticks at 1, 2, 5 x 10^k, written plainly: default minor labels of a short range overlap.
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("fit + attribute time (s, log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("LDS on test queries")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # off the points
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _series(row: Mapping[str, Any]) -> str:
+    ensemble = row.get("ensemble")
+    if not ensemble:
+        return str(row["method"])
+    options = [
+        f"{k}={'+'.join(v) if k == 'layers' else v}"
+        for k, v in ensemble.items()
+        if k not in ("kind", "k")
+    ]
+    return " ".join([str(row["method"]), ":".join([ensemble["kind"], *options])])
+
+
+def plot_pareto(
+    rows: Sequence[Mapping[str, Any]],
+    path: Path,
+    title: str,
+    cost: Literal["serve", "train"] = "serve",
+) -> Path:
+    """Bench rows: test LDS against serving (fit + attribute) or training seconds.
+
+    Ensembles of a method and kind form a line whose points are labelled by K.
+    """
+    if cost not in ("serve", "train"):
+        raise ConfigError(f"cost must be 'serve' or 'train'; got {cost!r}.")
+    points = [
+        CostPoint(
+            method=str(r["method"]),
+            series=_series(r),
+            k=r["ensemble"]["k"] if r.get("ensemble") else None,
+            cost=float(r["fit_s"] + r["attribute_s"] if cost == "serve" else r["train_s"]),
+            lds=float(r["lds"]),
+            ci=(float(r["ci"][0]), float(r["ci"][1])),
+        )
+        for r in rows
+    ]
+    xlabel = (
+        "serving time: fit + attribute (s, log scale)"
+        if cost == "serve"
+        else "training time: every model and adapter (s, log scale)"
+    )
+    return plot_cost_curves(points, path, title, xlabel)
 
 
 def plot_lds_distribution(per_query: Mapping[str, torch.Tensor], path: Path, title: str) -> Path:

@@ -33,7 +33,7 @@ import torch
 
 from datatrace.bench.settings import Setting
 from datatrace.errors import DatatraceError
-from datatrace.task import Checkpoint
+from datatrace.task import Checkpoint, Member
 
 __all__ = ["TRAJECTORY_METHODS", "MethodJob", "MethodResult", "run_method", "run_method_isolated"]
 
@@ -61,6 +61,8 @@ class MethodJob:
         mislabel_state: weights of the model trained on the noisy labels.
         mislabel_trajectory: its checkpoints.
         batch_size: batch size of the attributor.
+        members: ``members=`` of the attributor (an ensemble; see
+            :mod:`datatrace.bench.ensembles`), or None for the plain method on the model.
     """
 
     setting: Setting
@@ -75,6 +77,7 @@ class MethodJob:
     mislabel_state: Mapping[str, torch.Tensor] | None = None
     mislabel_trajectory: Sequence[Checkpoint] = ()
     batch_size: int = 256
+    members: Sequence[Member] | None = None
 
 
 @dataclass
@@ -167,7 +170,9 @@ def _attributor(
     if job.method in LAYER_METHODS:  # as kronfluence: the Linear/Conv2d layers' parameters
         options["module_types"] = (torch.nn.Linear, torch.nn.Conv2d)
     task = setting.make_task(model, **options)
-    return make_attributor(job.method, task, batch_size=job.batch_size, **dict(opts))
+    return make_attributor(
+        job.method, task, members=job.members, batch_size=job.batch_size, **dict(opts)
+    )
 
 
 def run_method(job: MethodJob, measure_memory: bool = False) -> MethodResult:
