@@ -67,5 +67,5 @@ def test_no_tensor_reaches_an_eighth_of_n_train_times_n_params(make):
 def test_watch_detects_materialisation():
     model, train, _, limit = _setup()
     with LargestTensor() as watch:
-        GradDotAttributor(Task(model), batch_size=2048).fit(train)  # unprojected: (n, n_params)
+        GradDotAttributor(Task(model), batch_size=2048, train_features="gradients").fit(train)
     assert watch.largest >= limit
