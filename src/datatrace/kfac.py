@@ -42,7 +42,8 @@ from torch.func import grad, jvp, vmap
 from datatrace.curvature import LinearOperator
 from datatrace.data import iter_batches, num_examples
 from datatrace.errors import ConfigError, DataError, ModelError, NumericalError
-from datatrace.gradients.hooks import _layer_grad, _layer_input, _outer_sum, hookable_modules
+from datatrace.gradients.factored import ParamLayout, factored_modules
+from datatrace.gradients.hooks import _layer_grad, _layer_input, _outer_sum
 from datatrace.solvers import InverseOperator
 from datatrace.task import Task, _SplitBatch
 
@@ -53,8 +54,6 @@ __all__ = [
     "KFACInverse",
     "KFACKind",
     "KFACLayer",
-    "LayerSlot",
-    "ParamLayout",
     "Projections",
     "check_damping",
     "check_fisher_samples",
@@ -63,7 +62,6 @@ __all__ = [
     "fit_kfac",
     "fit_kfac_layers",
     "inverse_eigenvalues",
-    "kfac_modules",
     "layer_damping",
 ]
 
@@ -162,25 +160,6 @@ class KFACLayer:
     def unrotate(self, mats: torch.Tensor) -> torch.Tensor:
         """``Q_G M Q_Aᵀ`` for ``(k, O, I')`` matrices."""
         return self.q_g @ mats @ self.q_a.T
-
-
-def kfac_modules(task: Task) -> dict[str, tuple[str | None, str | None]]:
-    """Linear/Conv2d modules holding the tracked parameters; refuses any other tracked one.
-
-    Raises:
-        ModelError: a tracked parameter is outside supported layers, or none is inside.
-    """
-    modules = hookable_modules(task)
-    covered = {n for pair in modules.values() for n in pair if n is not None}
-    rest = [n for n in task.tracked_names if n not in covered]
-    if rest:
-        raise ModelError(
-            f"K-FAC/EK-FAC covers nn.Linear and nn.Conv2d (groups=1, zero padding) weights and "
-            f"biases only; tracked parameters {rest[:10]}{' ...' if len(rest) > 10 else ''} are "
-            "not. Track only supported layers: Task(model, module_types=(nn.Linear, nn.Conv2d)) "
-            "or Task(model, params=[...])."
-        )
-    return modules
 
 
 def _check_choice(label: str, value: Any, options: Sequence[str]) -> None:
@@ -399,7 +378,7 @@ def _passes(
     projections: Projections | None = None,
     fisher_samples: int = 1,
 ) -> Any:
-    modules = kfac_modules(task)
+    modules = factored_modules(task)
     offset = 0
     for batch in iter_batches(data, batch_size):
         captured = _capture(task, state, batch, modules, fisher, seed, offset, fisher_samples)
@@ -488,7 +467,7 @@ def fit_kfac_layers(
 ) -> list[KFACLayer]:
     """The layers of :func:`fit_kfac`, optionally of projected gradients (LoGra).
 
-    With ``projections`` (one ``(P_a, P_g)`` pair per layer of :func:`kfac_modules`, None
+    With ``projections`` (one ``(P_a, P_g)`` pair per layer of :func:`factored_modules`, None
     for an unprojected side) the factors are those of the projected inputs ``P_aᵀ a`` and
     output gradients ``P_gᵀ g``, and EK-FAC's eigenvalues those of the projected per-sample
     gradients ``P_gᵀ D_n P_a``: K-FAC/EK-FAC of the ``k_out x k_in`` projected gradients,
@@ -508,7 +487,7 @@ def fit_kfac_layers(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer; got {seed!r}.")
     check_fisher_samples(fisher_samples, fisher)
-    modules = kfac_modules(task)
+    modules = factored_modules(task)
     if fisher == "true" and task.loss_name not in ("cross_entropy", "mse", "lm"):
         raise ConfigError(
             f"fisher='true' samples labels from the model's predictive distribution, known for "
@@ -655,106 +634,6 @@ def inverse_eigenvalues(layer: KFACLayer, damping: float) -> torch.Tensor:
     return 1.0 / shifted
 
 
-# ----------------------------------------------------------------------------- layout
-@dataclass(frozen=True)
-class LayerSlot:
-    """Where one layer's parameters sit in the flat tracked-parameter vector.
-
-    Attributes:
-        module: the module's name.
-        weight: tracked weight name, or None.
-        bias: tracked bias name, or None.
-        out_features: ``O``, rows of the gradient matrix.
-        in_width: ``I'``, its columns (inputs, plus one for a tracked bias).
-        weight_slice: flat slice of the weight, or None.
-        bias_slice: flat slice of the bias, or None.
-    """
-
-    module: str
-    weight: str | None
-    bias: str | None
-    out_features: int
-    in_width: int
-    weight_slice: slice | None
-    bias_slice: slice | None
-
-
-class ParamLayout:
-    """Flat tracked-parameter vectors <-> per-layer ``(O, I')`` gradient matrices.
-
-    A Linear/Conv2d layer's gradient is a matrix ``[W | b]`` (conv weights flattened to
-    ``(O, C * kh * kw)``, the order of ``F.unfold``); the flat vector holds ``W`` then ``b``.
-
-    Example:
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
-        >>> layout = ParamLayout(Task(model))
-        >>> [m.shape for m in layout.to_matrices(torch.zeros(2, layout.dim))]
-        [torch.Size([2, 3, 5])]
-    """
-
-    def __init__(self, task: Task) -> None:
-        offsets, pos = {}, 0
-        for name, p in task.tracked_params().items():
-            offsets[name] = slice(pos, pos + p.numel())
-            pos += p.numel()
-        self.dim = pos
-        mods = dict(task.model.named_modules())
-        self.slots: list[LayerSlot] = []
-        for mname, (w, b) in kfac_modules(task).items():
-            shape = mods[mname].weight.shape
-            width = (shape[1:].numel() if w is not None else 0) + (b is not None)
-            self.slots.append(
-                LayerSlot(
-                    mname,
-                    w,
-                    b,
-                    int(shape[0]),
-                    int(width),
-                    offsets[w] if w is not None else None,
-                    offsets[b] if b is not None else None,
-                )
-            )
-        spans = [
-            [s for s in (slot.weight_slice, slot.bias_slice) if s is not None]
-            for slot in self.slots
-        ]
-        contiguous = all(len(sp) == 1 or sp[0].stop == sp[1].start for sp in spans)
-        bounds = sorted((sp[0].start, sp[-1].stop) for sp in spans)
-        tiled = all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
-        # contiguous per-layer slices in order, for block-diagonal solvers
-        self.blocks = [slice(*b) for b in bounds] if contiguous and tiled else None
-
-    @property
-    def modules(self) -> list[str]:
-        """Module names, in order."""
-        return [slot.module for slot in self.slots]
-
-    def to_matrices(self, v: torch.Tensor) -> list[torch.Tensor]:
-        """Split ``(k, dim)`` flat rows into per-layer ``(k, O, I')`` matrices."""
-        k, out = v.shape[0], []
-        for slot in self.slots:
-            parts = []
-            if slot.weight_slice is not None:
-                parts.append(v[:, slot.weight_slice].reshape(k, slot.out_features, -1))
-            if slot.bias_slice is not None:
-                parts.append(v[:, slot.bias_slice].reshape(k, slot.out_features, 1))
-            out.append(torch.cat(parts, 2) if len(parts) > 1 else parts[0])
-        return out
-
-    def from_matrices(self, mats: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Per-layer ``(k, O, I')`` matrices to ``(k, dim)`` flat rows."""
-        k = mats[0].shape[0]
-        out = mats[0].new_zeros(k, self.dim)
-        for slot, m in zip(self.slots, mats):
-            if slot.weight_slice is not None:
-                out[:, slot.weight_slice] = m[
-                    :, :, : slot.in_width - (slot.bias is not None)
-                ].reshape(k, -1)
-            if slot.bias_slice is not None:
-                out[:, slot.bias_slice] = m[:, :, -1]
-        return out
-
-
 # ----------------------------------------------------------------------------- operator
 class KFACCurvature(LinearOperator):
     """K-FAC / EK-FAC curvature: block-diagonal over layers, Kronecker-factored eigenbases.
@@ -853,7 +732,7 @@ class KFACCurvature(LinearOperator):
         """Rebuild from :meth:`to_arrays` output for the same task."""
         mods = dict(task.model.named_modules())
         layers = []
-        for j, (mname, (w, b)) in enumerate(kfac_modules(task).items()):
+        for j, (mname, (w, b)) in enumerate(factored_modules(task).items()):
             vals = {f: arrays[f"L{j}-{f}"].to(task.device, task.dtype) for f in cls.FIELDS}
             shape = tuple(mods[mname].weight.shape)
             layers.append(KFACLayer(mname, w, b, shape, **vals))

@@ -43,9 +43,10 @@ def test_grid_choice_values_and_bytes(tmp_path):
     assert result.chosen == grid[max(range(2), key=lambda i: val[i])]
     assert [g["val_lds"] for g in result.grid] == val
     assert result.peak_rss is None  # in-process: no memory of its own
-    # grad-dot keeps one float32 gradient of the 6 parameters per training example
+    # grad-dot keeps one float32 factored row of Linear(2, 2) per training example: T, the
+    # input with a ones column (3) and the output gradient (2); its gradient would be 6 too
     dot = run_method(_job(setting, tmp_path, "grad-dot", [{}])[0])
-    assert dot.bytes_stored == setting.n_train * 6 * 4
+    assert dot.bytes_stored == setting.n_train * (1 + 3 + 2) * 4
 
 
 def test_isolated_run_matches_and_measures_memory(tmp_path):

@@ -134,10 +134,11 @@ def test_bench_mislabel_loo_and_cost_columns(tmp_path, capsys):
     assert 0 <= row["mislabel_auroc"] <= 1 and 0 <= row["mislabel_auprc"] <= 1
     assert -1 <= row["loo_pearson"] <= 1 and -1 <= row["loo_spearman"] <= 1
     assert row["peak_rss_bytes"] >= 0 and row["peak_rss_total_bytes"] > 50 * 2**20
-    assert row["bytes_stored"] == 24 * 66 * 4  # one float32 gradient of Linear(32, 2) each
+    # one float32 factored row of Linear(32, 2) each: T, input with a ones column (33), g (2)
+    assert row["bytes_stored"] == 24 * (1 + 33 + 2) * 4
     # the plain method's cost: one training, one model's weights
     assert row["ensemble"] is None and row["trainings"] == 1 and row["train_s"] > 0
-    assert row["weight_bytes"] == 66 * 4 and row["total_bytes"] == 25 * 66 * 4
+    assert row["weight_bytes"] == 66 * 4 and row["total_bytes"] == 24 * (1 + 33 + 2) * 4 + 66 * 4
     assert row["serve_s"] == row["fit_s"] + row["attribute_s"]
 
 

@@ -5,7 +5,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from datatrace import GradDotAttributor, InfluenceAttributor, Task, TRAKAttributor
+from datatrace import (
+    Checkpoint,
+    GradCosAttributor,
+    GradDotAttributor,
+    InfluenceAttributor,
+    Task,
+    TracInAttributor,
+    TRAKAttributor,
+)
 
 
 class LargestTensor(TorchDispatchMode):
@@ -52,8 +60,27 @@ def _setup():
         lambda m: InfluenceAttributor(
             Task(m), curvature="fisher", projector="rademacher", proj_dim=128, batch_size=16
         ),
+        # unprojected, exact: factored features (the default for Linear layers); at batch 256
+        # flat gradients would be (256, n_params), exactly the limit
+        lambda m: GradDotAttributor(Task(m), batch_size=256),
+        lambda m: GradCosAttributor(Task(m), batch_size=256),
+        lambda m: TracInAttributor(
+            Task(
+                m,
+                checkpoints=[Checkpoint(m.state_dict(), step=s, learning_rate=0.1) for s in (1, 2)],
+            ),
+            batch_size=256,
+        ),
     ],
-    ids=["trak-sjlt", "trak-factored", "grad-dot-gaussian", "if-fisher-rademacher"],
+    ids=[
+        "trak-sjlt",
+        "trak-factored",
+        "grad-dot-gaussian",
+        "if-fisher-rademacher",
+        "grad-dot-factored",
+        "grad-cos-factored",
+        "tracin-factored",
+    ],
 )
 def test_no_tensor_reaches_an_eighth_of_n_train_times_n_params(make):
     model, train, queries, limit = _setup()
@@ -67,5 +94,5 @@ def test_no_tensor_reaches_an_eighth_of_n_train_times_n_params(make):
 def test_watch_detects_materialisation():
     model, train, _, limit = _setup()
     with LargestTensor() as watch:
-        GradDotAttributor(Task(model), batch_size=2048).fit(train)  # unprojected: (n, n_params)
+        GradDotAttributor(Task(model), batch_size=2048, train_features="gradients").fit(train)
     assert watch.largest >= limit

@@ -1,7 +1,7 @@
 """Attribution methods: the shared loop and one file per method (DESIGN.md §3)."""
 
 from datatrace.methods.base import METHODS, Attributor, MethodConfig, make_attributor
-from datatrace.methods.gradsim import GradCosAttributor, GradDotAttributor
+from datatrace.methods.gradsim import GradCosAttributor, GradDotAttributor, GradSimConfig
 from datatrace.methods.influence import InfluenceAttributor, InfluenceConfig
 from datatrace.methods.logra import LoGraAttributor, LoGraConfig
 from datatrace.methods.rps import RepresenterAttributor, RepresenterConfig
@@ -14,6 +14,7 @@ __all__ = [
     "Attributor",
     "GradCosAttributor",
     "GradDotAttributor",
+    "GradSimConfig",
     "InfluenceAttributor",
     "InfluenceConfig",
     "LoGraAttributor",

@@ -198,6 +198,10 @@ class Attributor(ABC):
         """Non-linear step on complete units' train features (default: none)."""
         return features
 
+    def _join_query_features(self, ctx: MemberContext, feats: list[torch.Tensor]) -> torch.Tensor:
+        """One tensor of query features from the batches' (default: concatenated rows)."""
+        return torch.cat(feats, 0)
+
     @abstractmethod
     def _fit_member(self, ctx: MemberContext) -> None:
         """Per-train-set work after featurization (curvature, kernels); fills ``ctx.fitted``."""
@@ -417,7 +421,7 @@ class Attributor(ABC):
                     self._query_features(ctx, b).detach()
                     for b in iter_batches(queries, self.config.batch_size)
                 ]
-                out.append(self._transform_queries(ctx, torch.cat(feats, 0)))
+                out.append(self._transform_queries(ctx, self._join_query_features(ctx, feats)))
         return out
 
     def _score_blocks(self, queries: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -5,16 +5,41 @@
 step on i with learning rate η lowers the query objective by ``η <g_q, g_i>`` to first order,
 so positive scores are proponents. ``grad-cos`` normalises both gradients (with ``groups=``,
 the group gradient: the gradient of the group's summed loss).
+
+Factored features (``train_features="factored"``, the default when every tracked parameter
+sits in a Linear/Conv2d layer and nothing is projected or grouped): a layer's gradient is
+``D = sum_t g_t a_tᵀ``, so per layer
+
+    <D_q, D_i> = sum_{t,s} (a_{q,t} · a_{i,s}) (g_{q,t} · g_{i,s}),
+    ||D_i||² = sum_{t,s} (a_{i,t} · a_{i,s}) (g_{i,t} · g_{i,s}),
+
+exactly. Train and query features keep each layer's factors where ``T^2 (I' + O) < O I'``
+(:func:`~datatrace.gradients.factored.pairs_factors`: for an MLP's ``T = 1``, ``I' + O``
+numbers and flops per pair instead of ``O I'``) and its gradient matrix elsewhere (long
+sequences, many conv patches), so no flat per-sample gradient is ever formed.
 Cost: one per-sample gradient per example; no curvature.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
 import torch
 
-from datatrace.methods.base import Attributor, MemberContext, register
+from datatrace.data import Batch
+from datatrace.errors import ConfigError
+from datatrace.gradients.factored import (
+    FactorCodec,
+    ParamLayout,
+    covers_tracked,
+    factored_modules,
+    pairs_factors,
+)
+from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 
-__all__ = ["GradCosAttributor", "GradDotAttributor"]
+__all__ = ["GradCosAttributor", "GradDotAttributor", "GradSimConfig", "GradientSimilarity"]
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -22,8 +47,124 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
+@dataclass(frozen=True)
+class GradSimConfig(MethodConfig):
+    """Settings of the gradient-similarity methods (Grad-Dot, Grad-Cos, TracIn).
+
+    Attributes:
+        train_features: ``"factored"`` (layer inputs and output gradients, scored from their
+            Gram products; exact; needs every tracked parameter in a Linear/Conv2d layer, no
+            projector and no groups), ``"gradients"`` (flattened per-sample gradients, or
+            projected ones) or ``"auto"`` (factored where it applies, gradients otherwise).
+    """
+
+    train_features: Literal["auto", "factored", "gradients"] = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.train_features not in ("auto", "factored", "gradients"):
+            raise ConfigError(
+                f"train_features must be 'auto', 'factored' or 'gradients'; got "
+                f"{self.train_features!r}."
+            )
+        if self.train_features == "factored" and (
+            self.projector != "none" or self.engine == "functional"
+        ):
+            raise ConfigError(
+                f"train_features='factored' keeps the hook engine's unprojected layer factors; it "
+                f"needs projector='none' and engine != 'functional' (got projector="
+                f"{self.projector!r}, engine={self.engine!r}). Use train_features='gradients' or "
+                "'auto'."
+            )
+
+
+class GradientSimilarity(Attributor):
+    """Inner products of (possibly transformed) gradients, on flat or factored features.
+
+    The base of Grad-Dot, Grad-Cos and TracIn: it owns the choice between the two feature
+    kinds (see the module docstring) and scores either kind; subclasses only transform.
+
+    Example:
+        >>> from datatrace import Task
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3)).eval()
+        >>> train = (torch.randn(8, 8), torch.randint(0, 3, (8,)))
+        >>> factored = GradDotAttributor(Task(model), train_features="factored").fit(train)
+        >>> flat = GradDotAttributor(Task(model), train_features="gradients").fit(train)
+        >>> torch.allclose(factored.attribute(train).values, flat.attribute(train).values,
+        ...                atol=1e-5)
+        True
+    """
+
+    Config = GradSimConfig
+    config: GradSimConfig
+
+    def __init__(self, task: Any, **kwargs: Any) -> None:
+        super().__init__(task, **kwargs)
+        if self.config.train_features == "factored":
+            if self._groups_arg is not None:
+                raise ConfigError(
+                    "train_features='factored' keeps each example's layer factors, which cannot "
+                    "be summed into a group's gradient; with groups= use train_features="
+                    "'gradients' (or 'auto')."
+                )
+            factored_modules(self.task)  # refuse parameters outside Linear/Conv2d now
+
+    def _codec(self, ctx: MemberContext) -> FactorCodec | None:
+        """The member's factored-row codec, or None for flat features.
+
+        Decided on first use, which is inside the member's scope (a LoRA member tracks its
+        adapter layers), and kept in ``ctx.fitted`` for scoring outside it.
+        """
+        if "codec" not in ctx.fitted:
+            cfg = self.config
+            factored = cfg.train_features == "factored" or (
+                cfg.train_features == "auto"
+                and cfg.projector == "none"
+                and cfg.engine != "functional"
+                and self._groups_arg is None
+                and covers_tracked(self.task)
+            )
+            ctx.fitted["codec"] = (
+                FactorCodec(ParamLayout(self.task), pairs_factors) if factored else None
+            )
+        return ctx.fitted["codec"]
+
+    def _features(
+        self, ctx: MemberContext, batch: Batch, which: str, state: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        codec = self._codec(ctx)
+        if codec is None:
+            return super()._features(ctx, batch, which, state)
+        return codec.encode(self._unit_grads(ctx, batch, which, state).factors)
+
+    def _scale_features(
+        self, ctx: MemberContext, features: torch.Tensor, factor: float
+    ) -> torch.Tensor:
+        """Features of the gradients times ``factor``."""
+        codec = self._codec(ctx)
+        return factor * features if codec is None else codec.scale(features, factor)
+
+    def _fit_member(self, ctx: MemberContext) -> None:
+        # fixes the feature kind in the member's scope even when a resumed fit featurized nothing
+        self._codec(ctx)
+
+    def _join_query_features(self, ctx: MemberContext, feats: list[torch.Tensor]) -> torch.Tensor:
+        codec = self._codec(ctx)
+        return super()._join_query_features(ctx, feats) if codec is None else codec.join(feats)
+
+    def _combine(
+        self, ctx: MemberContext, q: torch.Tensor, train: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        codec = self._codec(ctx)
+        return super()._combine(ctx, q, train, start) if codec is None else codec.inner(q, train)
+
+    def _self_scores(self, ctx: MemberContext, train: torch.Tensor, start: int) -> torch.Tensor:
+        codec = self._codec(ctx)
+        return super()._self_scores(ctx, train, start) if codec is None else codec.sq_norms(train)
+
+
 @register("grad-dot")
-class GradDotAttributor(Attributor):
+class GradDotAttributor(GradientSimilarity):
     """Inner products of query and training gradients.
 
     Example:
@@ -36,12 +177,9 @@ class GradDotAttributor(Attributor):
 
     method_id = "grad-dot"
 
-    def _fit_member(self, ctx: MemberContext) -> None:
-        return None
-
 
 @register("grad-cos")
-class GradCosAttributor(Attributor):
+class GradCosAttributor(GradientSimilarity):
     """Cosine similarity of query and training gradients.
 
     Example:
@@ -55,12 +193,16 @@ class GradCosAttributor(Attributor):
 
     method_id = "grad-cos"
 
+    def _normalise(self, ctx: MemberContext, features: torch.Tensor) -> torch.Tensor:
+        codec = self._codec(ctx)
+        if codec is None:
+            return _unit(features)
+        norms = codec.sq_norms(features).sqrt()
+        return codec.scale(features, 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny))
+
     def _finish_train_features(self, ctx: MemberContext, features: torch.Tensor) -> torch.Tensor:
         # on whole units: a group's gradient is normalised after its members are summed
-        return _unit(features)
+        return self._normalise(ctx, features)
 
     def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
-        return _unit(q)
-
-    def _fit_member(self, ctx: MemberContext) -> None:
-        return None
+        return self._normalise(ctx, q)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,15 +47,9 @@ from datatrace.curvature import FisherOperator, GGNOperator, HessianOperator, Li
 from datatrace.data import Batch, iter_batches
 from datatrace.errors import ConfigError
 from datatrace.gradients import compute_per_sample_grads
+from datatrace.gradients.factored import FactorCodec, ParamLayout, factored_modules
 from datatrace.gradients.hooks import _outer_sum
-from datatrace.kfac import (
-    KFACCurvature,
-    ParamLayout,
-    check_damping,
-    check_fisher_samples,
-    fit_kfac,
-    kfac_modules,
-)
+from datatrace.kfac import KFACCurvature, check_damping, check_fisher_samples, fit_kfac
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.methods.per_module import (
     module_param_spans,
@@ -237,7 +230,7 @@ class InfluenceAttributor(Attributor):
         if cfg.curvature in KFAC_KINDS or self._factored:
             # refuse parameters outside Linear/Conv2d (and a per-layer damping that does not
             # name every layer) now, not in fit
-            modules = list(kfac_modules(self.task))
+            modules = list(factored_modules(self.task))
             if isinstance(cfg.damping, dict):
                 check_damping(cfg.damping, modules)
 
@@ -272,7 +265,7 @@ class InfluenceAttributor(Attributor):
             prefix = f"kfac-m{ctx.index}-{h.hexdigest()[:16]}-"
             names = [
                 f"L{j}-{f}"
-                for j in range(len(kfac_modules(self.task)))
+                for j in range(len(factored_modules(self.task)))
                 for f in KFACCurvature.FIELDS
             ]
             if all(self.store.has_array(prefix + n) for n in names):
@@ -325,7 +318,7 @@ class InfluenceAttributor(Attributor):
         if not self._factored:
             return super()._train_features(ctx, batch)
         psg = compute_per_sample_grads(self.task, batch, state=ctx.state, engine="hooks")
-        return _encode_factors(ctx.fitted.get("layout") or ParamLayout(self.task), psg.factors)
+        return FactorCodec(ctx.fitted.get("layout") or ParamLayout(self.task)).encode(psg.factors)
 
     def _combine(
         self, ctx: MemberContext, q: torch.Tensor, train: torch.Tensor, start: int
@@ -337,7 +330,7 @@ class InfluenceAttributor(Attributor):
         queries = _unpack_low_rank(layout, q, rank) if rank is not None else None
         full = layout.to_matrices(q) if rank is None else None
         total = q.new_zeros(q.shape[0], train.shape[0])
-        for j, part in enumerate(_decode_factors(layout, train)):
+        for j, part in enumerate(FactorCodec(layout).decode(train)):
             if rank is None:
                 assert full is not None
                 total += _contract(full[j], part)
@@ -352,7 +345,7 @@ class InfluenceAttributor(Attributor):
         layout: ParamLayout = ctx.fitted["layout"]
         mats = [
             _outer_sum(part[1], part[0]) if len(part) == 2 else part[0]
-            for part in _decode_factors(layout, train)
+            for part in FactorCodec(layout).decode(train)
         ]
         grads = layout.from_matrices(mats)
         pre = ctx.fitted["inverse"].apply(grads.T).T / self._n_train
@@ -393,50 +386,6 @@ class InfluenceAttributor(Attributor):
         """``(n_query, T, n_units)`` scores per predicted query token (language models); they
         sum over tokens to :meth:`attribute`. See :func:`datatrace.methods.per_module.per_token_scores`."""
         return per_token_scores(self, queries)
-
-
-# ----------------------------------------------------------------------------- factored features
-# A factored train feature row is [T_1 .. T_L | layer 1 | ... | layer L]: T_l is the number of
-# positions of layer l in this batch, and a layer holds a (T_l I') then g (T_l O) when that is
-# smaller than its gradient matrix (O I'), else the matrix. T_l in the row makes every shard
-# self-describing (sequence lengths may differ between batches).
-
-
-def _stores_factors(t: int, o: int, i: int) -> bool:
-    return t * (i + o) <= o * i
-
-
-def _encode_factors(layout: ParamLayout, factors: Sequence[Any]) -> torch.Tensor:
-    by_module = {f.module: f for f in factors}
-    b = factors[0].a.shape[0]
-    header = [float(by_module[m].a.shape[1]) for m in layout.modules]
-    parts = [factors[0].a.new_tensor(header).expand(b, -1)]
-    for slot in layout.slots:
-        f = by_module[slot.module]
-        if _stores_factors(f.a.shape[1], slot.out_features, slot.in_width):
-            parts += [f.a.reshape(b, -1), f.g.reshape(b, -1)]
-        else:
-            parts.append(f.matrix().reshape(b, -1))
-    return torch.cat(parts, 1)
-
-
-def _decode_factors(layout: ParamLayout, rows: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-    """Per layer ``(a (B, T, I'), g (B, T, O))`` or ``(gradient (B, O, I'),)``."""
-    b, n_layers = rows.shape[0], len(layout.slots)
-    ts = [int(t) for t in rows[0, :n_layers].tolist()] if b else [1] * n_layers
-    pos = n_layers
-    out: list[tuple[torch.Tensor, ...]] = []
-    for slot, t in zip(layout.slots, ts):
-        o, i = slot.out_features, slot.in_width
-        if _stores_factors(t, o, i):
-            a = rows[:, pos : pos + t * i].reshape(b, t, i)
-            g = rows[:, pos + t * i : pos + t * (i + o)].reshape(b, t, o)
-            out.append((a, g))
-            pos += t * (i + o)
-        else:
-            out.append((rows[:, pos : pos + o * i].reshape(b, o, i),))
-            pos += o * i
-    return out
 
 
 _CHUNK = 1 << 24  # elements of the (queries, O, B, T) intermediate per step

@@ -42,17 +42,16 @@ import torch
 from datatrace.data import Batch, iter_batches
 from datatrace.errors import ConfigError
 from datatrace.gradients.engine import PerSampleGrads
+from datatrace.gradients.factored import ParamLayout, factored_modules
 from datatrace.gradients.hooks import _outer_sum
 from datatrace.kfac import (
     KFACCurvature,
     KFACLayer,
-    ParamLayout,
     Projections,
     check_damping,
     check_fisher_samples,
     fit_kfac_layers,
     inverse_eigenvalues,
-    kfac_modules,
     layer_damping,
 )
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
@@ -218,7 +217,7 @@ class LoGraAttributor(Attributor):
         """Fit K-FAC/EK-FAC of the projected factors, or reload it from the store."""
         cfg = self.config
         names, prefix = [], ""
-        modules = kfac_modules(self.task)
+        modules = factored_modules(self.task)
         if self.store is not None:
             h = hashlib.sha256()
             for batch in iter_batches(self._train, cfg.batch_size):

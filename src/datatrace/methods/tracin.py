@@ -3,7 +3,9 @@
 ``score[q, i] = sum_c η_c <g_q(θ_c), g_i(θ_c)>`` over the member's checkpoints ``c`` with
 learning rate ``η_c`` — the first-order decrease of the query objective caused by the steps
 taken on example i. Implemented as one inner product of features
-``concat_c sqrt(η_c) g(θ_c)``, so the shared loop streams it like Grad-Dot.
+``concat_c sqrt(η_c) g(θ_c)``, so the shared loop streams it like Grad-Dot; with factored
+features (:mod:`datatrace.methods.gradsim`, the same ``train_features`` setting) each
+checkpoint is one segment of factored rows.
 Cost: one per-sample gradient per example per checkpoint.
 """
 
@@ -14,13 +16,14 @@ import math
 import torch
 
 from datatrace.data import Batch
-from datatrace.methods.base import Attributor, MemberContext, register
+from datatrace.methods.base import MemberContext, register
+from datatrace.methods.gradsim import GradientSimilarity
 
 __all__ = ["TracInAttributor"]
 
 
 @register("tracin")
-class TracInAttributor(Attributor):
+class TracInAttributor(GradientSimilarity):
     """TracIn over the checkpoints of each member (the task's checkpoints by default).
 
     Example:
@@ -38,7 +41,8 @@ class TracInAttributor(Attributor):
         parts = []
         for ckpt, state in zip(ctx.checkpoints, ctx.states):
             lr = 1.0 if ckpt is None else ckpt.learning_rate
-            parts.append(math.sqrt(lr) * self._features(ctx, batch, which, state))
+            features = self._features(ctx, batch, which, state)
+            parts.append(self._scale_features(ctx, features, math.sqrt(lr)))
         return torch.cat(parts, 1)
 
     def _train_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
@@ -46,6 +50,3 @@ class TracInAttributor(Attributor):
 
     def _query_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
         return self._trajectory_features(ctx, batch, "query")
-
-    def _fit_member(self, ctx: MemberContext) -> None:
-        return None
