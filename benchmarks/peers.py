@@ -235,7 +235,12 @@ def ours_methods(
     last = Task(model, target="margin", params=LAST_LAYER)
     common = {"batch_size": args.batch_size}
     # relative_damping 1e-4 (our default until session 3): near traker's plain inverse
-    trak = {"projector": "gaussian", "proj_dim": args.proj_dim, "relative_damping": 1e-4, **common}
+    trak: dict[str, Any] = {
+        "projector": args.trak_projector,
+        "proj_dim": args.trak_proj_dim or args.proj_dim,
+        "relative_damping": args.trak_relative_damping,
+        **common,
+    }
     return {
         "trak-1": ("trak", full, {**trak, "members": sds[:1]}),
         "trak-5": ("trak", full, {**trak, "members": sds[:5]}),
@@ -340,6 +345,25 @@ def main(argv: list[str] | None = None) -> None:
         "--peers", default="traker,dattri,kronfluence", help="comma-separated: " + ",".join(PEERS)
     )
     ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated keys")
+    ap.add_argument(
+        "--trak-projector",
+        default="gaussian",
+        help="our TRAK rows' projector (gaussian = the peers' own; e.g. factored: our fastest "
+        "path, a different random sketch, so compare LDS and time, not scores)",
+    )
+    ap.add_argument(
+        "--trak-relative-damping",
+        type=float,
+        default=1e-4,
+        help="our TRAK rows' relative_damping (1e-4: near the peers' plain inverse; our "
+        "library default is 1.0)",
+    )
+    ap.add_argument(
+        "--trak-proj-dim",
+        type=int,
+        default=None,
+        help="our TRAK rows' proj_dim (default --proj-dim; factored: features per layer)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timed runs (median) per method")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
     ap.add_argument(
@@ -558,6 +582,13 @@ def main(argv: list[str] | None = None) -> None:
                 )
 
     print()
+    if args.trak_projector != "gaussian" or args.trak_relative_damping != 1e-4:
+        print(
+            f"- NOTE: our TRAK rows use projector={args.trak_projector!r} "
+            f"(proj_dim {args.trak_proj_dim or args.proj_dim}, relative_damping "
+            f"{args.trak_relative_damping}), not the peers' Gaussian "
+            "projection: same estimator, another random sketch; compare LDS and time."
+        )
     for key in methods:
         if any(r["method"] == key for r in rows):
             print(f"- {key}: {EXPLAIN[key]}")
