@@ -49,6 +49,7 @@ from datatrace.bench.cache import GroundTruthSpec, lds_ground_truth
 from datatrace.bench.ensembles import EnsembleSpec
 from datatrace.bench.plots import CostPoint, plot_cost_curves
 from datatrace.bench.settings import get_setting
+from datatrace.data import num_examples
 from datatrace.errors import DatatraceError
 from datatrace.metrics import beats, lds, not_worse
 
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     per_query: dict[tuple[str, str, int], torch.Tensor] = {}
     ceiling = gt.noise_ceiling()
     g = torch.Generator().manual_seed(0)
-    rand = score(torch.randn(queries[1].shape[0], setting.n_train, generator=g), test)
+    rand = score(torch.randn(num_examples(queries), setting.n_train, generator=g), test)
     print(f"noise ceiling {ceiling.mean:.3f}; random scores {rand.mean:+.3f}")
     for method in args.methods.split(","):
         # warm-up (first-call costs would otherwise land on the first row)
