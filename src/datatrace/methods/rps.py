@@ -18,8 +18,8 @@ into training sequences. Cost: one forward pass per example and a convex refit o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
