@@ -1,0 +1,363 @@
+"""datatrace's EK-FAC influence next to kronfluence's on the ``pydoc-charlm`` transformer.
+
+    .venv/bin/python benchmarks/kronfluence_charlm.py --json out/kronfluence_charlm.json
+
+Same model, data and ground truth as the ``datatrace bench --setting pydoc-charlm --m 20
+--seeds 2`` table: the registered setting (4,000 training chunks of 64 characters, 100
+validation and 300 test queries, target = a chunk's summed next-character log-likelihood),
+its seed-0 model from ``setting.train_trajectory(seed=0)`` (what the bench attributes; its
+state is cached in ``benchmarks/.cache/``) and the cached LDS ground truth
+(``lds_ground_truth``, 20 half-subsets x 2 seeds). The script refuses to run when that
+ground truth is not cached (``--allow-retraining`` retrains it, 12+ minutes).
+
+kronfluence 1.0.1 runs in its own throw-away virtualenv (``/tmp/peer-kronfluence``, created
+by ``peers.setup_peer`` when missing; never a datatrace dependency) through
+``benchmarks/kronfluence_charlm_runner.py``, which rebuilds the transformer without datatrace.
+Both sides track exactly the 13 ``nn.Linear`` layers (attention q/k/v/o, MLP, LM head;
+weights and biases, 106k parameters; kronfluence tracks every Linear, ours uses
+``Task(module_types=(nn.Linear,))``) with EK-FAC on the true Fisher, one sampled label per
+predicted character (kronfluence's default ``FactorArguments``; ours ``fisher="true",
+fisher_samples=1``). Damping: kronfluence's default ``damping_factor=1e-8`` (absolute, on
+the Fisher of the summed per-chunk loss averaged over chunks, which is the scale of ours;
+ours refuses 1e-8 on the float32 model, where it is below the resolution of the largest
+eigenvalues, and takes it with ``--dtype float64``), the ``heuristic`` 0.1 x each layer's
+mean eigenvalue on both (``damping_factor=None`` for kronfluence) and, for ours, the damping
+chosen on the validation queries from ``--damping-grid`` (DESIGN.md §9). Only the chosen
+damping is timed (the cost does not depend on it); kronfluence is timed at 1e-8 and scored
+at ``None`` on the same factors.
+
+Reported on the 300 test queries: LDS with its 95% bootstrap interval for both, the paired
+bootstrap interval of ours - kronfluence (``beats`` / ``not_worse``), the per-query and flat
+Spearman correlation of the two score matrices, and fit + attribute seconds (median of
+warm runs, ``--repeats`` after ``--warmup``) at every ``--threads`` count, ours and then
+kronfluence back to back. The runner does not seed kronfluence's label sampling, so the
+table lists the LDS of its run at every thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import CACHE
+from benchmarks.peer_runner import timed
+from benchmarks.peers import compare, setup_peer
+from datatrace import Task, make_attributor
+from datatrace.bench.cache import GroundTruthSpec, default_cache_dir, lds_ground_truth
+from datatrace.bench.groundtruth import SubsetGroundTruth, noise_ceiling
+from datatrace.bench.settings import Setting, get_setting
+from datatrace.errors import NumericalError
+from datatrace.metrics import lds
+
+RUNNER = Path(__file__).resolve().parent / "kronfluence_charlm_runner.py"
+KRONFLUENCE_DAMPING = 1e-8  # kronfluence 1.0.1 ScoreArguments.damping_factor default
+
+
+def parse_damping(text: str) -> float | str:
+    return text if text == "heuristic" else float(text)
+
+
+def cached_ground_truth(
+    setting: Setting, spec: GroundTruthSpec, allow_retraining: bool
+) -> SubsetGroundTruth:
+    """The bench's LDS ground truth; exits instead of retraining unless allowed."""
+    # the store lds_ground_truth reads (datatrace.bench.cache: NAME-HASH-lds-SPEC)
+    path = default_cache_dir() / f"{setting.name}-{setting.recipe_hash()}-lds-{spec.key()}"
+    manifest = path / "manifest.json"
+    shards = json.loads(manifest.read_text())["shards"] if manifest.exists() else {}
+    complete = sum(len(shards.get(f"seed{s}", {})) for s in range(spec.seeds))
+    if complete < spec.m * spec.seeds and not allow_retraining:
+        sys.exit(
+            f"{path} holds {complete} of the {spec.m * spec.seeds} retrainings of the ground "
+            f"truth; run `datatrace groundtruth --setting {setting.name} --m {spec.m} --seeds "
+            f"{spec.seeds}` first (12+ minutes) or pass --allow-retraining."
+        )
+    return lds_ground_truth(setting, spec, workers=2, progress=True)
+
+
+def trained_model(setting: Setting) -> nn.Module:
+    """The bench's seed-0 model (``setting.train_trajectory(seed=0)``), state cached on disk."""
+    path = CACHE / f"charlm-seed0-{setting.recipe_hash()}.pt"
+    model = setting.build_model(0)
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    t0 = time.perf_counter()
+    model, _ = setting.train_trajectory(seed=0)
+    print(f"trained the seed-0 model in {time.perf_counter() - t0:.1f}s", flush=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(path)
+    return model.eval()
+
+
+def ours_ekfac(task: Task, damping: float | str, batch_size: int, seed: int = 0) -> Any:
+    """Our EK-FAC influence matched to kronfluence's defaults (true Fisher, one label)."""
+    return make_attributor(
+        "if-ekfac",
+        task,
+        damping=damping,
+        fisher="true",
+        fisher_samples=1,
+        batch_size=batch_size,
+        seed=seed,
+    )
+
+
+def run_kronfluence(
+    py: Path, inputs: Path, out: Path, spec: dict[str, Any], timeout: float
+) -> dict[str, Any]:
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [str(py), str(RUNNER), "--inputs", str(inputs), "--out", str(out)]
+    cmd += ["--spec", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    sys.stdout.write(proc.stdout)
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"kronfluence runner failed (exit {proc.returncode}):\n{proc.stderr}")
+    return torch.load(out, weights_only=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
+    ap.add_argument("--batch-size", type=int, default=64, help="chunks per batch (both)")
+    ap.add_argument(
+        "--damping-grid",
+        default="1e-8,1e-4,1e-3,1e-2,1e-1,heuristic",
+        help="our dampings tried on the validation queries (numbers or 'heuristic')",
+    )
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="our model's dtype (float64 admits dampings below float32 resolution, e.g. 1e-8); "
+        "kronfluence always runs the float32 model",
+    )
+    ap.add_argument("--m", type=int, default=20, help="LDS subsets of the cached ground truth")
+    ap.add_argument("--seeds", type=int, default=2, help="retrainings per subset")
+    ap.add_argument("--allow-retraining", action="store_true")
+    ap.add_argument("--venv-root", type=Path, default=Path(tempfile.gettempdir()))
+    ap.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds per runner")
+    ap.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+    args = ap.parse_args(argv)
+    thread_counts = [int(t) for t in args.threads.split(",") if t]
+    grid = [parse_damping(t) for t in args.damping_grid.split(",") if t]
+
+    load_before = os.getloadavg()
+    py = setup_peer("kronfluence", args.venv_root)
+    torch.set_num_threads(thread_counts[0])
+    setting = get_setting("pydoc-charlm")
+    gt = cached_ground_truth(
+        setting, GroundTruthSpec(m=args.m, seeds=args.seeds), args.allow_retraining
+    )
+    n_val = setting.n_val
+    model = trained_model(setting)
+    # nn.Module.to works in place: kronfluence gets the untouched float32 weights
+    ours_model = copy.deepcopy(model).to(torch.float64) if args.dtype == "float64" else model
+    train, q_test = setting.data.train, setting.data.test_queries
+    task = setting.make_task(ours_model, module_types=(nn.Linear,))
+    linear = {
+        f"{name}.{p}"
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear)
+        for p, _ in mod.named_parameters()
+    }
+    if set(task.tracked_params()) != linear:  # kronfluence tracks exactly these
+        raise RuntimeError(f"tracked {sorted(task.tracked_params())}, expected {sorted(linear)}")
+    n_params = sum(p.numel() for p in task.tracked_params().values())
+    test_targets = gt.targets[:, n_val:]
+    ceiling = noise_ceiling(gt.per_seed[:, :, n_val:])
+    g = torch.Generator().manual_seed(0)
+    random_lds = lds(
+        torch.randn(setting.n_test, setting.n_train, generator=g, dtype=torch.float64),
+        gt.subsets,
+        test_targets,
+    )
+
+    # ---- our damping, chosen on the validation queries (test scores kept for the table)
+    val_lds: dict[str, float | str] = {}
+    test_scores: dict[str, torch.Tensor] = {}
+    for damping in grid:
+        try:
+            attr = ours_ekfac(task, damping, args.batch_size).fit(train)
+        except NumericalError as exc:  # e.g. 1e-8 is below float32 resolution: refused
+            val_lds[str(damping)] = f"refused: {exc}"
+            print(f"[datatrace] damping {damping}: {exc}", flush=True)
+            continue
+        values = attr.attribute(setting.data.queries("all")).values
+        v = lds(values[:n_val], gt.subsets, gt.targets[:, :n_val]).mean
+        val_lds[str(damping)], test_scores[str(damping)] = v, values[n_val:]
+        print(f"[datatrace] damping {damping}: validation LDS {v:.3f}", flush=True)
+    chosen = max(test_scores, key=lambda d: float(val_lds[d]))
+    # our rows of the LDS table: the heuristic (kronfluence's other damping) and the chosen one
+    shown = [d for d in dict.fromkeys(["heuristic", chosen]) if d in test_scores]
+
+    # ---- timed runs, ours then kronfluence, at every thread count
+    ours: dict[int, dict[str, Any]] = {}
+    peer: dict[int, dict[str, Any]] = {}
+    loads: dict[int, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="datatrace-kfx-charlm-") as tmp:
+        inputs = Path(tmp) / "inputs.pt"
+        with torch.no_grad():
+            query_log_prob = setting.measure(model, q_test).detach()
+        arch = {
+            "vocab_size": len(setting.vocab),
+            "max_len": setting.chunk_len,
+            "d_model": setting.d_model,
+            "n_heads": setting.n_heads,
+            "n_layers": setting.n_layers,
+        }
+        torch.save(
+            {
+                "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "arch": arch,
+                "train_ids": train["input_ids"],
+                "query_ids": q_test["input_ids"],
+                "query_log_prob": query_log_prob,
+            },
+            inputs,
+        )
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            loads[threads] = list(os.getloadavg())
+            # the cost does not depend on the damping: the chosen one is timed
+            t0 = time.perf_counter()
+            ours[threads] = timed(
+                lambda: ours_ekfac(task, parse_damping(chosen), args.batch_size).fit(train),
+                lambda attr: attr.attribute(q_test).values,
+                args.repeats,
+                args.warmup,
+            )
+            print(
+                f"[datatrace] {threads} thread(s), damping {chosen}: "
+                f"{time.perf_counter() - t0:.1f}s",
+                flush=True,
+            )
+            spec = {
+                "threads": threads,
+                "batch_size": args.batch_size,
+                "dampings": [KRONFLUENCE_DAMPING, None],
+                "repeats": args.repeats,
+                "warmup": args.warmup,
+            }
+            t0 = time.perf_counter()
+            peer[threads] = run_kronfluence(
+                py, inputs, Path(tmp) / f"kronfluence-{threads}.pt", spec, args.peer_timeout
+            )
+            print(f"[kronfluence] {threads} thread(s): {time.perf_counter() - t0:.1f}s", flush=True)
+
+    first = thread_counts[0]
+    rows = []
+    for threads, out in peer.items():
+        for key, kron in out["rows"].items():
+            for damping in shown:
+                row = {
+                    "kronfluence_threads": threads,
+                    "kronfluence_damping": key,
+                    "ours_damping": str(damping),
+                }
+                row.update(
+                    compare(
+                        test_scores[damping],
+                        kron["scores"],
+                        gt.subsets,
+                        test_targets,
+                    )
+                )
+                rows.append(row)
+    times = [
+        {
+            "threads": threads,
+            "load_avg_at_start": loads[threads],
+            "ours": {chosen: _seconds(ours[threads])},
+            "kronfluence": {k: _seconds(r) for k, r in peer[threads]["rows"].items()},
+        }
+        for threads in thread_counts
+    ]
+    result = {
+        "setting": setting.to_json(),
+        "recipe_hash": setting.recipe_hash(),
+        "lds_protocol": {"m": args.m, "seeds": args.seeds, "alpha": 0.5},
+        "n_tracked_params": n_params,
+        "kronfluence": {k: peer[first][k] for k in ("version", "torch", "model_gap_nats")},
+        "batch_size": args.batch_size,
+        "ours_dtype": args.dtype,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "noise_ceiling": ceiling.mean,
+        "random_lds": random_lds.mean,
+        "ours_val_lds": val_lds,
+        "ours_chosen_damping": chosen,
+        "comparisons": rows,
+        "times": times,
+        "load_avg_before": list(load_before),
+        "load_avg_after": list(os.getloadavg()),
+    }
+    print_tables(result)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+def _seconds(run: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in run.items() if k.endswith("_s")}
+
+
+def print_tables(r: dict[str, Any]) -> None:
+    """The two markdown tables of docs/benchmarks.md (LDS and agreement; times)."""
+    print(
+        f"\npydoc-charlm: {r['setting']['n_train']} train chunks, {r['setting']['n_test']} test "
+        f"queries, LDS over {r['lds_protocol']['m']} subsets x {r['lds_protocol']['seeds']} "
+        f"seeds; noise ceiling {r['noise_ceiling']:.3f}, random scores {r['random_lds']:+.3f}; "
+        f"{r['n_tracked_params']} parameters in 13 Linear layers; ours in {r['ours_dtype']}; "
+        f"damping on validation queries: {r['ours_val_lds']} -> {r['ours_chosen_damping']}\n"
+    )
+    print(
+        "| kronfluence run (threads) | damping kronfluence | damping ours | LDS kronfluence "
+        "[95% CI] | LDS ours [95% CI] | ours - kronfluence, 95% CI | Spearman (per query / "
+        "flat) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for c in r["comparisons"]:
+        lo, hi = c["lds_diff_ci"]
+        print(
+            f"| {c['kronfluence_threads']} | {c['kronfluence_damping']} | {c['ours_damping']} | "
+            f"{c['lds_peer']:.3f} [{c['lds_peer_ci'][0]:.3f}, {c['lds_peer_ci'][1]:.3f}] | "
+            f"{c['lds_ours']:.3f} [{c['lds_ours_ci'][0]:.3f}, {c['lds_ours_ci'][1]:.3f}] | "
+            f"[{lo:+.3f}, {hi:+.3f}] {c['verdict']} | {c['spearman_per_query']:.3f} / "
+            f"{c['spearman_flat']:.3f} |"
+        )
+    print(
+        "\n| threads | load avg (1/5/15 min) | ours: damping, fit + attribute = total s | "
+        "kronfluence (damping 1e-08): fit + attribute = total s | kronfluence / ours |"
+    )
+    print("|---|---|---|---|---|")
+    for t in r["times"]:
+        kron = t["kronfluence"][repr(KRONFLUENCE_DAMPING)]
+        for damping, o in t["ours"].items():
+            print(
+                f"| {t['threads']} | {' / '.join(f'{x:.2f}' for x in t['load_avg_at_start'])} | "
+                f"{damping}: {o['fit_s']:.1f} + {o['attribute_s']:.1f} = {o['total_s']:.1f} | "
+                f"{kron['fit_s']:.1f} + {kron['attribute_s']:.1f} = {kron['total_s']:.1f} | "
+                f"{kron['total_s'] / o['total_s']:.1f}x |"
+            )
+
+
+if __name__ == "__main__":
+    main()
