@@ -262,7 +262,8 @@ class InfluenceAttributor(Attributor):
             h = hashlib.sha256()
             for batch in iter_batches(self._train, cfg.batch_size):
                 h.update(fingerprint_batch(batch).encode())
-            prefix = f"kfac-m{ctx.index}-{h.hexdigest()[:16]}-"
+            # "v2": eigenvalues from a fresh-label pass (factors stored before that are not reused)
+            prefix = f"kfac-v2-m{ctx.index}-{h.hexdigest()[:16]}-"
             names = [
                 f"L{j}-{f}"
                 for j in range(len(factored_modules(self.task)))
