@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(kind)
 
     rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
     per_query: dict[tuple[str, str, int], torch.Tensor] = {}
     ceiling = gt.noise_ceiling()
     g = torch.Generator().manual_seed(0)
@@ -271,9 +272,14 @@ def main(argv: list[str] | None = None) -> None:
                         **opts,
                     )
                     t0 = time.perf_counter()
-                    attr.fit(train)
-                    t1 = time.perf_counter()
-                    values = attr.attribute(queries).values
+                    try:
+                        attr.fit(train)
+                        t1 = time.perf_counter()
+                        values = attr.attribute(queries).values
+                    except DatatraceError as exc:  # one failing point must not lose the rest
+                        failures.append({"method": method, "kind": kind, "k": k, "error": str(exc)})
+                        print(f"  {method:11s} {kind:15s} K={k}: failed: {exc}", flush=True)
+                        continue
                     t2 = time.perf_counter()
                     f_bytes = dir_bytes(Path(tmp) / "store")
                 result, v = score(values, test), score(values, val).mean
@@ -379,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
             "train_s": train_s,
             "lora_s": lora_s,
             "rows": rows,
+            "failures": failures,
             "claims": claims,
         }
         args.json.write_text(json.dumps(out, indent=2, default=str))
