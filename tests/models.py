@@ -15,6 +15,18 @@ def mlp(d_in: int = 6, hidden: int = 5, n_classes: int = 3, seed: int = 0) -> nn
     )
 
 
+def bias_free_mlp(n_out: int = 3) -> nn.Module:
+    """6-9-7-n_out tanh MLP whose first layer has no bias (factored-feature edge cases)."""
+    torch.manual_seed(0)
+    return (
+        nn.Sequential(
+            nn.Linear(6, 9, bias=False), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, n_out)
+        )
+        .double()
+        .eval()
+    )
+
+
 def cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return (

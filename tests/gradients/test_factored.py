@@ -14,21 +14,9 @@ from datatrace.gradients.factored import (
     pairs_factors,
     stores_factors,
 )
-from tests.models import TinyLM, autograd_loop, classification_data, mlp
+from tests.models import TinyLM, autograd_loop, bias_free_mlp, classification_data, mlp
 
 RTOL = 1e-10
-
-
-def _mixed_mlp() -> nn.Module:
-    # a bias-free layer, and a last layer with O = 1 whose matrix (I') beats I' + O
-    torch.manual_seed(0)
-    return (
-        nn.Sequential(
-            nn.Linear(6, 9, bias=False), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 1)
-        )
-        .double()
-        .eval()
-    )
 
 
 def _lm_ids(n: int, t: int, seed: int) -> dict[str, torch.Tensor]:
@@ -45,7 +33,7 @@ def test_rules_at_their_boundaries():
 
 
 def test_mlp_rows_give_autograd_inner_products_norms_and_scaling():
-    model = _mixed_mlp()
+    model = bias_free_mlp(n_out=1)
     task = Task(model, loss="mse")
     x = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = torch.randn(7, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

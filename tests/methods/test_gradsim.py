@@ -7,21 +7,10 @@ from torch.utils.data import DataLoader
 
 from datatrace import Checkpoint, ConfigError, ModelError, Task, make_attributor
 from datatrace.gradients.factored import FactorCodec
-from tests.models import TinyLM, classification_data, mlp
+from tests.models import TinyLM, bias_free_mlp, classification_data, mlp
 
 RTOL = 1e-10
 METHODS = ["grad-dot", "grad-cos", "tracin"]
-
-
-def _linear_model() -> nn.Module:
-    torch.manual_seed(0)
-    return (
-        nn.Sequential(
-            nn.Linear(6, 9, bias=False), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 3)
-        )
-        .double()
-        .eval()
-    )
 
 
 def _lm() -> nn.Module:
@@ -57,7 +46,7 @@ LM = {"loss": "lm", "module_types": (nn.Linear,)}
 CASES = {
     "mlp": lambda: (mlp(), {}, classification_data(n=12), classification_data(n=5, seed=7)),
     "linear-bias-free": lambda: (
-        _linear_model(),
+        bias_free_mlp(),
         {"params": ["0.weight", "2.bias", "4.weight", "4.bias"]},  # layer 2: its bias only
         classification_data(n=12),
         classification_data(n=5, seed=7),
