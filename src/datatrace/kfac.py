@@ -117,6 +117,13 @@ class KFACLayer:
     q_g: torch.Tensor
     eigenvalues: torch.Tensor
 
+    def __post_init__(self) -> None:
+        # eigh returns column-major eigenvectors; the store writes row-major arrays. One
+        # layout everywhere keeps a reloaded curvature bit-identical to the fitted one (BLAS
+        # sums in a layout-dependent order).
+        for f in ("a_factor", "g_factor", "q_a", "q_g", "eigenvalues"):
+            setattr(self, f, getattr(self, f).contiguous())
+
     @property
     def shape(self) -> tuple[int, int]:
         """``(O, I')`` of the layer's gradient matrices."""
