@@ -57,6 +57,7 @@ __all__ = [
     "Projections",
     "check_damping",
     "check_fisher_samples",
+    "compute_dtype",
     "eigen_pass_seed",
     "fit_ekfac_eigenvalues",
     "fit_kfac",
@@ -85,6 +86,16 @@ def eigen_pass_seed(seed: int) -> int:
     test LDS 0.357 -> 0.406, mean of 4 seeds; docs/benchmarks.md).
     """
     return seed + EIGEN_SEED_OFFSET
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the per-batch products of the K-FAC passes for a task of ``dtype``.
+
+    A float64 task computes in float64; any other (float32, half) in float32, as other EK-FAC
+    implementations do: the per-batch products are where the flops are, and float32 halves
+    their cost. Running sums over batches, eigendecompositions and inverses stay in float64.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 MAX_EXACT_OUTPUTS = 4096  # fisher="exact": one backward pass per output dimension
@@ -440,8 +451,8 @@ def fit_ekfac_eigenvalues(
     _check_choice("fisher", fisher, ("true", "empirical", "exact"))
     check_fisher_samples(fisher_samples, fisher)
     state = task.state() if state is None else dict(state)
-    f64 = torch.float64
-    bases = [(layer.q_g.to(f64), layer.q_a.to(f64)) for layer in layers]
+    f64, cd = torch.float64, compute_dtype(task.dtype)
+    bases = [(layer.q_g.to(cd), layer.q_a.to(cd)) for layer in layers]
     acc = [torch.zeros(layer.shape, dtype=f64, device=layer.q_a.device) for layer in layers]
     n = 0
     passes = _passes(task, data, state, fisher, batch_size, seed, projections, fisher_samples)
@@ -450,13 +461,14 @@ def fit_ekfac_eigenvalues(
         for (qg, qa), c, out in zip(bases, captured, acc):
             # Q_Gᵀ (sum_t g_t a_tᵀ) Q_A = sum_t (Q_Gᵀ g_t)(Q_Aᵀ a_t)ᵀ: rotate the factors, not
             # the (O, I') gradients; with one position the square is an outer product too.
-            a_rot = c.a.to(f64) @ qa
+            # Each batch in the compute dtype, the running sum in float64.
+            a_rot = c.a.to(cd) @ qa
             for g in c.gs:
-                g_rot = g.to(f64) @ qg
+                g_rot = g.to(cd) @ qg
                 if a_rot.shape[1] == 1:
-                    out += (g_rot[:, 0] ** 2).T @ (a_rot[:, 0] ** 2)
+                    out += ((g_rot[:, 0] ** 2).T @ (a_rot[:, 0] ** 2)).to(f64)
                 else:
-                    out += (_outer_sum(g_rot, a_rot) ** 2).sum(0)
+                    out += (_outer_sum(g_rot, a_rot) ** 2).sum(0).to(f64)
     return [a / n for a in acc]
 
 
@@ -504,7 +516,7 @@ def fit_kfac_layers(
     if num_examples(data) == 0:
         raise DataError("the dataset is empty; K-FAC needs at least one example.")
     state = task.state() if state is None else dict(state)
-    f64 = torch.float64
+    f64, cd = torch.float64, compute_dtype(task.dtype)
     a_sum: list[torch.Tensor] = []
     g_sum: list[torch.Tensor] = []
     tokens = [0.0] * len(modules)
@@ -513,19 +525,22 @@ def fit_kfac_layers(
     for captured in passes:
         n += captured[0].a.shape[0]
         for j, c in enumerate(captured):
-            a = c.a.to(f64)
+            # each batch's covariance in the compute dtype, the running sum in float64
+            a = c.a.to(cd)
             if c.valid is not None:
-                a = a * c.valid.unsqueeze(-1).to(f64)
+                a = a * c.valid.unsqueeze(-1).to(cd)
                 tokens[j] += float(c.valid.sum())
             else:
                 tokens[j] += a.shape[0] * a.shape[1]
             a2 = a.reshape(-1, a.shape[-1])
-            g2 = torch.cat([g.to(f64).reshape(-1, g.shape[-1]) for g in c.gs])
             if len(a_sum) <= j:
-                a_sum.append(a2.new_zeros(a2.shape[1], a2.shape[1]))
-                g_sum.append(g2.new_zeros(g2.shape[1], g2.shape[1]))
-            a_sum[j] += a2.T @ a2
-            g_sum[j] += g2.T @ g2
+                o = c.gs[0].shape[-1]
+                a_sum.append(torch.zeros(a2.shape[1], a2.shape[1], dtype=f64, device=a2.device))
+                g_sum.append(torch.zeros(o, o, dtype=f64, device=a2.device))
+            a_sum[j] += (a2.T @ a2).to(f64)
+            for g in c.gs:
+                g2 = g.to(cd).reshape(-1, g.shape[-1])
+                g_sum[j] += (g2.T @ g2).to(f64)
     mods = dict(task.model.named_modules())
     shapes = [tuple(mods[m].weight.shape) for m in modules]
     if projections is not None:  # the layers are those of the projected gradients
