@@ -366,14 +366,14 @@ def _capture(
         pairs = calls[mname]
         if not pairs:
             raise ModelError(f"layer {mname!r} is tracked but was not called in the forward pass.")
-        a = torch.cat([_layer_input(module, x) for x, _ in pairs], 1)
+        a = _cat1([_layer_input(module, x) for x, _ in pairs])
         gs = []
         for per_vector in grads:
             parts = [
                 _layer_grad(module, torch.zeros_like(o) if g is None else g.detach())
                 for g, (_, o) in zip(per_vector[k : k + len(pairs)], pairs)
             ]
-            gs.append(torch.cat(parts, 1))
+            gs.append(_cat1(parts))
         k += len(pairs)
         if w is None:
             a = a.new_ones(a.shape[0], a.shape[1], 1)
@@ -384,6 +384,11 @@ def _capture(
             valid = split.mask.to(torch.bool)
         out.append(_Captured(a, gs, valid))
     return out
+
+
+def _cat1(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The calls of a layer joined along positions (no copy for the usual single call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def _passes(
