@@ -9,7 +9,9 @@ of each size, with phases timed separately (exclusive wall time; a phase nested 
 is not counted twice): grouping, gradients (forward/backward and group factor formation),
 projection, kernel/curvature (``_fit_member``), precondition (query transform), scoring,
 storage (shard writes and reads; the large job streams features through a store) and the
-rest of the loop. End to end = grouping + fit + attribute. The per-sample baseline of a
+rest of the loop. End to end = grouping + fit + attribute. The floor is one plain
+forward + backward of the summed loss over the training set (median of 3): every group path
+pays it, so fastest per-sample / floor bounds any group speed-up. The per-sample baseline of a
 method is the fastest of its per-sample runs over the projectors tried ("our fastest
 per-sample path"); the speed-up of a group run is that baseline over its end-to-end time,
 with the grouping cost of ``kmeans-grad`` groups added (the most expensive grouper, at most
@@ -238,7 +240,7 @@ def _builder(method: str, job: dict[str, Any], settings: dict[str, Any]) -> Call
     return build
 
 
-def speed(args: argparse.Namespace) -> list[dict[str, Any]]:
+def speed(args: argparse.Namespace) -> dict[str, Any]:
     job = digits_job() if args.job == "digits" else large_job(args.n_train)
     train, queries = job["train"], job["queries"]
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -279,15 +281,38 @@ def speed(args: argparse.Namespace) -> list[dict[str, Any]]:
                 )
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    _speedups(rows)
-    return rows
+    floor = floor_seconds(job)
+    _speedups(rows, floor)
+    return {"rows": rows, "floor_s": floor}
+
+
+def floor_seconds(job: dict[str, Any], repeats: int = 3) -> float:
+    """Median seconds of one plain forward + backward of the summed loss over the training
+    set, in the job's batches: what any group path pays (group gradients need every
+    example's forward and backward), so ``fastest per-sample / floor`` bounds the speed-up."""
+    model, (x, y), bs = job["model"], job["train"], job["batch_size"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        for s in range(0, x.shape[0], bs):
+            loss = torch.nn.functional.cross_entropy(
+                model(x[s : s + bs]), y[s : s + bs], reduction="sum"
+            )
+            torch.autograd.grad(loss, params)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[len(times[1:]) // 2]
 
 
 def _head(train: Any, n: int) -> Any:
     return tuple(t[:n] for t in train)
 
 
-def _speedups(rows: list[dict[str, Any]]) -> None:
+def _speedups(rows: list[dict[str, Any]], floor: float) -> None:
+    print(
+        f"\nfloor: one forward + backward over the {rows[0]['n_train']} training examples "
+        f"{floor:.3f} s (median of 3)"
+    )
     print(
         "\nmethod      projector   size  end-to-end s  speed-up vs same proj  vs fastest per-sample"
     )
@@ -295,6 +320,10 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
         mine = [r for r in rows if r["method"] == method]
         per_sample = {r["projector"]: r["end_to_end_s"] for r in mine if r["group_size"] == 0}
         fastest = min(per_sample.values())
+        print(
+            f"{method}: fastest per-sample {fastest:.2f} s; no group path can beat "
+            f"{fastest / floor:.1f}x (fastest per-sample / floor)"
+        )
         for r in mine:
             same = per_sample[r["projector"]] / r["end_to_end_s"]
             r["speedup_same_projector"] = same
