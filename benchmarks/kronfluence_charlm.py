@@ -78,7 +78,19 @@ def cached_ground_truth(
     path = default_cache_dir() / f"{setting.name}-{setting.recipe_hash()}-lds-{spec.key()}"
     manifest = path / "manifest.json"
     shards = json.loads(manifest.read_text())["shards"] if manifest.exists() else {}
-    complete = sum(len(shards.get(f"seed{s}", {})) for s in range(spec.seeds))
+    done = {(kind, str(i)) for kind, entries in shards.items() for i in entries}
+    journal = path / "journal.jsonl"  # shards finished since the manifest was last rewritten
+    for line in journal.read_text().splitlines() if journal.exists() else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line: that shard is not complete
+            continue
+        key = (rec["kind"], str(rec["index"]))
+        if rec.get("entry") is None:  # a shard withdrawn
+            done.discard(key)
+        else:
+            done.add(key)
+    complete = sum(1 for kind, _ in done if kind in {f"seed{s}" for s in range(spec.seeds)})
     if complete < spec.m * spec.seeds and not allow_retraining:
         sys.exit(
             f"{path} holds {complete} of the {spec.m * spec.seeds} retrainings of the ground "
