@@ -187,25 +187,44 @@ class Grouping:
             "fingerprint": self.fingerprint(),
         }
 
-    def chunks(self, batch_size: int) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+    def chunks(
+        self, batch_size: int, forward_size: int | None = None
+    ) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
         """Whole groups packed into chunks of at most ``batch_size`` examples.
 
         Yields ``(first_group, stop_group, batches)``: groups ``first_group:stop_group`` and
-        the training indices of their examples in group order, split into batches of at most
-        ``batch_size`` (a group larger than ``batch_size`` is alone in its chunk and spans
-        several batches, whose partial group features the loop adds up).
+        the training indices of their examples in group order, in batches of at most
+        ``forward_size`` examples (default ``batch_size``) that hold whole groups; only a
+        group larger than ``forward_size`` is cut, into batches of its own (a group larger
+        than ``batch_size`` is also alone in its chunk), and the loop adds up its partial
+        group features.
         """
+        forward_size = batch_size if forward_size is None else forward_size
         order = torch.argsort(self.labels, stable=True)
         sizes = self.sizes().tolist()
+
+        def batches(first: int, stop: int, offset: int) -> list[torch.Tensor]:
+            out, lo, count = [], offset, 0
+            for size in sizes[first:stop]:
+                if count and count + size > forward_size:
+                    out.append(order[lo : lo + count])
+                    lo, count = lo + count, 0
+                if size > forward_size:  # cut alone into forward_size pieces
+                    out.extend(torch.split(order[lo : lo + size], forward_size))
+                    lo += size
+                else:
+                    count += size
+            if count:
+                out.append(order[lo : lo + count])
+            return out
+
         start_group, start_ex, count = 0, 0, 0
         for gi, size in enumerate(sizes):
             if count and count + size > batch_size:
-                idx = order[start_ex : start_ex + count]
-                yield start_group, gi, list(torch.split(idx, batch_size))
+                yield start_group, gi, batches(start_group, gi, start_ex)
                 start_group, start_ex, count = gi, start_ex + count, 0
             count += size
-        idx = order[start_ex : start_ex + count]
-        yield start_group, len(sizes), list(torch.split(idx, batch_size))
+        yield start_group, len(sizes), batches(start_group, len(sizes), start_ex)
 
 
 def _as_id_tensor(group_ids: Any) -> torch.Tensor:

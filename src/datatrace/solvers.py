@@ -4,7 +4,9 @@ Influence functions (Koh & Liang 2017, "Understanding black-box predictions via 
 functions", eq. 2) need inverse-Hessian-vector products. Every solver works on any
 :class:`~datatrace.curvature.LinearOperator`; ``λ`` is the ``damping`` (DESIGN.md §8).
 
-- ``explicit``: materialise ``A``, invert through its eigendecomposition.
+- ``explicit``: materialise ``A``, invert through its eigendecomposition; an empirical Fisher
+  ``(1/n) GᵀG`` with ``λ > 0`` through a float64 Cholesky factorisation of the smaller of its
+  two Grams (``dim x dim``, or ``n x n`` with the Woodbury identity: :class:`GramInverse`).
 - ``cg``: conjugate gradients (Koh & Liang 2017 §3), vectorised over right-hand sides.
 - ``lissa``: Agarwal, Bullins & Hazan 2017 ("Second-order stochastic optimization for machine
   learning in linear time", LiSSA, Alg. 1) in Koh & Liang's scaled form:
@@ -22,7 +24,7 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -36,6 +38,7 @@ __all__ = [
     "CGSolver",
     "DataInfSolver",
     "ExplicitSolver",
+    "GramInverse",
     "InverseOperator",
     "LiSSASolver",
     "Solver",
@@ -119,6 +122,79 @@ class SpectralInverse(InverseOperator):
     def _apply(self, b: torch.Tensor) -> torch.Tensor:
         u = self.eigenvectors
         return u @ (self._inv.unsqueeze(1) * (u.T @ b))
+
+
+GramForm = Literal["auto", "primal", "dual"]
+
+
+class GramInverse(InverseOperator):
+    """``(c GᵀG + λI)⁻¹`` for rows ``G`` (``n x dim``), ``c > 0`` and ``λ > 0``, by Cholesky.
+
+    ``"primal"`` factors the ``dim x dim`` matrix ``c GᵀG + λI``; ``"dual"`` factors the
+    ``n x n`` matrix ``GGᵀ + (λ/c) I`` and applies the Woodbury identity
+
+        (c GᵀG + λI)⁻¹ b = (b - Gᵀ (GGᵀ + (λ/c) I)⁻¹ G b) / λ,
+
+    so ``dim`` may be far above ``n`` (group features, an unprojected Fisher). ``"auto"``
+    takes the smaller Gram: dual when ``n < dim``. Products with ``G`` run in its dtype; the
+    Gram is factored and solved in float64, results are returned in ``G``'s dtype. Cost:
+    ``O(min(n, dim)² max(n, dim))`` to prepare, ``O(min(n, dim) max(n, dim))`` per right-hand
+    side in the dual form (``O(dim²)`` in the primal one).
+
+    Args:
+        rows: ``G``, ``(n, dim)``, kept (not copied) by the dual form.
+        damping: ``λ > 0``.
+        scale: ``c > 0`` (``1/n`` for the empirical Fisher ``(1/n) GᵀG``).
+        form: ``"auto"``, ``"primal"`` or ``"dual"``.
+
+    Raises:
+        NumericalError: if the damped Gram is not positive definite in float64 (λ far below
+            the rounding of ``G``'s products).
+
+    Example:
+        >>> g = torch.tensor([[1.0, 0.0, 0.0]])
+        >>> GramInverse(g, damping=1.0).apply(torch.ones(3))     # dual: n=1 < dim=3
+        tensor([0.5000, 1.0000, 1.0000])
+    """
+
+    def __init__(
+        self, rows: torch.Tensor, damping: float, scale: float = 1.0, form: GramForm = "auto"
+    ) -> None:
+        if not isinstance(rows, torch.Tensor) or rows.ndim != 2 or rows.shape[0] < 1:
+            shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+            raise ConfigError(f"GramInverse needs (n, dim) rows with n >= 1; got {shape}.")
+        _check_number("GramInverse damping", damping)
+        _check_number("GramInverse scale", scale)
+        if form not in ("auto", "primal", "dual"):
+            raise ConfigError(f"form must be 'auto', 'primal' or 'dual'; got {form!r}.")
+        super().__init__(int(rows.shape[1]), rows.dtype, rows.device, float(damping))
+        n = int(rows.shape[0])
+        self.form = ("dual" if n < self.dim else "primal") if form == "auto" else form
+        self.scale = float(scale)
+        if self.form == "dual":
+            self._rows: torch.Tensor | None = rows
+            gram = (rows @ rows.T).double()
+            shift = self.damping / self.scale
+        else:
+            self._rows = None
+            gram = (rows.T @ rows).double() * self.scale
+            shift = self.damping
+        gram.diagonal().add_(shift)
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if int(info) != 0:
+            raise NumericalError(
+                f"the damped Gram ({self.form}, {gram.shape[0]} x {gram.shape[0]}) is not "
+                f"positive definite at damping={damping:.3g}: the damping is below the rounding "
+                "of the features' products; increase damping."
+            )
+        self._chol = chol
+
+    def _apply(self, b: torch.Tensor) -> torch.Tensor:
+        if self._rows is None:
+            return torch.cholesky_solve(b.double(), self._chol).to(self.dtype)
+        g = self._rows
+        coef = torch.cholesky_solve((g @ b).double(), self._chol).to(g.dtype)
+        return ((b.double() - (g.T @ coef).double()) / self.damping).to(self.dtype)
 
 
 @dataclass
@@ -252,11 +328,20 @@ class Solver(ABC):
 
 @dataclass(frozen=True)
 class ExplicitSolver(Solver):
-    """Materialise ``A`` and invert ``A + λI`` through its eigendecomposition.
+    """Materialise ``A`` and invert ``A + λI`` exactly.
 
-    Works for indefinite but nonsingular ``A + λI`` (e.g. a Hessian away from a minimum);
-    raises :class:`~datatrace.errors.NumericalError` when it is singular. Costs ``dim``
-    operator products and ``O(dim³)`` time: small models only.
+    In general through its eigendecomposition: works for indefinite but nonsingular
+    ``A + λI`` (e.g. a Hessian away from a minimum) and raises
+    :class:`~datatrace.errors.NumericalError` when it is singular; ``dim`` operator products
+    and ``O(dim³)`` time, small models only. An empirical Fisher
+    (:class:`~datatrace.curvature.FisherOperator`, PSD) with ``λ > 0`` is instead factored by
+    :class:`GramInverse` (Cholesky in float64, several times cheaper than ``eigh``), through
+    the ``n x n`` Gram of its rows when ``n < dim``: ``O(n² dim)``, so it also inverts
+    unprojected or group Fishers of large models.
+
+    Attributes:
+        form: ``"auto"`` (the above), ``"eigh"`` (always the eigendecomposition), or
+            ``"primal"`` / ``"dual"`` (force that Gram; Fisher operators with ``λ > 0`` only).
 
     Example:
         >>> from datatrace.curvature import DenseOperator
@@ -266,8 +351,30 @@ class ExplicitSolver(Solver):
     """
 
     name: ClassVar[str] = "explicit"
+    form: Literal["auto", "eigh", "primal", "dual"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.form not in ("auto", "eigh", "primal", "dual"):
+            raise ConfigError(
+                f"ExplicitSolver.form must be 'auto', 'eigh', 'primal' or 'dual'; got {self.form!r}."
+            )
 
     def _prepare(self, op: LinearOperator, damping: float) -> InverseOperator:
+        gram_ok = isinstance(op, FisherOperator) and damping > 0
+        if self.form in ("primal", "dual") and not gram_ok:
+            raise ConfigError(
+                f"ExplicitSolver(form={self.form!r}) factors an empirical Fisher's Gram; it needs "
+                f"a FisherOperator and damping > 0, got {type(op).__name__} with damping={damping}."
+                " Use form='auto' or 'eigh'."
+            )
+        if gram_ok and self.form != "eigh":
+            assert isinstance(op, FisherOperator)
+            try:
+                return GramInverse(op.grads, damping, scale=1.0 / op.n, form=self.form)
+            except NumericalError:
+                if self.form != "auto":
+                    raise
+                # λ below the Gram's rounding: the eigendecomposition says whether it is singular
         dense = op.to_dense()
         evals, evecs = torch.linalg.eigh((dense + dense.T) / 2)
         order = evals.abs().argsort(descending=True)

@@ -98,6 +98,18 @@ def test_chunks_cover_every_example_once_with_whole_groups():
     assert sorted(seen) == list(range(12)) and groups == list(range(g.n_groups))
 
 
+def test_chunks_forward_batches_hold_whole_groups_unless_a_group_is_too_large():
+    # sizes: group 0: 2, 1: 2, 2: 2, 3: 1, 4: 5
+    g = Grouping.from_ids(torch.tensor([4, 1, 1, 0, 4, 4, 4, 4, 2, 2, 0, 3]))
+    chunks = list(g.chunks(8, forward_size=3))
+    assert [(lo, hi) for lo, hi, _ in chunks] == [(0, 4), (4, 5)]
+    first = [g.labels[b].tolist() for b in chunks[0][2]]
+    assert first == [[0, 0], [1, 1], [2, 2, 3]]  # whole groups, at most 3 examples each
+    second = [g.labels[b].tolist() for b in chunks[1][2]]
+    assert second == [[4, 4, 4], [4, 4]]  # the 5-example group cut alone
+    assert sorted(torch.cat([b for c in chunks for b in c[2]]).tolist()) == list(range(12))
+
+
 def test_take_examples_handles_tensors_dicts_and_datasets():
     x, y = classification_data(n=5)
     idx = torch.tensor([3, 0])

@@ -110,6 +110,49 @@ def test_trak_single_member_formula():
     torch.testing.assert_close(trak.attribute(queries).values, expected, rtol=1e-8, atol=1e-12)
 
 
+def test_trak_dual_kernel_equals_primal_and_dense_formula():
+    """Fewer units than features: the Woodbury (dual) form gives the primal scores."""
+    import pytest
+
+    from datatrace import ConfigError
+    from datatrace.group import make_grouper
+
+    model = mlp()
+    train, queries = classification_data(n=20), classification_data(n=4, seed=3)
+    task = Task(model, target="margin")
+    proj = make_projector("rademacher", 40, seed=0, member=0)
+    phi = proj.project(compute_per_sample_grads(task, train, which="margin"))
+    phq = proj.project(compute_per_sample_grads(task, queries, which="query"))
+    with torch.no_grad():
+        p = model(train[0]).softmax(1).gather(1, train[1].view(-1, 1)).squeeze(1)
+    lam = 0.01 * float((phi * phi).sum()) / 40  # relative damping 0.01 x mean diagonal
+    expected = phq @ torch.linalg.solve(phi.T @ phi + lam * torch.eye(40, dtype=phi.dtype), phi.T)
+    expected = expected * (1 - p)
+    runs = {}
+    for form in ("auto", "primal", "dual"):
+        trak = TRAKAttributor(task, proj_dim=40, relative_damping=0.01, kernel_form=form)
+        runs[form] = trak.fit(train)
+        got = runs[form].attribute(queries).values
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    assert "inverse" in runs["auto"]._contexts[0].fitted  # auto chose the dual form (20 < 40)
+    assert "chol" in runs["primal"]._contexts[0].fitted
+    torch.testing.assert_close(
+        runs["dual"].self_attribute(), runs["primal"].self_attribute(), rtol=1e-9, atol=1e-12
+    )
+    groups = make_grouper("random", group_size=4, seed=0)
+    by_form = [
+        TRAKAttributor(task, proj_dim=40, kernel_form=f, groups=groups)
+        .fit(train)
+        .attribute(queries)
+        for f in ("primal", "dual")
+    ]
+    torch.testing.assert_close(by_form[0].values, by_form[1].values, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ConfigError, match="kernel_form"):
+        TRAKAttributor(task, kernel_form="svd")
+    with pytest.raises(ConfigError, match="damping > 0"):
+        TRAKAttributor(task, kernel_form="dual", relative_damping=0.0)
+
+
 def test_trak_ensemble_averages_kernels_and_q_separately():
     models = [mlp(seed=s) for s in (1, 2, 3)]
     train, queries = classification_data(n=20), classification_data(n=4, seed=3)

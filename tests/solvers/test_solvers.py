@@ -20,6 +20,7 @@ from datatrace.solvers import (
     CGSolver,
     DataInfSolver,
     ExplicitSolver,
+    GramInverse,
     LiSSASolver,
     Solver,
     SpectralInverse,
@@ -250,3 +251,54 @@ def test_arnoldi_float32_drops_null_ritz_values_instead_of_calling_the_curvature
     inv = ArnoldiSolver(rank=40).prepare(DenseOperator(m.float()), damping=1e-4)
     assert inv.eigenvalues.shape == (10,)
     torch.testing.assert_close(inv.apply(b.float()).double(), ref, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("n", [7, 80], ids=["n<dim", "n>dim"])
+@pytest.mark.parametrize("form", ["auto", "primal", "dual", "eigh"])
+def test_explicit_fisher_forms_match_dense_solve(n: int, form: str) -> None:
+    # Fisher (1/n) GᵀG of rank min(n, dim): every form equals a dense solve to 1e-10, so the
+    # Woodbury (dual) path is exact, not an approximation.
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(n, 25, generator=gen, dtype=torch.float64)
+    b = torch.randn(25, 4, generator=gen, dtype=torch.float64)
+    damping = 1e-3
+    inv = ExplicitSolver(form=form).prepare(FisherOperator(g), damping)  # type: ignore[arg-type]
+    expected = _solve(g.T @ g / n, damping, b)
+    assert _rel(inv.apply(b), expected) < 1e-10
+    if form == "auto":
+        assert isinstance(inv, GramInverse) and inv.form == ("dual" if n < 25 else "primal")
+    if form == "eigh":
+        assert isinstance(inv, SpectralInverse)
+
+
+def test_gram_inverse_float32_rows_return_float32_close_to_float64() -> None:
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(30, 200, generator=gen, dtype=torch.float64)
+    b = torch.randn(200, 3, generator=gen, dtype=torch.float64)
+    ref = _solve(g.T @ g, 0.5, b)
+    # float32 products of G: the error bound of any float32 solve is cond x eps (≈ 9e-5 here)
+    bound = float(torch.linalg.cond(g.T @ g + 0.5 * torch.eye(200, dtype=torch.float64)))
+    bound *= torch.finfo(torch.float32).eps
+    for form in ("primal", "dual"):
+        out = GramInverse(g.float(), 0.5, form=form).apply(b.float())  # type: ignore[arg-type]
+        assert out.dtype == torch.float32
+        assert _rel(out.double(), ref) < bound
+
+
+def test_gram_inverse_and_explicit_forms_refuse_bad_input(case) -> None:
+    g = torch.randn(5, 8, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="damping"):
+        GramInverse(g, 0.0)
+    with pytest.raises(ConfigError, match="form"):
+        GramInverse(g, 1.0, form="svd")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"\(n, dim\)"):
+        GramInverse(g[0], 1.0)
+    with pytest.raises(ConfigError, match="form"):
+        ExplicitSolver(form="qr")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="FisherOperator and damping > 0"):
+        ExplicitSolver(form="dual").prepare(DenseOperator(case["ggn_dense"]), 0.1)
+    with pytest.raises(ConfigError, match="FisherOperator and damping > 0"):
+        ExplicitSolver(form="primal").prepare(FisherOperator(g), 0.0)
+    # a singular undamped Fisher still gets the eigendecomposition's clear error
+    with pytest.raises(NumericalError, match="singular"):
+        ExplicitSolver().prepare(FisherOperator(g), 0.0)

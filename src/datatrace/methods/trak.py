@@ -13,7 +13,8 @@ features are loss gradients and Q = 1.
 With ``groups=`` a group's feature is the projected gradient of its members' summed
 ``-margin``, the kernel is built from group features, and its Q is the members' mean
 ``1 - p`` (singleton groups reproduce per-example TRAK exactly).
-Cost: projected per-sample gradients plus a ``proj_dim x proj_dim`` solve per member.
+Cost: projected per-sample gradients plus a ``proj_dim x proj_dim`` solve per member, or
+with fewer units than features (groups) an ``n_units x n_units`` one (``kernel_form``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from datatrace.ensemble import DropoutMember
 from datatrace.errors import ConfigError, NumericalError
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.projection import ProjectorKind
+from datatrace.solvers import GramInverse
 from datatrace.task import margin
 
 __all__ = ["TRAKAttributor", "TRAKConfig"]
@@ -56,6 +58,12 @@ class TRAKConfig(MethodConfig):
             ``seed``): the Q-only Dropout Ensemble, cheap to serve (forward passes only).
         q_dropout_rate: drop probability of those masks (None: the dropout layers' own).
         q_dropout_layers: modules to mask (None: the model's dropout layers).
+        kernel_form: how ``(Φ^T Φ + λI)^{-1}`` is applied (same scores up to rounding):
+            ``"primal"`` factors the ``proj_dim x proj_dim`` kernel (features streamed once);
+            ``"dual"`` factors the ``n_units x n_units`` Gram ``Φ Φ^T`` and applies the
+            Woodbury identity (:class:`~datatrace.solvers.GramInverse`; holds ``Φ`` in memory,
+            needs ``λ > 0``); ``"auto"`` (default) takes dual when there are fewer units than
+            features (e.g. groups) and ``λ > 0``, where it is the cheaper of the two.
     """
 
     projector: ProjectorKind = "rademacher"
@@ -66,6 +74,7 @@ class TRAKConfig(MethodConfig):
     q_dropout: int = 0
     q_dropout_rate: float | None = None
     q_dropout_layers: tuple[str, ...] | None = None
+    kernel_form: Literal["auto", "primal", "dual"] = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +94,17 @@ class TRAKConfig(MethodConfig):
             )
         if self.output not in ("auto", "margin", "loss"):
             raise ConfigError(f"output must be 'auto', 'margin' or 'loss'; got {self.output!r}.")
+        if self.kernel_form not in ("auto", "primal", "dual"):
+            raise ConfigError(
+                f"kernel_form must be 'auto', 'primal' or 'dual'; got {self.kernel_form!r}."
+            )
+        if self.kernel_form == "dual" and (
+            self.damping == 0 or (self.damping is None and self.relative_damping == 0)
+        ):
+            raise ConfigError(
+                "kernel_form='dual' divides by the damping λ; it needs damping > 0 (or "
+                "relative_damping > 0). Use kernel_form='primal'."
+            )
 
 
 def _gram(blocks: Iterable[torch.Tensor], min_rows: int = 1024) -> torch.Tensor:
@@ -176,6 +196,44 @@ class TRAKAttributor(Attributor):
         return torch.cat(parts)
 
     def _fit_member(self, ctx: MemberContext) -> None:
+        if self._dual(ctx):
+            self._fit_dual(ctx)
+        else:
+            self._fit_primal(ctx)
+        q = self._q_weights(ctx)
+        # A group's Q is its members' mean 1 - p (its features: the group's summed -margin gradient)
+        ctx.fitted["q"] = q if self._grouping is None else self._grouping.mean_rows(q)
+
+    def _dual(self, ctx: MemberContext) -> bool:
+        cfg = self.config
+        if cfg.kernel_form != "auto":
+            return cfg.kernel_form == "dual"
+        if cfg.damping == 0 or (cfg.damping is None and cfg.relative_damping == 0):
+            return False
+        _, first = next(self._iter_train_features(ctx))
+        return self._n_units < first.shape[1]
+
+    def _fit_dual(self, ctx: MemberContext) -> None:
+        phi = self._all_train_features(ctx)
+        damping = self.config.damping
+        if damping is None:  # the mean diagonal of Φ^TΦ is ||Φ||² / d
+            damping = (
+                self.config.relative_damping * float(phi.double().square().sum()) / phi.shape[1]
+            )
+        if not damping > 0:
+            raise NumericalError(
+                f"TRAK's dual kernel needs λ > 0; the relative damping gives λ={damping:.3g} "
+                "(all train features are zero). Check the model and data, or pass damping=."
+            )
+        try:
+            ctx.fitted["inverse"] = GramInverse(phi, damping, form="dual")
+        except NumericalError as exc:
+            raise NumericalError(
+                f"TRAK's dual Gram ΦΦ^T + λI (n_units={phi.shape[0]}, proj_dim={phi.shape[1]}) "
+                f"is not positive definite at λ={damping:.3g}; raise damping or relative_damping."
+            ) from exc
+
+    def _fit_primal(self, ctx: MemberContext) -> None:
         # The d x d kernel is small: factor it in float64 (the float32 Gram's rounding is
         # covered by the default relative damping, even when Φ^TΦ is rank-deficient).
         kernel = _gram(block for _, block in self._iter_train_features(ctx)).double()
@@ -193,11 +251,10 @@ class TRAKAttributor(Attributor):
                 "proj_dim below the number of training examples."
             )
         ctx.fitted["chol"] = chol
-        q = self._q_weights(ctx)
-        # A group's Q is its members' mean 1 - p (its features: the group's summed -margin gradient)
-        ctx.fitted["q"] = q if self._grouping is None else self._grouping.mean_rows(q)
 
     def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
+        if "inverse" in ctx.fitted:
+            return ctx.fitted["inverse"].apply(q.T).T.to(q.dtype)
         return torch.cholesky_solve(q.T.double(), ctx.fitted["chol"]).T.to(q.dtype)
 
     def _aggregate(self, blocks: list[torch.Tensor], start: int) -> torch.Tensor:
