@@ -153,6 +153,38 @@ def test_trak_dual_kernel_equals_primal_and_dense_formula():
         TRAKAttributor(task, kernel_form="dual", relative_damping=0.0)
 
 
+def test_trak_q_comes_from_the_featurization_pass_unless_shards_are_reused(tmp_path, monkeypatch):
+    from datatrace.group import make_grouper
+
+    task = Task(mlp(), target="margin")
+    train, queries = classification_data(n=20), classification_data(n=4, seed=3)
+    calls = []
+    real_q_pass = TRAKAttributor._q_pass
+
+    def counting(self, ctx):
+        calls.append(ctx.index)
+        return real_q_pass(self, ctx)
+
+    monkeypatch.setattr(TRAKAttributor, "_q_pass", counting)
+    for groups in (None, make_grouper("random", group_size=3, seed=0)):
+        calls.clear()
+        trak = TRAKAttributor(task, proj_dim=16, batch_size=6, groups=groups).fit(train)
+        assert calls == []  # Q was recorded while featurizing: no second forward pass
+        ctx = trak._contexts[0]
+        q_pass = real_q_pass(trak, ctx)
+        expected = q_pass if groups is None else trak.grouping.mean_rows(q_pass)
+        torch.testing.assert_close(ctx.fitted["q"], expected, rtol=1e-12, atol=0)
+    # a refit that reuses every stored shard has no margins: it runs the Q pass, same scores
+    calls.clear()
+    first = TRAKAttributor(task, proj_dim=16, batch_size=6, store=tmp_path / "s").fit(train)
+    assert calls == []
+    again = TRAKAttributor(task, proj_dim=16, batch_size=6, store=tmp_path / "s").fit(train)
+    assert calls == [0]
+    torch.testing.assert_close(
+        again.attribute(queries).values, first.attribute(queries).values, rtol=1e-12, atol=0
+    )
+
+
 def test_trak_ensemble_averages_kernels_and_q_separately():
     models = [mlp(seed=s) for s in (1, 2, 3)]
     train, queries = classification_data(n=20), classification_data(n=4, seed=3)

@@ -40,7 +40,9 @@ class PerSampleGrads:
         shapes: their shapes.
         dense: ``{name: (B, *shape)}`` for parameters the functional engine computed.
         factors: factored layers from the hook engine.
-        objective: ``(B,)`` objective values (loss or query objective).
+        batch_size: rows (examples, or groups for group gradients).
+        objective: the differentiated objective of each *example* of the batch (``(n,)``,
+            also for group gradients), when the hook engine computed it; None otherwise.
     """
 
     names: list[str]
@@ -48,6 +50,7 @@ class PerSampleGrads:
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     factors: list[LayerFactors] = field(default_factory=list)
     batch_size: int = 0
+    objective: torch.Tensor | None = None
 
     def blocks(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, (B, numel))`` per parameter in canonical order, one layer materialised at a time."""
@@ -214,6 +217,7 @@ def _compute(
     modules = hookable_modules(task) if engine != "functional" else {}
     factors: list[LayerFactors] = []
     b = 0
+    obj: torch.Tensor | None = None
     if modules:
         factors, obj = hook_factors(task, state, batch, modules, which)
         b = obj.shape[0]
@@ -228,6 +232,6 @@ def _compute(
         else:
             dense = functional_group_grads(task, state, batch, rest, members, which, chunk_size)
         b = next(iter(dense.values())).shape[0]
-    psg = PerSampleGrads(names, shapes, dense, factors, b)
+    psg = PerSampleGrads(names, shapes, dense, factors, b, obj)
     _check_finite(psg, which)
     return psg

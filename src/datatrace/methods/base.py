@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from tqdm.auto import tqdm
 
-from datatrace.data import Batch, iter_batches, num_examples
+from datatrace.data import Batch, batch_size_of, iter_batches, num_examples
 from datatrace.ensemble import member_fingerprint, member_scope, member_states, resolve_members
 from datatrace.errors import ConfigError, DataError, NotFittedError
 from datatrace.gradients import (
@@ -103,6 +103,8 @@ class MemberContext:
     features: list[torch.Tensor] = field(default_factory=list)  # in-memory train shards
     # (G, k) batch indices of each group's members while a grouped train batch is featurized
     unit_members: torch.Tensor | None = None
+    # training-set indices of the examples of the train batch being featurized
+    batch_indices: torch.Tensor | None = None
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
@@ -169,7 +171,10 @@ class Attributor(ABC):
         Per-sample gradients, or while a grouped train batch is featurized, the gradients of
         each group's summed objective (one row per group; see the module docstring).
         """
-        psg = self._unit_grads(ctx, batch, which, state)
+        return self._project(ctx, self._unit_grads(ctx, batch, which, state))
+
+    def _project(self, ctx: MemberContext, psg: PerSampleGrads) -> torch.Tensor:
+        """Rows of ``psg``, projected by the member's projector (flattened without one)."""
         if ctx.projector is None:
             return psg.flat()
         return ctx.projector.project(psg)
@@ -341,7 +346,17 @@ class Attributor(ABC):
             desc=f"{self.name}: train features (member {ctx.index})",
             disable=not self.config.progress,
         )
+        start: int | None = 0  # None once a batch's size cannot be read (then no indices)
         for b, batch in enumerate(it):
+            ctx.batch_indices = None
+            if start is not None:
+                try:
+                    size = batch_size_of(batch)
+                except DataError:
+                    start = None
+                else:
+                    ctx.batch_indices = torch.arange(start, start + size)
+                    start += size
             if self.store is not None:
                 fp = fingerprint_batch(batch)
                 if self.store.has_shard(kind, b, fp):
@@ -349,6 +364,7 @@ class Attributor(ABC):
                 self.store.write_shard(kind, b, self._unit_train_features(ctx, batch), fp)
             else:
                 ctx.features.append(self._unit_train_features(ctx, batch))
+        ctx.batch_indices = None
 
     def _unit_train_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
         return self._finish_train_features(ctx, self._train_features(ctx, batch)).detach()
@@ -386,12 +402,13 @@ class Attributor(ABC):
                 for idx, batch in zip(index_batches, batches):
                     present, local = torch.unique(grouping.labels[idx], return_inverse=True)
                     ctx.unit_members = group_members(local, int(present.numel()))
+                    ctx.batch_indices = idx
                     part = self._train_features(ctx, batch).detach()
                     if feats is None:
                         feats = part.new_zeros(hi - lo, part.shape[1])
                     feats.index_add_(0, (present - lo).to(part.device), part)
             finally:
-                ctx.unit_members = None
+                ctx.unit_members = ctx.batch_indices = None
             assert feats is not None
             feats = self._finish_train_features(ctx, feats).detach()
             if self.store is not None:

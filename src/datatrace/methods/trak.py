@@ -163,12 +163,35 @@ class TRAKAttributor(Attributor):
         return self.config.output == "margin"
 
     def _train_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
-        return self._features(ctx, batch, "margin" if self._uses_margin() else "loss", ctx.state)
+        margin_out = self._uses_margin()
+        psg = self._unit_grads(ctx, batch, "margin" if margin_out else "loss", ctx.state)
+        if margin_out and not self.config.q_dropout:
+            self._record_q(ctx, psg.objective)
+        return self._project(ctx, psg)
+
+    def _record_q(self, ctx: MemberContext, neg_margin: torch.Tensor | None) -> None:
+        """Keep ``1 - p = sigmoid(-margin)`` of the batch's examples from the featurization
+        pass, so ``Q`` needs no second forward pass when every example was featurized here
+        (not when store shards were reused or the engine gave no objective values)."""
+        idx = ctx.batch_indices
+        if neg_margin is None or idx is None or neg_margin.shape[0] != idx.shape[0]:
+            return
+        if "q_seen" not in ctx.fitted:
+            ctx.fitted["q_seen"] = (
+                torch.empty(self._n_train, dtype=neg_margin.dtype, device=neg_margin.device),
+                torch.zeros(self._n_train, dtype=torch.bool),
+            )
+        q, seen = ctx.fitted["q_seen"]
+        q[idx.to(q.device)] = torch.sigmoid(neg_margin.detach())
+        seen[idx] = True
 
     def _q_weights(self, ctx: MemberContext) -> torch.Tensor:
+        recorded = ctx.fitted.pop("q_seen", None)
         if not self._uses_margin():
             return torch.ones(self._n_train, dtype=self.task.dtype, device=self.task.device)
         cfg = self.config
+        if recorded is not None and bool(recorded[1].all()):
+            return recorded[0]
         if cfg.q_dropout:
             if isinstance(ctx.member, DropoutMember):
                 raise ConfigError(
