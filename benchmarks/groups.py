@@ -191,7 +191,7 @@ def digits_job() -> dict[str, Any]:
     }
 
 
-def large_job(n_train: int) -> dict[str, Any]:
+def large_job(n_train: int, factored_dims: tuple[int, ...] = (1024,)) -> dict[str, Any]:
     from benchmarks import scale
 
     torch.manual_seed(0)
@@ -200,6 +200,11 @@ def large_job(n_train: int) -> dict[str, Any]:
     model = scale.mlp()
     model.load_state_dict(torch.load(path, weights_only=True))
     model.eval()
+    # "factored" = 32 x 32 per layer (3 x 1024 features); "factored-4096" = LoGra's 64 x 64
+    factored = [
+        ("factored" if k == 1024 else f"factored-{k}", {"projector": "factored", "proj_dim": k})
+        for k in factored_dims
+    ]
     return {
         "name": f"synthetic-{n_train}-mlp1M",
         "train": scale.data(n_train, seed=1),
@@ -208,14 +213,8 @@ def large_job(n_train: int) -> dict[str, Any]:
         "task": Task(model),
         "store": True,
         "configs": {
-            "trak": [
-                ("factored", {"projector": "factored", "proj_dim": 1024}),
-                ("sjlt", {"projector": "sjlt", "proj_dim": 4096}),
-            ],
-            "influence": [
-                ("factored", {"projector": "factored", "proj_dim": 1024}),
-                ("sjlt", {"projector": "sjlt", "proj_dim": 4096}),
-            ],
+            "trak": [*factored, ("sjlt", {"projector": "sjlt", "proj_dim": 4096})],
+            "influence": [*factored, ("sjlt", {"projector": "sjlt", "proj_dim": 4096})],
             "grad-dot": [("sjlt", {"projector": "sjlt", "proj_dim": 4096})],
         },
         "batch_size": 1024,
@@ -242,7 +241,8 @@ def _builder(method: str, job: dict[str, Any], settings: dict[str, Any]) -> Call
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
-    job = digits_job() if args.job == "digits" else large_job(args.n_train)
+    dims = tuple(int(k) for k in args.factored_dims.split(","))
+    job = digits_job() if args.job == "digits" else large_job(args.n_train, dims)
     train, queries = job["train"], job["queries"]
     sizes = [int(s) for s in args.sizes.split(",")]
     methods = args.methods.split(",")
@@ -258,8 +258,11 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         grouping_cost[k] = {"random": groupings[k].seconds, "kmeans-grad": km_s}
         print(f"grouping size {k}: {grouping_cost[k]}", flush=True)
     rows = []
+    keep = None if args.projectors is None else set(args.projectors.split(","))
     for method in methods:
         for proj_name, settings in job["configs"][method]:
+            if keep is not None and proj_name not in keep:
+                continue
             build = _builder(method, job, settings)
             for k in [None, *sizes]:
                 grouping = None if k is None else groupings[k]
@@ -426,6 +429,12 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--warmup-each", action="store_true", help="warm up before every run")
     sp.add_argument("--kmeans-iter", type=int, default=20, help="Lloyd iterations (cost)")
     sp.add_argument("--skip-kmeans-cost", action="store_true", help="do not time kmeans-grad")
+    sp.add_argument(
+        "--factored-dims",
+        default="1024",
+        help="large job: factored proj_dim per layer to try (perfect squares; 4096 = LoGra's 64x64)",
+    )
+    sp.add_argument("--projectors", default=None, help="only these projector names (comma list)")
     sl = sub.add_parser("lds")
     sl.add_argument("--m", type=int, default=30, help="random subsets of groups per grouping")
     sl.add_argument(
