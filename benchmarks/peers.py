@@ -267,18 +267,35 @@ def ours_methods(
             for kind in ("ekfac", "kfac")
         },
         "grad-cos": ("grad-cos", full, {"members": sds[:1], **common}),
-        "if-cg": (
-            "if-cg",
-            full,
-            {
-                "curvature": "hessian",
-                "damping": args.damping,
-                "solver_options": {"max_iter": args.cg_iter},
-                "members": sds[:1],
-                **common,
-            },
-        ),
+        "if-cg": IF_CG_OURS[args.if_cg_ours](full, args, {"members": sds[:1], **common}),
     }
+
+
+# Our side of the if-cg row: "cg" runs dattri's algorithm (same Hessian, damping and CG
+# steps); "ekfac"/"kfac" run our closed-form K-FAC/EK-FAC influence instead (true Fisher,
+# heuristic damping): another estimator, so compare LDS and time, not scores.
+IF_CG_OURS: dict[str, Any] = {
+    "cg": lambda task, args, common: (
+        "if-cg",
+        task,
+        {
+            "curvature": "hessian",
+            "damping": args.damping,
+            "solver_options": {"max_iter": args.cg_iter},
+            **common,
+        },
+    ),
+    **{
+        kind: (
+            lambda task, args, common, kind=kind: (
+                f"if-{kind}",
+                task,
+                {"damping": "heuristic", "fisher": "true", **common},
+            )
+        )
+        for kind in ("ekfac", "kfac")
+    },
+}
 
 
 def run_ours(
@@ -381,6 +398,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--cg-iter", type=int, default=30, help="CG iterations (both libraries)")
     ap.add_argument(
+        "--if-cg-ours",
+        default="cg",
+        choices=sorted(IF_CG_OURS),
+        help="our side of the if-cg row: cg (dattri's algorithm) or our K-FAC/EK-FAC influence "
+        "(another estimator: compare LDS and time)",
+    )
+    ap.add_argument(
         "--kfac-damping",
         type=lambda t: t if t == "heuristic" else float(t),
         default="heuristic",
@@ -462,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
         "last_layer_damping": lam_last,
         "seed": 0,
         "if_query_batch": args.if_query_batch,
+        "if_cg_ours": args.if_cg_ours,
         "kfac_damping": None if args.kfac_damping == "heuristic" else args.kfac_damping,
     }
 
@@ -588,6 +613,11 @@ def main(argv: list[str] | None = None) -> None:
             f"(proj_dim {args.trak_proj_dim or args.proj_dim}, relative_damping "
             f"{args.trak_relative_damping}), not the peers' Gaussian "
             "projection: same estimator, another random sketch; compare LDS and time."
+        )
+    if args.if_cg_ours != "cg":
+        print(
+            f"- NOTE: our if-cg row runs if-{args.if_cg_ours} (true Fisher, heuristic damping), "
+            "not CG on the Hessian: another estimator; compare LDS and time."
         )
     for key in methods:
         if any(r["method"] == key for r in rows):
