@@ -311,7 +311,9 @@ def kmeans(
 ) -> torch.Tensor:
     """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii, 2007); labels ``(n,)``.
 
-    Deterministic for ``seed`` (a CPU generator picks the seeds). An empty cluster is
+    Distances are computed in float32 as ``||x||² - 2 x·c + ||c||²`` (one matrix product per
+    iteration; float64 and explicit differences made seeding 1,250 centres on 20,000 points
+    take 40 s). Deterministic for ``seed`` (a CPU generator picks the seeds). An empty cluster is
     re-seeded with the point farthest from its centre; clusters still empty at the end are
     dropped, so labels are ``0..k'-1`` with ``k' <= k``, all non-empty.
 
@@ -332,7 +334,7 @@ def kmeans(
     n = x.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ConfigError(f"k must be an integer in [1, {n}] (the number of points); got {k!r}.")
-    x = x.double()
+    x = x.float()
     xx = (x * x).sum(1, keepdim=True)
     gen = _generator("kmeans", seed)
     centres = x.new_empty(k, x.shape[1])
@@ -345,7 +347,12 @@ def kmeans(
         else:  # fewer distinct points than clusters: any point
             pick = int(torch.randint(n, (1,), generator=gen))
         centres[j] = x[pick]
-        torch.minimum(closest, ((x - centres[j]) ** 2).sum(1), out=closest)
+        # ||x - c||² as xx - 2 x·c + cc: one matrix-vector product, no (n, d) temporary
+        # (the explicit difference cost 40 s of seeding 1,250 centres on 20,000 points)
+        c = centres[j]
+        dist = torch.addmv(xx.squeeze(1) + c @ c, x, c, alpha=-2).clamp_min_(0)
+        dist[pick] = 0.0
+        torch.minimum(closest, dist, out=closest)
     previous = math.inf
     labels = torch.zeros(n, dtype=torch.long)
     for _ in range(max_iter):
@@ -387,11 +394,13 @@ def _capacity_assign(d: torch.Tensor, capacity: int) -> torch.Tensor:
             labels[i] = c
             room[c] -= 1
     out = torch.tensor(labels, dtype=torch.long)
+    full = torch.tensor([r == 0 for r in room])  # kept up to date, not rebuilt per point
     for i in (out < 0).nonzero().flatten().tolist():
-        full = torch.tensor([r == 0 for r in room])
         c = int(d[i].masked_fill(full, math.inf).argmin())
         out[i] = c
         room[c] -= 1
+        if room[c] == 0:
+            full[c] = True
     return out
 
 
@@ -413,7 +422,7 @@ def balanced_kmeans(
         [4, 4]
     """
     labels = kmeans(x, k, seed=seed, max_iter=max_iter)
-    x = x.double()
+    x = x.float()
     n, k = x.shape[0], int(labels.max()) + 1
     capacity = -(-n // k)
     xx = (x * x).sum(1, keepdim=True)
