@@ -76,6 +76,11 @@ class TRAKConfig(MethodConfig):
     q_dropout_layers: tuple[str, ...] | None = None
     kernel_form: Literal["auto", "primal", "dual"] = "auto"
 
+    @property
+    def undamped(self) -> bool:
+        """Whether λ is 0 (``damping=0``, or no damping and ``relative_damping=0``)."""
+        return self.damping == 0 or (self.damping is None and self.relative_damping == 0)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.q_dropout, bool) or not isinstance(self.q_dropout, int):
@@ -98,9 +103,7 @@ class TRAKConfig(MethodConfig):
             raise ConfigError(
                 f"kernel_form must be 'auto', 'primal' or 'dual'; got {self.kernel_form!r}."
             )
-        if self.kernel_form == "dual" and (
-            self.damping == 0 or (self.damping is None and self.relative_damping == 0)
-        ):
+        if self.kernel_form == "dual" and self.undamped:
             raise ConfigError(
                 "kernel_form='dual' divides by the damping λ; it needs damping > 0 (or "
                 "relative_damping > 0). Use kernel_form='primal'."
@@ -231,7 +234,7 @@ class TRAKAttributor(Attributor):
         cfg = self.config
         if cfg.kernel_form != "auto":
             return cfg.kernel_form == "dual"
-        if cfg.damping == 0 or (cfg.damping is None and cfg.relative_damping == 0):
+        if cfg.undamped:
             return False
         _, first = next(self._iter_train_features(ctx))
         return self._n_units < first.shape[1]
