@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from datatrace.data import iter_batches, num_examples
 from datatrace.errors import ConfigError, DataError
@@ -228,8 +229,11 @@ class _TaskOperator(LinearOperator):
     def _matmat(self, v: torch.Tensor) -> torch.Tensor:
         tangents = self._unflatten(v)
         total = torch.zeros_like(v)
-        for split in self._batches():
-            total += self._flatten(self._batch_product(split, tangents), v.shape[1])
+        # Forward-mode products need attention kernels that support them: PyTorch's fused
+        # SDPA kernels (transformers' default attention) do not, its math kernel does.
+        with sdpa_kernel([SDPBackend.MATH]):
+            for split in self._batches():
+                total += self._flatten(self._batch_product(split, tangents), v.shape[1])
         return total / self.n
 
     @abstractmethod

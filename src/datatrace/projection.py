@@ -167,7 +167,7 @@ def _pieces(
                 else:
                     yield offset + lo, part.T.contiguous() if transposed else part
         elif name == by_name[name].weight:
-            f = by_name[name]
+            f = by_name[name].param_order()  # Conv1D: pieces in the (I, O) parameter's order
             rows = max(1, coords // max(f.in_features, 1))
             for lo, part in _weight_pieces(f, rows, transposed, scratch):
                 yield offset + lo * f.in_features, part
@@ -179,10 +179,7 @@ def _pieces(
 
 def _batch_slice(psg: PerSampleGrads, lo: int, hi: int) -> PerSampleGrads:
     """Examples ``lo:hi`` of ``psg`` (views, no copies)."""
-    factors = [
-        LayerFactors(f.module, f.a[lo:hi], f.g[lo:hi], f.weight, f.bias, f.weight_shape)
-        for f in psg.factors
-    ]
+    factors = [f.rows(lo, hi) for f in psg.factors]
     dense = {n: t[lo:hi] for n, t in psg.dense.items()}
     return PerSampleGrads(psg.names, psg.shapes, dense, factors, min(hi, psg.batch_size) - lo)
 

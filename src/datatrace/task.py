@@ -11,6 +11,7 @@ that a positive score always means "training on this unit improves the query".
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,17 @@ from torch.func import functional_call
 from datatrace.data import Batch
 from datatrace.errors import ConfigError, DataError, ModelError
 
-__all__ = ["Checkpoint", "Target", "Task", "cross_entropy", "lm_loss", "log_prob", "margin"]
+__all__ = [
+    "Checkpoint",
+    "Target",
+    "Task",
+    "cross_entropy",
+    "layer_types",
+    "lm_loss",
+    "log_prob",
+    "margin",
+    "parameter_uses",
+]
 
 LossFn = Callable[[torch.Tensor, Batch, torch.Tensor | None], torch.Tensor]
 
@@ -162,6 +173,44 @@ class Checkpoint:
         return dict(obj)
 
 
+# ----------------------------------------------------------------------------- parameters
+def parameter_uses(model: nn.Module) -> dict[str, list[tuple[str, str]]]:
+    """``{parameter name: [(module name, local name), ...]}`` of every module owning it.
+
+    A parameter is named as ``model.named_parameters()`` names it (its first registration);
+    a tied parameter (an LM head sharing the embedding matrix) lists every module holding it.
+
+    Example:
+        >>> emb = nn.Embedding(5, 3); head = nn.Linear(3, 5, bias=False)
+        >>> head.weight = emb.weight
+        >>> parameter_uses(nn.ModuleDict({"emb": emb, "head": head}))["emb.weight"]
+        [('emb', 'weight'), ('head', 'weight')]
+    """
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, list[tuple[str, str]]] = {n: [] for n in canonical.values()}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for local, p in module.named_parameters(recurse=False):
+            pair = (mname, local)
+            if pair not in out[canonical[id(p)]]:
+                out[canonical[id(p)]].append(pair)
+    return out
+
+
+def layer_types() -> tuple[type[nn.Module], ...]:
+    """Module types the layer-factor path handles: Linear, Conv2d and transformers' Conv1D."""
+    types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+    conv1d = conv1d_type()
+    return types + ((conv1d,) if conv1d is not None else ())
+
+
+def conv1d_type() -> type[nn.Module] | None:
+    """transformers' ``Conv1D`` (GPT-2's Linear with a transposed weight), if transformers is
+    loaded; a model holding one has imported it, so transformers is never imported here."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(mod, "Conv1D", None)
+    return cls if isinstance(cls, type) else None
+
+
 # ----------------------------------------------------------------------------- task
 @dataclass
 class _SplitBatch:
@@ -183,8 +232,15 @@ class Task:
         checkpoints: saved states of the training run (state dicts, paths or
             :class:`Checkpoint`); default: the model's current weights.
         params: names of parameters or modules to track (a module name selects all its
-            parameters); default: every trainable parameter.
-        module_types: track only parameters of modules of these types (e.g. ``(nn.Linear,)``).
+            parameters; a tied parameter may be named by any module holding it, e.g.
+            ``"lm_head.weight"`` for GPT-2's head tied to ``"transformer.wte.weight"``);
+            default: every trainable parameter.
+        module_types: track only parameters of modules of these types (e.g. ``(nn.Linear,)``),
+            or ``"layers"``: every layer the layer-factor path (K-FAC/EK-FAC, LoGra, factored
+            features) handles — ``nn.Linear``, ``nn.Conv2d`` and transformers' ``Conv1D``. A
+            tied parameter is selected by type only when every module holding it has one of
+            the types (a GPT-2 head tied to its embedding is not a layer); name it in
+            ``params=`` to track it.
         batch_to_inputs: ``batch -> (args, kwargs)`` for the model call, if the default (tuple:
             all but the last entry; dict: every key except ``labels``) does not fit.
 
@@ -203,7 +259,7 @@ class Task:
         *,
         checkpoints: Sequence[Checkpoint | Mapping[str, torch.Tensor] | str | Path] | None = None,
         params: Sequence[str] | None = None,
-        module_types: Sequence[type[nn.Module]] | None = None,
+        module_types: Sequence[type[nn.Module]] | Literal["layers"] | None = None,
         batch_to_inputs: Callable[[Batch], tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -240,20 +296,28 @@ class Task:
 
     # -- parameters ---------------------------------------------------------------------------
     def _select_params(
-        self, params: Sequence[str] | None, module_types: Sequence[type[nn.Module]] | None
+        self,
+        params: Sequence[str] | None,
+        module_types: Sequence[type[nn.Module]] | str | None,
     ) -> list[str]:
         named = dict(self.model.named_parameters())
+        uses = parameter_uses(self.model)
+        alias = {
+            f"{m}.{local}" if m else local: canon
+            for canon, pairs in uses.items()
+            for m, local in pairs
+        }
         if isinstance(params, str):
             params = [params]
         chosen: list[str] = []
         if params is not None:
             modules = dict(self.model.named_modules())
             for name in params:
-                if name in named:
-                    chosen.append(name)
+                if name in alias:  # a parameter, by its own name or a tied alias (lm_head.weight)
+                    chosen.append(alias[name])
                 elif name in modules:
                     prefix = f"{name}." if name else ""
-                    chosen.extend(n for n in named if n.startswith(prefix))
+                    chosen.extend(c for a, c in alias.items() if a.startswith(prefix))
                 else:
                     raise ModelError(
                         f"{name!r} is neither a parameter nor a module of the model; parameters are "
@@ -262,24 +326,70 @@ class Task:
         else:
             chosen = [n for n, p in named.items() if p.requires_grad]
         if module_types is not None:
-            types = tuple(module_types)
-            owned = {
-                f"{mname}.{pname}" if mname else pname
-                for mname, mod in self.model.named_modules()
-                if isinstance(mod, types)
-                for pname, _ in mod.named_parameters(recurse=False)
-            }
-            if not owned:
-                raise ModelError(
-                    f"the model has no modules of type {[t.__name__ for t in types]}; "
-                    "choose types the model contains."
-                )
-            chosen = [n for n in chosen if n in owned]
+            chosen = self._filter_by_type(chosen, module_types, uses)
         order = list(named)
         chosen = sorted(set(chosen), key=order.index)
         if not chosen:
             raise ModelError("no parameters selected; check params= and module_types=.")
         return chosen
+
+    def _filter_by_type(
+        self,
+        chosen: list[str],
+        module_types: Sequence[type[nn.Module]] | str,
+        uses: Mapping[str, list[tuple[str, str]]],
+    ) -> list[str]:
+        if isinstance(module_types, str):
+            if module_types != "layers":
+                raise ConfigError(
+                    f"module_types must be a sequence of module classes or 'layers'; got "
+                    f"{module_types!r}."
+                )
+            types: tuple[type[nn.Module], ...] = layer_types()
+        else:
+            types = tuple(module_types)
+        mods = dict(self.model.named_modules())
+        if not any(isinstance(m, types) for m in mods.values()):
+            raise ModelError(
+                f"the model has no modules of type {[t.__name__ for t in types]}; "
+                "choose types the model contains."
+            )
+        # A tied parameter (an LM head sharing the embedding matrix) is selected by type only
+        # when every module using it has one of the types; select it by name otherwise.
+        owned = {
+            canon
+            for canon, pairs in uses.items()
+            if all(isinstance(mods[m], types) for m, _ in pairs)
+        }
+        kept = [n for n in chosen if n in owned]
+        if not kept:
+            tied = {
+                c: [f"{m}.{local}" if m else local for m, local in pairs]
+                for c, pairs in uses.items()
+                if len(pairs) > 1 and any(isinstance(mods[m], types) for m, _ in pairs)
+            }
+            hint = (
+                f" Tied parameters {tied} are also used by modules of other types; select them "
+                "by name (params=[...]), which tracks their whole gradient."
+                if tied
+                else ""
+            )
+            raise ModelError(
+                f"module_types={[t.__name__ for t in types]} selects no tracked parameter.{hint}"
+            )
+        return kept
+
+    def canonical_name(self, qualified: str) -> str:
+        """The name ``named_parameters()`` gives the parameter ``qualified`` refers to.
+
+        Equal to ``qualified`` unless the parameter is tied: GPT-2's ``"lm_head.weight"`` is
+        ``"transformer.wte.weight"``.
+        """
+        module, _, local = qualified.rpartition(".")
+        for canon, pairs in parameter_uses(self.model).items():
+            if (module, local) in pairs:
+                return canon
+        return qualified
 
     def tracked_params(self) -> dict[str, torch.Tensor]:
         """Tracked parameters, in the model's parameter order."""

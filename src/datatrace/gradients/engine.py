@@ -17,7 +17,8 @@ import torch
 from datatrace.data import Batch
 from datatrace.errors import ConfigError, NumericalError
 from datatrace.gradients.functional import functional_group_grads, functional_per_sample_grads
-from datatrace.gradients.hooks import LayerFactors, group_factors, hook_factors, hookable_modules
+from datatrace.gradients.hooks import LayerFactors, group_factors, hook_pass, hookable_modules
+from datatrace.gradients.modules import check_batch_sums, module_per_sample_grads, owner_modules
 from datatrace.task import Task
 
 __all__ = [
@@ -62,7 +63,7 @@ class PerSampleGrads:
             f = by_name[name]
             # weight and bias straight from the factors: no (B, O, I + 1) matrix to split
             # (slicing off its bias column made the weight block a strided view, copied again)
-            block = f.weight_grads() if name == f.weight else f.bias_grads()
+            block = f.param_order().weight_grads() if name == f.weight else f.bias_grads()
             yield name, block.reshape(self.batch_size, -1)
 
     def flat(self) -> torch.Tensor:
@@ -199,6 +200,14 @@ def compute_group_grads(
     return _compute(task, batch, state, which, engine, chunk_size, members)
 
 
+def _group_sums(per_sample: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """``(G, *shape)`` sums of the members' rows of ``(B, *shape)`` (``-1`` pads)."""
+    index = members.clamp_min(0).to(per_sample.device)
+    keep = (members >= 0).to(per_sample.device, per_sample.dtype)
+    rows = per_sample[index.flatten()].reshape(*members.shape, *per_sample.shape[1:])
+    return (rows * keep.view(*members.shape, *([1] * (per_sample.ndim - 1)))).sum(1)
+
+
 def _compute(
     task: Task,
     batch: Batch,
@@ -216,22 +225,34 @@ def _compute(
     shapes = {n: tuple(p.shape) for n, p in task.tracked_params().items()}
     modules = hookable_modules(task) if engine != "functional" else {}
     factors: list[LayerFactors] = []
-    b = 0
+    dense: dict[str, torch.Tensor] = {}
     obj: torch.Tensor | None = None
-    if modules:
-        factors, obj = hook_factors(task, state, batch, modules, which)
+    covered = {n for pair in modules.values() for n in pair if n is not None}
+    rest = [n for n in names if n not in covered]
+    b = 0
+    if engine != "functional":
+        # one forward/backward: factors of the layers, per-module products for the rest
+        owners = owner_modules(task, rest)
+        factors, captured, batch_grads, obj = hook_pass(
+            task, state, batch, modules, list(owners), rest, which
+        )
         b = obj.shape[0]
+        if owners:
+            dense = module_per_sample_grads(task, state, owners, captured, b, chunk_size)
+            fallback = check_batch_sums(dense, batch_grads)
+            dense = {n: g for n, g in dense.items() if n not in fallback}
+            if members is not None:
+                dense = {n: _group_sums(g, members) for n, g in dense.items()}
+            rest = fallback
         if members is not None:
             factors, b = group_factors(factors, members), members.shape[0]
-    covered = {n for f in factors for n in (f.weight, f.bias) if n is not None}
-    rest = [n for n in names if n not in covered]
-    dense: dict[str, torch.Tensor] = {}
-    if rest:
+    if rest:  # the whole-model functional engine (vmap over examples or groups)
         if members is None:
-            dense = functional_per_sample_grads(task, state, batch, rest, which, chunk_size)
+            more = functional_per_sample_grads(task, state, batch, rest, which, chunk_size)
         else:
-            dense = functional_group_grads(task, state, batch, rest, members, which, chunk_size)
-        b = next(iter(dense.values())).shape[0]
+            more = functional_group_grads(task, state, batch, rest, members, which, chunk_size)
+        dense.update(more)
+        b = next(iter(more.values())).shape[0]
     psg = PerSampleGrads(names, shapes, dense, factors, b, obj)
     _check_finite(psg, which)
     return psg

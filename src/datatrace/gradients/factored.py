@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from datatrace.errors import ModelError
-from datatrace.gradients.hooks import LayerFactors, _outer_sum, hookable_modules
+from datatrace.gradients.hooks import LayerFactors, _matrix_shape, _outer_sum, hookable_modules
 from datatrace.task import Task
 
 __all__ = [
@@ -65,7 +65,7 @@ def covers_tracked(task: Task) -> bool:
 
 
 def factored_modules(task: Task) -> dict[str, tuple[str | None, str | None]]:
-    """Linear/Conv2d modules holding the tracked parameters; refuses any other tracked one.
+    """Linear/Conv2d/Conv1D modules holding the tracked parameters; refuses any other one.
 
     Raises:
         ModelError: a tracked parameter is outside supported layers.
@@ -75,10 +75,12 @@ def factored_modules(task: Task) -> dict[str, tuple[str | None, str | None]]:
     rest = [n for n in task.tracked_names if n not in covered]
     if rest:
         raise ModelError(
-            f"the layer-factor path (K-FAC/EK-FAC, LoGra, factored features) covers nn.Linear and "
-            f"nn.Conv2d (groups=1, zero padding) weights and biases only; tracked parameters {rest[:10]}"
-            f"{' ...' if len(rest) > 10 else ''} are not. Track only supported layers: "
-            "Task(model, module_types=(nn.Linear, nn.Conv2d)) or Task(model, params=[...])."
+            f"the layer-factor path (K-FAC/EK-FAC, LoGra, factored features) covers the weights "
+            f"and biases of nn.Linear, nn.Conv2d (groups=1, zero padding) and transformers' "
+            f"Conv1D layers, each used by one module only; tracked parameters {rest[:10]}"
+            f"{' ...' if len(rest) > 10 else ''} are not. Track only those layers: "
+            "Task(model, module_types='layers') (a tied LM head is left out), or "
+            "Task(model, params=[...])."
         )
     return modules
 
@@ -96,6 +98,7 @@ class LayerSlot:
         in_width: ``I'``, its columns (inputs, plus one for a tracked bias).
         weight_slice: flat slice of the weight, or None.
         bias_slice: flat slice of the bias, or None.
+        transposed: the weight is stored ``(I, O)`` (transformers' ``Conv1D``).
     """
 
     module: str
@@ -105,6 +108,7 @@ class LayerSlot:
     in_width: int
     weight_slice: slice | None
     bias_slice: slice | None
+    transposed: bool = False
 
 
 class ParamLayout:
@@ -129,17 +133,19 @@ class ParamLayout:
         mods = dict(task.model.named_modules())
         self.slots: list[LayerSlot] = []
         for mname, (w, b) in factored_modules(task).items():
-            shape = mods[mname].weight.shape
-            width = (shape[1:].numel() if w is not None else 0) + (b is not None)
+            module = mods[mname]
+            n_out, n_in = _matrix_shape(module)
+            width = (n_in if w is not None else 0) + (b is not None)
             self.slots.append(
                 LayerSlot(
                     mname,
                     w,
                     b,
-                    int(shape[0]),
+                    n_out,
                     int(width),
                     offsets[w] if w is not None else None,
                     offsets[b] if b is not None else None,
+                    not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)),
                 )
             )
         spans = [
@@ -163,7 +169,10 @@ class ParamLayout:
         for slot in self.slots:
             parts = []
             if slot.weight_slice is not None:
-                parts.append(v[:, slot.weight_slice].reshape(k, slot.out_features, -1))
+                w = v[:, slot.weight_slice]
+                if slot.transposed:  # Conv1D: the flat weight is (I, O)
+                    w = w.reshape(k, -1, slot.out_features).transpose(1, 2)
+                parts.append(w.reshape(k, slot.out_features, -1))
             if slot.bias_slice is not None:
                 parts.append(v[:, slot.bias_slice].reshape(k, slot.out_features, 1))
             out.append(torch.cat(parts, 2) if len(parts) > 1 else parts[0])
@@ -175,9 +184,9 @@ class ParamLayout:
         out = mats[0].new_zeros(k, self.dim)
         for slot, m in zip(self.slots, mats):
             if slot.weight_slice is not None:
-                out[:, slot.weight_slice] = m[
-                    :, :, : slot.in_width - (slot.bias is not None)
-                ].reshape(k, -1)
+                w = m[:, :, : slot.in_width - (slot.bias is not None)]
+                w = w.transpose(1, 2) if slot.transposed else w
+                out[:, slot.weight_slice] = w.reshape(k, -1)
             if slot.bias_slice is not None:
                 out[:, slot.bias_slice] = m[:, :, -1]
         return out

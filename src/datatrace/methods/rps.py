@@ -189,8 +189,9 @@ class RepresenterAttributor(Attributor):
         feats, splits = self._collect(ctx, self._train)
         name, _ = _final_linear(self.task, self.config.layer)
         prefix = f"{name}." if name else ""
-        w0 = ctx.state[f"{prefix}weight"]
-        b0 = ctx.state.get(f"{prefix}bias", w0.new_zeros(w0.shape[0]))
+        w0 = ctx.state[self.task.canonical_name(f"{prefix}weight")]  # a tied LM head too
+        bias = self.task.canonical_name(f"{prefix}bias")
+        b0 = ctx.state[bias] if bias in ctx.state else w0.new_zeros(w0.shape[0])
         w = torch.cat([w0, b0.view(-1, 1)], 1).detach().clone().requires_grad_(True)
         lam, n = float(self.config.damping), feats.shape[0]
         sizes = [s.labels.shape[0] for s in splits if s.labels is not None]
