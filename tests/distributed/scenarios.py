@@ -66,6 +66,8 @@ def methods(store: Path | None = None) -> dict[str, torch.Tensor]:
     out["trak-members/scores"] = ens.fit(train).attribute(queries).values
     if store is not None:
         out["store/scores"] = store_scores(store)
+        if (store.parent / "partial").exists():  # written by one process, half deleted
+            out["partial/scores"] = store_scores(store.parent / "partial")
     return out
 
 

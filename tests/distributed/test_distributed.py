@@ -35,15 +35,25 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 def runs(tmp_path_factory):
     """Every scenario once in 2 spawned gloo processes and once in this process."""
     tmp = tmp_path_factory.mktemp("dist")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: same BLAS blocking
+    try:
+        # a store one process wrote, then lost its last 3 shards (killed): 2 ranks resume it
+        scenarios.store_scores(tmp / "partial")
+    finally:
+        torch.set_num_threads(threads)
+    for index in (3, 4, 5):
+        (tmp / "partial" / f"shard-train-m0-{index:06d}.npy").unlink()
+    kept = {f: f.stat().st_mtime_ns for f in (tmp / "partial").glob("shard-*.npy")}
     mp.spawn(
         scenarios.spawned_worker,
         args=(WORLD, str(tmp / "init"), str(tmp)),
         nprocs=WORLD,
         join=True,
     )
+    assert all(f.stat().st_mtime_ns == t for f, t in kept.items()), "complete shards reused"
     ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers: same BLAS blocking
+    torch.set_num_threads(1)
     try:
         single = scenarios.methods(store=None)
     finally:
@@ -96,6 +106,16 @@ def test_store_written_by_two_ranks_resumes_in_one_process(runs):
     assert _close(scores, single["trak/scores"])
     for result in ranks:
         assert _close(result["store/scores"], single["trak/scores"])
+
+
+def test_store_written_by_one_process_resumes_on_two_ranks(runs):
+    tmp, ranks, single = runs
+    # rank 0's slice (batches 0-2) was complete, rank 1 recomputed 3-5 (the fixture checks
+    # that the complete shards were not rewritten)
+    manifest = json.loads((tmp / "partial" / "manifest.json").read_text())
+    assert sorted(int(i) for i in manifest["shards"]["train-m0"]) == list(range(6))
+    for result in ranks:
+        assert _close(result["partial/scores"], single["trak/scores"])
 
 
 def test_every_rank_refuses_different_queries_and_a_stale_store(runs):
