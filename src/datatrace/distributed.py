@@ -252,15 +252,16 @@ def check_same(value: Any, what: str, fix: str) -> None:
 
 
 def run_collectively(fn: Callable[[], T]) -> T:
-    """Call ``fn`` on every rank; if it raised a datatrace error on any rank, raise on all.
+    """Call ``fn`` on every rank; if it raised on any rank, raise on all of them.
 
-    The rank that failed re-raises its own exception; the others raise the same error class
-    naming that rank and its message. Without this, one rank's ``StoreError`` would leave the
-    others blocked in their next collective.
+    The rank that failed re-raises its own exception; the others raise the same datatrace
+    error class (``DatatraceError`` for any other exception) naming that rank and its
+    message. Without this, one rank's ``StoreError`` would leave the others blocked in their
+    next collective.
     """
     try:
         result, failure = fn(), None
-    except DatatraceError as exc:
+    except Exception as exc:
         result, failure = None, exc
     reports = all_gather_object(None if failure is None else (type(failure).__name__, str(failure)))
     if failure is not None:
@@ -268,7 +269,9 @@ def run_collectively(fn: Callable[[], T]) -> T:
     for r, report in enumerate(reports):
         if report is not None:
             cls = getattr(errors, report[0], DatatraceError)
-            raise cls(f"rank {r} failed: {report[1]}")
+            if not (isinstance(cls, type) and issubclass(cls, DatatraceError)):
+                cls = DatatraceError
+            raise cls(f"rank {r} failed: {report[0]}: {report[1]}")
     return result  # type: ignore[return-value]
 
 

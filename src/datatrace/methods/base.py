@@ -295,7 +295,7 @@ class Attributor(ABC):
             ids.append(unit_ids)
             blocks.append(block)
         values, unit_ids = distributed.gather_score_blocks(blocks, ids)
-        return Scores(values, unit_ids, None, self.name, self.describe())
+        return Scores(values.to(self.task.device), unit_ids, None, self.name, self.describe())
 
     def topk(self, queries: Any, k: int) -> TopK:
         """Top-``k`` proponents/opponents per query, streaming over train shards."""
