@@ -15,7 +15,14 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from datatrace.errors import DataError
 
-__all__ = ["Batch", "batch_size_of", "iter_batches", "num_examples"]
+__all__ = [
+    "Batch",
+    "batch_size_of",
+    "iter_batch_range",
+    "iter_batches",
+    "num_batches",
+    "num_examples",
+]
 
 Batch = Any  # a tuple/list of tensors or a dict of tensors
 
@@ -97,6 +104,66 @@ def iter_batches(data: Any, batch_size: int) -> Iterator[Batch]:
             yield tuple(t[start : start + batch_size] for t in data)
         return
     yield from DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def num_batches(data: Any, batch_size: int) -> int:
+    """Number of batches :func:`iter_batches` yields for ``data``."""
+    if isinstance(data, DataLoader):
+        _check_loader(data)
+        assert data.batch_sampler is not None  # checked by _check_loader
+        return len(data.batch_sampler)  # type: ignore[arg-type]
+    return -(-num_examples(data) // batch_size)
+
+
+def iter_batch_range(
+    data: Any, batch_size: int, start: int, stop: int
+) -> Iterator[tuple[int, Batch]]:
+    """``(offset, batch)`` for batches ``start .. stop - 1`` of ``iter_batches(data, batch_size)``.
+
+    ``offset`` is the index of the batch's first example in ``data``. The batches are the
+    ones :func:`iter_batches` yields (same boundaries, same contents), but those outside the
+    range are not loaded: a rank of a distributed job reads only its own slice.
+
+    Example:
+        >>> data = (torch.arange(10.0),)
+        >>> [(o, b[0].tolist()) for o, b in iter_batch_range(data, 4, 1, 3)]
+        [(4, [4.0, 5.0, 6.0, 7.0]), (8, [8.0, 9.0])]
+    """
+    n, total = num_examples(data), num_batches(data, batch_size)
+    start, stop = max(0, start), min(stop, total)
+    if start >= stop:
+        return
+    if isinstance(data, DataLoader):
+        index_batches = [list(b) for b in data.batch_sampler]  # type: ignore[union-attr]
+        offset = sum(len(b) for b in index_batches[:start])
+        loader: Any = data
+        if (start, stop) != (0, total):
+            loader = DataLoader(
+                data.dataset,
+                batch_sampler=index_batches[start:stop],
+                collate_fn=data.collate_fn,
+                num_workers=data.num_workers,
+                pin_memory=data.pin_memory,
+                timeout=data.timeout,
+                worker_init_fn=data.worker_init_fn,
+            )
+        for idx, batch in zip(index_batches[start:stop], loader):
+            yield offset, batch
+            offset += len(idx)
+        return
+    if isinstance(data, torch.Tensor):
+        data = (data,)
+    bounds = [(b * batch_size, min(n, (b + 1) * batch_size)) for b in range(start, stop)]
+    if isinstance(data, Mapping):
+        for lo, hi in bounds:
+            yield lo, {k: v[lo:hi] for k, v in data.items()}
+    elif isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):
+        for lo, hi in bounds:
+            yield lo, tuple(t[lo:hi] for t in data)
+    else:  # a map-style Dataset, batched as iter_batches does (default collate)
+        sampler = [list(range(lo, hi)) for lo, hi in bounds]
+        for (lo, _), batch in zip(bounds, DataLoader(data, batch_sampler=sampler)):
+            yield lo, batch
 
 
 def batch_size_of(batch: Batch) -> int:

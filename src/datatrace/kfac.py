@@ -39,8 +39,9 @@ import torch
 from torch import nn
 from torch.func import grad, jvp, vmap
 
+from datatrace import distributed
 from datatrace.curvature import LinearOperator
-from datatrace.data import iter_batches, num_examples
+from datatrace.data import iter_batch_range, num_batches, num_examples
 from datatrace.errors import ConfigError, DataError, ModelError, NumericalError
 from datatrace.gradients.factored import ParamLayout, factored_modules
 from datatrace.gradients.hooks import _layer_grad, _layer_input, _outer_sum
@@ -401,21 +402,30 @@ def _passes(
     projections: Projections | None = None,
     fisher_samples: int = 1,
 ) -> Any:
+    """Captured factors of every batch; under a distributed group, of this rank's slice.
+
+    Each rank takes a contiguous slice of the batches with their global example offsets
+    (which seed the sampled labels), so the union over ranks is the single-process pass;
+    callers all-reduce what they sum.
+    """
     modules = factored_modules(task)
-    offset = 0
-    for batch in iter_batches(data, batch_size):
+    lo, hi = distributed.local_range(num_batches(data, batch_size))
+    for offset, batch in iter_batch_range(data, batch_size, lo, hi):
         captured = _capture(task, state, batch, modules, fisher, seed, offset, fisher_samples)
-        offset += captured[0].a.shape[0]
         yield captured if projections is None else _project(captured, projections)
+
+
+def _check_projections(projections: Projections, n_layers: int) -> None:
+    if len(projections) != n_layers:
+        raise ConfigError(
+            f"projections must hold one (P_a, P_g) pair per K-FAC layer ({n_layers}); got "
+            f"{len(projections)}."
+        )
 
 
 def _project(captured: list[_Captured], projections: Projections) -> list[_Captured]:
     """Project each layer's inputs by ``P_a`` and output gradients by ``P_g`` (None: keep)."""
-    if len(projections) != len(captured):
-        raise ConfigError(
-            f"projections must hold one (P_a, P_g) pair per K-FAC layer ({len(captured)}); got "
-            f"{len(projections)}."
-        )
+    _check_projections(projections, len(captured))
     out = []
     for c, (pa, pg) in zip(captured, projections):
         a = c.a if pa is None else c.a @ pa.to(c.a.dtype)
@@ -474,6 +484,9 @@ def fit_ekfac_eigenvalues(
                     out += ((g_rot[:, 0] ** 2).T @ (a_rot[:, 0] ** 2)).to(f64)
                 else:
                     out += (_outer_sum(g_rot, a_rot) ** 2).sum(0).to(f64)
+    if distributed.is_distributed():  # each rank summed its slice of the batches
+        *acc, total = distributed.all_reduce_sum([*acc, torch.tensor(float(n), dtype=f64)])
+        n = int(total)
     return [a / n for a in acc]
 
 
@@ -522,9 +535,18 @@ def fit_kfac_layers(
         raise DataError("the dataset is empty; K-FAC needs at least one example.")
     state = task.state() if state is None else dict(state)
     f64, cd = torch.float64, compute_dtype(task.dtype)
-    a_sum: list[torch.Tensor] = []
-    g_sum: list[torch.Tensor] = []
-    tokens = [0.0] * len(modules)
+    # (I', O) of each layer's factors (projected widths with projections), known up front so
+    # that a rank with no batches still contributes zeros of the right shapes
+    widths = [(slot.in_width, slot.out_features) for slot in ParamLayout(task).slots]
+    if projections is not None:
+        _check_projections(projections, len(widths))
+        widths = [
+            (w_in if pa is None else int(pa.shape[1]), w_out if pg is None else int(pg.shape[1]))
+            for (w_in, w_out), (pa, pg) in zip(widths, projections)
+        ]
+    a_sum = [torch.zeros(i, i, dtype=f64, device=task.device) for i, _ in widths]
+    g_sum = [torch.zeros(o, o, dtype=f64, device=task.device) for _, o in widths]
+    tokens = torch.zeros(len(modules), dtype=f64)
     n = 0
     passes = _passes(task, data, state, fisher, batch_size, seed, projections, fisher_samples)
     for captured in passes:
@@ -538,14 +560,15 @@ def fit_kfac_layers(
             else:
                 tokens[j] += a.shape[0] * a.shape[1]
             a2 = a.reshape(-1, a.shape[-1])
-            if len(a_sum) <= j:
-                o = c.gs[0].shape[-1]
-                a_sum.append(torch.zeros(a2.shape[1], a2.shape[1], dtype=f64, device=a2.device))
-                g_sum.append(torch.zeros(o, o, dtype=f64, device=a2.device))
             a_sum[j] += (a2.T @ a2).to(f64)
             for g in c.gs:
                 g2 = g.to(cd).reshape(-1, g.shape[-1])
                 g_sum[j] += (g2.T @ g2).to(f64)
+    if distributed.is_distributed():  # each rank summed its slice of the batches: add them up
+        count = torch.tensor(float(n), dtype=f64)
+        reduced = distributed.all_reduce_sum([*a_sum, *g_sum, tokens, count])
+        k = len(a_sum)
+        a_sum, g_sum, tokens, n = reduced[:k], reduced[k : 2 * k], reduced[2 * k], int(reduced[-1])
     mods = dict(task.model.named_modules())
     shapes = [tuple(mods[m].weight.shape) for m in modules]
     if projections is not None:  # the layers are those of the projected gradients
@@ -556,7 +579,7 @@ def fit_kfac_layers(
             w,
             b,
             shapes[j],
-            a_sum[j] / max(tokens[j], 1.0),
+            a_sum[j] / max(float(tokens[j]), 1.0),
             g_sum[j] / n,
         )
         for j, (mname, (w, b)) in enumerate(modules.items())

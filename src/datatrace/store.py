@@ -5,6 +5,7 @@ A store is one directory::
     <path>/
         manifest.json              format_version, config, fingerprints, shards, arrays
         journal.jsonl              shards completed since the manifest was last rewritten
+        journal-rank<r>.jsonl      the same, of rank r > 0 of a distributed job
         shard-<kind>-<index>.npy   one block of a streamed quantity (e.g. train features)
         array-<name>.npy           fitted state (e.g. a kernel inverse)
         .tmp-*                     a write in progress; removed when the store is next opened
@@ -19,8 +20,15 @@ recomputed), so a killed job resumes from its last complete shard and never read
 ``format_version``, ``config`` or ``fingerprints`` raises ``StoreError`` naming what differs.
 
 Arrays are NumPy ``.npy`` files loaded with ``allow_pickle=False``; bfloat16 is stored as its
-16-bit pattern and the dtype is taken from the manifest. One process writes to a store at a
-time (distributed ranks each write their own and rank 0 merges manifests).
+16-bit pattern and the dtype is taken from the manifest.
+
+One job writes to a store at a time. Within a distributed job (:mod:`datatrace.distributed`)
+rank 0 owns the manifest and the arrays; a store opened with ``rank=r > 0`` writes shards only
+(each rank its own shard indices), each recorded in that rank's own journal, so no two
+processes ever append to or replace the same file. After a barrier rank 0 folds every journal
+into the manifest (:meth:`Store.merge_journals`) and the others re-read it
+(:meth:`Store.reload`). Shard indices are global, so a store written by any number of ranks
+has one layout and resumes under any other.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ __all__ = ["FORMAT_VERSION", "Store", "fingerprint_batch", "fingerprint_tensors"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 JOURNAL = "journal.jsonl"
+_RANK_JOURNAL = re.compile(r"^journal-rank[0-9]+\.jsonl$")
 _TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _OWNED = re.compile(r"^(shard|array)-[A-Za-z0-9_.-]+\.npy$")
@@ -159,6 +168,10 @@ class Store:
         create: if false, a directory without a manifest raises ``StoreError``.
         overwrite: if true, a store written for another config, fingerprint or format version
             (or a corrupt one) is cleared instead of refused.
+        rank: 0 (default) owns the manifest: it folds leftover journals, removes partial
+            writes and writes arrays. ``rank > 0`` (a distributed job's other ranks, opened
+            after rank 0) only writes shards, journaled to ``journal-rank<rank>.jsonl``; it
+            needs the manifest to exist.
 
     Raises:
         StoreError: the existing store was written for a different job, or is corrupt.
@@ -183,7 +196,10 @@ class Store:
         fingerprints: Mapping[str, str],
         create: bool = True,
         overwrite: bool = False,
+        rank: int = 0,
     ) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ConfigError(f"rank must be an integer >= 0; got {rank!r}.")
         if not isinstance(config, Mapping):
             raise ConfigError(f"config must be a dict of settings; got {type(config).__name__}.")
         if not isinstance(fingerprints, Mapping) or not all(
@@ -199,11 +215,18 @@ class Store:
             "config": _json_normalise(dict(config), "config"),
             "fingerprints": dict(fingerprints),
         }
+        self.rank = rank
+        self._journal_name = JOURNAL if rank == 0 else f"journal-rank{rank}.jsonl"
+        self._wanted = wanted
         manifest_path = self.path / MANIFEST
-        if not manifest_path.exists() and not create:
+        if not manifest_path.exists() and (not create or rank > 0):
             raise StoreError(
-                f"no store at {self.path} (no {MANIFEST}); pass create=True to make one."
+                f"no store at {self.path} (no {MANIFEST}); pass create=True to make one"
+                + ("." if rank == 0 else f" (rank {rank} opens a store after rank 0 made it).")
             )
+        if rank > 0:  # a shard writer: rank 0 has checked, cleaned and folded the store
+            self._manifest = self._load_manifest(wanted)
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         for leftover in self.path.glob(_TMP_PREFIX + "*"):  # a write killed before its rename
             leftover.unlink(missing_ok=True)
@@ -217,7 +240,8 @@ class Store:
                     raise
                 Store.clear(self.path)
                 self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / JOURNAL).unlink(missing_ok=True)  # belongs to no manifest any more
+        for old in self._journals():  # they belong to no manifest any more
+            old.unlink(missing_ok=True)
         self._manifest = {**wanted, "shards": {}, "arrays": {}}
         self._write_manifest(self._manifest)
 
@@ -230,6 +254,7 @@ class Store:
         for f in root.iterdir():
             if f.is_file() and (
                 f.name in (MANIFEST, JOURNAL)
+                or _RANK_JOURNAL.match(f.name)
                 or f.name.startswith(_TMP_PREFIX)
                 or _OWNED.match(f.name)
             ):
@@ -268,7 +293,7 @@ class Store:
 
     def _journal(self, kind: str, index: int, entry: dict[str, Any] | None) -> None:
         line = json.dumps({"kind": kind, "index": index, "entry": entry}, sort_keys=True)
-        with open(self.path / JOURNAL, "ab") as f:
+        with open(self.path / self._journal_name, "ab") as f:
             f.write(line.encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
@@ -280,9 +305,40 @@ class Store:
 
     def compact(self) -> None:
         """Fold the journal of completed shards into the manifest (atomic; also done on open)."""
+        self._check_owner("compact the manifest")
         self._write_manifest(json.loads(json.dumps(self._manifest)))
         (self.path / JOURNAL).unlink(missing_ok=True)
         _fsync_dir(self.path)
+
+    def merge_journals(self) -> None:
+        """Rank 0: fold every rank's journal into the manifest (call after a barrier).
+
+        Records are applied journal by journal; ranks write disjoint shard indices, so the
+        order between journals does not matter. Folded journals are deleted once the
+        manifest that holds them is on disk.
+        """
+        self._check_owner("merge journals")
+        self._replay_journal()
+
+    def reload(self) -> None:
+        """Re-read the manifest from disk (ranks > 0, after rank 0 merged the journals).
+
+        Raises:
+            StoreError: the manifest no longer matches this store's config or fingerprints.
+        """
+        self._manifest = self._load_manifest(self._wanted)
+
+    def _check_owner(self, what: str) -> None:
+        if self.rank != 0:
+            raise StoreError(
+                f"store {self.path} was opened with rank={self.rank}, which only writes shards; "
+                f"rank 0 owns the manifest and must {what}."
+            )
+
+    def _journals(self) -> list[Path]:
+        """This store's journal files: rank 0's first, then the other ranks' by name."""
+        ranks = sorted(f for f in self.path.iterdir() if _RANK_JOURNAL.match(f.name))
+        return [self.path / JOURNAL, *ranks]
 
     def has_shard(self, kind: str, index: int, data_fingerprint: str | None = None) -> bool:
         """Whether shard ``index`` is complete (and, if given, was made from ``data_fingerprint``)."""
@@ -318,6 +374,7 @@ class Store:
     def write_array(self, name: str, tensor: torch.Tensor) -> None:
         """Atomically write the named array of fitted state (replacing any earlier version)."""
         _check_name(name, "array")
+        self._check_owner("write arrays")
         entry = self._write_file(f"array-{name}.npy", tensor)
         manifest = json.loads(json.dumps(self._manifest))
         manifest["arrays"][name] = entry
@@ -378,21 +435,25 @@ class Store:
         return manifest
 
     def _replay_journal(self) -> None:
-        journal = self.path / JOURNAL
-        if not journal.exists():
+        journals = [j for j in self._journals() if j.exists()]
+        if not journals:
             return
-        for raw in journal.read_bytes().split(b"\n"):
-            try:
-                record = json.loads(raw)
-                kind, index, entry = record["kind"], int(record["index"]), record["entry"]
-            except (ValueError, KeyError, TypeError):
-                continue  # empty or torn line: that shard is not complete and is recomputed
-            shards = self._manifest["shards"].setdefault(kind, {})
-            if entry is None:
-                shards.pop(str(index), None)
-            else:
-                shards[str(index)] = entry
-        self.compact()
+        for journal in journals:
+            for raw in journal.read_bytes().split(b"\n"):
+                try:
+                    record = json.loads(raw)
+                    kind, index, entry = record["kind"], int(record["index"]), record["entry"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # empty or torn line: that shard is not complete and is recomputed
+                shards = self._manifest["shards"].setdefault(kind, {})
+                if entry is None:
+                    shards.pop(str(index), None)
+                else:
+                    shards[str(index)] = entry
+        self.compact()  # removes rank 0's journal; the manifest now holds the others too
+        for journal in journals:
+            journal.unlink(missing_ok=True)
+        _fsync_dir(self.path)
 
     def _atomic_write(self, name: str, write: Callable[[IO[bytes]], object]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".part", dir=self.path)

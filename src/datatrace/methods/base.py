@@ -14,6 +14,11 @@ become group features: ``_features`` returns projected gradients of each group's
 objective (one row per group), added up over the batches of a group that spans several.
 Train features must therefore be linear in the example's gradient; a non-linear step (e.g.
 Grad-Cos's normalisation) belongs in ``_finish_train_features``, applied to whole units.
+
+Under ``torchrun`` (:mod:`datatrace.distributed`, docs/distributed.md) each rank featurizes a
+contiguous slice of the batches (global shard indices), the features are shared so every rank
+fits the same state, and each rank scores its slice of the shards; every rank returns the
+full result. Queries must be the same on every rank.
 """
 
 from __future__ import annotations
@@ -31,7 +36,15 @@ from typing import Any, ClassVar, Literal
 import torch
 from tqdm.auto import tqdm
 
-from datatrace.data import Batch, batch_size_of, iter_batches, num_examples
+from datatrace import distributed
+from datatrace.data import (
+    Batch,
+    batch_size_of,
+    iter_batch_range,
+    iter_batches,
+    num_batches,
+    num_examples,
+)
 from datatrace.ensemble import member_fingerprint, member_scope, member_states, resolve_members
 from datatrace.errors import ConfigError, DataError, NotFittedError
 from datatrace.gradients import (
@@ -42,7 +55,7 @@ from datatrace.gradients import (
 )
 from datatrace.group import Grouping, check_groups_spec, resolve_groups, take_examples
 from datatrace.projection import Projector, ProjectorKind, make_projector
-from datatrace.scores import Scores, TopK, streaming_topk
+from datatrace.scores import Scores, TopK
 from datatrace.store import Store, fingerprint_batch, fingerprint_tensors
 from datatrace.task import Checkpoint, Member, Task
 
@@ -240,8 +253,14 @@ class Attributor(ABC):
         self._train, self._n_train = train, n
         self._grouping = resolve_groups(self._groups_arg, train, self.task)
         self._n_units = n if self._grouping is None else self._grouping.n_groups
+        if distributed.is_distributed():
+            distributed.check_same(
+                (n, self._n_units, num_batches(train, self.config.batch_size), len(members)),
+                "the training sets (examples, units, batches, members)",
+                "pass the same training data, groups= and members= on every rank.",
+            )
         if self._store_path is not None:
-            self.store = Store(
+            self.store = distributed.open_store(
                 self._store_path,
                 config=self._store_config(),
                 fingerprints=self._fingerprints(members),
@@ -272,24 +291,30 @@ class Attributor(ABC):
         Units are training examples, or groups (``unit_ids`` = group ids) with ``groups=``.
         """
         ids, blocks = [], []
-        for unit_ids, block in self._score_blocks(queries):
+        for unit_ids, block in self._score_blocks(queries, local=True):
             ids.append(unit_ids)
             blocks.append(block)
-        return Scores(torch.cat(blocks, 1), torch.cat(ids), None, self.name, self.describe())
+        values, unit_ids = distributed.gather_score_blocks(blocks, ids)
+        return Scores(values.to(self.task.device), unit_ids, None, self.name, self.describe())
 
     def topk(self, queries: Any, k: int) -> TopK:
         """Top-``k`` proponents/opponents per query, streaming over train shards."""
-        return streaming_topk(self._score_blocks(queries), k)
+        return distributed.topk_blocks(self._score_blocks(queries, local=True), k)
 
     def self_attribute(self) -> torch.Tensor:
         """``(n_units,)`` self-influence of each training unit (mislabel detection)."""
         self._check_fitted()
-        total = torch.zeros(self._n_units, dtype=self.task.dtype, device=self.task.device)
-        for ctx in self._contexts:
+        total = torch.zeros(0, dtype=self.task.dtype, device=self.task.device)
+        for m, ctx in enumerate(self._contexts):
             with self._member_task(ctx.member):  # self-scores may apply curvature (influence)
-                for start, block in self._iter_train_features(ctx):
-                    total[start : start + block.shape[0]] += self._self_scores(ctx, block, start)
-        return total / len(self._contexts)
+                parts = [
+                    self._self_scores(ctx, block, start).to(total)
+                    for start, block in self._iter_train_features(ctx, local=True)
+                ]
+            part = torch.cat(parts) if parts else total
+            total = part if m == 0 else total + part
+        # this rank's units (a contiguous run, maybe empty), gathered in rank order
+        return distributed.all_gather_rows(total).to(self.task.device) / len(self._contexts)
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description of the method and its settings."""
@@ -340,23 +365,21 @@ class Attributor(ABC):
             self._featurize_train_groups(ctx, train, self._grouping)
             return
         kind = f"train-m{ctx.index}"
-        batches = iter_batches(train, self.config.batch_size)
+        # this rank's contiguous slice of the batches (all of them in one process); shard
+        # indices stay global, so the store's layout does not depend on the world size
+        lo, hi = distributed.local_range(num_batches(train, self.config.batch_size))
+        batches = iter_batch_range(train, self.config.batch_size, lo, hi)
         it = tqdm(
             batches,
             desc=f"{self.name}: train features (member {ctx.index})",
             disable=not self.config.progress,
+            total=hi - lo,
         )
-        start: int | None = 0  # None once a batch's size cannot be read (then no indices)
-        for b, batch in enumerate(it):
-            ctx.batch_indices = None
-            if start is not None:
-                try:
-                    size = batch_size_of(batch)
-                except DataError:
-                    start = None
-                else:
-                    ctx.batch_indices = torch.arange(start, start + size)
-                    start += size
+        for b, (offset, batch) in enumerate(it, start=lo):
+            try:
+                ctx.batch_indices = torch.arange(offset, offset + batch_size_of(batch))
+            except DataError:  # a batch whose size cannot be read: no indices
+                ctx.batch_indices = None
             if self.store is not None:
                 fp = fingerprint_batch(batch)
                 if self.store.has_shard(kind, b, fp):
@@ -365,6 +388,20 @@ class Attributor(ABC):
             else:
                 ctx.features.append(self._unit_train_features(ctx, batch))
         ctx.batch_indices = None
+        self._share_train_features(ctx)
+
+    def _share_train_features(self, ctx: MemberContext) -> None:
+        """Distributed: give every rank every shard, so all of them fit the same state.
+
+        With a store, rank 0 merges the ranks' journals and the others reload the manifest;
+        in memory, the blocks are all-gathered (every rank then holds all train features).
+        """
+        if not distributed.is_distributed():
+            return
+        if self.store is not None:
+            distributed.sync_store(self.store)
+        else:
+            ctx.features = distributed.all_gather_blocks(ctx.features)
 
     def _unit_train_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
         return self._finish_train_features(ctx, self._train_features(ctx, batch)).detach()
@@ -381,12 +418,13 @@ class Attributor(ABC):
         kind = f"train-m{ctx.index}"
         mean_size = -(-grouping.n_train // grouping.n_groups)
         chunks = list(grouping.chunks(self.config.batch_size * mean_size, self.config.batch_size))
+        first, last = distributed.local_range(len(chunks))  # this rank's chunks (global indices)
         it = tqdm(
-            chunks,
+            chunks[first:last],
             desc=f"{self.name}: group features (member {ctx.index})",
             disable=not self.config.progress,
         )
-        for c, (lo, hi, index_batches) in enumerate(it):
+        for c, (lo, hi, index_batches) in enumerate(it, start=first):
             batches = [take_examples(train, idx) for idx in index_batches]
             fp = ""
             if self.store is not None:
@@ -415,17 +453,28 @@ class Attributor(ABC):
                 self.store.write_shard(kind, c, feats, fp)
             else:
                 ctx.features.append(feats)
+        self._share_train_features(ctx)
 
-    def _iter_train_features(self, ctx: MemberContext) -> Iterator[tuple[int, torch.Tensor]]:
-        start = 0
-        if self.store is not None and not ctx.features:
-            for _, block in self.store.iter_shards(f"train-m{ctx.index}"):
-                yield start, block.to(self.task.device)
-                start += block.shape[0]
+    def _iter_train_features(
+        self, ctx: MemberContext, local: bool = False
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first unit, block)`` of the train features, in order.
+
+        With ``local=True`` under a distributed group, only this rank's contiguous slice of
+        the blocks (the shards it featurized), still with global unit offsets.
+        """
+        kind, store = f"train-m{ctx.index}", None if ctx.features else self.store
+        blocks: Iterator[torch.Tensor]
+        if store is not None:
+            count, blocks = len(store.shard_indices(kind)), (b for _, b in store.iter_shards(kind))
         else:
-            for block in ctx.features:
-                yield start, block
-                start += block.shape[0]
+            count, blocks = len(ctx.features), iter(ctx.features)
+        lo, hi = distributed.local_range(count) if local else (0, count)
+        start = 0
+        for i, block in enumerate(blocks):  # shards are memory-mapped: skipping reads nothing
+            if lo <= i < hi:
+                yield start, block.to(self.task.device)
+            start += block.shape[0]
 
     def _all_train_features(self, ctx: MemberContext) -> torch.Tensor:
         return torch.cat([b for _, b in self._iter_train_features(ctx)], 0)
@@ -433,6 +482,7 @@ class Attributor(ABC):
     def _transformed_queries(self, queries: Any) -> list[torch.Tensor]:
         self._check_fitted()
         self.task.check_eval_mode()
+        distributed.check_same_queries(queries, self.config.batch_size)
         out = []
         for ctx in self._contexts:
             with self._member_task(ctx.member):
@@ -443,9 +493,11 @@ class Attributor(ABC):
                 out.append(self._transform_queries(ctx, self._join_query_features(ctx, feats)))
         return out
 
-    def _score_blocks(self, queries: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _score_blocks(
+        self, queries: Any, local: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         qs = self._transformed_queries(queries)
-        iters = [self._iter_train_features(ctx) for ctx in self._contexts]
+        iters = [self._iter_train_features(ctx, local) for ctx in self._contexts]
         for parts in zip(*iters):
             start = parts[0][0]
             blocks = [

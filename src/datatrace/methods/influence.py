@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 import torch
 
+from datatrace import distributed
 from datatrace.curvature import FisherOperator, GGNOperator, HessianOperator, LinearOperator
 from datatrace.data import Batch, iter_batches
 from datatrace.errors import ConfigError
@@ -284,7 +285,7 @@ class InfluenceAttributor(Attributor):
             seed=cfg.seed + 7919 * ctx.index,  # member 0 samples as the plain method does
             fisher_samples=cfg.fisher_samples,
         )
-        if self.store is not None:
+        if self.store is not None and distributed.rank() == 0:  # rank 0 owns the arrays
             for name, t in curv.to_arrays().items():
                 self.store.write_array(prefix + name, t)
         return curv

@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import torch
 
+from datatrace import distributed
 from datatrace.data import Batch, iter_batches
 from datatrace.errors import ConfigError
 from datatrace.gradients.engine import PerSampleGrads
@@ -248,7 +249,7 @@ class LoGraAttributor(Attributor):
             projections=self._projections(ctx),
             fisher_samples=cfg.fisher_samples,
         )
-        if self.store is not None:
+        if self.store is not None and distributed.rank() == 0:  # rank 0 owns the arrays
             for j, lay in enumerate(layers):
                 for f in KFACCurvature.FIELDS:
                     self.store.write_array(prefix + f"L{j}-{f}", getattr(lay, f))

@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from datatrace import distributed
 from datatrace.data import Batch, iter_batches
 from datatrace.ensemble import DropoutMember
 from datatrace.errors import ConfigError, NumericalError
@@ -193,6 +194,8 @@ class TRAKAttributor(Attributor):
         if not self._uses_margin():
             return torch.ones(self._n_train, dtype=self.task.dtype, device=self.task.device)
         cfg = self.config
+        if distributed.is_distributed() and not cfg.q_dropout:
+            recorded = self._gather_q(recorded)
         if recorded is not None and bool(recorded[1].all()):
             return recorded[0]
         if cfg.q_dropout:
@@ -210,6 +213,24 @@ class TRAKAttributor(Attributor):
                     qs.append(self._q_pass(ctx))
             return torch.stack(qs).mean(0)
         return self._q_pass(ctx)
+
+    def _gather_q(
+        self, recorded: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distributed: each rank recorded ``1 - p`` of its own batches; join the parts.
+
+        The ranks' parts are disjoint, so their sum (zeros elsewhere) is exact.
+        """
+        if recorded is None:  # this rank featurized nothing (no batches, or all resumed)
+            recorded = (
+                torch.zeros(self._n_train, dtype=self.task.dtype, device=self.task.device),
+                torch.zeros(self._n_train, dtype=torch.bool),
+            )
+        q, seen = recorded
+        q, count = distributed.all_reduce_sum(
+            [torch.where(seen.to(q.device), q, torch.zeros_like(q)), seen.to(torch.float64)]
+        )
+        return q, count > 0
 
     def _q_pass(self, ctx: MemberContext) -> torch.Tensor:
         parts = []
