@@ -41,6 +41,7 @@ from torch.func import grad, jvp, vmap
 
 from datatrace.curvature import LinearOperator
 from datatrace.data import iter_batches, num_examples
+from datatrace.devices import working_dtype
 from datatrace.errors import ConfigError, DataError, ModelError, NumericalError
 from datatrace.gradients.factored import ParamLayout, factored_modules
 from datatrace.gradients.hooks import _layer_grad, _layer_input, _outer_sum
@@ -93,9 +94,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
     A float64 task computes in float64; any other (float32, half) in float32, as other EK-FAC
     implementations do: the per-batch products are where the flops are, and float32 halves
-    their cost. Running sums over batches, eigendecompositions and inverses stay in float64.
+    their cost. Running sums over batches, eigendecompositions and inverses stay in float64;
+    the fitted layers are kept in the task's working dtype
+    (:func:`datatrace.devices.working_dtype`, the same rule): never in half precision.
     """
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return working_dtype(dtype)
 
 
 MAX_EXACT_OUTPUTS = 4096  # fisher="exact": one backward pass per output dimension
@@ -575,7 +578,7 @@ def fit_kfac_layers(
         )
         for layer, lam in zip(layers, values):
             layer.eigenvalues = lam
-    dtype = task.dtype
+    dtype = task.working_dtype  # float32 for a half-precision model: eigenbases need it
     for layer in layers:
         for f in ("a_factor", "g_factor", "q_a", "q_g", "eigenvalues"):
             setattr(layer, f, getattr(layer, f).to(dtype))
@@ -608,7 +611,7 @@ def fit_kfac(
 
     Returns:
         The fitted :class:`KFACCurvature` (factors and eigendecompositions in float64, cast
-        back to the task's dtype).
+        back to the task's working dtype: float32 for a half-precision model).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double().eval()
@@ -697,7 +700,7 @@ class KFACCurvature(LinearOperator):
                 f"{self.layout.modules}; got {[layer.module for layer in self.layers]}."
             )
         self.dim = self.layout.dim
-        self.dtype = task.dtype
+        self.dtype = task.working_dtype
         self.device = task.device
         self.blocks = self.layout.blocks
 
@@ -760,7 +763,7 @@ class KFACCurvature(LinearOperator):
         mods = dict(task.model.named_modules())
         layers = []
         for j, (mname, (w, b)) in enumerate(factored_modules(task).items()):
-            vals = {f: arrays[f"L{j}-{f}"].to(task.device, task.dtype) for f in cls.FIELDS}
+            vals = {f: arrays[f"L{j}-{f}"].to(task.device, task.working_dtype) for f in cls.FIELDS}
             shape = tuple(mods[mname].weight.shape)
             layers.append(KFACLayer(mname, w, b, shape, **vals))
         return cls(task, layers, kind=kind, fisher=fisher)

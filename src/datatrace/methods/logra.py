@@ -231,7 +231,7 @@ class LoGraAttributor(Attributor):
                 ):
                     vals = {
                         f: self.store.read_array(prefix + f"L{j}-{f}", mmap=False).to(
-                            self.task.device, self.task.dtype
+                            self.task.device, self.task.working_dtype
                         )
                         for f in KFACCurvature.FIELDS
                     }
