@@ -421,8 +421,10 @@ def _project(captured: list[_Captured], projections: Projections) -> list[_Captu
         )
     out = []
     for c, (pa, pg) in zip(captured, projections):
-        a = c.a if pa is None else c.a @ pa.to(c.a.dtype)
-        gs = [g if pg is None else g @ pg.to(g.dtype) for g in c.gs]
+        # half-precision factors are projected in float32 (the projections' working dtype)
+        dtype = working_dtype(c.a.dtype)
+        a = c.a if pa is None else c.a.to(dtype) @ pa.to(dtype)
+        gs = [g if pg is None else g.to(dtype) @ pg.to(dtype) for g in c.gs]
         out.append(_Captured(a, gs, c.valid))
     return out
 
