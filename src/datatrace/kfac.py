@@ -252,13 +252,17 @@ def _sample_labels(
             f"the losses 'cross_entropy', 'mse' and 'lm'; the task's loss is {task.loss_name!r}. "
             "Use fisher='empirical' or fisher='exact'."
         )
+    # Draws come from the examples' CPU streams, so labels do not depend on the device: one
+    # transfer of the batch's outputs (in the working dtype: no half-precision softmax).
+    z_cpu, labels_cpu = z.to("cpu", working_dtype(z.dtype)), labels.to("cpu")
     # per example all its draws in a row: its stream, not the batch, fixes them
     per_example = [
-        [_draw(task, z[i], labels[i], g) for _ in range(samples)] for i, g in enumerate(gens)
+        [_draw(task, z_cpu[i], labels_cpu[i], g) for _ in range(samples)]
+        for i, g in enumerate(gens)
     ]
     out = []
     for j in range(samples):
-        drawn = torch.stack([draws[j] for draws in per_example])
+        drawn = torch.stack([draws[j] for draws in per_example]).to(z.device)
         if task.loss_name == "lm":  # position t predicts token t + 1
             full = labels.clone()
             full[:, 1:] = torch.where(
