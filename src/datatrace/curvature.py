@@ -28,6 +28,7 @@ from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from datatrace.data import iter_batches, num_examples
+from datatrace.devices import working_dtype
 from datatrace.errors import ConfigError, DataError
 from datatrace.gradients import compute_per_sample_grads
 from datatrace.task import Task, _SplitBatch
@@ -204,7 +205,10 @@ class _TaskOperator(LinearOperator):
         self._shapes = [tuple(p.shape) for p in self._params.values()]
         self.dim = sum(p.numel() for p in self._params.values())
         first = next(iter(self._params.values()))
-        self.dtype = first.dtype
+        # products run in the model's dtype; vectors and sums in the working dtype (float32
+        # for a half-precision model), which the solvers then iterate in
+        self._param_dtype = first.dtype
+        self.dtype = working_dtype(first.dtype)
         self.device = first.device
 
     def _unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -227,13 +231,14 @@ class _TaskOperator(LinearOperator):
             yield self.task.split_batch(batch)
 
     def _matmat(self, v: torch.Tensor) -> torch.Tensor:
-        tangents = self._unflatten(v)
+        tangents = self._unflatten(v.to(self._param_dtype))
         total = torch.zeros_like(v)
         # Forward-mode products need attention kernels that support them: PyTorch's fused
         # SDPA kernels (transformers' default attention) do not, its math kernel does.
         with sdpa_kernel([SDPBackend.MATH]):
             for split in self._batches():
-                total += self._flatten(self._batch_product(split, tangents), v.shape[1])
+                product = self._batch_product(split, tangents)
+                total += self._flatten(product, v.shape[1]).to(v.dtype)
         return total / self.n
 
     @abstractmethod

@@ -42,6 +42,7 @@ from torch.func import grad, jvp, vmap
 from datatrace import distributed
 from datatrace.curvature import LinearOperator
 from datatrace.data import iter_batch_range, num_batches, num_examples
+from datatrace.devices import working_dtype
 from datatrace.errors import ConfigError, DataError, ModelError, NumericalError
 from datatrace.gradients.factored import ParamLayout, factored_modules
 from datatrace.gradients.hooks import _layer_grad, _layer_input, _outer_sum
@@ -94,9 +95,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
     A float64 task computes in float64; any other (float32, half) in float32, as other EK-FAC
     implementations do: the per-batch products are where the flops are, and float32 halves
-    their cost. Running sums over batches, eigendecompositions and inverses stay in float64.
+    their cost. Running sums over batches, eigendecompositions and inverses stay in float64;
+    the fitted layers are kept in the task's working dtype
+    (:func:`datatrace.devices.working_dtype`, the same rule): never in half precision.
     """
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return working_dtype(dtype)
 
 
 MAX_EXACT_OUTPUTS = 4096  # fisher="exact": one backward pass per output dimension
@@ -250,13 +253,17 @@ def _sample_labels(
             f"the losses 'cross_entropy', 'mse' and 'lm'; the task's loss is {task.loss_name!r}. "
             "Use fisher='empirical' or fisher='exact'."
         )
+    # Draws come from the examples' CPU streams, so labels do not depend on the device: one
+    # transfer of the batch's outputs (in the working dtype: no half-precision softmax).
+    z_cpu, labels_cpu = z.to("cpu", working_dtype(z.dtype)), labels.to("cpu")
     # per example all its draws in a row: its stream, not the batch, fixes them
     per_example = [
-        [_draw(task, z[i], labels[i], g) for _ in range(samples)] for i, g in enumerate(gens)
+        [_draw(task, z_cpu[i], labels_cpu[i], g) for _ in range(samples)]
+        for i, g in enumerate(gens)
     ]
     out = []
     for j in range(samples):
-        drawn = torch.stack([draws[j] for draws in per_example])
+        drawn = torch.stack([draws[j] for draws in per_example]).to(z.device)
         if task.loss_name == "lm":  # position t predicts token t + 1
             full = labels.clone()
             full[:, 1:] = torch.where(
@@ -428,8 +435,10 @@ def _project(captured: list[_Captured], projections: Projections) -> list[_Captu
     _check_projections(projections, len(captured))
     out = []
     for c, (pa, pg) in zip(captured, projections):
-        a = c.a if pa is None else c.a @ pa.to(c.a.dtype)
-        gs = [g if pg is None else g @ pg.to(g.dtype) for g in c.gs]
+        # half-precision factors are projected in float32 (the projections' working dtype)
+        dtype = working_dtype(c.a.dtype)
+        a = c.a if pa is None else c.a.to(dtype) @ pa.to(dtype)
+        gs = [g if pg is None else g.to(dtype) @ pg.to(dtype) for g in c.gs]
         out.append(_Captured(a, gs, c.valid))
     return out
 
@@ -598,7 +607,7 @@ def fit_kfac_layers(
         )
         for layer, lam in zip(layers, values):
             layer.eigenvalues = lam
-    dtype = task.dtype
+    dtype = task.working_dtype  # float32 for a half-precision model: eigenbases need it
     for layer in layers:
         for f in ("a_factor", "g_factor", "q_a", "q_g", "eigenvalues"):
             setattr(layer, f, getattr(layer, f).to(dtype))
@@ -631,7 +640,7 @@ def fit_kfac(
 
     Returns:
         The fitted :class:`KFACCurvature` (factors and eigendecompositions in float64, cast
-        back to the task's dtype).
+        back to the task's working dtype: float32 for a half-precision model).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double().eval()
@@ -720,7 +729,7 @@ class KFACCurvature(LinearOperator):
                 f"{self.layout.modules}; got {[layer.module for layer in self.layers]}."
             )
         self.dim = self.layout.dim
-        self.dtype = task.dtype
+        self.dtype = task.working_dtype
         self.device = task.device
         self.blocks = self.layout.blocks
 
@@ -783,7 +792,7 @@ class KFACCurvature(LinearOperator):
         mods = dict(task.model.named_modules())
         layers = []
         for j, (mname, (w, b)) in enumerate(factored_modules(task).items()):
-            vals = {f: arrays[f"L{j}-{f}"].to(task.device, task.dtype) for f in cls.FIELDS}
+            vals = {f: arrays[f"L{j}-{f}"].to(task.device, task.working_dtype) for f in cls.FIELDS}
             shape = tuple(mods[mname].weight.shape)
             layers.append(KFACLayer(mname, w, b, shape, **vals))
         return cls(task, layers, kind=kind, fisher=fisher)

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import torch
 
+from datatrace.devices import working_dtype
 from datatrace.errors import ConfigError, DataError, NotFittedError
 from datatrace.gradients.engine import PerSampleGrads
 from datatrace.gradients.hooks import LayerFactors
@@ -72,7 +73,8 @@ def _check_int(name: str, value: object, low: int) -> int:
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    # projections accumulate in the working dtype: never in half precision
+    return working_dtype(dtype)
 
 
 def _randn(gen: torch.Generator, rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:

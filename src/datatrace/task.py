@@ -12,7 +12,8 @@ that a positive score always means "training on this unit improves the query".
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from datatrace.data import Batch
+from datatrace.devices import move_to_device, resolve_device, working_dtype
 from datatrace.errors import ConfigError, DataError, ModelError
 
 __all__ = [
@@ -243,6 +245,16 @@ class Task:
             ``params=`` to track it.
         batch_to_inputs: ``batch -> (args, kwargs)`` for the model call, if the default (tuple:
             all but the last entry; dict: every key except ``labels``) does not fit.
+        device: where attribution runs: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a
+            ``torch.device``. The model is moved there **in place** (``model.to(device)``;
+            no copy is made). Default: wherever the model's parameters already are.
+
+    The model's dtype is the task's (:attr:`dtype`): float64, float32, bfloat16 and float16
+    weights are accepted. Gradients and features are computed in it; curvature, kernels,
+    solves and scores in :attr:`working_dtype` (float32 for half-precision models). Inputs
+    must already be in the model's dtype; attributors move batches to the model's device
+    themselves, while the low-level functions (``compute_per_sample_grads``, ``fit_kfac``,
+    curvature operators) refuse a batch on another device.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 3)).eval()
@@ -261,10 +273,13 @@ class Task:
         params: Sequence[str] | None = None,
         module_types: Sequence[type[nn.Module]] | Literal["layers"] | None = None,
         batch_to_inputs: Callable[[Batch], tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"Task needs an nn.Module; got {type(model).__name__}.")
+        target_device = resolve_device(device)
         self.model = model
+        self._moves_batches = False
         if isinstance(loss, str):
             if loss not in _LOSSES:
                 raise ConfigError(
@@ -290,6 +305,9 @@ class Task:
             )
         self.batch_to_inputs = batch_to_inputs
         self._tracked = self._select_params(params, module_types)
+        self._check_weights()
+        if target_device is not None:
+            self.to(target_device)
         self.checkpoints = [
             c if isinstance(c, Checkpoint) else Checkpoint(c) for c in (checkpoints or [])
         ]
@@ -404,13 +422,60 @@ class Task:
     def num_tracked(self) -> int:
         return sum(p.numel() for p in self.tracked_params().values())
 
+    def _check_weights(self) -> None:
+        params = self.tracked_params().values()
+        on_meta = sum(p.is_meta for p in params)
+        if on_meta:
+            raise ModelError(
+                f"{on_meta} tracked parameter(s) are on the meta device, which holds no values; "
+                "materialise the model first (model.to_empty(device=...) then "
+                "model.load_state_dict(...))."
+            )
+
     @property
     def dtype(self) -> torch.dtype:
+        """The model's dtype (of its tracked parameters): gradients and features use it."""
         return next(iter(self.tracked_params().values())).dtype
 
     @property
+    def working_dtype(self) -> torch.dtype:
+        """The dtype of curvature, kernels, solves and scores: float64 for a float64 model,
+        float32 otherwise (see :func:`datatrace.devices.working_dtype`)."""
+        return working_dtype(self.dtype)
+
+    @property
     def device(self) -> torch.device:
+        """The device of the model's tracked parameters, where attribution runs."""
         return next(iter(self.tracked_params().values())).device
+
+    def to(self, device: str | torch.device) -> Task:
+        """Move the model to ``device`` **in place** (``model.to``) and return the task.
+
+        Raises:
+            ConfigError: an invalid or unavailable device (see
+                :func:`datatrace.devices.resolve_device`).
+        """
+        target = resolve_device(device)
+        if target is None:
+            raise ConfigError("Task.to needs a device such as 'cpu' or 'cuda'; got None.")
+        if self.device != target:
+            self.model.to(target)
+        return self
+
+    @contextmanager
+    def moving_batches(self) -> Iterator[None]:
+        """Inside: :meth:`split_batch` moves batch tensors to the model's device.
+
+        The shared attribution loop runs under it, so users may pass CPU data to a GPU model;
+        outside it the low-level functions refuse a batch on another device
+        (:meth:`check_batch`).
+        """
+        before = self._moves_batches
+        self._moves_batches = True
+        try:
+            yield
+        finally:
+            self._moves_batches = before
 
     # -- states -------------------------------------------------------------------------------
     def check_eval_mode(self) -> None:
@@ -449,6 +514,20 @@ class Task:
 
     # -- batches ------------------------------------------------------------------------------
     def split_batch(self, batch: Batch) -> _SplitBatch:
+        """Model inputs, labels and attention mask of ``batch`` (on the model's device inside
+        :meth:`moving_batches`)."""
+        split = self._split(batch)
+        if not self._moves_batches:
+            return split
+        device = self.device
+        return _SplitBatch(
+            move_to_device(split.args, device),
+            move_to_device(split.kwargs, device),
+            move_to_device(split.labels, device),
+            move_to_device(split.mask, device),
+        )
+
+    def _split(self, batch: Batch) -> _SplitBatch:
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         if self.batch_to_inputs is not None:
             args, kwargs = self.batch_to_inputs(batch)
@@ -480,17 +559,27 @@ class Task:
         )
 
     def check_batch(self, batch: Batch) -> None:
-        """Refuse inputs whose dtype or device cannot meet the model's."""
-        split = self.split_batch(batch)
+        """Refuse inputs whose dtype or device cannot meet the model's.
+
+        Inside :meth:`moving_batches` (the attributors) the device is not checked: batches
+        are moved.
+        """
+        split = self._split(batch)
         leaves = list(split.args) + list(split.kwargs.values())
+        if split.labels is not None:
+            leaves.append(split.labels)
+        device = self.device
         for t in leaves:
             if not isinstance(t, torch.Tensor):
                 continue
-            if t.device != self.device:
+            if t.device != device and not self._moves_batches:
                 raise DataError(
-                    f"an input tensor is on {t.device} but the model is on {self.device}; move the "
-                    "data or the model so they match."
+                    f"an input tensor is on {t.device} but the model is on {device}; move the "
+                    f"batch to the model (e.g. x.to({str(device)!r}) for each tensor), or use an "
+                    "attributor, which moves batches to the model's device itself."
                 )
+            if t is split.labels:
+                continue
             if t.is_floating_point() and t.dtype != self.dtype:
                 raise DataError(
                     f"an input tensor has dtype {t.dtype} but the model's parameters are "

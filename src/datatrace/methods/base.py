@@ -19,6 +19,14 @@ Under ``torchrun`` (:mod:`datatrace.distributed`, docs/distributed.md) each rank
 contiguous slice of the batches (global shard indices), the features are shared so every rank
 fits the same state, and each rank scores its slice of the shards; every rank returns the
 full result. Queries must be the same on every rank.
+
+Devices and dtypes (DESIGN.md §6, :mod:`datatrace.devices`): the loop runs on the task's
+model's device (``device=`` moves the model there, in place, when ``fit`` starts) and moves
+every batch to it. Features are computed in the model's dtype and kept (in memory and in the
+store) in ``feature_dtype`` (default: the model's dtype); they are upcast to the task's
+working dtype (float32 for half-precision models) before any curvature, kernel or score, so
+methods never see half-precision features. Scores are returned on the model's device in the
+working dtype.
 """
 
 from __future__ import annotations
@@ -45,8 +53,9 @@ from datatrace.data import (
     num_batches,
     num_examples,
 )
+from datatrace.devices import FEATURE_DTYPES, check_feature_dtype, resolve_device
 from datatrace.ensemble import member_fingerprint, member_scope, member_states, resolve_members
-from datatrace.errors import ConfigError, DataError, NotFittedError
+from datatrace.errors import ConfigError, DataError, ModelError, NotFittedError, NumericalError
 from datatrace.gradients import (
     PerSampleGrads,
     compute_group_grads,
@@ -75,6 +84,11 @@ class MethodConfig:
         proj_dim: projected dimension (for ``"factored"``: features per layer, a perfect square).
         seed: seed of the projections (combined with the member index).
         progress: show progress bars.
+        feature_dtype: dtype in which train features are kept, in memory and in store
+            shards: ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"float64"`` (a
+            ``torch.dtype`` is accepted and stored by name) or None (default: the model's
+            dtype). Features are upcast to the working dtype when scored; a half type halves
+            their memory and bytes stored (docs/devices.md gives its LDS change).
     """
 
     batch_size: int = 64
@@ -83,6 +97,7 @@ class MethodConfig:
     proj_dim: int = 1024
     seed: int = 0
     progress: bool = False
+    feature_dtype: Literal["float16", "bfloat16", "float32", "float64"] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -98,9 +113,16 @@ class MethodConfig:
             )
         if not isinstance(self.proj_dim, int) or self.proj_dim < 1:
             raise ConfigError(f"proj_dim must be an integer >= 1; got {self.proj_dim!r}.")
+        # frozen: store the normalised name (a torch.dtype is not JSON)
+        object.__setattr__(self, "feature_dtype", check_feature_dtype(self.feature_dtype))
 
     def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """JSON-able settings; ``type(self)(**to_json())`` rebuilds an equal config."""
+        out = json.loads(json.dumps(dataclasses.asdict(self)))
+        if out["feature_dtype"] is None:
+            # left out at its default, so stores written before the setting existed still match
+            del out["feature_dtype"]
+        return out
 
 
 @dataclass
@@ -130,6 +152,27 @@ class Attributor(ABC):
 
     Subclasses set ``method_id`` and ``Config`` and implement :meth:`_fit_member`. A method
     that cannot attribute to groups sets ``supports_groups = False``.
+
+    Args:
+        task: the :class:`~datatrace.task.Task`.
+        members: ensemble members (DESIGN.md §4); default: the task's model.
+        store: a store directory for features and fitted state (resumable).
+        groups: attribute to groups of training examples (:mod:`datatrace.group`).
+        device: where to run: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a
+            ``torch.device`` (checked here). ``fit`` moves the task's model there **in
+            place**, and later calls move it back if it was moved elsewhere. Default: the
+            model's device at ``fit``; the fitted state stays there, and moving the model
+            afterwards is refused. Not a method setting: it never enters a store's config,
+            so a store written on a GPU is reused on the CPU and vice versa.
+        **settings: the method's :attr:`Config` fields (e.g. ``feature_dtype``).
+
+    Example:
+        >>> from datatrace import GradDotAttributor, Task
+        >>> model = torch.nn.Linear(4, 3).eval()
+        >>> train = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+        >>> attr = GradDotAttributor(Task(model), device="cpu", feature_dtype="bfloat16")
+        >>> attr.fit(train).attribute(train).values.dtype
+        torch.float32
     """
 
     method_id: ClassVar[str] = ""
@@ -143,6 +186,7 @@ class Attributor(ABC):
         members: Sequence[Any] | None = None,
         store: str | Path | None = None,
         groups: Any = None,
+        device: str | torch.device | None = None,
         **settings: Any,
     ) -> None:
         if not isinstance(task, Task):
@@ -157,6 +201,8 @@ class Attributor(ABC):
             )
         self.task = task
         self.name = self.method_id  # the registry id it was built under (make_attributor sets it)
+        self._device_arg = resolve_device(device)  # moves the model in fit, not here
+        self._device: torch.device | None = None  # where the fitted state lives
         self.config = self.Config(**settings)
         if self.config.projector != "none":  # validate projector settings now, not in fit()
             make_projector(self.config.projector, self.config.proj_dim, seed=self.config.seed)
@@ -244,7 +290,19 @@ class Attributor(ABC):
 
     # ------------------------------------------------------------------ public API
     def fit(self, train: Any) -> Attributor:
-        """Featurize ``train`` for every member and do the per-train-set work once."""
+        """Featurize ``train`` for every member and do the per-train-set work once.
+
+        With ``device=`` the task's model is first moved there in place. ``train`` may live
+        on any device: batches are moved to the model's.
+        """
+        if self._device_arg is not None:
+            self.task.to(self._device_arg)
+        self._device = self.task.device
+        with self.task.moving_batches():
+            self._fit(train)
+        return self
+
+    def _fit(self, train: Any) -> None:
         self.task.check_eval_mode()
         n = num_examples(train)
         if n == 0:
@@ -283,36 +341,42 @@ class Attributor(ABC):
                 self._featurize_train(ctx, train)
                 self._fit_member(ctx)
             self._contexts.append(ctx)
-        return self
 
     def attribute(self, queries: Any) -> Scores:
         """Scores ``(n_query, n_units)``; positive = training on the unit improves the query.
 
         Units are training examples, or groups (``unit_ids`` = group ids) with ``groups=``.
+        ``values`` are on the model's device, in the task's working dtype (the model's dtype,
+        float32 for a half-precision model); ``unit_ids`` and ``query_ids`` are on the CPU.
         """
         ids, blocks = [], []
-        for unit_ids, block in self._score_blocks(queries, local=True):
-            ids.append(unit_ids)
-            blocks.append(block)
+        with self._fitted_device():
+            for unit_ids, block in self._score_blocks(queries, local=True):
+                ids.append(unit_ids)
+                blocks.append(block)
         values, unit_ids = distributed.gather_score_blocks(blocks, ids)
         return Scores(values.to(self.task.device), unit_ids, None, self.name, self.describe())
 
     def topk(self, queries: Any, k: int) -> TopK:
         """Top-``k`` proponents/opponents per query, streaming over train shards."""
-        return distributed.topk_blocks(self._score_blocks(queries, local=True), k)
+        with self._fitted_device():
+            return distributed.topk_blocks(self._score_blocks(queries, local=True), k)
 
     def self_attribute(self) -> torch.Tensor:
-        """``(n_units,)`` self-influence of each training unit (mislabel detection)."""
+        """``(n_units,)`` self-influence of each training unit (mislabel detection), on the
+        model's device in the working dtype."""
         self._check_fitted()
-        total = torch.zeros(0, dtype=self.task.dtype, device=self.task.device)
-        for m, ctx in enumerate(self._contexts):
-            with self._member_task(ctx.member):  # self-scores may apply curvature (influence)
-                parts = [
-                    self._self_scores(ctx, block, start).to(total)
-                    for start, block in self._iter_train_features(ctx, local=True)
-                ]
-            part = torch.cat(parts) if parts else total
-            total = part if m == 0 else total + part
+        with self._fitted_device():
+            task = self.task
+            total = torch.zeros(0, dtype=task.working_dtype, device=task.device)
+            for m, ctx in enumerate(self._contexts):
+                with self._member_task(ctx.member):  # self-scores may apply curvature (influence)
+                    parts = [
+                        self._self_scores(ctx, block, start).to(total)
+                        for start, block in self._iter_train_features(ctx, local=True)
+                    ]
+                part = torch.cat(parts) if parts else total
+                total = part if m == 0 else total + part
         # this rank's units (a contiguous run, maybe empty), gathered in rank order
         return distributed.all_gather_rows(total).to(self.task.device) / len(self._contexts)
 
@@ -327,11 +391,38 @@ class Attributor(ABC):
 
     # ------------------------------------------------------------------ loop internals
     def _check_fitted(self) -> None:
-        if not self._contexts:
+        if not self._contexts or self._device is None:
             raise NotFittedError(
                 f"{type(self).__name__}.attribute/self_attribute was called before fit(); call "
                 "attributor.fit(train) first."
             )
+
+    @contextmanager
+    def _fitted_device(self) -> Iterator[None]:
+        """Inside: the model is on the device the fitted state lives on, batches move to it.
+
+        With ``device=`` a model moved elsewhere since ``fit`` is moved back (in place);
+        without it, that is refused: features and curvature cannot follow it silently.
+        """
+        self._check_fitted()
+        assert self._device is not None
+        if self.task.device != self._device:
+            if self._device_arg is None:
+                raise ModelError(
+                    f"the model is on {self.task.device} but {type(self).__name__} was fitted on "
+                    f"{self._device}, where its features and curvature live; move the model back "
+                    f"(model.to({str(self._device)!r})), fit again, or pass device= to the "
+                    "attributor to have it moved."
+                )
+            self.task.to(self._device)
+        with self.task.moving_batches():
+            yield
+
+    @property
+    def feature_dtype(self) -> torch.dtype:
+        """The dtype train features are kept in (``feature_dtype``, else the model's)."""
+        name = self.config.feature_dtype
+        return self.task.dtype if name is None else FEATURE_DTYPES[name]
 
     def _store_config(self) -> dict[str, Any]:
         out = {
@@ -404,7 +495,20 @@ class Attributor(ABC):
             ctx.features = distributed.all_gather_blocks(ctx.features)
 
     def _unit_train_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
-        return self._finish_train_features(ctx, self._train_features(ctx, batch)).detach()
+        feats = self._finish_train_features(ctx, self._train_features(ctx, batch)).detach()
+        return self._to_feature_dtype(feats)
+
+    def _to_feature_dtype(self, feats: torch.Tensor) -> torch.Tensor:
+        """``feats`` in the storage dtype; refuses float16 overflow rather than storing inf."""
+        out = feats.to(self.feature_dtype)
+        narrowed = out.dtype == torch.float16 and feats.dtype != torch.float16
+        if narrowed and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(feats).all()):
+            raise NumericalError(
+                f"train features reach {float(feats.abs().max()):.3g}, beyond float16's range "
+                "(65504), so feature_dtype='float16' would store inf; use "
+                "feature_dtype='bfloat16' (float32's range) or None."
+            )
+        return out
 
     def _featurize_train_groups(self, ctx: MemberContext, train: Any, grouping: Grouping) -> None:
         """Group features, one chunk of whole groups (one shard) at a time.
@@ -441,14 +545,15 @@ class Attributor(ABC):
                     present, local = torch.unique(grouping.labels[idx], return_inverse=True)
                     ctx.unit_members = group_members(local, int(present.numel()))
                     ctx.batch_indices = idx
-                    part = self._train_features(ctx, batch).detach()
+                    # a group's partial sums in the working dtype, not in half precision
+                    part = self._train_features(ctx, batch).detach().to(self.task.working_dtype)
                     if feats is None:
                         feats = part.new_zeros(hi - lo, part.shape[1])
                     feats.index_add_(0, (present - lo).to(part.device), part)
             finally:
                 ctx.unit_members = ctx.batch_indices = None
             assert feats is not None
-            feats = self._finish_train_features(ctx, feats).detach()
+            feats = self._to_feature_dtype(self._finish_train_features(ctx, feats).detach())
             if self.store is not None:
                 self.store.write_shard(kind, c, feats, fp)
             else:
@@ -458,12 +563,14 @@ class Attributor(ABC):
     def _iter_train_features(
         self, ctx: MemberContext, local: bool = False
     ) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(first unit, block)`` of the train features, in order.
+        """``(first unit, block)`` of the train features, in order, on the model's device and
+        upcast to the working dtype.
 
         With ``local=True`` under a distributed group, only this rank's contiguous slice of
         the blocks (the shards it featurized), still with global unit offsets.
         """
         kind, store = f"train-m{ctx.index}", None if ctx.features else self.store
+        device, dtype = self.task.device, self.task.working_dtype
         blocks: Iterator[torch.Tensor]
         if store is not None:
             count, blocks = len(store.shard_indices(kind)), (b for _, b in store.iter_shards(kind))
@@ -473,7 +580,7 @@ class Attributor(ABC):
         start = 0
         for i, block in enumerate(blocks):  # shards are memory-mapped: skipping reads nothing
             if lo <= i < hi:
-                yield start, block.to(self.task.device)
+                yield start, block.to(device=device, dtype=dtype)
             start += block.shape[0]
 
     def _all_train_features(self, ctx: MemberContext) -> torch.Tensor:
@@ -484,13 +591,16 @@ class Attributor(ABC):
         self.task.check_eval_mode()
         distributed.check_same_queries(queries, self.config.batch_size)
         out = []
-        for ctx in self._contexts:
-            with self._member_task(ctx.member):
-                feats = [
-                    self._query_features(ctx, b).detach()
-                    for b in iter_batches(queries, self.config.batch_size)
-                ]
-                out.append(self._transform_queries(ctx, self._join_query_features(ctx, feats)))
+        with self._fitted_device():
+            dtype = self.task.working_dtype
+            for ctx in self._contexts:
+                with self._member_task(ctx.member):
+                    feats = [
+                        self._query_features(ctx, b).detach().to(dtype)
+                        for b in iter_batches(queries, self.config.batch_size)
+                    ]
+                    joined = self._join_query_features(ctx, feats)
+                    out.append(self._transform_queries(ctx, joined))
         return out
 
     def _score_blocks(

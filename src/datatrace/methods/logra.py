@@ -164,8 +164,14 @@ class LoGraAttributor(Attributor):
             )
             out = []
             for slot in self._layout.slots:
+                # in the working dtype, as every projector: a half-precision model gets the
+                # float32 model's matrices (randn in bf16 draws other numbers), not rounded ones
                 p_a, p_g = proj.layer_matrices(
-                    slot.module, slot.in_width, slot.out_features, self.task.dtype, self.task.device
+                    slot.module,
+                    slot.in_width,
+                    slot.out_features,
+                    self.task.working_dtype,
+                    self.task.device,
                 )
                 out.append((p_a if cfg.proj_dim_in else None, p_g if cfg.proj_dim_out else None))
             ctx.fitted["projections"] = out
@@ -180,14 +186,15 @@ class LoGraAttributor(Attributor):
         ]
 
     def _project(self, ctx: MemberContext, psg: PerSampleGrads) -> torch.Tensor:
-        """Flattened ``P_gᵀ D P_a`` per layer, from the factors (or dense gradients)."""
+        """Flattened ``P_gᵀ D P_a`` per layer, from the factors (or dense gradients), in the
+        working dtype."""
         by_module = {f.module: f for f in psg.factors}
-        b, parts = psg.batch_size, []
+        b, parts, dtype = psg.batch_size, [], self.task.working_dtype
         for slot, (p_a, p_g) in zip(self._layout.slots, self._projections(ctx)):
             f = by_module.get(slot.module)
             if f is not None:
-                a = f.a if p_a is None else f.a @ p_a
-                g = f.g if p_g is None else f.g @ p_g
+                a = f.a.to(dtype) if p_a is None else f.a.to(dtype) @ p_a
+                g = f.g.to(dtype) if p_g is None else f.g.to(dtype) @ p_g
                 mat = _outer_sum(g, a)
             else:  # computed densely (functional engine): project the gradient matrix
                 cols = []
@@ -195,7 +202,7 @@ class LoGraAttributor(Attributor):
                     cols.append(psg.dense[slot.weight].reshape(b, slot.out_features, -1))
                 if slot.bias is not None:
                     cols.append(psg.dense[slot.bias].reshape(b, slot.out_features, 1))
-                mat = torch.cat(cols, 2)
+                mat = torch.cat(cols, 2).to(dtype)
                 mat = mat if p_a is None else mat @ p_a
                 mat = mat if p_g is None else p_g.T @ mat
             parts.append(mat.reshape(b, -1))
@@ -232,7 +239,7 @@ class LoGraAttributor(Attributor):
                 ):
                     vals = {
                         f: self.store.read_array(prefix + f"L{j}-{f}", mmap=False).to(
-                            self.task.device, self.task.dtype
+                            self.task.device, self.task.working_dtype
                         )
                         for f in KFACCurvature.FIELDS
                     }

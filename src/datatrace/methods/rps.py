@@ -151,6 +151,8 @@ class RepresenterAttributor(Attributor):
                 f"vocab) with loss='lm'; got outputs of shape {tuple(out.shape)} with loss "
                 f"{self.task.loss_name!r}."
             )
+        # the refit (L-BFGS, Newton) and its scores run in the working dtype, not in half
+        f = f.to(self.task.working_dtype)
         return torch.cat([f, f.new_ones(*f.shape[:2], 1)], 2), split
 
     def _selectors(self, split: _SplitBatch, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -192,7 +194,7 @@ class RepresenterAttributor(Attributor):
         w0 = ctx.state[self.task.canonical_name(f"{prefix}weight")]  # a tied LM head too
         bias = self.task.canonical_name(f"{prefix}bias")
         b0 = ctx.state[bias] if bias in ctx.state else w0.new_zeros(w0.shape[0])
-        w = torch.cat([w0, b0.view(-1, 1)], 1).detach().clone().requires_grad_(True)
+        w = torch.cat([w0, b0.view(-1, 1)], 1).detach().to(feats.dtype).requires_grad_(True)
         lam, n = float(self.config.damping), feats.shape[0]
         sizes = [s.labels.shape[0] for s in splits if s.labels is not None]
 
@@ -252,7 +254,7 @@ class RepresenterAttributor(Attributor):
         units = torch.einsum("ntc,ntd->ncd", alpha, feats).reshape(feats.shape[0], -1)
         if self._grouping is not None:  # the decomposition is additive: a group's share is a sum
             units = self._grouping.sum_rows(units)
-        ctx.features = [units]
+        ctx.features = [self._to_feature_dtype(units)]
 
     def _fit_member(self, ctx: MemberContext) -> None:
         return None
@@ -281,6 +283,7 @@ class RepresenterAttributor(Attributor):
         """
         self._check_fitted()
         ctx = self._contexts[0]
-        f, _ = self._collect(ctx, queries)
+        with self._fitted_device():
+            f, _ = self._collect(ctx, queries)
         out = f @ ctx.fitted["weight"].T
         return out.squeeze(1) if self.task.loss_name != "lm" else out

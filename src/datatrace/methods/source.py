@@ -187,7 +187,7 @@ def _dense_spectrum(
         m = op_cls(task, data, state=state, batch_size=batch_size).to_dense().to(torch.float64)
         total = w * m if total is None else total + w * m
     assert total is not None
-    return _DenseSpectrum(total, task.dtype)
+    return _DenseSpectrum(total, task.working_dtype)
 
 
 def _kfac_spectrum(
@@ -249,7 +249,7 @@ def _kfac_spectrum(
             layer.eigenvalues = acc
     for layer in layers:
         for name in ("a_factor", "g_factor", "q_a", "q_g", "eigenvalues"):
-            setattr(layer, name, getattr(layer, name).to(task.dtype))
+            setattr(layer, name, getattr(layer, name).to(task.working_dtype))
     return _KFACSpectrum(KFACCurvature(task, layers, kind=kind, fisher=fisher))
 
 
@@ -528,7 +528,7 @@ class SourceAttributor(Attributor):
                     cfg.batch_size,
                     cfg.seed,
                 )
-            mask = torch.ones(self._n_train, dtype=self.task.dtype, device=self.task.device)
+            mask = torch.ones(self._n_train, dtype=self.task.working_dtype, device=self.task.device)
             if seg.indices is not None:
                 mask = torch.zeros_like(mask)
                 mask[list(seg.indices)] = 1.0

@@ -181,18 +181,19 @@ class TRAKAttributor(Attributor):
         if neg_margin is None or idx is None or neg_margin.shape[0] != idx.shape[0]:
             return
         if "q_seen" not in ctx.fitted:
+            dtype = self.task.working_dtype  # 1 - p near 0 or 1 needs more than half precision
             ctx.fitted["q_seen"] = (
-                torch.empty(self._n_train, dtype=neg_margin.dtype, device=neg_margin.device),
+                torch.empty(self._n_train, dtype=dtype, device=neg_margin.device),
                 torch.zeros(self._n_train, dtype=torch.bool),
             )
         q, seen = ctx.fitted["q_seen"]
-        q[idx.to(q.device)] = torch.sigmoid(neg_margin.detach())
+        q[idx.to(q.device)] = torch.sigmoid(neg_margin.detach().to(q.dtype))
         seen[idx] = True
 
     def _q_weights(self, ctx: MemberContext) -> torch.Tensor:
         recorded = ctx.fitted.pop("q_seen", None)
         if not self._uses_margin():
-            return torch.ones(self._n_train, dtype=self.task.dtype, device=self.task.device)
+            return torch.ones(self._n_train, dtype=self.task.working_dtype, device=self.task.device)
         cfg = self.config
         if distributed.is_distributed() and not cfg.q_dropout:
             recorded = self._gather_q(recorded)
@@ -238,7 +239,8 @@ class TRAKAttributor(Attributor):
             for batch in iter_batches(self._train, self.config.batch_size):
                 split = self.task.split_batch(batch)
                 assert split.labels is not None
-                m = margin(self.task.outputs(ctx.state, split), split.labels)
+                logits = self.task.outputs(ctx.state, split).to(self.task.working_dtype)
+                m = margin(logits, split.labels)
                 parts.append(torch.sigmoid(-m))  # 1 - p_y, since p_y = sigmoid(margin)
         return torch.cat(parts)
 
