@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -149,3 +150,13 @@ def move_to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, list):
         return [move_to_device(v, device) for v in obj]
     return obj
+
+
+def memory_of(device: torch.device) -> int:
+    """Bytes of memory of ``device``: total GPU memory, or the machine's physical memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: no limit known
+        return 1 << 62

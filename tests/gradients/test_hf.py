@@ -119,3 +119,18 @@ def test_llama_module_types_linear_selects_projections():
     assert set(hookable_modules(task)) == {
         n for n, m in model.named_modules() if isinstance(m, nn.Linear)
     }
+
+
+def test_dense_gradients_that_cannot_fit_are_refused_with_the_fix(monkeypatch):
+    import datatrace.gradients.engine as engine
+
+    model = gpt2()
+    batch = lm_batch()
+    # every parameter: the tied embedding alone is 23 x 16 float64 per example
+    need = 5 * sum(p.numel() * 8 for n, p in model.named_parameters() if "h." not in n)
+    monkeypatch.setattr(engine, "memory_of", lambda device: 4 * need // 2)
+    with pytest.raises(ModelError, match=r"transformer\.wte\.weight.*module_types='layers'"):
+        compute_per_sample_grads(Task(model, loss="lm"), batch)
+    # the layers alone need no dense gradient at all
+    psg = compute_per_sample_grads(Task(model, loss="lm", module_types="layers"), batch)
+    assert not psg.dense

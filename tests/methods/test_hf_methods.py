@@ -167,3 +167,29 @@ def test_conv1d_used_by_an_unsupported_wrapper_is_refused():
     assert "transformer.h.0.mlp.c_fc.inner" in hookable_modules(task)
     with pytest.raises(ModelError, match=r"c_fc\.inner.*never called.*F\.linear"):
         compute_per_sample_grads(task, lm_batch())
+
+
+def pad_more(batch: dict, extra: int) -> dict:
+    """The same sequences with ``extra`` more padded positions (mask 0, label -100)."""
+    n = batch["input_ids"].shape[0]
+    return {
+        "input_ids": torch.cat([batch["input_ids"], torch.zeros(n, extra, dtype=torch.long)], 1),
+        "attention_mask": torch.cat(
+            [batch["attention_mask"], torch.zeros(n, extra, dtype=torch.long)], 1
+        ),
+        "labels": torch.cat([batch["labels"], torch.full((n, extra), -100)], 1),
+    }
+
+
+@pytest.mark.parametrize("method", ["if-ekfac", "if-kfac", "logra", "grad-dot", "trak"])
+def test_masked_positions_change_nothing(method):
+    # padded positions enter no per-example gradient, no K-FAC covariance and no eigenvalue
+    # correction: extra padding leaves every score as it was
+    model = gpt2()
+    train, queries = lm_batch(n=10, seed=3), lm_batch(n=3, seed=4)
+    task = Task(model, loss="lm", target="log_prob", module_types="layers")
+    scores = [
+        make_attributor(method, task).fit(t).attribute(q).values
+        for t, q in ((train, queries), (pad_more(train, 4), pad_more(queries, 2)))
+    ]
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-9, atol=1e-12)

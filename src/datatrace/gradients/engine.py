@@ -14,8 +14,9 @@ from typing import Literal
 
 import torch
 
-from datatrace.data import Batch
-from datatrace.errors import ConfigError, NumericalError
+from datatrace.data import Batch, batch_size_of
+from datatrace.devices import memory_of
+from datatrace.errors import ConfigError, ModelError, NumericalError
 from datatrace.gradients.functional import functional_group_grads, functional_per_sample_grads
 from datatrace.gradients.hooks import LayerFactors, group_factors, hook_pass, hookable_modules
 from datatrace.gradients.modules import check_batch_sums, module_per_sample_grads, owner_modules
@@ -200,6 +201,31 @@ def compute_group_grads(
     return _compute(task, batch, state, which, engine, chunk_size, members)
 
 
+def _check_dense_memory(task: Task, batch: Batch, names: list[str]) -> None:
+    """Refuse per-example dense gradients that would take over a quarter of the device's memory
+    (the tied sums, projections and vmap intermediates need as much again).
+
+    Parameters outside Linear/Conv layers get one full gradient per example; an LM's
+    embedding (vocabulary x width, often tied to the head) makes that gigabytes per batch.
+    """
+    if not names:
+        return
+    params = task.tracked_params()
+    sizes = {n: params[n].numel() * params[n].element_size() for n in names}
+    need = batch_size_of(batch) * sum(sizes.values())
+    limit = memory_of(task.device) // 4
+    if need > limit:
+        big = sorted(sizes, key=sizes.__getitem__, reverse=True)[:3]
+        shapes = {n: tuple(params[n].shape) for n in big}
+        raise ModelError(
+            f"per-example gradients of the parameters outside Linear/Conv layers would take "
+            f"{need / 2**30:.1f} GiB for this batch of {batch_size_of(batch)} (largest: "
+            f"{shapes}), over a quarter of the {limit * 4 / 2**30:.0f} GiB of {task.device}. Track "
+            "the layers only (Task(model, module_types='layers'), as kronfluence and Bergson "
+            "do), leave these parameters out (params=[...]), or lower batch_size."
+        )
+
+
 def _group_sums(per_sample: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     """``(G, *shape)`` sums of the members' rows of ``(B, *shape)`` (``-1`` pads)."""
     index = members.clamp_min(0).to(per_sample.device)
@@ -230,6 +256,7 @@ def _compute(
     covered = {n for pair in modules.values() for n in pair if n is not None}
     rest = [n for n in names if n not in covered]
     b = 0
+    _check_dense_memory(task, batch, rest)
     if engine != "functional":
         # one forward/backward: factors of the layers, per-module products for the rest
         owners = owner_modules(task, rest)
