@@ -20,7 +20,7 @@ every training it needs, serving seconds (fit + attribute) and member weight byt
 process group itself (gloo on CPU, nccl where CUDA is available; ``--dist-backend`` chooses),
 each rank retrains a contiguous slice of the missing subsets, and only rank 0 prints::
 
-    torchrun --standalone --nproc-per-node 4 -m datatrace.cli groundtruth --setting digits-mlp --workers 1
+    torchrun --standalone --nproc-per-node 4 -m datatrace.cli groundtruth --subsets 50 --workers 1
 """
 
 from __future__ import annotations
@@ -315,7 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--size", choices=["full", "small"], default=None, help="setting size preset"
         )
-        p.add_argument("--m", type=int, default=50, help="LDS subsets (default 50)")
+        p.add_argument(
+            "--m",
+            "--subsets",
+            dest="m",
+            type=int,
+            default=50,
+            help="LDS subsets (default 50); spell it --subsets after torchrun, whose own parser "
+            "takes --m for one of its options",
+        )
         p.add_argument("--alpha", type=float, default=0.5, help="subset fraction (default 0.5)")
         p.add_argument("--seeds", type=int, default=2, help="retrainings per subset (default 2)")
         p.add_argument(
@@ -437,9 +445,13 @@ def _init_process_group(backend: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        me, world = _launched_world()
+    except ConfigError as exc:
+        print(f"datatrace: error: {exc}", file=sys.stderr)
+        return 2
     owned = False
     try:
-        _, world = _launched_world()
         if world > 1 and args.command == "bench":
             raise ConfigError(
                 f"`datatrace bench` runs in one process, but torchrun started {world} "
@@ -451,8 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             owned = _init_process_group(args.dist_backend)
         return int(args.fn(args))
     except DatatraceError as exc:
-        # under torchrun a failure on any rank is raised on every rank: rank 0 reports it
-        if os.environ.get("RANK", "0") == "0":
+        if me == 0:  # under torchrun a failure on any rank is raised on every rank
             print(f"datatrace: error: {exc}", file=sys.stderr)
         return 2
     finally:
