@@ -125,9 +125,11 @@ def _cmd_groundtruth(args: argparse.Namespace) -> int:
         return 0 if result.ok else 1
     gt = _ground_truth(args, setting)
     if speak:
+        seeds = gt.per_seed.shape[1]
+        ceiling = f"{gt.noise_ceiling().mean:.3f}" if seeds >= 2 else "— (needs --seeds 2 or more)"
         print(
-            f"{setting.name}: {gt.subsets.shape[0]} subsets x {gt.per_seed.shape[1]} seeds, "
-            f"{gt.targets.shape[1]} queries; noise ceiling {gt.noise_ceiling().mean:.3f}"
+            f"{setting.name}: {gt.subsets.shape[0]} subsets x {seeds} seeds, "
+            f"{gt.targets.shape[1]} queries; noise ceiling {ceiling}"
         )
     return 0
 
