@@ -55,8 +55,8 @@ class GroundTruthSpec:
     """The LDS protocol: ``m`` subsets of fraction ``alpha``, ``seeds`` retrainings each.
 
     Example:
-        >>> GroundTruthSpec(m=50, alpha=0.5, seeds=2).key()[:4].isalnum()
-        True
+        >>> GroundTruthSpec(m=50, alpha=0.5, seeds=2).key()
+        'm50-a0.5-s2-r0'
     """
 
     m: int = 50
