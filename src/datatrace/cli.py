@@ -15,14 +15,22 @@ chosen on the validation queries, unless options are given (``method:key=value:k
 ``--ensembles`` runs every method once more per ensemble (``kind:K[:key=value...]``; see
 :mod:`datatrace.bench.ensembles`), with the cost of the whole ensemble: training seconds of
 every training it needs, serving seconds (fit + attribute) and member weight bytes.
+
+``groundtruth`` also runs under ``torchrun`` (DESIGN.md §6); the command then initialises the
+process group itself (gloo on CPU, nccl where CUDA is available; ``--dist-backend`` chooses),
+each rank retrains a contiguous slice of the missing subsets, and only rank 0 prints::
+
+    torchrun --standalone --nproc-per-node 4 -m datatrace.cli groundtruth --subsets 50 --workers 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +38,10 @@ from datatrace.bench.benchmark import DEFAULT_GRIDS, DEFAULT_METHODS, DEFAULT_TA
 from datatrace.errors import ConfigError, DatatraceError
 
 __all__ = ["DEFAULT_GRIDS", "DEFAULT_METHODS", "main", "parse_methods", "print_table"]
+
+# Ranks that finish their slice wait for the slowest one in the final barrier: allow long waits
+# (a rank that dies makes torchrun stop the job anyway).
+GROUP_TIMEOUT = timedelta(hours=24)
 
 
 def _value(text: str) -> Any:
@@ -91,7 +103,10 @@ def _ground_truth(args: argparse.Namespace, setting: Any) -> Any:
 
 
 def _cmd_groundtruth(args: argparse.Namespace) -> int:
+    from datatrace.distributed import rank
+
     setting = _setting(args)
+    speak = rank() == 0  # under torchrun every rank returns the result; rank 0 reports it
     if args.verify:
         from datatrace.bench.cache import GroundTruthSpec
         from datatrace.bench.shipped import verify_ground_truth
@@ -101,17 +116,21 @@ def _cmd_groundtruth(args: argparse.Namespace) -> int:
             setting, spec, cache_dir=args.cache, n_subsets=args.verify_subsets
         )
         verdict = "match" if result.ok else "MISMATCH"
-        print(
-            f"{setting.name}: retrained {len(result.checked)} subsets: {verdict} (max |diff| "
-            f"{result.max_abs_diff:.3g}, max |diff|/(1+|stored|) {result.max_rel_diff:.3g}, "
-            f"tolerance {result.rtol:g})"
-        )
+        if speak:
+            print(
+                f"{setting.name}: retrained {len(result.checked)} subsets: {verdict} (max |diff| "
+                f"{result.max_abs_diff:.3g}, max |diff|/(1+|stored|) {result.max_rel_diff:.3g}, "
+                f"tolerance {result.rtol:g})"
+            )
         return 0 if result.ok else 1
     gt = _ground_truth(args, setting)
-    print(
-        f"{setting.name}: {gt.subsets.shape[0]} subsets x {gt.per_seed.shape[1]} seeds, "
-        f"{gt.targets.shape[1]} queries; noise ceiling {gt.noise_ceiling().mean:.3f}"
-    )
+    if speak:
+        seeds = gt.per_seed.shape[1]
+        ceiling = f"{gt.noise_ceiling().mean:.3f}" if seeds >= 2 else "— (needs --seeds 2 or more)"
+        print(
+            f"{setting.name}: {gt.subsets.shape[0]} subsets x {seeds} seeds, "
+            f"{gt.targets.shape[1]} queries; noise ceiling {ceiling}"
+        )
     return 0
 
 
@@ -298,10 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--size", choices=["full", "small"], default=None, help="setting size preset"
         )
-        p.add_argument("--m", type=int, default=50, help="LDS subsets (default 50)")
+        p.add_argument(
+            "--m",
+            "--subsets",
+            dest="m",
+            type=int,
+            default=50,
+            help="LDS subsets (default 50); spell it --subsets after torchrun, whose own parser "
+            "takes --m for one of its options",
+        )
         p.add_argument("--alpha", type=float, default=0.5, help="subset fraction (default 0.5)")
         p.add_argument("--seeds", type=int, default=2, help="retrainings per subset (default 2)")
-        p.add_argument("--workers", type=int, default=2, help="retraining processes (default 2)")
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=2,
+            help="retraining processes (default 2; per rank under torchrun)",
+        )
         p.add_argument("--cache", type=Path, default=None, help="ground-truth cache directory")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         if name == "groundtruth":
@@ -312,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument(
                 "--verify-subsets", type=int, default=3, help="subsets --verify retrains"
+            )
+            p.add_argument(
+                "--dist-backend",
+                choices=["auto", "gloo", "nccl"],
+                default="auto",
+                help="torch.distributed backend under torchrun (default auto: nccl where CUDA "
+                "is available, else gloo)",
             )
         if name == "bench":
             p.add_argument(
@@ -364,13 +403,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launched_world() -> tuple[int, int]:
+    """``(rank, world size)`` that ``torchrun`` set in the environment; ``(0, 1)`` without it."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    except ValueError as exc:
+        raise ConfigError(
+            f"RANK={os.environ.get('RANK')!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} must be "
+            "integers; launch with torchrun, or unset them to run in one process."
+        ) from exc
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(
+            f"RANK={rank} and WORLD_SIZE={world} need 0 <= RANK < WORLD_SIZE; launch with "
+            "torchrun, or unset them to run in one process."
+        )
+    return rank, world
+
+
+def _init_process_group(backend: str) -> bool:
+    """Initialise the default group from torchrun's environment; True if this call did.
+
+    Nothing to do in one process, or where the caller initialised the group already.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if _launched_world()[1] < 2 or dist.is_initialized():
+        return False
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "--dist-backend nccl needs CUDA, which this process cannot see; use "
+                "--dist-backend gloo on CPU."
+            )
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=GROUP_TIMEOUT)  # MASTER_ADDR/PORT from torchrun
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.fn(args))
-    except DatatraceError as exc:
+        me, world = _launched_world()
+    except ConfigError as exc:
         print(f"datatrace: error: {exc}", file=sys.stderr)
         return 2
+    owned = False
+    try:
+        if world > 1 and args.command == "bench":
+            raise ConfigError(
+                f"`datatrace bench` runs in one process, but torchrun started {world} "
+                "(WORLD_SIZE); build the ground truth under torchrun with `torchrun "
+                "--nproc-per-node N -m datatrace.cli groundtruth ...` and then run `datatrace "
+                "bench` in one process: it reuses the cached ground truth."
+            )
+        if args.command == "groundtruth":
+            owned = _init_process_group(args.dist_backend)
+        return int(args.fn(args))
+    except DatatraceError as exc:
+        if me == 0:  # under torchrun a failure on any rank is raised on every rank
+            print(f"datatrace: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

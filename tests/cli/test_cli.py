@@ -86,6 +86,15 @@ def test_unwritable_output_dir(tmp_path, capsys):
     assert "cannot write" in capsys.readouterr().err
 
 
+def test_groundtruth_with_one_seed_has_no_noise_ceiling(tmp_path, capsys):
+    argv = ["groundtruth", "--setting", "test-blobs", "--m", "2", "--seeds", "1"]
+    assert main([*argv, "--workers", "1", "--cache", str(tmp_path), "--quiet"]) == 0
+    assert (
+        "2 subsets x 1 seeds, 10 queries; noise ceiling — (needs --seeds 2"
+        in capsys.readouterr().out
+    )
+
+
 def test_settings_lists_registered(capsys):
     assert main(["settings"]) == 0
     text = capsys.readouterr().out

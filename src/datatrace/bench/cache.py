@@ -7,6 +7,15 @@ the setting's JSON plus the protocol (``m``, ``alpha``, ``seeds``, ``subset_seed
 fingerprint is the setting's recipe hash, one shard per subset. A second run reuses it, a
 changed recipe is refused with a message saying what differs, and a killed run resumes from
 its last complete subset. Retrainings run in worker processes.
+
+Under ``torchrun`` (an initialised process group of several processes, DESIGN.md §6) every
+rank calls the builder with the same arguments: the store is opened by rank 0 first (the
+others join it as shard writers, :func:`datatrace.distributed.open_store`), the missing
+retrainings are cut into contiguous slices, one per rank, and each rank writes its finished
+shards with its own journal. After a barrier rank 0 folds the journals into the manifest and
+every rank reads the complete result from the store, which therefore must be on a file system
+every rank sees. Shards are indexed by job, so the store is the one a single process writes
+and resumes under any number of processes. ``workers`` is per rank.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from datatrace import distributed
 from datatrace.bench.groundtruth import LeaveOneOut, SubsetGroundTruth, sample_subsets
 from datatrace.bench.settings import Setting
 from datatrace.errors import ConfigError
@@ -45,8 +55,8 @@ class GroundTruthSpec:
     """The LDS protocol: ``m`` subsets of fraction ``alpha``, ``seeds`` retrainings each.
 
     Example:
-        >>> GroundTruthSpec(m=50, alpha=0.5, seeds=2).key()[:4].isalnum()
-        True
+        >>> GroundTruthSpec(m=50, alpha=0.5, seeds=2).key()
+        'm50-a0.5-s2-r0'
     """
 
     m: int = 50
@@ -156,6 +166,38 @@ def _run_jobs(
     bar.close()
 
 
+def _check_same_job(config: dict[str, Any]) -> None:
+    distributed.check_same(
+        config,
+        "the ground-truth settings and protocols",
+        "every rank must build the ground truth of the same setting under the same protocol.",
+    )
+
+
+def _run_split(
+    setting: Setting,
+    store: Store,
+    jobs: list[tuple[str, int, torch.Tensor, int]],
+    workers: int,
+    desc: str,
+    progress: bool,
+) -> None:
+    """Run this rank's contiguous slice of ``jobs``; afterwards every rank's store has them all.
+
+    Every rank must pass the same ``jobs`` (they do when their stores list the same shards).
+    A failure on one rank is raised on every rank; the shards finished before it stay
+    complete (in the failing rank's journal, folded when the store is next opened).
+    """
+    lo, hi = distributed.local_range(len(jobs))
+    me, world = distributed.rank(), distributed.world_size()
+    if world > 1:
+        desc = f"{desc} [rank {me}/{world}: {hi - lo} of {len(jobs)} jobs]"
+    distributed.run_collectively(
+        lambda: _run_jobs(setting, store, jobs[lo:hi], workers, desc, progress and me == 0)
+    )
+    distributed.sync_store(store)
+
+
 def _store_path(root: Path, setting: Setting, spec: GroundTruthSpec) -> Path:
     return root / f"{setting.name}-{setting.recipe_hash()}-lds-{spec.key()}"
 
@@ -175,16 +217,19 @@ def lds_ground_truth(
         spec: the protocol (default ``GroundTruthSpec()``).
         cache_dir: where stores live (default :func:`default_cache_dir`).
         workers: retraining processes (each uses one thread); 1 runs in this process.
-        progress: show a progress bar.
+            Under ``torchrun``, per rank.
+        progress: show a progress bar (rank 0's only under ``torchrun``).
 
     Returns:
-        A :class:`SubsetGroundTruth` whose targets cover ``setting.data.queries("all")``.
+        A :class:`SubsetGroundTruth` whose targets cover ``setting.data.queries("all")``,
+        on every rank under ``torchrun``.
     """
     spec = spec or GroundTruthSpec()
     _check_workers(workers)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     config = {"setting": setting.to_json(), "spec": spec.__dict__}
-    store = Store(
+    _check_same_job(config)
+    store = distributed.open_store(
         _store_path(root, setting, spec),
         config=config,
         fingerprints={"recipe": setting.recipe_hash()},
@@ -194,7 +239,11 @@ def lds_ground_truth(
 
         shipped = shipped_file(setting, spec)
         if shipped is not None:  # ground truth that ships with the package: no retraining
-            _seed_store(store, load_shipped(setting, spec, shipped))
+            first = distributed.rank() == 0  # rank 0 writes it; the others then reload
+            distributed.run_collectively(
+                lambda: _seed_store(store, load_shipped(setting, spec, shipped)) if first else None
+            )
+            distributed.sync_store(store)
     subsets = sample_subsets(setting.n_train, spec.m, spec.alpha, spec.subset_seed)
     jobs = [
         (j, s, spec.subset_seed * spec.m * spec.seeds + j * spec.seeds + s)
@@ -202,7 +251,7 @@ def lds_ground_truth(
         for s in range(spec.seeds)
         if not store.has_shard(f"seed{s}", j)
     ]
-    _run_jobs(
+    _run_split(
         setting,
         store,
         [(f"seed{s}", j, subsets[j].nonzero().squeeze(1), seed) for j, s, seed in jobs],
@@ -245,10 +294,12 @@ def loo_ground_truth(
         spec: which units to leave out (default ``LOOSpec()``: 100 units, seed 0).
         cache_dir: where stores live (default :func:`default_cache_dir`).
         workers: retraining processes (each uses one thread); 1 runs in this process.
-        progress: show a progress bar.
+            Under ``torchrun``, per rank.
+        progress: show a progress bar (rank 0's only under ``torchrun``).
 
     Returns:
-        A :class:`~datatrace.bench.groundtruth.LeaveOneOut` over ``setting.data.queries("all")``.
+        A :class:`~datatrace.bench.groundtruth.LeaveOneOut` over ``setting.data.queries("all")``,
+        on every rank under ``torchrun``.
     """
     spec = spec or LOOSpec()
     _check_workers(workers)
@@ -257,14 +308,17 @@ def loo_ground_truth(
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = root / f"{setting.name}-{setting.recipe_hash()}-loo-{spec.key()}"
     config = {"setting": setting.to_json(), "spec": spec.__dict__}
-    store = Store(path, config=config, fingerprints={"recipe": setting.recipe_hash()})
+    _check_same_job(config)
+    store = distributed.open_store(
+        path, config=config, fingerprints={"recipe": setting.recipe_hash()}
+    )
     everything = torch.arange(n)
     jobs = [] if store.has_shard("full", 0) else [("full", 0, everything, 0)]
     for k, i in enumerate(indices.tolist()):
         if not store.has_shard("loo", k):
             kept = torch.cat([everything[:i], everything[i + 1 :]])
             jobs.append(("loo", k, kept, 0))
-    _run_jobs(setting, store, jobs, workers, f"{setting.name}: leave-one-out", progress)
+    _run_split(setting, store, jobs, workers, f"{setting.name}: leave-one-out", progress)
     full = store.read_shard("full", 0, mmap=False)
     without = torch.stack([store.read_shard("loo", k, mmap=False) for k in range(len(indices))])
     return LeaveOneOut(effects=full - without, full=full, indices=indices)

@@ -14,8 +14,15 @@ The user supplies two callables, so this module knows nothing about models:
 - ``measure_fn(model) -> Tensor (n_query,)`` returns each query's target in improvement
   orientation (higher is better: negated loss, margin, log-prob), as DESIGN.md §1 requires.
 
-This is the small in-memory generator; caching under a hash and distributing the retraining
-jobs belong to the benchmark runner.
+This is the small in-memory generator; caching under a hash belongs to the benchmark runner
+(:mod:`datatrace.bench.cache`).
+
+Under an initialised ``torch.distributed`` group of several processes (``torchrun``; DESIGN.md
+§6) every rank must call these functions with the same arguments: rank ``r`` retrains the
+``r``-th contiguous slice of the jobs (subset x seed in row-major order, or the full model
+then each left-out unit), and the targets are all-gathered in job order, so every rank
+returns exactly the single-process result (each job's seed is fixed by its position, not by
+the rank that runs it). ``train_fn`` and ``measure_fn`` must be deterministic per job.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from datatrace import distributed
 from datatrace.errors import ConfigError, DataError
 from datatrace.metrics.lds import LDSResult, spearman_batched
+from datatrace.store import fingerprint_tensors
 
 __all__ = [
     "LeaveOneOut",
@@ -101,6 +110,55 @@ def _measure(measure_fn: MeasureFn, model: Any, n_query: int | None) -> torch.Te
     return out.detach().to("cpu", torch.float64)
 
 
+def _run_slice(
+    jobs: Sequence[Callable[[], Any]],
+    measure_fn: MeasureFn,
+    desc: str,
+    progress: bool,
+) -> torch.Tensor:
+    """Run this rank's contiguous slice of ``jobs`` (each returns a model) and measure them.
+
+    Returns the ``(len(jobs), n_query)`` float64 targets of every job, in job order, on every
+    rank. A failure on one rank (e.g. in ``train_fn``) is raised on every rank.
+    """
+    lo, hi = distributed.local_range(len(jobs))
+    me, world = distributed.rank(), distributed.world_size()
+    label = desc if world == 1 else f"{desc} [rank {me}/{world}: jobs {lo}-{hi - 1}]"
+
+    def run() -> torch.Tensor | None:
+        rows: list[torch.Tensor] = []
+        n_query: int | None = None
+        with tqdm(total=hi - lo, desc=label, disable=not progress or me != 0) as bar:
+            for job in jobs[lo:hi]:
+                out = _measure(measure_fn, job(), n_query)
+                n_query = int(out.shape[0])
+                rows.append(out)
+                bar.update(1)
+        return torch.stack(rows) if rows else None
+
+    local = distributed.run_collectively(run)
+    if not distributed.is_distributed():
+        if local is None:  # no jobs at all; callers always have at least one
+            raise DataError(f"{desc}: there are no retraining jobs to run.")
+        return local
+    widths = distributed.all_gather_object(None if local is None else int(local.shape[1]))
+    if len({w for w in widths if w is not None}) > 1:
+        raise DataError(
+            f"measure_fn returned {widths} targets on ranks 0..{world - 1} (None: no jobs); it "
+            "must measure the same queries on every rank: build them from the same seed, or "
+            "broadcast them from rank 0."
+        )
+    return distributed.all_gather_rows(local)
+
+
+def _check_same_arguments(name: str, arguments: tuple[Any, ...]) -> None:
+    distributed.check_same(
+        arguments,
+        f"the arguments of {name}",
+        "every rank must call it with the same arguments (they fix the jobs and their seeds).",
+    )
+
+
 @dataclass(frozen=True)
 class SubsetGroundTruth:
     """Targets of every query after retraining on random subsets.
@@ -156,30 +214,28 @@ def subset_ground_truth(
         seeds: Retrainings per subset; their targets are averaged. Use ``>= 2`` to get a
             noise ceiling.
         seed: Seed of the subset draw and base of the training seeds.
-        progress: Show a tqdm progress bar over the ``m * seeds`` retrainings.
+        progress: Show a tqdm progress bar over the ``m * seeds`` retrainings (rank 0's
+            slice under ``torchrun``).
 
     Returns:
         A ``SubsetGroundTruth``.
 
     Raises:
         ConfigError: On invalid ``n_train``, ``m``, ``alpha`` or ``seeds``.
-        DataError: If ``measure_fn`` does not return a 1-D tensor of a fixed length.
+        DataError: If ``measure_fn`` does not return a 1-D tensor of a fixed length, or
+            (under ``torchrun``) the ranks passed different arguments.
     """
     _check_int(seeds, "seeds", 1)
     subsets = sample_subsets(n_train, m, alpha, seed)
     train_seeds = seed * m * seeds + torch.arange(m * seeds, dtype=torch.int64).reshape(m, seeds)
-    rows: list[torch.Tensor] = []
-    n_query: int | None = None
-    with tqdm(total=m * seeds, desc="subset retraining", disable=not progress) as bar:
-        for j in range(m):
-            indices = torch.nonzero(subsets[j]).squeeze(1)
-            for s in range(seeds):
-                model = train_fn(indices, int(train_seeds[j, s]))
-                out = _measure(measure_fn, model, n_query)
-                n_query = int(out.shape[0])
-                rows.append(out)
-                bar.update(1)
-    per_seed = torch.stack(rows).reshape(m, seeds, -1)
+    _check_same_arguments("subset_ground_truth", (n_train, m, alpha, seeds, seed))
+
+    def job(number: int) -> Callable[[], Any]:
+        j, s = divmod(number, seeds)  # row-major: subset j, its s-th seed
+        return lambda: train_fn(torch.nonzero(subsets[j]).squeeze(1), int(train_seeds[j, s]))
+
+    jobs = [job(number) for number in range(m * seeds)]
+    per_seed = _run_slice(jobs, measure_fn, "subset retraining", progress).reshape(m, seeds, -1)
     return SubsetGroundTruth(
         subsets=subsets,
         targets=per_seed.mean(dim=1),
@@ -219,13 +275,17 @@ def leave_one_out(
     difference isolates the removal (with a deterministic recipe, e.g. a convex model
     trained to convergence, it is exactly the leave-one-out effect).
 
+    Under ``torchrun`` each rank runs a contiguous slice of the ``1 + len(indices)``
+    retrainings (the full model first) and every rank returns the full result, equal to the
+    single-process one.
+
     Args:
         train_fn: ``train_fn(indices, seed) -> model``; ``indices`` is a 1-D long tensor.
         measure_fn: ``measure_fn(model) -> Tensor (n_query,)`` in improvement orientation.
         n_train: Number of training units.
         indices: The units to leave out, one retraining each.
         seed: Training seed of every retraining.
-        progress: Show a tqdm progress bar.
+        progress: Show a tqdm progress bar (rank 0's slice under ``torchrun``).
 
     Returns:
         A ``LeaveOneOut`` with ``effects`` and the full-model targets ``full``; compare
@@ -234,8 +294,9 @@ def leave_one_out(
 
     Raises:
         ConfigError: If ``n_train < 2``.
-        DataError: If ``indices`` is not 1-D or holds values outside ``[0, n_train)``, or if
-            ``measure_fn`` does not return a 1-D tensor of a fixed length.
+        DataError: If ``indices`` is not 1-D or holds values outside ``[0, n_train)``, if
+            ``measure_fn`` does not return a 1-D tensor of a fixed length, or (under
+            ``torchrun``) the ranks passed different arguments.
 
     Example:
         >>> y = torch.tensor([0.0, 1.0, 5.0])
@@ -258,17 +319,20 @@ def leave_one_out(
             f"indices must lie in [0, n_train={n_train}); got values from {int(idx.min())} to "
             f"{int(idx.max())}."
         )
+    _check_same_arguments("leave_one_out", (n_train, seed, fingerprint_tensors([idx])))
     everything = torch.arange(n_train)
-    with tqdm(total=1 + idx.numel(), desc="leave-one-out", disable=not progress) as bar:
-        full = _measure(measure_fn, train_fn(everything, seed), None)
-        bar.update(1)
-        rows = []
-        for i in idx.tolist():
-            kept = torch.cat([everything[:i], everything[i + 1 :]])
-            rows.append(full - _measure(measure_fn, train_fn(kept, seed), full.shape[0]))
-            bar.update(1)
-    effects = torch.stack(rows) if rows else torch.empty(0, full.shape[0], dtype=torch.float64)
-    return LeaveOneOut(effects=effects, full=full, indices=idx)
+
+    def job(left_out: int | None) -> Callable[[], Any]:
+        if left_out is None:
+            return lambda: train_fn(everything, seed)
+        return lambda: train_fn(
+            torch.cat([everything[:left_out], everything[left_out + 1 :]]), seed
+        )
+
+    jobs = [job(None), *(job(i) for i in idx.tolist())]
+    targets = _run_slice(jobs, measure_fn, "leave-one-out", progress)
+    full = targets[0].clone()
+    return LeaveOneOut(effects=full - targets[1:], full=full, indices=idx)
 
 
 def noise_ceiling(per_seed: torch.Tensor | SubsetGroundTruth) -> LDSResult:
