@@ -389,6 +389,60 @@ class InfluenceAttributor(Attributor):
         sum over tokens to :meth:`attribute`. See :func:`datatrace.methods.per_module.per_token_scores`."""
         return per_token_scores(self, queries)
 
+    def attribute_train_tokens(self, queries: Any, train: Batch) -> torch.Tensor:
+        """``(n_query, n_examples, T)`` scores of each position of some training examples.
+
+        Entry ``[q, n, t]`` is ``sum_layers g_{n,t}ᵀ P_q a_{n,t}``: the part of example n's
+        score that its position ``t`` carries (its layer inputs and output gradients there);
+        summed over ``t`` it is ``attribute(queries)`` at that example. Positions the loss
+        ignores (label -100, attention mask 0) score 0. Pass the examples to inspect, e.g. a
+        query's top proponents, as one batch; they are re-featurized, nothing is stored.
+
+        Raises:
+            ConfigError: not K-FAC/EK-FAC with factored train features, with groups, or layers
+                whose positions differ (conv patches are not tokens).
+        """
+        self._check_fitted()
+        if not self._factored or self._grouping is not None:
+            raise ConfigError(
+                "per-token training scores need curvature 'kfac' or 'ekfac' with factored "
+                "train features and no groups= (they split each example's layer factors by "
+                f"position); got curvature={self.config.curvature!r}, "
+                f"train_features={self.config.train_features!r}, groups={self._groups_arg!r}."
+            )
+        qs = self._transformed_queries(queries)
+        total: torch.Tensor | None = None
+        for ctx, q in zip(self._contexts, qs):
+            with self._member_task(ctx.member):
+                layout: ParamLayout = ctx.fitted["layout"]
+                rank = self.config.query_rank
+                psg = compute_per_sample_grads(self.task, train, state=ctx.state, engine="hooks")
+                by_module = {f.module: f for f in psg.factors}
+                lengths = {by_module[m].a.shape[1] for m in layout.modules}
+                if len(lengths) != 1:
+                    raise ConfigError(
+                        f"per-token training scores need every tracked layer applied once per "
+                        f"token; the layers have {sorted(lengths)} positions per example."
+                    )
+                mats = None if rank is not None else layout.to_matrices(q)
+                low = _unpack_low_rank(layout, q, rank) if rank is not None else None
+                part = None
+                for j, m in enumerate(layout.modules):
+                    f = by_module[m]
+                    a, g = f.a.to(q.dtype), f.g.to(q.dtype)
+                    if low is None:
+                        assert mats is not None
+                        term = torch.einsum("koi,bti,bto->kbt", mats[j], a, g)
+                    else:
+                        left, right = low[j]
+                        gl = torch.einsum("bto,kor->kbtr", g, left)
+                        term = (gl * torch.einsum("bti,kri->kbtr", a, right)).sum(3)
+                    part = term if part is None else part + term
+                assert part is not None
+                total = part if total is None else total + part
+        assert total is not None
+        return total / len(self._contexts)
+
 
 _CHUNK = 1 << 24  # elements of the (queries, O, B, T) intermediate per step
 

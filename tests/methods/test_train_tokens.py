@@ -1,0 +1,43 @@
+"""Per-position scores of training examples (K-FAC/EK-FAC influence on language models)."""
+
+import pytest
+import torch
+
+from datatrace import ConfigError, Task, make_attributor
+from tests.hf_models import gpt2, lm_batch
+from tests.models import cnn
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("if-ekfac", {}), ("if-kfac", {}), ("if-ekfac", {"query_rank": 2})],
+)
+def test_train_token_scores_sum_to_the_example_scores(method, options):
+    model = gpt2()
+    train, queries = lm_batch(n=10, seed=3), lm_batch(n=3, seed=4)
+    task = Task(model, loss="lm", target="log_prob", module_types="layers")
+    attr = make_attributor(method, task, **options).fit(train)
+    picked = [7, 2, 4]
+    subset = {k: v[picked] for k, v in train.items()}
+    tokens = attr.attribute_train_tokens(queries, subset)
+    assert tokens.shape == (3, 3, train["input_ids"].shape[1])
+    full = attr.attribute(queries).values
+    torch.testing.assert_close(tokens.sum(2), full[:, picked], rtol=1e-10, atol=1e-14)
+    # positions the loss ignores carry nothing, real ones do
+    masked = subset["labels"] == -100
+    assert bool((tokens[:, masked] == 0).all()) and masked.any()
+    assert bool((tokens[:, ~masked].abs() > 0).any())
+
+
+def test_train_token_scores_are_refused_where_positions_are_not_tokens():
+    model = gpt2()
+    train = lm_batch(n=6, seed=3)
+    dense = make_attributor("if-explicit", Task(model, loss="lm", params=["transformer.h.0.mlp"]))
+    with pytest.raises(ConfigError, match="per-token training scores need curvature"):
+        dense.fit(train).attribute_train_tokens(train, train)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,), generator=g)
+    conv = make_attributor("if-ekfac", Task(cnn(), module_types="layers")).fit((x, y))
+    with pytest.raises(ConfigError, match="positions per example"):
+        conv.attribute_train_tokens((x, y), (x, y))
