@@ -41,3 +41,15 @@ def test_train_token_scores_are_refused_where_positions_are_not_tokens():
     conv = make_attributor("if-ekfac", Task(cnn(), module_types="layers")).fit((x, y))
     with pytest.raises(ConfigError, match="positions per example"):
         conv.attribute_train_tokens((x, y), (x, y))
+
+
+def test_one_generated_token_is_attributed_by_masking_the_other_labels():
+    model = gpt2()
+    train, queries = lm_batch(n=10, seed=3), lm_batch(n=2, seed=4)
+    task = Task(model, loss="lm", target="log_prob", module_types="layers")
+    attr = make_attributor("if-ekfac", task).fit(train)
+    per_token = attr.attribute_per_token(queries)
+    t0 = 3  # the label of position 3 is predicted from positions < 3
+    only = dict(queries, labels=torch.full_like(queries["labels"], -100))
+    only["labels"][:, t0] = queries["labels"][:, t0]
+    torch.testing.assert_close(attr.attribute(only).values, per_token[:, t0], rtol=1e-9, atol=1e-14)
