@@ -91,10 +91,22 @@ def _lm_data(n: int, seed: int, dtype: torch.dtype) -> Any:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
+def _gpt2() -> nn.Module:
+    """A 1-layer GPT-2 from a config (Conv1D layers, default SDPA attention), if installed."""
+    import transformers
+
+    cfg = transformers.GPT2Config(
+        vocab_size=13, n_positions=8, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(cfg)
+
+
 # (model builder, data builder, Task keyword arguments)
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[..., Any], dict[str, Any]]] = {
     "mlp": (_mlp, _mlp_data, {}),
     "lm": (TinyLM, _lm_data, {"loss": "lm", "module_types": (nn.Linear,)}),
+    "gpt2": (_gpt2, _lm_data, {"loss": "lm", "module_types": "layers"}),
 }
 
 
@@ -216,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="device to compare with the CPU")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated ids")
-    parser.add_argument("--models", default=",".join(MODELS), help="mlp, lm or both")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help="mlp, lm, gpt2 (comma-separated)"
+    )
     parser.add_argument("--throughput", action="store_true", help="also time TRAK (cuda)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)  # ConfigError (naming the fix) without CUDA
