@@ -160,7 +160,9 @@ def test_bad_settings_raise_config_error(kwargs, match):
 
 
 def test_untracked_layer_kinds_are_refused():
-    with pytest.raises(ModelError, match=r"covers the weights and biases of nn\.Linear, nn\.Conv2d"):
+    with pytest.raises(
+        ModelError, match=r"covers the weights and biases of nn\.Linear, nn\.Conv2d"
+    ):
         make_attributor("logra", Task(cnn()))
     # selecting the supported layers works
     task = Task(cnn(), module_types=(nn.Conv2d, nn.Linear))
