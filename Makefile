@@ -24,8 +24,8 @@ test: venv
 	$(BIN)/python -m pytest tests
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 typecheck: venv
 	$(BIN)/mypy
