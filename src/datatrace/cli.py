@@ -356,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--methods",
                 default=DEFAULT_METHODS,
-                help="comma-separated ids, options as id:key=value",
+                help="comma-separated ids, options as id:key=value (default: "
+                f"{DEFAULT_METHODS}; each on its DEFAULT_GRIDS grid)",
             )
             p.add_argument(
                 "--ensembles",

@@ -1,12 +1,16 @@
 """The ``datatrace`` command line."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from datatrace import ConfigError
-from datatrace.cli import main, parse_methods
+from datatrace.bench.benchmark import DEFAULT_METHODS, grid_for
+from datatrace.cli import build_parser, main, parse_methods
+from datatrace.methods import METHODS
 from tests.bench.test_cache import Blobs  # registers "test-blobs"
 from tests.bench.test_mislabel import Wide  # registers "test-wide"
 from tests.plot_checks import recorded_figures
@@ -26,10 +30,54 @@ def test_parse_methods():
 
 
 def _bench(tmp_path, methods, *extra, setting="test-blobs", isolate=False):
-    """Run ``datatrace bench`` on a tiny test setting with a small ground truth."""
+    """Run ``datatrace bench`` on a tiny test setting with a small ground truth.
+
+    ``methods`` None leaves ``--methods`` out (the default list).
+    """
     argv = ["bench", "--setting", setting, "--m", "6", "--seeds", "2", "--workers", "1"]
-    argv += ["--quiet", "--cache", str(tmp_path / "cache"), "--methods", methods, *extra]
+    argv += ["--quiet", "--cache", str(tmp_path / "cache"), *extra]
+    if methods is not None:
+        argv += ["--methods", methods]
     return main(argv if isolate else [*argv, "--in-process"])
+
+
+def _which_method_ids() -> set[str]:
+    """Method ids named in the README's "Which method?" paragraph."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    paragraph = readme.split("Which method?", 1)[1].split("\n\n", 1)[0]
+    return {name for name in re.findall(r"`([a-z-]+)`", paragraph) if name in METHODS}
+
+
+def test_default_methods_include_the_recommended_ones():
+    assert build_parser().parse_args(["bench"]).methods == DEFAULT_METHODS
+    default = {name for name, _ in parse_methods(DEFAULT_METHODS)}
+    # what the README recommends, and the baselines its numbers are compared with
+    assert {
+        "if-ekfac",
+        "if-kfac",
+        "logra",
+        "source",
+        "trak",
+        "grad-cos",
+        "tracin",
+        "rps",
+    } <= default
+    recommended = _which_method_ids()
+    assert {"if-kfac", "if-ekfac"} <= recommended  # the paragraph still names its methods
+    assert recommended <= default, f"README recommends {recommended - default}, not run by default"
+
+
+@pytest.mark.filterwarnings("ignore:Source's closed form models SGD")  # test-blobs uses Adam
+def test_default_bench_runs_every_default_method(tmp_path):
+    out = tmp_path / "bench.json"
+    assert _bench(tmp_path, None, "--tasks", "lds", "--json", str(out)) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == [name for name, _ in parse_methods(DEFAULT_METHODS)]
+    for row in rows:
+        assert "error" not in row, row
+        grid = grid_for("test-blobs", row["method"])
+        assert row["setting"] in grid and len(row["grid"]) == len(grid)
+        assert len(row["per_query_lds"]) == 6 and -1 <= row["lds"] <= 1
 
 
 def test_bench_end_to_end(tmp_path, capsys):

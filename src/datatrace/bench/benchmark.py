@@ -13,6 +13,9 @@ Tasks (``--tasks``):
 - ``removal`` (opt-in): fraction of correctly predicted test queries whose prediction flips
   after removing their top-k proponents and retraining (:mod:`datatrace.bench.brittleness`).
 
+Every row keeps its per-query test LDS (``per_query_lds`` in the JSON) for paired-bootstrap
+comparisons between methods (``datatrace.metrics.paired_bootstrap``).
+
 Each method runs in its own process (:mod:`datatrace.bench.runner`), which gives its peak
 memory; bytes stored is the size of its fitted state.
 
@@ -60,7 +63,15 @@ __all__ = [
     "run_benchmark",
 ]
 
-DEFAULT_METHODS = "grad-dot,grad-cos,tracin,trak,if-explicit,if-datainf,rps"
+# What ``datatrace bench`` runs without ``--methods``: the methods the README recommends
+# (K-FAC/EK-FAC influence, LoGra, Source) beside the baselines they are measured against.
+# The GGN solvers are left out so that ``make bench`` stays under 3 minutes on 2 cores:
+# ``if-cg`` and ``if-lissa`` pay a pass over the training set per iteration and query column
+# (minutes per grid point), ``if-arnoldi`` 100 such passes per grid point for a lower LDS
+# (docs/benchmarks.md, digits-mlp); ask for them with ``--methods``.
+DEFAULT_METHODS = (
+    "if-ekfac,if-kfac,logra,source,trak,if-explicit,if-datainf,rps,tracin,grad-dot,grad-cos"
+)
 TASKS = ("lds", "mislabel", "loo", "removal")
 DEFAULT_TASKS = "lds,mislabel,loo"
 
@@ -351,6 +362,7 @@ def _run_benchmark(cfg: BenchConfig) -> BenchOutcome:
             "val_lds": result.val_lds,
             "lds": res.mean,
             "ci": [low, high],
+            "per_query_lds": res.per_query.tolist(),  # for paired comparisons (DESIGN.md §9)
             "train_s": cost.train_s,
             "trainings": cost.trainings,
             "adapters": cost.adapters,
