@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import datatrace.methods.influence as influence
-from datatrace import ConfigError, ModelError, Task, make_attributor
+from datatrace import Checkpoint, ConfigError, ModelError, Task, make_attributor
 from datatrace.ensemble import dropout_members
 from datatrace.lora import lora_members
 from tests.methods.test_kfac_influence import CASES
@@ -160,6 +160,21 @@ def test_other_curvatures_recompute_their_gradients():
     recomputed = make_attributor("if-explicit", task, train_features="recompute", **opts)
     assert not recomputed._factored
     _assert_same(kept, recomputed.fit(train_lm), queries_lm)
+
+
+@pytest.mark.parametrize("method_id", ["grad-dot", "grad-cos", "tracin"])
+def test_gradient_similarity_recomputes_its_features(method_id):
+    train, queries = classification_data(n=11), classification_data(n=4, seed=7)
+    model = mlp()
+    checkpoints = [Checkpoint(mlp(seed=s).state_dict(), learning_rate=0.1 * s) for s in (1, 2)]
+    task = Task(model, checkpoints=checkpoints if method_id == "tracin" else None)
+    for opts in ({}, {"groups": torch.arange(11) % 4}, {"projector": "sjlt", "proj_dim": 16}):
+        kept = make_attributor(method_id, task, batch_size=3, **opts).fit(train)
+        recomputed = make_attributor(
+            method_id, task, batch_size=3, train_features="recompute", **opts
+        ).fit(train)
+        assert recomputed._contexts[0].features == [] and recomputed.recomputes_train_features
+        _assert_same(kept, recomputed, queries)
 
 
 @pytest.mark.parametrize("case", ["mlp", "lm-masked"])
