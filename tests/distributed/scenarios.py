@@ -31,27 +31,42 @@ def methods(store: Path | None = None) -> dict[str, torch.Tensor]:
     train, queries = data()
     out: dict[str, torch.Tensor] = {}
     settings = {
-        "trak": ({"proj_dim": 16}, "margin"),
-        "if-ekfac": ({"damping": 1e-2}, "loss"),  # true Fisher: sampled labels, two passes
-        "grad-dot": ({}, "loss"),
+        "trak": ("trak", {"proj_dim": 16}, "margin"),
+        # true Fisher: sampled labels, two passes
+        "if-ekfac": ("if-ekfac", {"damping": 1e-2}, "loss"),
+        # training factors recomputed when scoring, each rank its slice of the batches
+        "if-ekfac-recompute": (
+            "if-ekfac",
+            {"damping": 1e-2, "train_features": "recompute"},
+            "loss",
+        ),
+        "grad-dot": ("grad-dot", {}, "loss"),
     }
-    for method_id, (options, target) in settings.items():
+    for name, (method_id, options, target) in settings.items():
         attr = make_attributor(
             method_id, Task(mlp(), target=target), batch_size=BATCH, **options
         ).fit(train)
         scores = attr.attribute(queries)
-        out[f"{method_id}/scores"] = scores.values
-        out[f"{method_id}/unit_ids"] = scores.unit_ids
-        out[f"{method_id}/self"] = attr.self_attribute()
+        out[f"{name}/scores"] = scores.values
+        out[f"{name}/unit_ids"] = scores.unit_ids
+        out[f"{name}/self"] = attr.self_attribute()
         top = attr.topk(queries, 3)
-        out[f"{method_id}/top_ids"] = torch.cat([top.proponent_ids, top.opponent_ids], 1)
-        out[f"{method_id}/top_values"] = torch.cat([top.proponent_values, top.opponent_values], 1)
+        out[f"{name}/top_ids"] = torch.cat([top.proponent_ids, top.opponent_ids], 1)
+        out[f"{name}/top_values"] = torch.cat([top.proponent_values, top.opponent_values], 1)
     model = mlp()
     seen = count_examples(model)
     curv = fit_kfac(Task(model), train, kind="ekfac", batch_size=BATCH)
     for name, t in curv.to_arrays().items():
         out[f"kfac/{name}"] = t
     out["work/kfac"] = torch.tensor(seen[0])  # examples through this rank's forward passes
+    model = mlp()
+    seen = count_examples(model)
+    recompute = make_attributor(
+        "if-kfac", Task(model), batch_size=BATCH, damping=1e-2, train_features="recompute"
+    ).fit(train)
+    seen[0] = 0
+    recompute.attribute(queries)  # every rank: the queries, and its slice of the train batches
+    out["work/recompute"] = torch.tensor(seen[0])
     # one batch only: rank 1 featurizes nothing (in-memory gather and K-FAC with an idle rank)
     one = make_attributor("if-kfac", Task(mlp()), batch_size=64, damping=1e-2).fit(train)
     out["if-kfac-one-batch/scores"] = one.attribute(queries).values

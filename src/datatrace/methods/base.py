@@ -15,6 +15,13 @@ objective (one row per group), added up over the batches of a group that spans s
 Train features must therefore be linear in the example's gradient; a non-linear step (e.g.
 Grad-Cos's normalisation) belongs in ``_finish_train_features``, applied to whole units.
 
+Recomputed train features: a method may declare (:meth:`Attributor._recomputes_train_features`)
+that a fit keeps no train features at all. ``fit`` then featurizes nothing, and every
+scoring pass (``attribute``, ``topk``, ``self_attribute``, per-module scores) recomputes each
+block from its training batch (or chunk of groups) at the member's state: the same batches,
+blocks and unit offsets the stored shards would have, so the scores are the same, for one
+more gradient pass per scoring call instead of the memory or disk the features take.
+
 Under ``torchrun`` (:mod:`datatrace.distributed`, docs/distributed.md) each rank featurizes a
 contiguous slice of the batches (global shard indices), the features are shared so every rank
 fits the same state, and each rank scores its slice of the shards; every rank returns the
@@ -217,6 +224,8 @@ class Attributor(ABC):
         self._n_units = 0
         self._store_path = Path(store) if store is not None else None
         self._contexts: list[MemberContext] = []
+        self._recompute = False  # set by fit: train features recomputed when scoring
+        self._active_member: Member | None = None  # the member whose scope is entered
         self._train: Any = None
         self._n_train = 0
         self.store: Store | None = None
@@ -288,6 +297,16 @@ class Attributor(ABC):
         """Self-attribution of a train feature block (default: its own transformed inner product)."""
         return (self._transform_queries(ctx, train) * train).sum(1)
 
+    def _recomputes_train_features(self, members: Sequence[Member]) -> bool:
+        """Whether this fit keeps no train features, scoring recomputing them (default: no).
+
+        Called by :meth:`fit` once the training set, groups, members and store are resolved.
+        When True, ``fit`` featurizes nothing (so :meth:`_fit_member` must not read train
+        features) and :meth:`_iter_train_features` recomputes each block from its training
+        batch at the member's state (see the module docstring).
+        """
+        return False
+
     # ------------------------------------------------------------------ public API
     def fit(self, train: Any) -> Attributor:
         """Featurize ``train`` for every member and do the per-train-set work once.
@@ -323,6 +342,7 @@ class Attributor(ABC):
                 config=self._store_config(),
                 fingerprints=self._fingerprints(members),
             )
+        self._recompute = self._recomputes_train_features(members)
         self._contexts = []
         for index, member in enumerate(members):
             with self._member_task(member):
@@ -338,7 +358,8 @@ class Attributor(ABC):
                 ctx = MemberContext(
                     index, member, [c for c, _ in pairs], [s for _, s in pairs], projector
                 )
-                self._featurize_train(ctx, train)
+                if not self._recompute:
+                    self._featurize_train(ctx, train)
                 self._fit_member(ctx)
             self._contexts.append(ctx)
 
@@ -383,6 +404,12 @@ class Attributor(ABC):
     def describe(self) -> dict[str, Any]:
         """JSON-able description of the method and its settings."""
         return self._store_config()
+
+    @property
+    def recomputes_train_features(self) -> bool:
+        """Whether the last ``fit`` kept no train features (in memory or in the store), so
+        that each scoring call recomputes them batch by batch."""
+        return self._recompute
 
     @property
     def grouping(self) -> Grouping | None:
@@ -442,43 +469,66 @@ class Attributor(ABC):
 
     @contextmanager
     def _member_task(self, member: Member) -> Iterator[None]:
-        """Inside: ``self.task`` is the member's effective model (dropout masks, LoRA adapter)."""
-        base = self.task
+        """Inside: ``self.task`` is the member's effective model (dropout masks, LoRA adapter).
+
+        Re-entering the scope of the member already entered changes nothing (a dropout
+        member's masks must not be applied twice).
+        """
+        if self._active_member is member:
+            yield
+            return
+        base, outer = self.task, self._active_member
         with member_scope(base, member) as effective:
-            self.task = effective
+            self.task, self._active_member = effective, member
             try:
                 yield
             finally:
-                self.task = base
+                self.task, self._active_member = base, outer
+
+    def _train_batches(self, local: bool) -> Iterator[tuple[int, int, Batch]]:
+        """``(shard index, first example, batch)`` of each training batch (one shard each).
+
+        With ``local=True`` this rank's contiguous slice of the batches (all of them in one
+        process); shard indices stay global, so the store's layout does not depend on the
+        world size.
+        """
+        count = num_batches(self._train, self.config.batch_size)
+        lo, hi = distributed.local_range(count) if local else (0, count)
+        batches = iter_batch_range(self._train, self.config.batch_size, lo, hi)
+        for b, (offset, batch) in enumerate(batches, start=lo):
+            yield b, offset, batch
+
+    def _batch_train_features(self, ctx: MemberContext, offset: int, batch: Batch) -> torch.Tensor:
+        """The rows of one per-example shard: train features of the batch at ``offset``."""
+        try:
+            ctx.batch_indices = torch.arange(offset, offset + batch_size_of(batch))
+        except DataError:  # a batch whose size cannot be read: no indices
+            ctx.batch_indices = None
+        try:
+            return self._unit_train_features(ctx, batch)
+        finally:
+            ctx.batch_indices = None
 
     def _featurize_train(self, ctx: MemberContext, train: Any) -> None:
         if self._grouping is not None:
             self._featurize_train_groups(ctx, train, self._grouping)
             return
         kind = f"train-m{ctx.index}"
-        # this rank's contiguous slice of the batches (all of them in one process); shard
-        # indices stay global, so the store's layout does not depend on the world size
         lo, hi = distributed.local_range(num_batches(train, self.config.batch_size))
-        batches = iter_batch_range(train, self.config.batch_size, lo, hi)
         it = tqdm(
-            batches,
+            self._train_batches(local=True),
             desc=f"{self.name}: train features (member {ctx.index})",
             disable=not self.config.progress,
             total=hi - lo,
         )
-        for b, (offset, batch) in enumerate(it, start=lo):
-            try:
-                ctx.batch_indices = torch.arange(offset, offset + batch_size_of(batch))
-            except DataError:  # a batch whose size cannot be read: no indices
-                ctx.batch_indices = None
+        for b, offset, batch in it:
             if self.store is not None:
                 fp = fingerprint_batch(batch)
                 if self.store.has_shard(kind, b, fp):
                     continue
-                self.store.write_shard(kind, b, self._unit_train_features(ctx, batch), fp)
+                self.store.write_shard(kind, b, self._batch_train_features(ctx, offset, batch), fp)
             else:
-                ctx.features.append(self._unit_train_features(ctx, batch))
-        ctx.batch_indices = None
+                ctx.features.append(self._batch_train_features(ctx, offset, batch))
         self._share_train_features(ctx)
 
     def _share_train_features(self, ctx: MemberContext) -> None:
@@ -520,15 +570,13 @@ class Attributor(ABC):
         boundary getting the sum of its two partial features.
         """
         kind = f"train-m{ctx.index}"
-        mean_size = -(-grouping.n_train // grouping.n_groups)
-        chunks = list(grouping.chunks(self.config.batch_size * mean_size, self.config.batch_size))
-        first, last = distributed.local_range(len(chunks))  # this rank's chunks (global indices)
+        chunks = list(self._group_chunks(grouping, local=True))
         it = tqdm(
-            chunks[first:last],
+            chunks,
             desc=f"{self.name}: group features (member {ctx.index})",
             disable=not self.config.progress,
         )
-        for c, (lo, hi, index_batches) in enumerate(it, start=first):
+        for c, lo, hi, index_batches in it:
             batches = [take_examples(train, idx) for idx in index_batches]
             fp = ""
             if self.store is not None:
@@ -539,26 +587,49 @@ class Attributor(ABC):
                 fp = h.hexdigest()
                 if self.store.has_shard(kind, c, fp):
                     continue
-            feats: torch.Tensor | None = None
-            try:
-                for idx, batch in zip(index_batches, batches):
-                    present, local = torch.unique(grouping.labels[idx], return_inverse=True)
-                    ctx.unit_members = group_members(local, int(present.numel()))
-                    ctx.batch_indices = idx
-                    # a group's partial sums in the working dtype, not in half precision
-                    part = self._train_features(ctx, batch).detach().to(self.task.working_dtype)
-                    if feats is None:
-                        feats = part.new_zeros(hi - lo, part.shape[1])
-                    feats.index_add_(0, (present - lo).to(part.device), part)
-            finally:
-                ctx.unit_members = ctx.batch_indices = None
-            assert feats is not None
-            feats = self._to_feature_dtype(self._finish_train_features(ctx, feats).detach())
+            feats = self._chunk_train_features(ctx, grouping, lo, hi, index_batches, batches)
             if self.store is not None:
                 self.store.write_shard(kind, c, feats, fp)
             else:
                 ctx.features.append(feats)
         self._share_train_features(ctx)
+
+    def _group_chunks(
+        self, grouping: Grouping, local: bool
+    ) -> Iterator[tuple[int, int, int, list[torch.Tensor]]]:
+        """``(shard index, first group, stop group, index batches)`` of each chunk of whole
+        groups (one shard each); with ``local=True`` this rank's slice (global indices)."""
+        mean_size = -(-grouping.n_train // grouping.n_groups)
+        chunks = list(grouping.chunks(self.config.batch_size * mean_size, self.config.batch_size))
+        first, last = distributed.local_range(len(chunks)) if local else (0, len(chunks))
+        for c in range(first, last):
+            yield (c, *chunks[c])
+
+    def _chunk_train_features(
+        self,
+        ctx: MemberContext,
+        grouping: Grouping,
+        lo: int,
+        hi: int,
+        index_batches: Sequence[torch.Tensor],
+        batches: Sequence[Batch],
+    ) -> torch.Tensor:
+        """The rows of one group shard: features of groups ``lo:hi``, partial sums added."""
+        feats: torch.Tensor | None = None
+        try:
+            for idx, batch in zip(index_batches, batches):
+                present, local = torch.unique(grouping.labels[idx], return_inverse=True)
+                ctx.unit_members = group_members(local, int(present.numel()))
+                ctx.batch_indices = idx
+                # a group's partial sums in the working dtype, not in half precision
+                part = self._train_features(ctx, batch).detach().to(self.task.working_dtype)
+                if feats is None:
+                    feats = part.new_zeros(hi - lo, part.shape[1])
+                feats.index_add_(0, (present - lo).to(part.device), part)
+        finally:
+            ctx.unit_members = ctx.batch_indices = None
+        assert feats is not None
+        return self._to_feature_dtype(self._finish_train_features(ctx, feats).detach())
 
     def _iter_train_features(
         self, ctx: MemberContext, local: bool = False
@@ -567,8 +638,12 @@ class Attributor(ABC):
         upcast to the working dtype.
 
         With ``local=True`` under a distributed group, only this rank's contiguous slice of
-        the blocks (the shards it featurized), still with global unit offsets.
+        the blocks (the shards it featurized), still with global unit offsets. After a fit
+        that kept no train features, the blocks are recomputed.
         """
+        if self._recompute:
+            yield from self._recomputed_train_features(ctx, local)
+            return
         kind, store = f"train-m{ctx.index}", None if ctx.features else self.store
         device, dtype = self.task.device, self.task.working_dtype
         blocks: Iterator[torch.Tensor]
@@ -582,6 +657,40 @@ class Attributor(ABC):
             if lo <= i < hi:
                 yield start, block.to(device=device, dtype=dtype)
             start += block.shape[0]
+
+    def _recomputed_train_features(
+        self, ctx: MemberContext, local: bool
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """:meth:`_iter_train_features` of a fit that kept none: each shard's rows computed
+        from its batch (or chunk of groups), at the member's state, when it is reached."""
+        device, dtype = self.task.device, self.task.working_dtype
+        desc = f"{self.name}: recomputing train features (member {ctx.index})"
+        if self._grouping is None:
+            for _, offset, batch in tqdm(
+                self._train_batches(local), desc=desc, disable=not self.config.progress
+            ):
+                with self._recomputing(ctx):
+                    block = self._batch_train_features(ctx, offset, batch)
+                yield offset, block.to(device=device, dtype=dtype)
+            return
+        grouping = self._grouping
+        for _, lo, hi, index_batches in tqdm(
+            self._group_chunks(grouping, local), desc=desc, disable=not self.config.progress
+        ):
+            batches = [take_examples(self._train, idx) for idx in index_batches]
+            with self._recomputing(ctx):
+                block = self._chunk_train_features(ctx, grouping, lo, hi, index_batches, batches)
+            yield lo, block.to(device=device, dtype=dtype)
+
+    @contextmanager
+    def _recomputing(self, ctx: MemberContext) -> Iterator[None]:
+        """Inside: the member's effective task, batches moved to the model's device.
+
+        Entered and left around each recomputed block, never across a ``yield``: the
+        blocks of several members are interleaved (``_score_blocks`` zips them).
+        """
+        with self._member_task(ctx.member), self.task.moving_batches():
+            yield
 
     def _all_train_features(self, ctx: MemberContext) -> torch.Tensor:
         return torch.cat([b for _, b in self._iter_train_features(ctx)], 0)

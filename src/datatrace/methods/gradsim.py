@@ -17,12 +17,15 @@ exactly. Train and query features keep each layer's factors where ``T^2 (I' + O)
 (:func:`~datatrace.gradients.factored.pairs_factors`: for an MLP's ``T = 1``, ``I' + O``
 numbers and flops per pair instead of ``O I'``) and its gradient matrix elsewhere (long
 sequences, many conv patches), so no flat per-sample gradient is ever formed.
+``train_features="recompute"`` keeps no train features: ``fit`` does nothing per example
+and every scoring call recomputes them batch by batch (the same feature kind as ``"auto"``),
+for one more gradient pass per call instead of their memory or disk.
 Cost: one per-sample gradient per example; no curvature.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,6 +41,7 @@ from datatrace.gradients.factored import (
     pairs_factors,
 )
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.task import Member
 
 __all__ = ["GradCosAttributor", "GradDotAttributor", "GradSimConfig", "GradientSimilarity"]
 
@@ -55,16 +59,18 @@ class GradSimConfig(MethodConfig):
         train_features: ``"factored"`` (layer inputs and output gradients, scored from their
             Gram products; exact; needs every tracked parameter in a Linear/Conv2d layer, no
             projector and no groups), ``"gradients"`` (flattened per-sample gradients, or
-            projected ones) or ``"auto"`` (factored where it applies, gradients otherwise).
+            projected ones), ``"auto"`` (factored where it applies, gradients otherwise), all
+            kept by ``fit`` (in memory or in the store); or ``"recompute"`` (``"auto"``'s
+            kind, kept nowhere: each scoring call recomputes them batch by batch).
     """
 
-    train_features: Literal["auto", "factored", "gradients"] = "auto"
+    train_features: Literal["auto", "factored", "gradients", "recompute"] = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.train_features not in ("auto", "factored", "gradients"):
+        if self.train_features not in ("auto", "factored", "gradients", "recompute"):
             raise ConfigError(
-                f"train_features must be 'auto', 'factored' or 'gradients'; got "
+                f"train_features must be 'auto', 'factored', 'gradients' or 'recompute'; got "
                 f"{self.train_features!r}."
             )
         if self.train_features == "factored" and (
@@ -118,7 +124,7 @@ class GradientSimilarity(Attributor):
         if "codec" not in ctx.fitted:
             cfg = self.config
             factored = cfg.train_features == "factored" or (
-                cfg.train_features == "auto"
+                cfg.train_features in ("auto", "recompute")
                 and cfg.projector == "none"
                 and cfg.engine != "functional"
                 and self._groups_arg is None
@@ -143,6 +149,9 @@ class GradientSimilarity(Attributor):
         """Features of the gradients times ``factor``."""
         codec = self._codec(ctx)
         return factor * features if codec is None else codec.scale(features, factor)
+
+    def _recomputes_train_features(self, members: Sequence[Member]) -> bool:
+        return self.config.train_features == "recompute"
 
     def _fit_member(self, ctx: MemberContext) -> None:
         # fixes the feature kind in the member's scope even when a resumed fit featurized nothing

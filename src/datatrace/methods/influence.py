@@ -27,6 +27,17 @@ examples has its layer gradients formed transiently, the faster order of the sam
 contraction; nothing of size ``n_train x n_params`` is formed or stored. ``query_rank=r``
 replaces each ``P_q`` by its best rank-r approximation (truncated SVD): ``r (O + I')`` per
 position instead of ``O I'``.
+
+Recomputed training scores (``train_features="recompute"``; kronfluence's way): ``fit``
+keeps the curvature only, nothing per example in memory or in the store, and every scoring
+call (``attribute``, ``topk``, ``self_attribute``) recomputes each training batch's layer
+factors at the member's state and contracts them with ``P_q`` as above (the shared loop
+streams them: :meth:`~datatrace.methods.base.Attributor._recomputes_train_features`). Scores
+equal the stored path's; the cost moves from memory/disk to one more gradient pass over the
+training set per scoring call. ``train_features="auto"`` (the default) stores the factors
+when they take at most :data:`TRAIN_FEATURE_BUDGET` bytes (2 GiB) and recomputes them
+otherwise; see :class:`InfluenceConfig`.
+
 With ``groups=`` the train gradient of a group is its summed-loss gradient, so its score
 is the sum of its members' scores (removing the group moves the optimum by the sum); the GGN
 and Hessian stay those of the whole training set. With ``curvature="fisher"`` the Fisher is
@@ -38,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,8 +60,14 @@ from datatrace.curvature import FisherOperator, GGNOperator, HessianOperator, Li
 from datatrace.data import Batch, iter_batches
 from datatrace.errors import ConfigError
 from datatrace.gradients import compute_per_sample_grads
-from datatrace.gradients.factored import FactorCodec, ParamLayout, factored_modules
+from datatrace.gradients.factored import (
+    FactorCodec,
+    ParamLayout,
+    covers_tracked,
+    factored_modules,
+)
 from datatrace.gradients.hooks import _outer_sum
+from datatrace.group import take_examples
 from datatrace.kfac import KFACCurvature, check_damping, check_fisher_samples, fit_kfac
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.methods.per_module import (
@@ -60,10 +78,15 @@ from datatrace.methods.per_module import (
 from datatrace.scores import Scores
 from datatrace.solvers import SOLVERS, make_solver
 from datatrace.store import fingerprint_batch
+from datatrace.task import Member
 
 KFAC_KINDS = ("kfac", "ekfac")
 
-__all__ = ["InfluenceAttributor", "InfluenceConfig"]
+TRAIN_FEATURE_BUDGET = 2 * 2**30
+"""Bytes of factored train features (all members) above which ``train_features="auto"``
+recomputes them at scoring time instead of storing them (docs/methods/influence.md)."""
+
+__all__ = ["TRAIN_FEATURE_BUDGET", "InfluenceAttributor", "InfluenceConfig"]
 
 
 @dataclass(frozen=True)
@@ -84,12 +107,26 @@ class InfluenceConfig(MethodConfig):
         fisher: K-FAC/EK-FAC only: ``"true"`` (labels sampled from the model, seeded by
             ``seed``), ``"empirical"`` (training labels) or ``"exact"`` (closed-form
             expectation; small outputs).
-        train_features: ``"factored"`` (layer inputs and output gradients, contracted with
-            preconditioned queries; needs every tracked parameter in a Linear/Conv2d layer),
-            ``"gradients"`` (flattened per-sample gradients) or ``"auto"`` (factored for
-            K-FAC/EK-FAC without projection, gradients otherwise).
-        query_rank: factored path only: rank of the truncated SVD of each layer's
-            preconditioned query gradient (None: exact).
+        train_features: how training gradients reach the scores (all give the same
+            scores; only the cost differs):
+
+            - ``"factored"``: each example's layer inputs and output gradients, computed in
+              ``fit``, kept (in memory or in the store) and contracted with preconditioned
+              queries; needs every tracked parameter in a Linear/Conv2d layer and no groups.
+            - ``"gradients"``: flattened per-sample (or per-group) gradients, kept.
+            - ``"recompute"``: nothing kept; each scoring call recomputes the training
+              gradients batch by batch, as layer factors (flattened gradients with
+              ``groups=``, ``engine="functional"`` or parameters outside Linear/Conv2d
+              layers). Not with ``curvature="fisher"``, which is built from kept gradients.
+            - ``"auto"`` (default): with K-FAC/EK-FAC (no groups, hook engine) layer factors,
+              kept when ``n_members x n_train x row bytes <= TRAIN_FEATURE_BUDGET`` (2 GiB)
+              and recomputed otherwise, where a row is the stored row of the first training
+              example (per layer ``T (I' + O)`` numbers, or ``O I'`` where that is smaller,
+              in ``feature_dtype``); otherwise kept gradients. Keeping costs memory or disk
+              once; recomputing costs one gradient pass per scoring call.
+        query_rank: factored path only (``"factored"``, ``"recompute"`` or ``"auto"`` with
+            K-FAC/EK-FAC): rank of the truncated SVD of each layer's preconditioned query
+            gradient (None: exact).
         fisher_samples: K-FAC/EK-FAC with ``fisher="true"``: labels sampled per example,
             their Fisher contributions averaged (less sampling noise).
     """
@@ -99,7 +136,7 @@ class InfluenceConfig(MethodConfig):
     damping: float | str | dict[str, float] = 1e-3
     solver_options: dict[str, Any] = field(default_factory=dict)
     fisher: Literal["true", "empirical", "exact"] = "true"
-    train_features: Literal["auto", "factored", "gradients"] = "auto"
+    train_features: Literal["auto", "factored", "gradients", "recompute"] = "auto"
     query_rank: int | None = None
     fisher_samples: int = 1
 
@@ -147,10 +184,16 @@ class InfluenceConfig(MethodConfig):
                 f"the DataInf solver inverts the empirical Fisher of per-sample gradients; got "
                 f"curvature={self.curvature!r}. Set curvature='fisher'."
             )
-        if self.train_features not in ("auto", "factored", "gradients"):
+        if self.train_features not in ("auto", "factored", "gradients", "recompute"):
             raise ConfigError(
-                f"train_features must be 'auto', 'factored' or 'gradients'; got "
+                f"train_features must be 'auto', 'factored', 'gradients' or 'recompute'; got "
                 f"{self.train_features!r}."
+            )
+        if self.train_features == "recompute" and self.curvature == "fisher":
+            raise ConfigError(
+                "train_features='recompute' keeps no training gradients, but curvature='fisher' "
+                "is built from them; use train_features='gradients' (or 'auto'), or another "
+                "curvature."
             )
         if self.train_features == "factored" and (
             self.curvature == "fisher" or self.engine == "functional"
@@ -172,14 +215,18 @@ class InfluenceConfig(MethodConfig):
             if not self.factored:
                 raise ConfigError(
                     f"query_rank={self.query_rank} compresses the factored training-score path; "
-                    "set train_features='factored' (with curvature 'kfac'/'ekfac' it is the default)."
+                    "set train_features='factored' or 'recompute' (with curvature 'kfac'/'ekfac' "
+                    "the default 'auto' is factored)."
                 )
 
     @property
     def factored(self) -> bool:
-        """Whether training scores use the factored path."""
+        """Whether training scores use layer factors (before ``groups=`` and the task's
+        layers are known: :class:`InfluenceAttributor` may still fall back to gradients)."""
         if self.train_features == "auto":
             return self.curvature in KFAC_KINDS and self.engine != "functional"
+        if self.train_features == "recompute":
+            return self.engine != "functional"
         return self.train_features == "factored"
 
 
@@ -219,14 +266,22 @@ class InfluenceAttributor(Attributor):
             raise ConfigError(
                 "train_features='factored' keeps each example's layer factors, which cannot be "
                 "summed into a group's gradient; with groups= use train_features='gradients' "
-                "(or 'auto')."
+                "(or 'auto'), or 'recompute' (group gradients recomputed when scoring)."
             )
-        # factored training scores: not for groups, whose features are summed gradients
+        # factored training scores: not for groups, whose features are summed gradients, and
+        # recomputed ones only where the hook engine covers every tracked parameter
         self._factored = cfg.factored and self._groups_arg is None
+        if cfg.train_features == "recompute" and self._factored:
+            self._factored = covers_tracked(self.task)
         if cfg.query_rank is not None and not self._factored:
+            why = (
+                "groups= turns it off"
+                if self._groups_arg is not None
+                else ("a tracked parameter is outside Linear/Conv2d layers")
+            )
             raise ConfigError(
-                f"query_rank={cfg.query_rank} compresses the factored training-score path, "
-                "which groups= turns off; drop query_rank or groups=."
+                f"query_rank={cfg.query_rank} compresses the factored training-score path, but "
+                f"{why}; drop query_rank, or groups= / the other parameters."
             )
         if cfg.curvature in KFAC_KINDS or self._factored:
             # refuse parameters outside Linear/Conv2d (and a per-layer damping that does not
@@ -234,6 +289,28 @@ class InfluenceAttributor(Attributor):
             modules = list(factored_modules(self.task))
             if isinstance(cfg.damping, dict):
                 check_damping(cfg.damping, modules)
+
+    def _recomputes_train_features(self, members: Sequence[Member]) -> bool:
+        """``"recompute"``, or ``"auto"`` over its budget (see :class:`InfluenceConfig`)."""
+        cfg = self.config
+        if cfg.train_features != "auto" or not self._factored:
+            return cfg.train_features == "recompute"
+        budget, itemsize = TRAIN_FEATURE_BUDGET, self.feature_dtype.itemsize
+        count = len(members) * self._n_train
+        with self._member_task(members[0]):  # its tracked layers (a LoRA member's adapters)
+            # a layer's part of a row is at most its O I' gradient: when rows of every
+            # parameter (and the per-layer position counts) fit, no example is measured
+            n_layers = len(ParamLayout(self.task).slots)
+            if count * (self.task.num_tracked + n_layers) * itemsize <= budget:
+                return False
+            return count * self._factored_row_width() * itemsize > budget
+
+    def _factored_row_width(self) -> int:
+        """Numbers in the stored factored row of the first training example."""
+        first = take_examples(self._train, torch.arange(1))
+        with self.task.moving_batches():
+            psg = compute_per_sample_grads(self.task, first, engine="hooks")
+        return int(FactorCodec(ParamLayout(self.task)).encode(psg.factors).shape[1])
 
     def _operator(self, ctx: MemberContext) -> LinearOperator:
         cfg = self.config
