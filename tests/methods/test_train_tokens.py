@@ -10,7 +10,12 @@ from tests.models import cnn
 
 @pytest.mark.parametrize(
     ("method", "options"),
-    [("if-ekfac", {}), ("if-kfac", {}), ("if-ekfac", {"query_rank": 2})],
+    [
+        ("if-ekfac", {}),
+        ("if-kfac", {}),
+        ("if-ekfac", {"query_rank": 2}),
+        ("if-ekfac", {"train_features": "recompute"}),
+    ],
 )
 def test_train_token_scores_sum_to_the_example_scores(method, options):
     model = gpt2()
