@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from datatrace import distributed
 from datatrace.data import (
     Batch,
+    as_data,
     batch_size_of,
     iter_batch_range,
     iter_batches,
@@ -336,6 +337,7 @@ class Attributor(ABC):
 
     def _fit(self, train: Any) -> None:
         self.task.check_eval_mode()
+        train = as_data(train)  # e.g. a datasets.Dataset, with rows as tensors, once
         n = num_examples(train)
         if n == 0:
             raise DataError("the training set is empty; attribution needs at least one example.")
