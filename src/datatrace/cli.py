@@ -1,5 +1,7 @@
-"""The ``datatrace`` command: ``settings``, ``groundtruth`` and ``bench``.
+"""The ``datatrace`` command: ``methods``, ``settings``, ``groundtruth`` and ``bench``.
 
+    datatrace --version
+    datatrace methods                       # method ids, one line each
     datatrace settings
     datatrace groundtruth --setting digits-mlp --m 50 --seeds 2 --workers 2
     datatrace groundtruth --verify          # retrain 3 subsets, compare with the stored values
@@ -34,10 +36,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from datatrace import __version__
 from datatrace.bench.benchmark import DEFAULT_GRIDS, DEFAULT_METHODS, DEFAULT_TASKS
 from datatrace.errors import ConfigError, DatatraceError
 
-__all__ = ["DEFAULT_GRIDS", "DEFAULT_METHODS", "main", "parse_methods", "print_table"]
+__all__ = [
+    "DEFAULT_GRIDS",
+    "DEFAULT_METHODS",
+    "describe_methods",
+    "main",
+    "parse_methods",
+    "print_table",
+]
 
 # Ranks that finish their slice wait for the slowest one in the final barrier: allow long waits
 # (a rank that dies makes torchrun stop the job anyway).
@@ -75,6 +85,24 @@ def parse_methods(spec: str) -> list[tuple[str, dict[str, Any] | None]]:
             f"--methods is empty; give comma-separated ids such as {DEFAULT_METHODS!r}."
         )
     return out
+
+
+def describe_methods() -> list[str]:
+    """One line per registered method id: the id, its class's summary, its preset settings."""
+    from datatrace.methods import METHODS
+
+    width = max(map(len, METHODS), default=0)
+    lines = []
+    for method_id, (cls, defaults) in sorted(METHODS.items()):
+        doc = (cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip(".")
+        preset = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
+        lines.append(f"{method_id:{width}s}  {doc}" + (f" ({preset})" if preset else ""))
+    return lines
+
+
+def _cmd_methods(_: argparse.Namespace) -> int:
+    print("\n".join(describe_methods()))
+    return 0
 
 
 def _cmd_settings(_: argparse.Namespace) -> int:
@@ -303,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="datatrace", description="Training data attribution benchmark."
     )
+    parser.add_argument("--version", action="version", version=f"datatrace {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("methods", help="list method ids, one line each").set_defaults(fn=_cmd_methods)
     sub.add_parser("settings", help="list registered settings").set_defaults(fn=_cmd_settings)
     for name, fn, help_text in (
         ("groundtruth", _cmd_groundtruth, "build (or reuse) the LDS ground truth of a setting"),

@@ -1,8 +1,10 @@
 """Turning what users pass as data into ordered batches.
 
-Accepted: a ``DataLoader`` that does not shuffle, a map-style ``Dataset``, a tuple/list of
-tensors sharing their first dimension, or a dict of such tensors (HF-style batches).
-Attribution is about *which* example, so the order must be fixed: shuffled loaders are refused.
+Accepted: a ``DataLoader`` that does not shuffle, a map-style dataset (a torch ``Dataset``, a
+Hugging Face ``datasets.Dataset``, or any object with ``__len__`` and ``__getitem__`` whose
+rows the default collate function batches), a tuple/list of tensors sharing their first
+dimension, or a dict of such tensors (HF-style batches). Attribution is about *which*
+example, so the order must be fixed: shuffled loaders and iterable datasets are refused.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from datatrace.errors import DataError
 
 __all__ = [
     "Batch",
+    "as_data",
     "batch_size_of",
     "iter_batch_range",
     "iter_batches",
@@ -27,8 +30,103 @@ __all__ = [
 Batch = Any  # a tuple/list of tensors or a dict of tensors
 
 
+_ACCEPTED = (
+    "pass a DataLoader (shuffle=False), a map-style dataset (a torch Dataset, a Hugging Face "
+    "datasets.Dataset, or any object with __len__ and __getitem__), a tuple of tensors "
+    "(inputs..., labels) or a dict of tensors."
+)
+
+
+class MapDataset(Dataset):
+    """A duck-typed map-style dataset (e.g. a Hugging Face ``datasets.Dataset``) as a torch one.
+
+    Rows are read with ``data[i]`` (``data.__getitems__(indices)`` where the object has it,
+    as ``datasets.Dataset`` does) and batched by the default collate function.
+    """
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.data[index]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        getitems = getattr(self.data, "__getitems__", None)
+        if getitems is not None:
+            return list(getitems(indices))
+        return [self.data[i] for i in indices]
+
+
+def _is_hf_dataset(data: Any) -> bool:
+    """A Hugging Face ``datasets.Dataset`` (duck-typed: no import of ``datasets``)."""
+    return all(hasattr(data, a) for a in ("with_format", "column_names", "format", "__len__"))
+
+
+def _as_torch_format(data: Any) -> Any:
+    """``data`` with its rows as tensors (its column selection kept); str columns refused."""
+    fmt = data.format
+    if fmt.get("type") != "torch":
+        data = data.with_format(
+            "torch",
+            columns=fmt.get("columns"),
+            output_all_columns=fmt.get("output_all_columns", False),
+        )
+    if len(data):
+        row = data[0]
+        bad = [k for k, v in row.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise DataError(
+                f"column(s) {bad} of the datasets.Dataset hold {type(row[bad[0]]).__name__} "
+                "values, which cannot be batched into tensors for the model; drop them with "
+                f"dataset.remove_columns({bad}) (tokenize text columns first)."
+            )
+    return data
+
+
+def as_data(data: Any) -> Any:
+    """``data`` in a form the rest of datatrace batches directly.
+
+    A Hugging Face ``datasets.Dataset`` (rows converted to tensors) or another duck-typed
+    map-style dataset is wrapped in a torch :class:`MapDataset`; every other accepted form is
+    returned as is. Raises ``DataError`` for data that cannot be indexed by example.
+
+    Example:
+        >>> class Rows:  # any object with __len__ and __getitem__
+        ...     def __len__(self):
+        ...         return 3
+        ...     def __getitem__(self, i):
+        ...         return {"x": torch.full((2,), float(i)), "labels": torch.tensor(i)}
+        >>> next(iter_batches(as_data(Rows()), 2))["x"]
+        tensor([[0., 0.],
+                [1., 1.]])
+    """
+    if isinstance(data, (DataLoader, Dataset, torch.Tensor, Mapping, tuple, list)):
+        return data
+    if _is_hf_dataset(data):
+        return MapDataset(_as_torch_format(data))
+    kind = type(data)
+    if type(data).__module__.split(".")[0] == "numpy":
+        raise DataError(
+            f"cannot use a numpy {kind.__name__} as data; convert it with torch.from_numpy(x) "
+            "and pass a tuple of tensors (inputs..., labels)."
+        )
+    if hasattr(kind, "__len__") and hasattr(kind, "__getitem__") and kind not in (str, bytes):
+        return MapDataset(data)
+    if hasattr(kind, "__iter__"):
+        raise DataError(
+            f"cannot use data of type {kind.__name__}: it is iterable but has no len() or "
+            "indexing, so training examples have no fixed index (a streaming or iterable "
+            f"dataset); {_ACCEPTED}"
+        )
+    raise DataError(f"cannot use data of type {kind.__name__}; {_ACCEPTED}")
+
+
 def num_examples(data: Any) -> int:
     """Number of examples in ``data`` (raises ``DataError`` when it cannot be known)."""
+    data = as_data(data)
     if isinstance(data, DataLoader):
         try:
             return len(data.dataset)  # type: ignore[arg-type]
@@ -47,11 +145,11 @@ def num_examples(data: Any) -> int:
         try:
             return len(data)  # type: ignore[arg-type]
         except TypeError as exc:
-            raise DataError("the Dataset has no len(); pass a map-style dataset.") from exc
-    raise DataError(
-        f"cannot use data of type {type(data).__name__}; pass a DataLoader (shuffle=False), a "
-        "Dataset, a tuple of tensors (inputs..., labels) or a dict of tensors."
-    )
+            raise DataError(
+                f"the {type(data).__name__} has no len(), so its examples have no fixed index "
+                "(an IterableDataset); pass a map-style dataset (with __len__ and __getitem__)."
+            ) from exc
+    raise DataError(f"cannot use data of type {type(data).__name__}; {_ACCEPTED}")
 
 
 def _leading_dim(tensors: Sequence[Any], kind: str) -> int:
@@ -86,6 +184,7 @@ def _check_loader(loader: DataLoader) -> None:
 
 def iter_batches(data: Any, batch_size: int) -> Iterator[Batch]:
     """Yield batches of ``data`` in a fixed order; every example appears exactly once."""
+    data = as_data(data)
     n = num_examples(data)
     if n == 0:
         raise DataError("the dataset is empty; attribution needs at least one example.")
@@ -108,6 +207,7 @@ def iter_batches(data: Any, batch_size: int) -> Iterator[Batch]:
 
 def num_batches(data: Any, batch_size: int) -> int:
     """Number of batches :func:`iter_batches` yields for ``data``."""
+    data = as_data(data)
     if isinstance(data, DataLoader):
         _check_loader(data)
         assert data.batch_sampler is not None  # checked by _check_loader
@@ -129,6 +229,7 @@ def iter_batch_range(
         >>> [(o, b[0].tolist()) for o, b in iter_batch_range(data, 4, 1, 3)]
         [(4, [4.0, 5.0, 6.0, 7.0]), (8, [8.0, 9.0])]
     """
+    data = as_data(data)
     n, total = num_examples(data), num_batches(data, batch_size)
     start, stop = max(0, start), min(stop, total)
     if start >= stop:

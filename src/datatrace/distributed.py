@@ -277,20 +277,28 @@ def run_collectively(fn: Callable[[], T]) -> T:
 
 # ----------------------------------------------------------------------------- store
 def open_store(
-    path: str | os.PathLike[str], *, config: Mapping[str, Any], fingerprints: Mapping[str, str]
+    path: str | os.PathLike[str],
+    *,
+    config: Mapping[str, Any],
+    fingerprints: Mapping[str, str],
+    overwrite: bool = False,
 ) -> Store:
     """Open a store that every rank writes shards to (a plain :class:`Store` in one process).
 
     Rank 0 opens it first (creating it, checking config and fingerprints, folding any
     journals a killed job left, removing partial writes); then the other ranks open it as
     shard writers with journals of their own (see :class:`Store`). The directory must be on
-    a file system every rank sees.
+    a file system every rank sees. ``overwrite`` clears a stale store (rank 0 does it).
     """
     if not is_distributed():
-        return Store(path, config=config, fingerprints=fingerprints)
+        return Store(path, config=config, fingerprints=fingerprints, overwrite=overwrite)
     me = rank()
     owner = run_collectively(
-        lambda: Store(path, config=config, fingerprints=fingerprints) if me == 0 else None
+        lambda: (
+            Store(path, config=config, fingerprints=fingerprints, overwrite=overwrite)
+            if me == 0
+            else None
+        )
     )
 
     def join() -> Store:

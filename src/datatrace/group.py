@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from datatrace.data import Batch, iter_batches, num_examples
+from datatrace.data import Batch, as_data, iter_batches, num_examples
 from datatrace.errors import ConfigError, DataError, ModelError
 from datatrace.task import Task
 
@@ -253,6 +253,7 @@ def take_examples(data: Any, indices: torch.Tensor) -> Batch:
     tuple/list or dict of tensors, a map-style ``Dataset`` or a ``DataLoader`` over one
     (its dataset is indexed and collated with the default collate function).
     """
+    data = as_data(data)
     if isinstance(data, torch.Tensor):
         return (data[indices.to(data.device)],)
     if isinstance(data, Mapping):

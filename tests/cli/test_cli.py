@@ -278,3 +278,24 @@ def test_proponents_grid_is_labelled(tmp_path):
     assert all(legend is None for legend in seen["legends"])  # one series: no legend
     with pytest.raises(ConfigError, match="image_shape"):
         plots.plot_proponents(get_setting("test-blobs"), values, tmp_path / "q.png", "t")
+
+
+def test_version(capsys):
+    import datatrace
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"datatrace {datatrace.__version__}"
+
+
+def test_methods_lists_every_id_on_one_line(capsys):
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == sorted(METHODS)
+    by_id = {line.split()[0]: line for line in lines}
+    for method_id, (cls, _) in METHODS.items():
+        summary = cls.__doc__.strip().splitlines()[0].rstrip(".")
+        assert summary in by_id[method_id]
+    assert "(solver='cg')" in by_id["if-cg"]  # ids sharing a class say what they preset
+    assert by_id["trak"].endswith("averaging")  # no preset, no parentheses

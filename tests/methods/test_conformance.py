@@ -1,9 +1,12 @@
 """One conformance suite over every registered method (STYLE.md "Tests")."""
 
+import json
+
 import pytest
 import torch
 
 from datatrace import METHODS, Checkpoint, NotFittedError, Task, make_attributor
+from datatrace.errors import ConfigError, StoreError
 from datatrace.methods.base import Attributor
 from tests.models import classification_data, mlp
 
@@ -118,6 +121,35 @@ def test_store_resume_after_kill(method_id, data, tmp_path, monkeypatch):
     else:
         resumed = build(method_id, batch_size=4, store=tmp_path / "store").fit(train)
     torch.testing.assert_close(resumed.attribute(queries).values, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method_id", IDS)
+def test_stale_store_advice_overwrite_true_works(method_id, data, tmp_path):
+    """The stale-store StoreError says "pass overwrite=True": doing exactly that works."""
+    train, queries = data
+    build(method_id, batch_size=4, store=tmp_path / "store").fit(train)
+
+    def retrained(**extra):  # other weights: the store's model fingerprint no longer matches
+        task = Task(mlp(seed=4), target="margin" if method_id == "trak" else "loss")
+        return build(method_id, task=task, batch_size=4, **extra)
+
+    with pytest.raises(StoreError, match="pass overwrite=True"):
+        retrained(store=tmp_path / "store").fit(train)
+    fresh = retrained().fit(train).attribute(queries).values
+    got = retrained(store=tmp_path / "store", overwrite=True).fit(train).attribute(queries).values
+    torch.testing.assert_close(got, fresh, rtol=1e-10, atol=1e-12)
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert "overwrite" not in json.dumps(manifest["config"])  # not a method setting
+    # the store now holds the new job: reopened without overwrite=, it is accepted
+    again = retrained(store=tmp_path / "store").fit(train).attribute(queries).values
+    torch.testing.assert_close(again, fresh, rtol=1e-10, atol=1e-12)
+
+
+def test_overwrite_needs_a_store_and_a_bool(tmp_path):
+    with pytest.raises(ConfigError, match="no store= was given"):
+        build("grad-dot", overwrite=True)
+    with pytest.raises(ConfigError, match="overwrite must be True or False"):
+        build("grad-dot", store=tmp_path / "s", overwrite="yes")
 
 
 @pytest.mark.parametrize("method_id", IDS)

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from datatrace import distributed
 from datatrace.data import (
     Batch,
+    as_data,
     batch_size_of,
     iter_batch_range,
     iter_batches,
@@ -164,6 +165,10 @@ class Attributor(ABC):
         task: the :class:`~datatrace.task.Task`.
         members: ensemble members (DESIGN.md §4); default: the task's model.
         store: a store directory for features and fitted state (resumable).
+        overwrite: if true, a ``store`` written for another config, model, training set or
+            format version (or a corrupt one) is cleared at ``fit`` and recomputed, instead
+            of refused; a store that matches is still resumed. Like ``device``, not a method
+            setting: it never enters a store's config.
         groups: attribute to groups of training examples (:mod:`datatrace.group`).
         device: where to run: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a
             ``torch.device`` (checked here). ``fit`` moves the task's model there **in
@@ -192,6 +197,7 @@ class Attributor(ABC):
         *,
         members: Sequence[Any] | None = None,
         store: str | Path | None = None,
+        overwrite: bool = False,
         groups: Any = None,
         device: str | torch.device | None = None,
         **settings: Any,
@@ -223,6 +229,14 @@ class Attributor(ABC):
         self._grouping: Grouping | None = None
         self._n_units = 0
         self._store_path = Path(store) if store is not None else None
+        if not isinstance(overwrite, bool):
+            raise ConfigError(f"overwrite must be True or False; got {overwrite!r}.")
+        if overwrite and store is None:
+            raise ConfigError(
+                "overwrite=True clears a stale store= directory, but no store= was given; pass "
+                "store=<directory> as well, or drop overwrite=."
+            )
+        self._overwrite = overwrite
         self._contexts: list[MemberContext] = []
         self._recompute = False  # set by fit: train features recomputed when scoring
         self._active_member: Member | None = None  # the member whose scope is entered
@@ -323,6 +337,7 @@ class Attributor(ABC):
 
     def _fit(self, train: Any) -> None:
         self.task.check_eval_mode()
+        train = as_data(train)  # e.g. a datasets.Dataset, with rows as tensors, once
         n = num_examples(train)
         if n == 0:
             raise DataError("the training set is empty; attribution needs at least one example.")
@@ -341,6 +356,7 @@ class Attributor(ABC):
                 self._store_path,
                 config=self._store_config(),
                 fingerprints=self._fingerprints(members),
+                overwrite=self._overwrite,
             )
         self._recompute = self._recomputes_train_features(members)
         self._contexts = []

@@ -63,7 +63,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from datatrace.curvature import GGNOperator, HessianOperator
-from datatrace.data import Batch, num_examples
+from datatrace.data import Batch, as_data, num_examples
 from datatrace.errors import ConfigError, DataError
 from datatrace.kfac import (
     KFACCurvature,
@@ -359,6 +359,7 @@ def _average_state(
 def _take(data: Any, indices: Sequence[int] | torch.Tensor) -> Any:
     """Rows ``indices`` of the training data, in any form the shared loop accepts."""
     idx = torch.as_tensor(indices, dtype=torch.long)
+    data = as_data(data)
     if isinstance(data, torch.Tensor):
         return data[idx]
     if isinstance(data, Mapping):
