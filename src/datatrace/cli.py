@@ -31,6 +31,8 @@ import argparse
 import json
 import os
 import sys
+import types as types_module
+import typing
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -61,6 +63,51 @@ def _value(text: str) -> Any:
         return text
 
 
+def _typed_value(text: str, hint: Any) -> Any:
+    """``text`` read as the setting's declared type (``fisher=true`` stays the string "true").
+
+    Literal choices match as written, then None (``none``/``null``), bool, int, float and str
+    in that order, as far as the type admits them; anything else is read as JSON.
+    """
+    literals: list[Any] = []
+    types: list[Any] = []
+    todo = [hint]
+    while todo:
+        h = todo.pop()
+        origin = typing.get_origin(h)
+        if origin is typing.Literal:
+            literals += list(typing.get_args(h))
+        elif origin in (typing.Union, types_module.UnionType):
+            todo += list(typing.get_args(h))
+        else:
+            types.append(origin or h)
+    if text in [str(v) for v in literals if isinstance(v, str)]:
+        return text
+    if text.lower() in ("none", "null") and type(None) in types:
+        return None
+    if bool in types and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        if kind in types:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    if str in types:
+        return text
+    return _value(text)
+
+
+def _setting_types(method_id: str) -> dict[str, Any]:
+    from datatrace.methods import METHODS
+
+    cls = METHODS[method_id][0]
+    try:
+        return typing.get_type_hints(cls.Config)
+    except Exception:  # an annotation that cannot be resolved: fall back to JSON values
+        return {}
+
+
 def parse_methods(spec: str) -> list[tuple[str, dict[str, Any] | None]]:
     """``"trak:proj_dim=2048,grad-cos"`` -> ``[("trak", {"proj_dim": 2048}), ("grad-cos", None)]``.
 
@@ -78,7 +125,8 @@ def parse_methods(spec: str) -> list[tuple[str, dict[str, Any] | None]]:
             if "=" not in pair:
                 raise ConfigError(f"method option {pair!r} of {name!r} must look like key=value.")
             key, text = pair.split("=", 1)
-            opts[key] = _value(text)
+            hints = _setting_types(name)
+            opts[key] = _typed_value(text, hints[key]) if key in hints else _value(text)
         out.append((name, opts if pairs else None))
     if not out:
         raise ConfigError(

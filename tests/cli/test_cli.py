@@ -299,3 +299,20 @@ def test_methods_lists_every_id_on_one_line(capsys):
         assert summary in by_id[method_id]
     assert "(solver='cg')" in by_id["if-cg"]  # ids sharing a class say what they preset
     assert by_id["trak"].endswith("averaging")  # no preset, no parentheses
+
+
+def test_method_options_are_read_as_the_settings_declared_types():
+    from datatrace.cli import parse_methods
+
+    parsed = dict(
+        parse_methods(
+            "if-ekfac:fisher=true:damping=heuristic,"
+            "trak:proj_dim=2048:relative_damping=1.0:progress=true"
+        )
+    )
+    # "true" is one of fisher's literal choices, not JSON's boolean
+    assert parsed["if-ekfac"] == {"fisher": "true", "damping": "heuristic"}
+    assert parsed["trak"] == {"proj_dim": 2048, "relative_damping": 1.0, "progress": True}
+    ((_, opts),) = parse_methods("if-ekfac:damping=1e-3:query_rank=none")
+    assert opts == {"damping": 1e-3, "query_rank": None}
+    assert isinstance(opts["damping"], float)
