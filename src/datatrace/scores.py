@@ -6,15 +6,22 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from datatrace.errors import DataError
 
 __all__ = ["Scores", "TopK", "streaming_topk"]
+
+SCORES_FORMAT = "datatrace-scores/1"
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,81 @@ class Scores:
         """Return the ``k`` highest (proponents) and lowest (opponents) units per query."""
         assert self.unit_ids is not None
         return streaming_topk([(self.unit_ids, self.values)], k)
+
+    def to_numpy(self) -> np.ndarray:
+        """``values`` as a NumPy array (on the CPU; bfloat16 is widened to float32)."""
+        values = self.values.detach().cpu()
+        return (values.float() if values.dtype == torch.bfloat16 else values).numpy()
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the scores to one safetensors file (no pickle), atomically.
+
+        Values and ids are tensors of the file; method and config are JSON in its metadata.
+
+        Example:
+            >>> import tempfile, pathlib
+            >>> p = pathlib.Path(tempfile.mkdtemp()) / "scores.safetensors"
+            >>> Scores(torch.tensor([[0.5, -1.0]]), method="grad-dot").save(p)
+            >>> Scores.load(p).method
+            'grad-dot'
+        """
+        from safetensors.torch import save_file
+
+        assert self.unit_ids is not None and self.query_ids is not None
+        tensors = {
+            "values": self.values.detach().cpu().contiguous(),
+            "unit_ids": self.unit_ids.detach().cpu().contiguous(),
+            "query_ids": self.query_ids.detach().cpu().contiguous(),
+        }
+        metadata = {
+            "format": SCORES_FORMAT,
+            "method": self.method,
+            "config": json.dumps(self.config, default=str),
+        }
+        target = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent or ".")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Scores:
+        """Read scores written by :meth:`save`.
+
+        Raises:
+            DataError: the file is missing, not a safetensors file, or not datatrace scores.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        source = Path(path)
+        if not source.is_file():
+            raise DataError(f"no scores file at {str(source)!r}; write one with Scores.save(path).")
+        try:
+            with safe_open(str(source), framework="pt") as f:
+                metadata = f.metadata() or {}
+                if metadata.get("format") != SCORES_FORMAT:
+                    raise DataError(
+                        f"{str(source)!r} is not a datatrace scores file (format "
+                        f"{metadata.get('format')!r}, expected {SCORES_FORMAT!r}); write it with "
+                        "Scores.save(path)."
+                    )
+                tensors = {k: f.get_tensor(k) for k in ("values", "unit_ids", "query_ids")}
+        except SafetensorError as exc:
+            raise DataError(
+                f"{str(source)!r} could not be read as a safetensors file ({exc}); write it with "
+                "Scores.save(path)."
+            ) from exc
+        return cls(
+            tensors["values"],
+            tensors["unit_ids"],
+            tensors["query_ids"],
+            metadata.get("method", ""),
+            json.loads(metadata.get("config", "{}")),
+        )
 
 
 def streaming_topk(blocks: Iterable[tuple[torch.Tensor, torch.Tensor]], k: int) -> TopK:
