@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -150,3 +152,19 @@ def digits_bench(threads: int = 2) -> DigitsBench:
         model,
         checkpoints,
     )
+
+
+def run_child(script: str, args: list[str]) -> dict[str, Any]:
+    """Run ``script args`` in its own process (peak memory is per process, DESIGN.md §9).
+
+    Returns the JSON of the last ``RESULT {...}`` line it prints, or, when it failed,
+    ``{"error": last stderr lines, "returncode": ...}``.
+    """
+    cmd = [sys.executable, script, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": tail, "returncode": proc.returncode}
+    result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
+    return result

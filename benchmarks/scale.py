@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import run_child
 
 D_IN, HIDDEN, N_CLASSES, N_QUERY, TOPK = 512, (1024, 512), 10, 100, 10
 
@@ -160,14 +160,11 @@ def main(argv: list[str] | None = None) -> None:
             cmd += ["--n-train", str(args.n_train), "--dense-n", str(args.dense_n)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                print(f"| {config} | failed (exit {proc.returncode}): {' / '.join(tail)} |")
-                rows.append({"config": config, "error": tail, "returncode": proc.returncode})
+            r = run_child(cmd[1], cmd[2:])
+            if "error" in r:
+                print(f"| {config} | failed (exit {r['returncode']}): {' / '.join(r['error'])} |")
+                rows.append({"config": config, **r})
                 continue
-            r = json.loads(lines[-1][len("RESULT ") :])
             rows.append(r)
             kw = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
             print(

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import run_child
 
 N_QUERY, TOPK, D_IN, SEQ = 100, 10, 32, 32
 
@@ -198,14 +198,11 @@ def main(argv: list[str] | None = None) -> None:
             cmd += ["--n-train", str(n)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                print(f"| {config} | failed (exit {proc.returncode}): {' / '.join(tail)} |")
-                rows.append({"config": config, "error": tail, "returncode": proc.returncode})
+            r = run_child(cmd[1], cmd[2:])
+            if "error" in r:
+                print(f"| {config} | failed (exit {r['returncode']}): {' / '.join(r['error'])} |")
+                rows.append({"config": config, **r})
                 continue
-            r = json.loads(lines[-1][len("RESULT ") :])
             rows.append(r)
             print(
                 f"| {config} | {r['method']} | {r['n_train']:,} | {r['fit_s']:.1f} | "

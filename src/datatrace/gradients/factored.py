@@ -29,7 +29,13 @@ from dataclasses import dataclass
 import torch
 
 from datatrace.errors import ModelError
-from datatrace.gradients.hooks import LayerFactors, _matrix_shape, _outer_sum, hookable_modules
+from datatrace.gradients.hooks import (
+    LayerFactors,
+    _matrix_shape,
+    _outer_sum,
+    hookable_modules,
+    is_transposed,
+)
 from datatrace.task import Task
 
 __all__ = [
@@ -145,7 +151,7 @@ class ParamLayout:
                     int(width),
                     offsets[w] if w is not None else None,
                     offsets[b] if b is not None else None,
-                    not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)),
+                    is_transposed(module),
                 )
             )
         spans = [

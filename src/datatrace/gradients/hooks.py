@@ -177,11 +177,16 @@ def _layer_grad(module: nn.Module, gz: torch.Tensor) -> torch.Tensor:
     return gz.reshape(gz.shape[0], -1, gz.shape[-1])
 
 
+def is_transposed(module: nn.Module) -> bool:
+    """Whether the layer stores its weight ``(I, O)``, transposed (transformers' ``Conv1D``)."""
+    return not isinstance(module, (nn.Linear, nn.Conv2d))
+
+
 def _matrix_shape(module: nn.Module) -> tuple[int, int]:
     """``(O, I)`` of the layer's gradient matrix (conv weights flattened)."""
     w = module.weight
     assert isinstance(w, torch.Tensor)  # a supported layer (see _is_supported)
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
+    if not is_transposed(module):
         return int(w.shape[0]), int(w[0].numel())
     return int(w.shape[1]), int(w.shape[0])  # Conv1D: the weight is stored (I, O)
 
@@ -328,7 +333,7 @@ def hook_pass(
         elif b is not None:
             a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
         weight_shape = tuple(module.weight.shape)
-        transposed = not isinstance(module, (nn.Linear, nn.Conv2d))
+        transposed = is_transposed(module)
         factors.append(LayerFactors(mname, a, g, w, b, weight_shape, transposed))
     captured: dict[str, Captured] = {}
     j = 0
