@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from datatrace import Task, distributed, make_attributor
 from datatrace.data import iter_batch_range, iter_batches, num_batches
 from datatrace.errors import ConfigError, StoreError
 from datatrace.store import Store, fingerprint_batch
-from tests.distributed import scenarios
+from tests.distributed import run_torchrun, scenarios
 from tests.models import mlp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,21 +134,11 @@ def test_every_rank_refuses_different_queries_and_a_stale_store(runs):
 
 def test_torchrun_two_processes_equal_single_process(tmp_path):
     out = tmp_path / "scores.pt"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={WORLD}",
+    proc = run_torchrun(
+        WORLD,
         str(Path(__file__).with_name("torchrun_script.py")),
         str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)
     assert got["world_size"] == WORLD

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ import datatrace.bench.cache as cache
 from datatrace.bench.cache import lds_ground_truth, loo_ground_truth
 from datatrace.cli import main
 from tests.distributed import groundtruth_scenarios as gs
+from tests.distributed import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -134,17 +132,8 @@ def test_a_failure_or_different_arguments_are_raised_on_every_rank(runs):
 
 
 def test_cli_groundtruth_under_torchrun(tmp_path, monkeypatch):
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={WORLD}",
+    proc = run_torchrun(
+        WORLD,
         "-m",
         "tests.distributed.groundtruth_scenarios",
         "groundtruth",
@@ -154,8 +143,7 @@ def test_cli_groundtruth_under_torchrun(tmp_path, monkeypatch):
         "--workers=1",
         f"--cache={tmp_path}",
         "--quiet",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "noise ceiling" in line]
     assert len(lines) == 1 and lines[0].startswith("test-blobs: 3 subsets x 2 seeds"), proc.stdout
