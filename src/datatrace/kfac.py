@@ -256,14 +256,18 @@ def _sample_labels(
     # Draws come from the examples' CPU streams, so labels do not depend on the device: one
     # transfer of the batch's outputs (in the working dtype: no half-precision softmax).
     z_cpu, labels_cpu = z.to("cpu", working_dtype(z.dtype)), labels.to("cpu")
-    # per example all its draws in a row: its stream, not the batch, fixes them
-    per_example = [
-        [_draw(task, z_cpu[i], labels_cpu[i], g) for _ in range(samples)]
-        for i, g in enumerate(gens)
-    ]
+    if task.loss_name == "mse":
+        # per example all its draws in a row: its stream, not the batch, fixes them
+        per_example = [
+            [_draw_mse(z_cpu[i], labels_cpu[i], g) for _ in range(samples)]
+            for i, g in enumerate(gens)
+        ]
+        drawn_sets = [torch.stack([draws[j] for draws in per_example]) for j in range(samples)]
+    else:
+        drawn_sets = list(_categorical_draws(task, z_cpu, gens, samples).unbind(1))
     out = []
-    for j in range(samples):
-        drawn = torch.stack([draws[j] for draws in per_example]).to(z.device)
+    for drawn in drawn_sets:
+        drawn = drawn.to(z.device)
         if task.loss_name == "lm":  # position t predicts token t + 1
             full = labels.clone()
             full[:, 1:] = torch.where(
@@ -274,14 +278,37 @@ def _sample_labels(
     return out
 
 
-def _draw(task: Task, z: torch.Tensor, label: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One label for one example from its output ``z`` (``lm``: one token per position)."""
-    if task.loss_name == "cross_entropy":
-        return torch.multinomial(torch.softmax(z.reshape(-1), -1), 1, generator=gen)[0]
-    if task.loss_name == "mse":  # 0.5 ||z - y||² is the NLL of y ~ N(z, I)
-        noise = torch.randn(label.shape, generator=gen, dtype=z.dtype).to(z.device)
-        return z.reshape(label.shape) + noise
-    return torch.multinomial(torch.softmax(z, -1), 1, generator=gen)[:, 0]
+_DRAW_CHUNK = 1 << 22  # float64 CDF entries per step of _categorical_draws
+
+
+def _categorical_draws(
+    task: Task, z: torch.Tensor, gens: list[torch.Generator], samples: int
+) -> torch.Tensor:
+    """``(B, samples, ...)`` labels drawn from the softmax of each example's outputs.
+
+    Inverse-CDF sampling: example ``i`` draws ``samples x P`` uniforms from its own stream
+    (``P`` = 1 categorical over all its outputs for ``cross_entropy``, one per position for
+    ``lm``), in a row, so a draw depends on the example's stream only; the CDF lookups of the
+    whole batch are one vectorized ``searchsorted`` (float64, chunked over examples).
+    """
+    b = z.shape[0]
+    per = z.reshape(b, 1, -1) if task.loss_name == "cross_entropy" else z
+    p, v = per.shape[1], per.shape[2]
+    u = torch.stack([torch.rand(samples, p, generator=g, dtype=torch.float64) for g in gens])
+    out = torch.empty(b, samples, p, dtype=torch.long)
+    step = max(1, _DRAW_CHUNK // max(1, p * v))
+    for lo in range(0, b, step):
+        cdf = torch.softmax(per[lo : lo + step].to(torch.float64), -1).cumsum(-1)
+        # first class whose CDF exceeds u: class k with probability p_k, never a zero one
+        idx = torch.searchsorted(cdf, u[lo : lo + step].transpose(1, 2).contiguous(), right=True)
+        out[lo : lo + step] = idx.transpose(1, 2).clamp_max(v - 1)
+    return out[:, :, 0] if task.loss_name == "cross_entropy" else out
+
+
+def _draw_mse(z: torch.Tensor, label: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One target for one example: ``0.5 ||z - y||²`` is the NLL of ``y ~ N(z, I)``."""
+    noise = torch.randn(label.shape, generator=gen, dtype=z.dtype).to(z.device)
+    return z.reshape(label.shape) + noise
 
 
 def _output_hessian_sqrt(task: Task, z: torch.Tensor, split: _SplitBatch) -> torch.Tensor:

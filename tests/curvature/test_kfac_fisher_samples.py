@@ -13,14 +13,15 @@ RTOL = 1e-10
 
 
 def _drawn_labels(model, x, seed, k):
-    """Label sets j = 0..k-1: the j-th draw from each example's own stream."""
+    """Label sets j = 0..k-1: the j-th uniform of each example's own stream, mapped through
+    the predictive CDF (the label is the number of classes whose CDF is <= u)."""
     with torch.no_grad():
-        p = torch.softmax(model(x), -1)
+        cdf = torch.softmax(model(x).double(), -1).cumsum(-1)
     sets = torch.zeros(k, x.shape[0], dtype=torch.long)
     for i in range(x.shape[0]):
-        g = _example_generator(seed, i)
+        u = torch.rand(k, 1, generator=_example_generator(seed, i), dtype=torch.float64)
         for j in range(k):
-            sets[j, i] = torch.multinomial(p[i], 1, generator=g)[0]
+            sets[j, i] = int((cdf[i] <= u[j, 0]).sum())
     return sets
 
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -261,6 +261,8 @@ class InfluenceAttributor(Attributor):
     def __init__(self, task: Any, **kwargs: Any) -> None:
         super().__init__(task, **kwargs)
         self._solver = make_solver(self.config.solver, **self.config.solver_options)
+        # member index -> (preconditioned query block, its per-layer split): see _query_matrices
+        self._query_cache: dict[int, tuple[torch.Tensor, Any]] = {}
         cfg = self.config
         if cfg.train_features == "factored" and self._groups_arg is not None:
             raise ConfigError(
@@ -392,7 +394,33 @@ class InfluenceAttributor(Attributor):
             )
         return out
 
+    def _score_blocks(
+        self, queries: Any, local: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            yield from super()._score_blocks(queries, local)
+        finally:  # the per-layer query split lives for one attribute call
+            self._query_cache.clear()
+
     # ------------------------------------------------------------------ factored path
+    def _query_matrices(
+        self, ctx: MemberContext, q: torch.Tensor
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, list[torch.Tensor] | None]:
+        """The preconditioned queries ``q`` split per layer (low-rank pairs or full matrices),
+        split once per query block: ``_combine`` meets the same ``q`` for every train block."""
+        cached = self._query_cache.get(ctx.index)
+        if cached is not None and cached[0] is q:
+            return cached[1]
+        layout: ParamLayout = ctx.fitted["layout"]
+        rank = self.config.query_rank
+        split = (
+            (_unpack_low_rank(layout, q, rank), None)
+            if rank is not None
+            else (None, [m.contiguous() for m in layout.to_matrices(q)])
+        )
+        self._query_cache[ctx.index] = (q, split)
+        return split
+
     def _train_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
         if not self._factored:
             return super()._train_features(ctx, batch)
@@ -404,14 +432,10 @@ class InfluenceAttributor(Attributor):
     ) -> torch.Tensor:
         if not self._factored:
             return super()._combine(ctx, q, train, start)
-        layout: ParamLayout = ctx.fitted["layout"]
-        rank = self.config.query_rank
-        queries = _unpack_low_rank(layout, q, rank) if rank is not None else None
-        full = layout.to_matrices(q) if rank is None else None
+        queries, full = self._query_matrices(ctx, q)
         total = q.new_zeros(q.shape[0], train.shape[0])
-        for j, part in enumerate(FactorCodec(layout).decode(train)):
-            if rank is None:
-                assert full is not None
+        for j, part in enumerate(FactorCodec(ctx.fitted["layout"]).decode(train)):
+            if full is not None:
                 total += _contract(full[j], part)
             else:
                 assert queries is not None
