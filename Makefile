@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv bench demo test lint typecheck clean
+.PHONY: venv bench demo test lint typecheck docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: venv
 
 typecheck: venv
 	$(BIN)/mypy
+
+# the documentation site (mkdocs.yml), into out/site; warnings fail the build
+docs: venv
+	$(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV)

@@ -1,9 +1,11 @@
 """Scores save/load (safetensors, no pickle) and NumPy export."""
 
+import builtins
+
 import pytest
 import torch
 
-from datatrace import DataError, GradDotAttributor, Scores, Task
+from datatrace import DataError, GradDotAttributor, MissingDependencyError, Scores, Task
 from tests.models import classification_data, mlp
 
 
@@ -45,3 +47,29 @@ def test_load_refuses_missing_and_foreign_files(tmp_path):
     save_file({"values": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(DataError, match="not a datatrace scores file"):
         Scores.load(tmp_path / "other.safetensors")
+
+
+def test_to_pandas_has_queries_as_rows_and_units_as_columns():
+    pd = pytest.importorskip("pandas")
+    values = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, -3.0]], dtype=torch.float64)
+    scores = Scores(values, torch.tensor([7, 3, 9]), torch.tensor([4, 1]), "grad-dot")
+    df = scores.to_pandas()
+    assert isinstance(df, pd.DataFrame)
+    assert df.index.tolist() == [4, 1] and df.columns.tolist() == [7, 3, 9]
+    assert (df.index.name, df.columns.name) == ("query", "unit")
+    assert df.loc[1, 9] == -3.0 and df.to_numpy().dtype == "float64"
+    assert torch.equal(torch.tensor(df.to_numpy()), values)
+
+
+def test_to_pandas_without_pandas_names_the_package(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_pandas(name, *args, **kwargs):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError("No module named 'pandas'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pandas)
+    with pytest.raises(MissingDependencyError, match="pip install pandas") as info:
+        Scores(torch.zeros(1, 2)).to_pandas()
+    assert isinstance(info.value, ImportError)  # `except ImportError` still catches it

@@ -10,11 +10,13 @@ from datatrace.errors import (
     ConfigError,
     DataError,
     DatatraceError,
+    MissingDependencyError,
     ModelError,
     NotFittedError,
     NumericalError,
     StoreError,
 )
+from datatrace.group import Grouping, make_grouper
 from datatrace.lora import LoRAMember, lora_members, train_lora_members
 from datatrace.methods import (
     METHODS,
@@ -29,6 +31,7 @@ from datatrace.methods import (
     TRAKAttributor,
     make_attributor,
 )
+from datatrace.recording import CheckpointRecorder, load_trajectory
 from datatrace.scores import Scores, TopK
 from datatrace.task import Checkpoint, Target, Task
 
@@ -38,15 +41,18 @@ __all__ = [
     "METHODS",
     "Attributor",
     "Checkpoint",
+    "CheckpointRecorder",
     "ConfigError",
     "DataError",
     "DatatraceError",
     "DropoutMember",
     "GradCosAttributor",
     "GradDotAttributor",
+    "Grouping",
     "InfluenceAttributor",
     "LoGraAttributor",
     "LoRAMember",
+    "MissingDependencyError",
     "ModelError",
     "NotFittedError",
     "NumericalError",
@@ -61,7 +67,9 @@ __all__ = [
     "TracInAttributor",
     "dropout_members",
     "independent_members",
+    "load_trajectory",
     "lora_members",
     "make_attributor",
+    "make_grouper",
     "train_lora_members",
 ]

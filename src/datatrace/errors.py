@@ -33,3 +33,7 @@ class NotFittedError(DatatraceError, RuntimeError):
 
 class StoreError(DatatraceError, RuntimeError):
     """A store that does not match the job reusing it, or is corrupt."""
+
+
+class MissingDependencyError(DatatraceError, ImportError):
+    """An optional package that a feature needs is not installed (the message names it)."""

@@ -641,7 +641,7 @@ class KMeansReprGrouper(_KMeansGrouper):
 
     Args:
         module: name of the module whose input is clustered.
-        (others as :class:`Grouper` and ``max_iter``/``standardize`` of k-means.)
+        **kw: ``batch_size`` as :class:`Grouper`; ``max_iter``, ``standardize`` and ``balanced`` of k-means.
 
     Example:
         >>> from datatrace import Task
@@ -695,7 +695,7 @@ class KMeansGradGrouper(_KMeansGrouper):
 
     Args:
         proj_dim: features per layer of the factored projection (a perfect square).
-        (others as :class:`Grouper` and ``max_iter``/``standardize`` of k-means.)
+        **kw: ``batch_size`` as :class:`Grouper`; ``max_iter``, ``standardize`` and ``balanced`` of k-means.
 
     Example:
         >>> from datatrace import Task

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from datatrace.errors import DataError
+from datatrace.errors import DataError, MissingDependencyError
 
 __all__ = ["Scores", "TopK", "streaming_topk"]
 
@@ -87,6 +87,34 @@ class Scores:
         """``values`` as a NumPy array (on the CPU; bfloat16 is widened to float32)."""
         values = self.values.detach().cpu()
         return (values.float() if values.dtype == torch.bfloat16 else values).numpy()
+
+    def to_pandas(self) -> Any:
+        """``values`` as a ``pandas.DataFrame``: one row per query, one column per unit.
+
+        The index holds ``query_ids`` (named ``"query"``), the columns ``unit_ids`` (named
+        ``"unit"``); ``.stack()`` gives the long format. pandas is optional.
+
+        Raises:
+            MissingDependencyError: pandas is not installed.
+
+        Example:
+            >>> df = Scores(torch.tensor([[0.5, -1.0]]), method="grad-dot").to_pandas()
+            >>> float(df.loc[0, 1])
+            -1.0
+        """
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise MissingDependencyError(
+                "Scores.to_pandas needs pandas, which is not installed; install it with "
+                "pip install pandas, or use Scores.to_numpy()."
+            ) from exc
+        assert self.unit_ids is not None and self.query_ids is not None
+        return pd.DataFrame(
+            self.to_numpy(),
+            index=pd.Index(self.query_ids.tolist(), name="query"),
+            columns=pd.Index(self.unit_ids.tolist(), name="unit"),
+        )
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the scores to one safetensors file (no pickle), atomically.

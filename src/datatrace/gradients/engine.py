@@ -182,7 +182,10 @@ def compute_group_grads(
         batch: one batch.
         members: ``(G, k)`` batch indices of each group's members, ``-1`` as padding (see
             :func:`group_members`).
-        state, which, engine, chunk_size: as :func:`compute_per_sample_grads`.
+        state: as :func:`compute_per_sample_grads`.
+        which: as :func:`compute_per_sample_grads`.
+        engine: as :func:`compute_per_sample_grads`.
+        chunk_size: as :func:`compute_per_sample_grads`.
 
     Example:
         >>> task = Task(torch.nn.Linear(3, 2).eval())

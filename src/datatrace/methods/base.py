@@ -50,6 +50,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from tqdm.auto import tqdm
+from typing_extensions import Self
 
 from datatrace import distributed
 from datatrace.data import (
@@ -322,7 +323,7 @@ class Attributor(ABC):
         return False
 
     # ------------------------------------------------------------------ public API
-    def fit(self, train: Any) -> Attributor:
+    def fit(self, train: Any) -> Self:
         """Featurize ``train`` for every member and do the per-train-set work once.
 
         With ``device=`` the task's model is first moved there in place. ``train`` may live
