@@ -6,7 +6,8 @@ An :class:`EnsembleSpec` names one ensemble of a benchmark run (DESIGN.md §8 id
   naive ensemble; seed 0 is the benchmark's model).
 - ``dropout:K``: K fixed masks (:class:`~datatrace.ensemble.DropoutMember`) of the seed-0
   model's own ``nn.Dropout`` layers, or of the outputs of ``layers`` at ``rate`` (injected
-  dropout). A setting whose model has no dropout layers needs ``layers`` and ``rate``.
+  dropout). A setting whose model has no dropout layers needs ``layers`` and ``rate``. With
+  ``models=M`` the masks go round robin over the models of seeds ``0 .. M-1`` (M trainings).
 - ``lora:K``: the seed-0 model plus K LoRA adapters of rank ``rank`` on every ``nn.Linear``,
   each fine-tuned from it for ``epochs`` epochs of Adam at ``lr`` with its own seed and
   data order (:func:`~datatrace.lora.train_lora_members`); gradients w.r.t. the adapters.
@@ -41,7 +42,7 @@ ENSEMBLE_KINDS: tuple[str, ...] = ("independent", "dropout", "lora")
 # Options each kind accepts after ``kind:K`` (``key=value``); the others are refused.
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "independent": (),
-    "dropout": ("rate", "layers"),
+    "dropout": ("rate", "layers", "models"),
     "lora": ("rank", "epochs", "lr"),
 }
 _LORA_DEFAULTS = {"rank": 4, "epochs": 5, "lr": 1e-2}
@@ -60,6 +61,8 @@ class EnsembleSpec:
         rank: LoRA only: adapter rank (default 4).
         epochs: LoRA only: fine-tuning epochs per adapter (default 5).
         lr: LoRA only: Adam learning rate of the adapters (default 1e-2).
+        models: dropout only: trained models the masks go round robin over (seeds
+            ``0 .. models-1``; default 1, the seed-0 model).
 
     Example:
         >>> EnsembleSpec("dropout", 4, rate=0.1, layers=("5", "7")).label
@@ -73,6 +76,7 @@ class EnsembleSpec:
     rank: int | None = None
     epochs: int | None = None
     lr: float | None = None
+    models: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ENSEMBLE_KINDS:
@@ -84,7 +88,9 @@ class EnsembleSpec:
                 f"ensemble {self.kind}:{self.k} needs K >= 1 members (an int); got {self.k!r}."
             )
         given = [
-            n for n in ("rate", "layers", "rank", "epochs", "lr") if getattr(self, n) is not None
+            n
+            for n in ("rate", "layers", "rank", "epochs", "lr", "models")
+            if getattr(self, n) is not None
         ]
         foreign = [n for n in given if n not in _OPTIONS[self.kind]]
         if foreign:
@@ -110,12 +116,12 @@ class EnsembleSpec:
             and 0 <= self.rate < 1
         ):
             raise ConfigError(f"dropout rate must be a probability in [0, 1); got {self.rate!r}.")
-        for name in ("rank", "epochs"):
+        for name in ("rank", "epochs", "models"):
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
-                raise ConfigError(f"LoRA {name} must be an int >= 1; got {value!r}.")
+                raise ConfigError(f"{self.kind} {name} must be an int >= 1; got {value!r}.")
         if self.lr is not None and not (
             isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and self.lr > 0
         ):
@@ -188,7 +194,7 @@ def _option(kind: str, pair: str) -> tuple[str, Any]:
     if key == "layers":
         return key, tuple(text.split("+"))
     try:
-        return key, (int(text) if key in ("rank", "epochs") else float(text))
+        return key, (int(text) if key in ("rank", "epochs", "models") else float(text))
     except ValueError:
         raise ConfigError(f"ensemble option {key}={text!r} of {kind!r} must be a number.") from None
 
@@ -332,14 +338,21 @@ class MemberBank:
                 sum(_state_bytes(t) for t in trajectories),
             )
         if spec.kind == "dropout":
-            base = self.trajectory if reads_trajectory else self.trajectory[-1:]
+            runs = [self._model(seed) for seed in range(spec.models or 1)]
+            bases = [t if reads_trajectory else t[-1:] for t, _ in runs]
             members = dropout_members(
                 spec.k,
                 rate=spec.rate,
                 layers=spec.layers,
-                models=[list(self.trajectory)] if reads_trajectory else None,
+                models=[list(b) for b in bases] if reads_trajectory or len(runs) > 1 else None,
             )
-            return EnsembleCost(list(members), self.seed0_s, 1, 0, _state_bytes(base))
+            return EnsembleCost(
+                list(members),
+                sum(s for _, s in runs),
+                len(runs),
+                0,
+                sum(_state_bytes(b) for b in bases),
+            )
         # Adapters are fine-tuned from the final weights; members read only those.
         adapters = self._lora(spec)
         adapter_bytes = sum(
