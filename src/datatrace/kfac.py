@@ -312,7 +312,13 @@ def _draw_mse(z: torch.Tensor, label: torch.Tensor, gen: torch.Generator) -> tor
 
 
 def _output_hessian_sqrt(task: Task, z: torch.Tensor, split: _SplitBatch) -> torch.Tensor:
-    """``(B, D, D)`` square roots ``S`` with ``S Sᵀ`` = each example's output Hessian (PSD part)."""
+    """``(B, D, D)`` square roots ``S`` with ``S Sᵀ`` = each example's output Hessian (PSD part).
+
+    Computed in the working dtype (a half-precision model's outputs are upcast: no
+    half-precision eigensolver) and returned in the outputs' dtype, for their backward pass.
+    """
+    out_dtype = z.dtype
+    z = z.to(working_dtype(z.dtype))
     b, d = z.shape[0], z[0].numel()
     if d > MAX_EXACT_OUTPUTS:
         raise ConfigError(
@@ -329,7 +335,7 @@ def _output_hessian_sqrt(task: Task, z: torch.Tensor, split: _SplitBatch) -> tor
     cols = vmap(lambda t: jvp(grad(loss), (z,), (t,))[1])(tangents)
     h = cols.reshape(d, b, d).permute(1, 2, 0)
     evals, evecs = torch.linalg.eigh((h + h.transpose(1, 2)) / 2)
-    return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)
+    return (evecs * evals.clamp_min(0).sqrt().unsqueeze(1)).to(out_dtype)
 
 
 @dataclass

@@ -28,6 +28,8 @@ OPTIONS = {
     "grad-dot": {},
     "trak": {"proj_dim": 32},
     "if-ekfac": {"damping": "heuristic", "fisher": "empirical"},
+    # the output-Hessian roots of fisher="exact" are computed in float32 (no bf16 eigh)
+    "if-kfac": {"damping": "heuristic", "fisher": "exact"},
     "logra": {"proj_dim_in": 4, "proj_dim_out": 4, "fisher": "empirical"},
 }
 MIN_SPEARMAN = {torch.bfloat16: 0.995, torch.float16: 0.999}  # measured >= 0.9989, 0.9999
