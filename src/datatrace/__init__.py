@@ -27,8 +27,10 @@ from datatrace.methods import (
     SourceAttributor,
     TracInAttributor,
     TRAKAttributor,
+    UnrolledAttributor,
     make_attributor,
 )
+from datatrace.replay import TrainingRecipe
 from datatrace.scores import Scores, TopK
 from datatrace.task import Checkpoint, Target, Task
 
@@ -59,6 +61,8 @@ __all__ = [
     "Task",
     "TopK",
     "TracInAttributor",
+    "TrainingRecipe",
+    "UnrolledAttributor",
     "dropout_members",
     "independent_members",
     "lora_members",
