@@ -164,6 +164,10 @@ class UnrolledAttributor(Attributor):
             )
         self._recipes = recipes
 
+    def _store_config(self) -> dict[str, Any]:
+        # the scores' config says which run they differentiate (no tensors)
+        return {**super()._store_config(), "recipes": [r.to_json() for r in self._recipes]}
+
     # ------------------------------------------------------------------ fit: replay and check
     def _recomputes_train_features(self, members: Sequence[Member]) -> bool:
         if len(self._recipes) != len(members):
