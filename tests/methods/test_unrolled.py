@@ -347,3 +347,13 @@ def test_conformance_one_member_equals_plain_method(data):
         rtol=1e-10,
         atol=1e-13,
     )
+
+
+def test_checkpointing_keeps_every_kth_state_only(data):
+    train_data, _ = data
+    model, recipe = recorded("adam", train_data)  # 9 steps
+    for segment_steps, kept in ((None, [0, 3, 6]), (2, [0, 2, 4, 6, 8]), (STEPS, [0])):
+        attr = UnrolledAttributor(Task(model), recipe=recipe, segment_steps=segment_steps)
+        saved = attr.fit(train_data)._contexts[0].fitted["saved"]
+        assert sorted(saved) == kept  # ceil(sqrt(9)) = 3 by default: O(sqrt(T)) states
+        assert all(len(s.slots["exp_avg"]) == 4 for s in saved.values())  # optimizer state too
