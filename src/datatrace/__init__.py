@@ -29,9 +29,11 @@ from datatrace.methods import (
     SourceAttributor,
     TracInAttributor,
     TRAKAttributor,
+    UnrolledAttributor,
     make_attributor,
 )
 from datatrace.recording import CheckpointRecorder, load_trajectory
+from datatrace.replay import TrainingRecipe
 from datatrace.scores import Scores, TopK
 from datatrace.task import Checkpoint, Target, Task
 
@@ -65,6 +67,8 @@ __all__ = [
     "Task",
     "TopK",
     "TracInAttributor",
+    "TrainingRecipe",
+    "UnrolledAttributor",
     "dropout_members",
     "independent_members",
     "load_trajectory",

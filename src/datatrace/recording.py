@@ -13,6 +13,22 @@ multi-stage runs (pretrain -> fine-tune), the training indices of the stage it b
     recorder.record(model, step, optimizer=opt)            # the final model, always
     task = Task(model, checkpoints=recorder.trajectory)    # or load_trajectory("run/")
 
+The ``unrolled`` method replays the run instead, and needs its *recipe*
+(:class:`datatrace.replay.TrainingRecipe`): the initial weights, the indices and learning
+rate of every optimizer step, the optimizer's hyperparameters and, where the loop drew random
+numbers, the seed of every step. The same recorder captures it::
+
+    recorder.attach(model, opt)                            # before the first step
+    for idx in order:                                      # idx: training indices of a step
+        opt.zero_grad(); loss_fn(model(x[idx]), y[idx]).backward(); opt.step()
+        recorder.record_step(idx)                          # after opt.step()
+    recipe = recorder.recipe(model)                        # final weights: the model's now
+
+The learning rate, and the check that the hyperparameters did not change, are read by a hook
+on ``opt.step`` (so a scheduler may change the rate between steps); a ``record_step`` must
+follow every ``opt.step`` exactly once, which refuses gradient accumulation the recorder
+cannot see.
+
 Convention: a checkpoint recorded at step ``s`` holds the weights *after* ``s`` optimizer
 steps; its learning rate and training indices describe the steps that led to it (since the
 previous checkpoint). On disk every file (``step-<s>.pt`` and ``trajectory.json``) is written
@@ -33,6 +49,7 @@ import torch
 from torch import nn
 
 from datatrace.errors import ConfigError, DataError, ModelError
+from datatrace.replay import OptimizerSpec, ReplayStep, TrainingRecipe
 from datatrace.task import Checkpoint
 
 __all__ = ["CheckpointRecorder", "load_trajectory"]
@@ -202,6 +219,59 @@ class CheckpointRecorder:
         self._stages: list[tuple[int, ...]] = []
         self._entries: list[dict[str, Any]] = []
         self.trajectory: list[Checkpoint] = []
+        self._run: _RunRecord | None = None
+
+    # ------------------------------------------------------------------ replay recipe
+    def attach(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        reduction: str = "mean",
+        augment: Any = None,
+    ) -> None:
+        """Start recording the run's recipe: call before the first ``optimizer.step()``.
+
+        Args:
+            model: the model about to be trained (its current state is the initial one).
+            optimizer: its optimizer (SGD, Adam or AdamW; refused otherwise), with no state yet.
+            reduction: how the loop combines a batch's per-example losses: ``"mean"`` or
+                ``"sum"``.
+            augment: ``augment(batch, generator) -> batch`` when the loop augments each
+                batch with a generator seeded by the step's seed (every step then needs one).
+
+        Raises:
+            ConfigError: an optimizer or model the replay cannot reproduce (named).
+        """
+        if not isinstance(model, nn.Module):
+            raise ModelError(
+                f"attach() needs the nn.Module being trained; got {type(model).__name__}."
+            )
+        if self._run is not None:
+            raise ConfigError("this recorder is already attached to a run; use a new recorder.")
+        self._run = _RunRecord(model, optimizer, reduction, augment)
+
+    def record_step(self, indices: Any, *, seed: int | None = None) -> None:
+        """Record the optimizer step just taken: the training indices of its batch.
+
+        Args:
+            indices: the training examples the step's loss summed over (ints or a 1-D integer
+                tensor; repeats allowed).
+            seed: the seed the loop gave ``torch.manual_seed`` right before this step's
+                forward pass (needed for dropout in train mode and for augmentation).
+        """
+        if self._run is None:
+            raise ConfigError(
+                "record_step() before attach(): call recorder.attach(model, optimizer) before "
+                "the first optimizer step."
+            )
+        self._run.record_step(indices, seed)
+
+    def recipe(self, model: nn.Module) -> TrainingRecipe:
+        """The recorded recipe, with ``model``'s current weights as the final ones."""
+        if self._run is None:
+            raise ConfigError("recipe() before attach(): nothing was recorded.")
+        return self._run.recipe(model)
 
     # ------------------------------------------------------------------ stages
     def set_stage(self, train_indices: Any) -> None:
@@ -311,6 +381,126 @@ class CheckpointRecorder:
         }
         text = json.dumps(manifest).encode()
         _atomic_write(self.directory / MANIFEST, lambda fh: fh.write(text))
+
+
+class _RunRecord:
+    """What :meth:`CheckpointRecorder.attach` captures and its optimizer hook collects."""
+
+    def __init__(self, model: nn.Module, optimizer: Any, reduction: str, augment: Any) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"attach() needs the torch.optim optimizer; got {type(optimizer).__name__}."
+            )
+        self.spec = OptimizerSpec.from_optimizer(optimizer)
+        if reduction not in ("mean", "sum"):
+            raise ConfigError(f"reduction must be 'mean' or 'sum'; got {reduction!r}.")
+        if augment is not None and not callable(augment):
+            raise ConfigError(f"augment must be a callable; got {type(augment).__name__}.")
+        if any(len(s) for s in optimizer.state.values()):
+            raise ConfigError(
+                "the optimizer already holds state (it has stepped); attach() before its first "
+                "step, so that the replay starts where the run did."
+            )
+        names = {id(p): n for n, p in model.named_parameters()}
+        trained = [p for g in optimizer.param_groups for p in g["params"]]
+        foreign = [i for i, p in enumerate(trained) if id(p) not in names]
+        if foreign:
+            raise ModelError(
+                f"the optimizer updates {len(foreign)} tensor(s) that are not parameters of the "
+                "model; the replay trains the model's parameters only."
+            )
+        order = list(names.values())
+        self.params = tuple(sorted({names[id(p)] for p in trained}, key=order.index))
+        self.model_type = type(model).__name__
+        self.train_mode = self._check_modules(model)
+        self.reduction = reduction
+        self.augment = augment
+        self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.steps: list[ReplayStep] = []
+        self.pending: list[float] = []
+        self.handle = optimizer.register_step_pre_hook(self._before_step)
+
+    @staticmethod
+    def _check_modules(model: nn.Module) -> bool:
+        """Whether random modules run in train mode; refuses what replay cannot redo."""
+        random = []
+        for name, m in model.named_modules():
+            if not m.training:
+                continue
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                raise ConfigError(
+                    f"module {name or type(m).__name__!r} ({type(m).__name__}) is in train mode "
+                    "and updates running statistics, which the replay does not reproduce; "
+                    "freeze it (eval mode) during training or use LayerNorm/GroupNorm."
+                )
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+                random.append(name)
+        return bool(random)
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if OptimizerSpec.from_optimizer(optimizer) != self.spec:
+            raise ConfigError(
+                f"the optimizer's hyperparameters changed during the run (now "
+                f"{OptimizerSpec.from_optimizer(optimizer)}, at the start {self.spec}); the replay "
+                "supports a changing learning rate only."
+            )
+        lrs = {float(g["lr"]) for g in optimizer.param_groups}
+        if len(lrs) != 1:
+            raise ConfigError(
+                f"the optimizer's parameter groups use different learning rates {sorted(lrs)}; "
+                "the replay needs one learning rate per step."
+            )
+        self.pending.append(lrs.pop())
+
+    def record_step(self, indices: Any, seed: int | None) -> None:
+        step = len(self.steps) + 1
+        if len(self.pending) != 1:
+            raise ConfigError(
+                f"record_step() for step {step} follows {len(self.pending)} optimizer steps; call "
+                "it once after every optimizer.step(). Gradient accumulation (several batches per "
+                "step) is not replayable: record one step per optimizer.step() with all of its "
+                "indices only if the loss is one mean over them."
+            )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(f"seed must be an int or None; got {seed!r}.")
+        values = _step_indices(indices)
+        self.steps.append(ReplayStep(values, self.pending.pop(), seed))
+
+    def recipe(self, model: nn.Module) -> TrainingRecipe:
+        if self.pending:
+            raise ConfigError(
+                f"the optimizer stepped {len(self.pending)} time(s) since the last "
+                "record_step(); record every step before asking for the recipe."
+            )
+        return TrainingRecipe(
+            initial_state=self.initial,
+            optimizer=self.spec,
+            steps=tuple(self.steps),
+            params=self.params,
+            final_state={k: v.detach().clone() for k, v in model.state_dict().items()},
+            reduction=self.reduction,  # type: ignore[arg-type]
+            train_mode=self.train_mode,
+            augment=self.augment,
+        )
+
+
+def _step_indices(indices: Any) -> tuple[int, ...]:
+    if isinstance(indices, torch.Tensor):
+        if indices.ndim != 1 or indices.is_floating_point() or indices.dtype == torch.bool:
+            raise DataError(
+                f"a step's indices must be a 1-D integer tensor or a sequence of ints; got shape "
+                f"{tuple(indices.shape)} and dtype {indices.dtype}."
+            )
+        values = tuple(int(i) for i in indices.tolist())
+    else:
+        values = tuple(indices)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in values):
+            raise DataError(f"a step's indices must be ints; got {list(values)[:5]!r}.")
+    if not values or min(values) < 0:
+        raise DataError(
+            f"a step trains on >= 1 example with indices >= 0; got {list(values)[:5]!r}."
+        )
+    return values
 
 
 def load_trajectory(directory: str | Path) -> list[Checkpoint]:

@@ -120,3 +120,17 @@ def test_layer_methods_track_only_linear_layers_of_a_language_model():
         assert set(_attributor(setting, model, [], job, {}).task.tracked_names) == linear
     job = MethodJob(setting, "grad-dot", [{}], {}, [], torch.zeros(1, 1), torch.zeros(1, 1))
     assert len(_attributor(setting, model, [], job, {}).task.tracked_names) > len(linear)
+
+
+def test_a_replaying_method_gets_the_recipe_of_the_run(tmp_path):
+    setting = Blobs()
+    recipe = setting.train_recipe(seed=0)[1]
+    job, _, model = _job(setting, tmp_path, "unrolled", [{}], recipe=recipe)
+    result = run_method(job)
+    assert result.values is not None, result.grid
+    direct = make_attributor("unrolled", setting.make_task(model), recipe=recipe, batch_size=256)
+    expected = direct.fit(setting.data.train).attribute(setting.data.queries("all")).values
+    torch.testing.assert_close(result.values, expected, rtol=1e-10, atol=1e-12)
+    # without a recipe the grid point fails with the reason, and nothing else breaks
+    failed = run_method(_job(setting, tmp_path, "unrolled", [{}])[0])
+    assert failed.values is None and "recipe=" in failed.grid[0]["error"]

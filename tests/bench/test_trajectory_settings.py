@@ -86,3 +86,34 @@ def test_bad_fields_are_refused():
         DigitsMLPTwoStage(finetune_lr=0.0)
     with pytest.raises(ConfigError, match="pretrain_epochs"):
         DigitsMLPTwoStage(pretrain_epochs=-1)
+
+
+@pytest.mark.parametrize("name", ["digits-mlp-short", "digits-mlp-twostage"])
+def test_train_recipe_is_the_seed_run_and_unrolled_replays_it(name):
+    from datatrace import make_attributor
+
+    setting = get_setting(name, size="small")
+    model, _ = setting.train_trajectory(seed=0)
+    replayed, recipe = setting.train_recipe(seed=0)
+    # recording the recipe changes nothing about the run
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), replayed.parameters()))
+    per_epoch = -(-setting.n_train // setting.batch_size)
+    if name == "digits-mlp-short":  # an epoch's steps visit every example once
+        assert recipe.num_steps == setting.epochs * per_epoch
+        epoch = sorted(i for s in recipe.steps[:per_epoch] for i in s.indices)
+        assert epoch == list(range(setting.n_train))
+    assert recipe.optimizer.kind == "sgd" and recipe.optimizer.momentum == setting.momentum
+    queries = setting.data.queries("val")
+    attr = make_attributor("unrolled", setting.make_task(model), recipe=recipe, batch_size=64)
+    values = attr.fit(setting.data.train).attribute(queries).values
+    assert values.shape == (setting.n_val, setting.n_train) and torch.isfinite(values).all()
+    # another seed's model is not the recipe's run: refused
+    with pytest.raises(Exception, match="does not reproduce the model being attributed"):
+        make_attributor("unrolled", setting.make_task(setting.train(seed=1)), recipe=recipe).fit(
+            setting.data.train
+        )
+
+
+def test_a_setting_without_a_recorded_loop_refuses_a_recipe():
+    with pytest.raises(ConfigError, match="does not record a replay recipe"):
+        get_setting("digits-lr", size="small").train_recipe(seed=0)

@@ -25,7 +25,11 @@ OPTIONS: dict[str, dict] = {
     "source": {"horizon": 10.0},
     "logra": {"proj_dim_in": 4, "proj_dim_out": 3, "damping": 1e-2},
 }
-IDS = sorted(METHODS)
+# A method that replays the recorded training run (``replays_training``: ``unrolled``) cannot
+# be built from a bare Task, which has no run to replay: its own suite
+# (tests/methods/test_unrolled.py) runs these checks on a recorded run.
+IDS = sorted(m for m in METHODS if not METHODS[m][0].replays_training)
+REPLAY_IDS = sorted(m for m in METHODS if METHODS[m][0].replays_training)
 
 
 def build(method_id: str, task: Task | None = None, **extra) -> Attributor:
@@ -56,6 +60,15 @@ def test_every_design_method_id_is_registered():
         "logra",
     }
     assert expected <= set(METHODS)
+
+
+@pytest.mark.parametrize("method_id", REPLAY_IDS)
+def test_replaying_methods_refuse_a_task_without_a_run_and_have_their_own_suite(method_id):
+    from pathlib import Path
+
+    with pytest.raises(ConfigError, match="recipe="):
+        build(method_id)
+    assert (Path(__file__).parent / f"test_{method_id}.py").exists()
 
 
 @pytest.mark.parametrize("method_id", IDS)

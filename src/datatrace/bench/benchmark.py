@@ -45,6 +45,7 @@ from datatrace.bench.runner import (
     TRAJECTORY_METHODS,
     MethodJob,
     MethodResult,
+    replays_training,
     run_method,
     run_method_isolated,
 )
@@ -267,6 +268,7 @@ def _run_benchmark(cfg: BenchConfig) -> BenchOutcome:
     }
 
     mislabel_kwargs: dict[str, Any] = {}
+    noisy_setting: Setting | None = None  # the flipped-label variant, when the task runs
     flipped: torch.Tensor | None = None
     if "mislabel" in cfg.tasks:
         if setting.kind != "classification":
@@ -285,6 +287,7 @@ def _run_benchmark(cfg: BenchConfig) -> BenchOutcome:
             notes.append(mgt.note())
             if mgt.memorised:
                 flipped = mgt.flipped
+                noisy_setting = mgt.setting
                 noisy_model, noisy_trajectory = mgt.train()
                 loss_auroc = mislabel_detection(
                     _train_losses(mgt.setting, noisy_model), flipped
@@ -310,6 +313,16 @@ def _run_benchmark(cfg: BenchConfig) -> BenchOutcome:
             payload["loo"] = {"n_points": cfg.loo.n_points, "seed": cfg.loo.seed}
         else:
             notes.append(f"LOO task skipped: {setting.name} is not convex")
+
+    recipes: dict[str, Any] = {}
+    if any(replays_training(method) for method, _ in cfg.methods):
+        # the same seed-0 runs, recorded for replay (the replay checks it ends at their weights)
+        try:
+            recipes["recipe"] = setting.train_recipe(seed=0)[1]
+            if noisy_setting is not None:
+                recipes["mislabel_recipe"] = noisy_setting.train_recipe(seed=0)[1]
+        except ConfigError as exc:
+            notes.append(f"no replay recipe for methods that replay the run: {exc}")
 
     bank = MemberBank(setting, trajectory, seed0_s)
     runs: list[tuple[str, dict[str, Any] | None, EnsembleSpec | None]] = [
@@ -340,6 +353,7 @@ def _run_benchmark(cfg: BenchConfig) -> BenchOutcome:
             val_targets=gt.targets[:, val],
             members=cost.members,
             **(mislabel_kwargs if ensemble is None else {}),
+            **(recipes if replays_training(method) else {}),
         )
         result: MethodResult = (
             run_method_isolated(job, threads=cfg.threads) if cfg.isolate else run_method(job)

@@ -33,15 +33,31 @@ import torch
 
 from datatrace.bench.settings import Setting
 from datatrace.errors import DatatraceError
+from datatrace.replay import TrainingRecipe
 from datatrace.task import Checkpoint, Member
 
-__all__ = ["TRAJECTORY_METHODS", "MethodJob", "MethodResult", "run_method", "run_method_isolated"]
+__all__ = [
+    "TRAJECTORY_METHODS",
+    "MethodJob",
+    "MethodResult",
+    "replays_training",
+    "run_method",
+    "run_method_isolated",
+]
 
 # Methods that read the training trajectory (the task gets the run's checkpoints).
 TRAJECTORY_METHODS = frozenset({"tracin", "source"})
 # Methods whose curvature covers nn.Linear / nn.Conv2d only (K-FAC factors): on models with
 # other parameters (embeddings, LayerNorm) they attribute through those layers' parameters.
 LAYER_METHODS = frozenset({"if-kfac", "if-ekfac", "logra", "source"})
+
+
+def replays_training(method: str) -> bool:
+    """Whether ``method`` replays the training run (``unrolled``): it gets the run's recipe."""
+    from datatrace.methods import METHODS
+
+    entry = METHODS.get(method)
+    return entry is not None and entry[0].replays_training
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,8 @@ class MethodJob:
         batch_size: batch size of the attributor.
         members: ``members=`` of the attributor (an ensemble; see
             :mod:`datatrace.bench.ensembles`), or None for the plain method on the model.
+        recipe: the replay recipe of the trained model (methods that replay the run).
+        mislabel_recipe: the replay recipe of the mislabel variant's model.
     """
 
     setting: Setting
@@ -78,6 +96,8 @@ class MethodJob:
     mislabel_trajectory: Sequence[Checkpoint] = ()
     batch_size: int = 256
     members: Sequence[Member] | None = None
+    recipe: TrainingRecipe | None = None
+    mislabel_recipe: TrainingRecipe | None = None
 
 
 @dataclass
@@ -161,7 +181,12 @@ def _model(setting: Setting, state: Mapping[str, torch.Tensor]) -> torch.nn.Modu
 
 
 def _attributor(
-    setting: Setting, model: Any, trajectory: Sequence[Checkpoint], job: MethodJob, opts: Any
+    setting: Setting,
+    model: Any,
+    trajectory: Sequence[Checkpoint],
+    job: MethodJob,
+    opts: Any,
+    recipe: TrainingRecipe | None = None,
 ) -> Any:
     from datatrace.methods import make_attributor
 
@@ -170,8 +195,9 @@ def _attributor(
     if job.method in LAYER_METHODS:  # as kronfluence: the Linear/Conv2d layers' parameters
         options["module_types"] = (torch.nn.Linear, torch.nn.Conv2d)
     task = setting.make_task(model, **options)
+    extra: dict[str, Any] = {"recipe": recipe} if replays_training(job.method) else {}
     return make_attributor(
-        job.method, task, members=job.members, batch_size=job.batch_size, **dict(opts)
+        job.method, task, members=job.members, batch_size=job.batch_size, **extra, **dict(opts)
     )
 
 
@@ -188,7 +214,7 @@ def run_method(job: MethodJob, measure_memory: bool = False) -> MethodResult:
     best_lds = -float("inf")
     for candidate in job.grid:
         try:
-            attributor = _attributor(setting, model, job.trajectory, job, candidate)
+            attributor = _attributor(setting, model, job.trajectory, job, candidate, job.recipe)
             t0 = time.perf_counter()
             attributor.fit(train)
             t1 = time.perf_counter()
@@ -219,7 +245,12 @@ def run_method(job: MethodJob, measure_memory: bool = False) -> MethodResult:
         flipped_model = _model(variant, job.mislabel_state)
         try:
             attributor = _attributor(
-                variant, flipped_model, job.mislabel_trajectory, job, result.chosen
+                variant,
+                flipped_model,
+                job.mislabel_trajectory,
+                job,
+                result.chosen,
+                job.mislabel_recipe,
             )
             result.self_scores = attributor.fit(variant.data.train).self_attribute().detach()
         except Exception as exc:  # reported in the table, like a failed grid point

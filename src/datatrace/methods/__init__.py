@@ -8,6 +8,7 @@ from datatrace.methods.rps import RepresenterAttributor, RepresenterConfig
 from datatrace.methods.source import SourceAttributor, SourceConfig
 from datatrace.methods.tracin import TracInAttributor
 from datatrace.methods.trak import TRAKAttributor, TRAKConfig
+from datatrace.methods.unrolled import UnrolledAttributor, UnrolledConfig
 
 __all__ = [
     "METHODS",
@@ -27,5 +28,7 @@ __all__ = [
     "TRAKAttributor",
     "TRAKConfig",
     "TracInAttributor",
+    "UnrolledAttributor",
+    "UnrolledConfig",
     "make_attributor",
 ]

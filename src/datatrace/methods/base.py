@@ -160,7 +160,8 @@ class Attributor(ABC):
     """Base class of every attribution method (see the module docstring).
 
     Subclasses set ``method_id`` and ``Config`` and implement :meth:`_fit_member`. A method
-    that cannot attribute to groups sets ``supports_groups = False``.
+    that cannot attribute to groups sets ``supports_groups = False``; one that replays the
+    training run, ``replays_training = True``.
 
     Args:
         task: the :class:`~datatrace.task.Task`.
@@ -191,6 +192,10 @@ class Attributor(ABC):
     method_id: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     supports_groups: ClassVar[bool] = True
+    # A method that replays the recorded training run (``unrolled``) needs its recipe
+    # (``recipe=``) and keeps no train features, so it has no store to resume; the
+    # conformance suites build it from a recorded run (tests/methods/test_unrolled.py).
+    replays_training: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ from torch import nn
 
 from datatrace.data import Batch, iter_batches, num_examples
 from datatrace.errors import ConfigError, DataError
+from datatrace.replay import TrainingRecipe
 from datatrace.store import fingerprint_batch
 from datatrace.task import Checkpoint, Task
 
@@ -230,6 +231,17 @@ class Setting(ABC):
     def _fit(self, model: nn.Module, train: Batch, seed: int, record: bool) -> list[Checkpoint]:
         """Train ``model`` (in train mode) in place on ``train``; checkpoints if ``record``."""
 
+    def _fit_recipe(self, model: nn.Module, train: Batch, seed: int) -> TrainingRecipe:
+        """Train as :meth:`_fit` and return the run's replay recipe (``unrolled`` replays it).
+
+        Settings whose loop records one (:meth:`CheckpointRecorder.attach`) override this.
+        """
+        raise ConfigError(
+            f"setting {self.name!r} does not record a replay recipe, so the unrolled method "
+            "cannot run on it; the digits trajectory settings and the Adam classifier settings "
+            "(without dropout) do."
+        )
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
@@ -293,6 +305,25 @@ class Setting(ABC):
             model.train()
             trajectory = self._fit(model, train, seed, record)
         return model.eval(), trajectory
+
+    def train_recipe(
+        self, indices: torch.Tensor | Sequence[int] | None = None, seed: int = 0
+    ) -> tuple[nn.Module, TrainingRecipe]:
+        """Train as :meth:`train` and record the run's replay recipe.
+
+        Returns:
+            The trained model in eval mode and its :class:`~datatrace.replay.TrainingRecipe`,
+            whose step indices point into the rows trained on (the setting's training set
+            when ``indices`` is None): pass it to the ``unrolled`` method as ``recipe=``.
+        """
+        idx = self._indices(indices)
+        model = self.build_model(seed)
+        train = take(self.data.train, idx)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.train()
+            recipe = self._fit_recipe(model, train, seed)
+        return model.eval(), recipe
 
     def train(
         self, indices: torch.Tensor | Sequence[int] | None = None, seed: int = 0

@@ -13,6 +13,8 @@ from torch import nn
 
 from datatrace.bench.settings.base import Setting, _check_float, _check_int, take
 from datatrace.data import Batch, num_examples
+from datatrace.recording import CheckpointRecorder
+from datatrace.replay import TrainingRecipe
 from datatrace.task import Checkpoint
 
 __all__ = ["ClassifierSetting", "fit_minibatch"]
@@ -31,6 +33,7 @@ def fit_minibatch(
     checkpoints: int = 0,
     optimizer: Literal["adam", "adamw"] = "adam",
     schedule: Literal["constant", "cosine"] = "constant",
+    replay: CheckpointRecorder | None = None,
 ) -> list[Checkpoint]:
     """Train ``model`` in place with Adam(W) on shuffled minibatches; deterministic in ``seed``.
 
@@ -50,6 +53,9 @@ def fit_minibatch(
             the final model. 0 keeps none.
         optimizer: ``"adam"`` or ``"adamw"``.
         schedule: ``"constant"``, or ``"cosine"`` decay from ``lr`` to ``lr / 10`` over the run.
+        replay: a recorder to :meth:`~CheckpointRecorder.attach` for the replay recipe (every
+            step's indices; read it with ``replay.recipe(model)``). A model with dropout
+            draws from the global generator without per-step seeds: its recipe is refused.
 
     Returns:
         The kept checkpoints (state, step, the learning rate of the last step, optimizer).
@@ -60,6 +66,8 @@ def fit_minibatch(
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
     keep = {math.ceil((k + 1) * epochs / checkpoints) for k in range(checkpoints)}
+    if replay is not None:
+        replay.attach(model, opt)
     gen = torch.Generator().manual_seed(seed)
     trajectory: list[Checkpoint] = []
     step = 0
@@ -74,6 +82,8 @@ def fit_minibatch(
             loss_fn(model, take(train, idx)).backward()
             opt.step()
             step += 1
+            if replay is not None:
+                replay.record_step(idx)
         if epoch + 1 in keep:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             trajectory.append(
@@ -109,6 +119,21 @@ class ClassifierSetting(Setting):
         _check_float(self.weight_decay, "weight_decay", 0.0, strict=False)
 
     def _fit(self, model: nn.Module, train: Batch, seed: int, record: bool) -> list[Checkpoint]:
+        return self._adam(model, train, seed, self.checkpoints if record else 0)
+
+    def _fit_recipe(self, model: nn.Module, train: Batch, seed: int) -> TrainingRecipe:
+        recorder = CheckpointRecorder()
+        self._adam(model, train, seed, 0, recorder)
+        return recorder.recipe(model)
+
+    def _adam(
+        self,
+        model: nn.Module,
+        train: Batch,
+        seed: int,
+        checkpoints: int,
+        replay: CheckpointRecorder | None = None,
+    ) -> list[Checkpoint]:
         return fit_minibatch(
             model,
             train,
@@ -118,5 +143,6 @@ class ClassifierSetting(Setting):
             lr=self.lr,
             weight_decay=self.weight_decay,
             seed=seed,
-            checkpoints=self.checkpoints if record else 0,
+            checkpoints=checkpoints,
+            replay=replay,
         )

@@ -11,8 +11,10 @@ Both train with plain minibatch SGD (the update Source's closed form models) and
 their trajectory with :class:`datatrace.recording.CheckpointRecorder`: ``checkpoints``
 evenly spaced in steps, the end of every stage, and the final model, each with its
 learning rate and the training indices of its stage (indices into the examples trained on;
-for the full training set, the setting's training indices). Data: the digits splits and
-size presets of :mod:`datatrace.bench.settings.digits`.
+for the full training set, the setting's training indices). On request
+(:meth:`~datatrace.bench.settings.Setting.train_recipe`) the same recorder captures the
+recipe the ``unrolled`` method replays: every step's indices and learning rate. Data: the
+digits splits and size presets of :mod:`datatrace.bench.settings.digits`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from datatrace.bench.settings.training import ClassifierSetting
 from datatrace.data import Batch
 from datatrace.errors import ConfigError
 from datatrace.recording import CheckpointRecorder
+from datatrace.replay import TrainingRecipe
 from datatrace.task import Checkpoint
 
 __all__ = ["DigitsMLPShort", "DigitsMLPTwoStage", "fit_sgd_stages", "pretrain_mask"]
@@ -48,6 +51,7 @@ def fit_sgd_stages(
     weight_decay: float,
     seed: int,
     checkpoints: int = 0,
+    replay: CheckpointRecorder | None = None,
 ) -> list[Checkpoint]:
     """Minibatch SGD over consecutive stages; deterministic in ``seed``.
 
@@ -62,6 +66,8 @@ def fit_sgd_stages(
         seed: seed of the batch order.
         checkpoints: checkpoints evenly spaced in steps (the last is the final model), plus
             one at the end of every stage; 0 records none.
+        replay: a recorder to :meth:`~CheckpointRecorder.attach` for the replay recipe (it
+            records every step's indices; read it with ``replay.recipe(model)``).
 
     Returns:
         The recorded trajectory (empty when ``checkpoints`` is 0).
@@ -76,6 +82,8 @@ def fit_sgd_stages(
     opt = torch.optim.SGD(
         model.parameters(), lr=stages[0][2], momentum=momentum, weight_decay=weight_decay
     )
+    if replay is not None:
+        replay.attach(model, opt)
     gen = torch.Generator().manual_seed(seed)
     x, y = train
     step = 0
@@ -90,6 +98,8 @@ def fit_sgd_stages(
                 F.cross_entropy(model(x[batch]), y[batch]).backward()
                 opt.step()
                 step += 1
+                if replay is not None:
+                    replay.record_step(batch)
                 if recorder is not None:
                     recorder.maybe_record(model, step, optimizer=opt)
     return [] if recorder is None else recorder.trajectory
@@ -110,9 +120,47 @@ def _check_hidden(hidden: tuple[int, ...]) -> None:
         raise ConfigError(f"hidden must be a non-empty tuple of ints >= 1; got {hidden!r}.")
 
 
+class _StagedSGDSetting(ClassifierSetting):
+    """The loop of the trajectory settings: :func:`fit_sgd_stages` over :meth:`_stages`."""
+
+    momentum: float
+
+    def _stages(self, train: Batch) -> list[tuple[torch.Tensor, int, float]]:
+        """``(indices, epochs, learning rate)`` of each stage."""
+        raise NotImplementedError
+
+    def _fit(self, model: nn.Module, train: Batch, seed: int, record: bool) -> list[Checkpoint]:
+        return self._sgd(model, train, seed, self.checkpoints if record else 0)
+
+    def _fit_recipe(self, model: nn.Module, train: Batch, seed: int) -> TrainingRecipe:
+        recorder = CheckpointRecorder()
+        self._sgd(model, train, seed, 0, recorder)
+        return recorder.recipe(model)
+
+    def _sgd(
+        self,
+        model: nn.Module,
+        train: Batch,
+        seed: int,
+        checkpoints: int,
+        replay: CheckpointRecorder | None = None,
+    ) -> list[Checkpoint]:
+        return fit_sgd_stages(
+            model,
+            train,
+            self._stages(train),
+            batch_size=self.batch_size,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            seed=seed,
+            checkpoints=checkpoints,
+            replay=replay,
+        )
+
+
 @register_setting
 @dataclass(frozen=True, kw_only=True)
-class DigitsMLPShort(ClassifierSetting):
+class DigitsMLPShort(_StagedSGDSetting):
     """A ReLU MLP on digits trained briefly with plain SGD: far from converged.
 
     64 -> ``hidden`` -> 10 (no dropout), ``epochs`` passes of minibatch SGD at a constant
@@ -162,18 +210,8 @@ class DigitsMLPShort(ClassifierSetting):
     def _build_model(self) -> nn.Module:
         return _mlp(self.hidden)
 
-    def _fit(self, model: nn.Module, train: Batch, seed: int, record: bool) -> list[Checkpoint]:
-        everything = torch.arange(train[1].shape[0])
-        return fit_sgd_stages(
-            model,
-            train,
-            [(everything, self.epochs, self.lr)],
-            batch_size=self.batch_size,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            seed=seed,
-            checkpoints=self.checkpoints if record else 0,
-        )
+    def _stages(self, train: Batch) -> list[tuple[torch.Tensor, int, float]]:
+        return [(torch.arange(train[1].shape[0]), self.epochs, self.lr)]
 
 
 def pretrain_mask(x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +227,7 @@ def pretrain_mask(x: torch.Tensor) -> torch.Tensor:
 
 @register_setting
 @dataclass(frozen=True, kw_only=True)
-class DigitsMLPTwoStage(ClassifierSetting):
+class DigitsMLPTwoStage(_StagedSGDSetting):
     """Pretrain a ReLU MLP on one half of the digits, then fine-tune it on the other (SGD).
 
     Stage 1 trains ``pretrain_epochs`` at ``lr`` on the pretraining half (chosen by
@@ -257,17 +295,7 @@ class DigitsMLPTwoStage(ClassifierSetting):
         first = pretrain_mask((self.data.train if train is None else train)[0])
         return first.nonzero().squeeze(1), (~first).nonzero().squeeze(1)
 
-    def _fit(self, model: nn.Module, train: Batch, seed: int, record: bool) -> list[Checkpoint]:
+    def _stages(self, train: Batch) -> list[tuple[torch.Tensor, int, float]]:
         pre, fine = self.stage_indices(train)
         stages = [(pre, self.pretrain_epochs, self.lr), (fine, self.epochs, self.finetune_lr)]
-        stages = [s for s in stages if len(s[0])]  # a subset may miss a stage entirely
-        return fit_sgd_stages(
-            model,
-            train,
-            stages,
-            batch_size=self.batch_size,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            seed=seed,
-            checkpoints=self.checkpoints if record else 0,
-        )
+        return [s for s in stages if len(s[0])]  # a subset may miss a stage entirely
