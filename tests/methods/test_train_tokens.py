@@ -58,3 +58,21 @@ def test_one_generated_token_is_attributed_by_masking_the_other_labels():
     only = dict(queries, labels=torch.full_like(queries["labels"], -100))
     only["labels"][:, t0] = queries["labels"][:, t0]
     torch.testing.assert_close(attr.attribute(only).values, per_token[:, t0], rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("train_features", ["auto", "recompute"])
+def test_documents_of_several_chunks_score_as_the_sum_of_their_chunks(train_features):
+    """A document cut into chunks is a group: its influence is the sum of its chunks'."""
+    model = gpt2()
+    train, queries = lm_batch(n=12, seed=3), lm_batch(n=3, seed=4)
+    task = Task(model, loss="lm", target="log_prob", module_types="layers")
+    doc_of_chunk = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4])
+    chunks = make_attributor("if-ekfac", task, damping="heuristic").fit(train)
+    docs = make_attributor(
+        "if-ekfac", task, damping="heuristic", groups=doc_of_chunk, train_features=train_features
+    ).fit(train)
+    per_doc = docs.attribute(queries).values
+    per_chunk = chunks.attribute(queries).values
+    expected = torch.zeros(3, 5, dtype=per_chunk.dtype).index_add_(1, doc_of_chunk, per_chunk)
+    assert per_doc.shape == (3, 5)
+    torch.testing.assert_close(per_doc, expected, rtol=1e-9, atol=1e-12)
