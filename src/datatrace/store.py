@@ -384,6 +384,14 @@ class Store:
         if not self._lock.acquire():
             self._open_as_reader(overwrite)
             return
+        try:
+            self._open_as_writer(overwrite)
+        except BaseException:
+            self.close()  # a refused store must not keep other processes out
+            raise
+
+    def _open_as_writer(self, overwrite: bool) -> None:
+        manifest_path, wanted = self.path / MANIFEST, self._wanted
         self._remove_temporaries()
         if manifest_path.exists():
             try:
@@ -412,7 +420,7 @@ class Store:
     def _open_as_reader(self, overwrite: bool) -> None:
         """Another process writes this store: read its last complete state, write nothing."""
         assert self._lock is not None
-        busy = f"store {self.path} is being written by another process: {self._lock.reason}"
+        busy = f"store {self.path} is being written by another process ({self._lock.reason})"
         if not (self.path / MANIFEST).exists():
             raise StoreError(f"{busy}; wait for it to finish, or use another directory.")
         try:
@@ -603,8 +611,8 @@ class Store:
         if not self._lock.acquire():
             raise StoreError(
                 f"cannot {what}: store {self.path} is being written by another process "
-                f"({self._lock.reason}); a second writer is refused. Wait for it to finish (this "
-                "store resumes from its complete shards), or use another directory."
+                f"({self._lock.reason}), and a second writer is refused. Wait for it to finish "
+                "(this store resumes from its complete shards), or use another directory."
             )
         self._remove_temporaries()
         self._manifest = self._load_manifest()  # the other writer may have changed it

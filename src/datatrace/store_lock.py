@@ -70,7 +70,7 @@ class WriterLock:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            self.reason = f"another process holds it ({self.holder()})"
+            self.reason = self.holder()
             return False
         except OSError as exc:  # e.g. a read-only directory: this process cannot write anyway
             self.reason = f"cannot create {self.root / LOCK} ({exc.strerror or exc})"
