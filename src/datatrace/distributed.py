@@ -282,6 +282,8 @@ def open_store(
     config: Mapping[str, Any],
     fingerprints: Mapping[str, str],
     overwrite: bool = False,
+    probes: Mapping[str, Sequence[float]] | None = None,
+    probe_rtol: float = 1e-4,
 ) -> Store:
     """Open a store that every rank writes shards to (a plain :class:`Store` in one process).
 
@@ -289,13 +291,28 @@ def open_store(
     journals a killed job left, removing partial writes); then the other ranks open it as
     shard writers with journals of their own (see :class:`Store`). The directory must be on
     a file system every rank sees. ``overwrite`` clears a stale store (rank 0 does it).
+    ``probes`` and ``probe_rtol`` are checked as :class:`Store` does, on every rank.
     """
     if not is_distributed():
-        return Store(path, config=config, fingerprints=fingerprints, overwrite=overwrite)
+        return Store(
+            path,
+            config=config,
+            fingerprints=fingerprints,
+            overwrite=overwrite,
+            probes=probes,
+            probe_rtol=probe_rtol,
+        )
     me = rank()
     owner = run_collectively(
         lambda: (
-            Store(path, config=config, fingerprints=fingerprints, overwrite=overwrite)
+            Store(
+                path,
+                config=config,
+                fingerprints=fingerprints,
+                overwrite=overwrite,
+                probes=probes,
+                probe_rtol=probe_rtol,
+            )
             if me == 0
             else None
         )
@@ -310,7 +327,15 @@ def open_store(
                 "processes the store must be on a file system every rank sees (the same path "
                 "on every node)."
             )
-        return Store(path, config=config, fingerprints=fingerprints, create=False, rank=me)
+        return Store(
+            path,
+            config=config,
+            fingerprints=fingerprints,
+            create=False,
+            rank=me,
+            probes=probes,
+            probe_rtol=probe_rtol,
+        )
 
     return run_collectively(join)
 

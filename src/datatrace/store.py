@@ -3,60 +3,91 @@
 A store is one directory::
 
     <path>/
-        manifest.json              format_version, config, fingerprints, shards, arrays
+        manifest.json              format_version, config, fingerprints, probes, shards, arrays
         journal.jsonl              shards completed since the manifest was last rewritten
         journal-rank<r>.jsonl      the same, of rank r > 0 of a distributed job
         shard-<kind>-<index>.npy   one block of a streamed quantity (e.g. train features)
         array-<name>.npy           fitted state (e.g. a kernel inverse)
-        .tmp-*                     a write in progress; removed when the store is next opened
+        writer.lock, writer.json   the writer's OS lock and who holds it (:mod:`store_lock`)
+        .tmp-datatrace-*.part      a write in progress; removed by the next writer
 
 Every file is written under a temporary name in the same directory, flushed, fsynced and
 renamed with ``os.replace``. A completed shard is then recorded by appending one fsynced JSON
 line to the journal (constant cost per shard; rewriting the manifest for every shard made a
 long job quadratic), and the store folds the journal into the manifest, atomically, when it is
 opened and on :meth:`Store.compact`. A shard counts as complete only once the manifest or a
-whole journal line lists it (a torn last line from a killed write is ignored and the shard is
-recomputed), so a killed job resumes from its last complete shard and never reads half a file. Reopening a store under a different
-``format_version``, ``config`` or ``fingerprints`` raises ``StoreError`` naming what differs.
+whole journal line lists it (a torn or malformed line is ignored and the shard is
+recomputed), so a killed job resumes from its last complete shard and never reads half a
+file. Reopening a store under a different ``format_version``, ``config``, ``fingerprints``
+or ``probes`` raises ``StoreError`` naming what differs.
 
-Arrays are NumPy ``.npy`` files loaded with ``allow_pickle=False``; bfloat16 is stored as its
-16-bit pattern and the dtype is taken from the manifest.
+Integrity. Every entry records its file's size, an xxh3-128 checksum of its bytes, its shape
+and dtype. :meth:`Store.has_shard` checks the entry and the file's size (a missing, empty or
+truncated shard is not complete, so the featurization loop recomputes it); every read
+verifies the checksum, shape and dtype (about 0.02 s per 200 MB), and a file that fails is
+refused with a ``StoreError`` naming it and marked incomplete, so that the next run
+recomputes just that file. A manifest that is not valid JSON or holds a malformed entry is
+refused (it is only ever replaced atomically, so that is damage, not a killed write). File
+names are derived from the entry's kind and index (never taken from the manifest), are
+plain names inside the directory, and are opened without following symlinks.
 
-One job writes to a store at a time. Within a distributed job (:mod:`datatrace.distributed`)
-rank 0 owns the manifest and the arrays; a store opened with ``rank=r > 0`` writes shards only
-(each rank its own shard indices), each recorded in that rank's own journal, so no two
-processes ever append to or replace the same file. After a barrier rank 0 folds every journal
-into the manifest (:meth:`Store.merge_journals`) and the others re-read it
-(:meth:`Store.reload`). Shard indices are global, so a store written by any number of ranks
-has one layout and resumes under any other.
+Ownership. :meth:`Store.clear` and ``overwrite=True`` delete only what a store wrote: the
+files its manifest and journals list, its journals, temporaries and lock files, and the
+manifest itself; a ``manifest.json`` that is not a datatrace manifest is refused, not
+deleted.
+
+Arrays are NumPy ``.npy`` files, never unpickled; bfloat16 is stored as its 16-bit pattern
+and the dtype is taken from the manifest.
+
+Concurrency. One process writes to a store at a time: opening takes the writer lock
+(:class:`~datatrace.store_lock.WriterLock`), and only its holder cleans temporaries, folds
+journals or writes. A store opened while another process holds the lock is a reader: it sees
+the last complete state, and its first write is refused with a ``StoreError`` naming the
+holder. :meth:`Store.close` gives the lock back (reads go on; a later write takes it again).
+Within a distributed job (:mod:`datatrace.distributed`) rank 0 holds the lock and owns the
+manifest and the arrays; a store opened with ``rank=r > 0`` writes shards only (each rank its
+own shard indices), each recorded in that rank's own journal, so no two processes ever append
+to or replace the same file. After a barrier rank 0 folds every journal into the manifest
+(:meth:`Store.merge_journals`) and the others re-read it (:meth:`Store.reload`). Shard indices
+are global, so a store written by any number of ranks has one layout and resumes under any
+other.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
+import math
 import os
 import re
+import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 import numpy as np
 import torch
+import xxhash
 
 from datatrace.errors import ConfigError, DataError, StoreError
+from datatrace.store_lock import HOLDER, LOCK, WriterLock
 
 __all__ = ["FORMAT_VERSION", "Store", "fingerprint_batch", "fingerprint_tensors"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entries carry nbytes and checksum (version 1 stores are upgraded)
 MANIFEST = "manifest.json"
 JOURNAL = "journal.jsonl"
 _RANK_JOURNAL = re.compile(r"^journal-rank[0-9]+\.jsonl$")
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = ".tmp-datatrace-"
+# this module's temporaries (mkstemp adds 8 characters of [a-z0-9_]); version 1 wrote ".tmp-"
+_TMP = re.compile(r"^\.tmp-(datatrace-)?[a-z0-9_]{8}\.part$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_OWNED = re.compile(r"^(shard|array)-[A-Za-z0-9_.-]+\.npy$")
+_CHUNK = 1 << 22
 # torch dtype name -> (torch dtype, dtype of the .npy file holding it)
 _DTYPES: dict[str, tuple[torch.dtype, torch.dtype]] = {
     "float32": (torch.float32, torch.float32),
@@ -149,12 +180,119 @@ def _check_name(name: str, what: str) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # makes the rename durable; not possible on Windows
+    try:  # makes the rename durable; not possible on Windows
         fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _shard_file(kind: str, index: int) -> str:
+    return f"shard-{kind}-{index:06d}.npy"
+
+
+def _array_file(name: str) -> str:
+    return f"array-{name}.npy"
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry_problem(entry: Any, file: str, legacy: bool = False) -> str | None:
+    """Why ``entry`` is not a valid record of ``file`` (None when it is)."""
+    if not isinstance(entry, dict):
+        return f"an entry must be an object, got {type(entry).__name__}"
+    if entry.get("file") != file:
+        return f"it names file {entry.get('file')!r}, expected {file!r}"
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return f"shape {shape!r} is not a list of sizes"
+    if entry.get("dtype") not in _DTYPES:
+        return f"unknown dtype {entry.get('dtype')!r} (known: {sorted(_DTYPES)})"
+    if not legacy and not (
+        _is_count(entry.get("nbytes")) and isinstance(entry.get("checksum"), str)
+    ):
+        return "it lacks nbytes/checksum"
+    if file.startswith("shard-") and not isinstance(entry.get("data_fingerprint", ""), str):
+        return "its data_fingerprint is not a string"
+    return None
+
+
+def _checksum(chunks: Sequence[bytes | bytearray | memoryview] | Iterator[bytes]) -> str:
+    h = xxhash.xxh3_128()
+    for chunk in chunks:
+        h.update(chunk)
+    return "xxh3_128:" + h.hexdigest()
+
+
+def _file_chunks(f: IO[bytes]) -> Iterator[bytes]:
+    f.seek(0)
+    while chunk := f.read(_CHUNK):
+        yield chunk
+
+
+def _is_datatrace_manifest(data: Any) -> bool:
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("format_version"), int)
+        and all(
+            isinstance(data.get(k), dict) for k in ("config", "fingerprints", "shards", "arrays")
+        )
+    )
+
+
+def _journal_records(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """``(kind, index, entry)`` of every whole, well-formed line of a journal."""
+    try:
+        raw_lines = path.read_bytes().split(b"\n")
+    except OSError:
+        return
+    for raw in raw_lines:
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            record = json.loads(raw)
+            kind, index, entry = record["kind"], record["index"], record["entry"]
+        except (ValueError, KeyError, TypeError):
+            continue  # empty, torn or malformed line: that shard is not complete
+        if isinstance(kind, str) and _NAME.match(kind) and _is_count(index):
+            yield kind, index, entry
+
+
+def _is_our_journal(path: Path) -> bool:
+    """Whether ``path`` is a journal a store wrote (its first line is one of our records)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+    except OSError:
+        return False
+    if not first.endswith(b"\n"):
+        return not first  # empty: ours (a torn single line too short to be anyone's data)
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and set(record) == {"kind", "index", "entry"}
+
+
+def _close_enough(stored: Any, given: list[float], rtol: float) -> float | None:
+    """Largest relative difference of two probe vectors, None when within ``rtol``."""
+    if not isinstance(stored, list) or len(stored) != len(given):
+        return math.inf
+    try:
+        a = torch.tensor(stored, dtype=torch.float64)
+    except (TypeError, ValueError):
+        return math.inf
+    b = torch.tensor(given, dtype=torch.float64)
+    if torch.allclose(a, b, rtol=rtol, atol=rtol, equal_nan=True):
+        return None
+    scale = torch.maximum(a.abs(), b.abs()).clamp_min(1.0)
+    diff = ((a - b).abs() / scale).nan_to_num(nan=math.inf)
+    return float(diff.max())
 
 
 class Store:
@@ -166,15 +304,23 @@ class Store:
         fingerprints: hashes of what the arrays depend on, e.g. ``{"model": ..., "train": ...}``
             from :func:`fingerprint_tensors` / :func:`fingerprint_batch`.
         create: if false, a directory without a manifest raises ``StoreError``.
-        overwrite: if true, a store written for another config, fingerprint or format version
-            (or a corrupt one) is cleared instead of refused.
-        rank: 0 (default) owns the manifest: it folds leftover journals, removes partial
-            writes and writes arrays. ``rank > 0`` (a distributed job's other ranks, opened
-            after rank 0) only writes shards, journaled to ``journal-rank<rank>.jsonl``; it
-            needs the manifest to exist.
+        overwrite: if true, a store written for another config, fingerprint, probe or format
+            version (or a corrupt one) is cleared instead of refused.
+        rank: 0 (default) owns the manifest: it takes the writer lock, folds leftover
+            journals, removes its own partial writes and writes arrays. ``rank > 0`` (a
+            distributed job's other ranks, opened after rank 0) only writes shards, journaled
+            to ``journal-rank<rank>.jsonl``; it needs the manifest to exist.
+        probes: named vectors of numbers that identify code rather than data (e.g. a model's
+            per-example losses on a few fixed examples, which change when the forward function
+            or the loss does while the weights stay the same); compared with relative
+            tolerance ``probe_rtol``, as stored values may come from another device. Only
+            names present on both sides are compared: name a probe after its inputs, so that
+            one over other inputs replaces the stored one (a writer records the given set).
+        probe_rtol: the tolerance of ``probes``.
 
     Raises:
-        StoreError: the existing store was written for a different job, or is corrupt.
+        StoreError: the existing store was written for a different job, is corrupt, is not a
+            datatrace store, or is being created by another process.
 
     Example:
         >>> import tempfile, torch
@@ -186,6 +332,7 @@ class Store:
         ([0], False)
         >>> s.read_shard("features", 0).shape
         torch.Size([2, 8])
+        >>> s.close()  # give the writer lock back (reads go on)
     """
 
     def __init__(
@@ -197,7 +344,10 @@ class Store:
         create: bool = True,
         overwrite: bool = False,
         rank: int = 0,
+        probes: Mapping[str, Sequence[float]] | None = None,
+        probe_rtol: float = 1e-4,
     ) -> None:
+        self._lock: WriterLock | None = None  # set first: __del__ reads it
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"rank must be an integer >= 0; got {rank!r}.")
         if not isinstance(config, Mapping):
@@ -210,11 +360,13 @@ class Store:
                 f"{fingerprints!r:.80}."
             )
         self.path = Path(path)
-        wanted = {
+        wanted: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "config": _json_normalise(dict(config), "config"),
             "fingerprints": dict(fingerprints),
         }
+        self._probes = {str(k): [float(x) for x in v] for k, v in (probes or {}).items()}
+        self._probe_rtol = float(probe_rtol)
         self.rank = rank
         self._journal_name = JOURNAL if rank == 0 else f"journal-rank{rank}.jsonl"
         self._wanted = wanted
@@ -224,43 +376,148 @@ class Store:
                 f"no store at {self.path} (no {MANIFEST}); pass create=True to make one"
                 + ("." if rank == 0 else f" (rank {rank} opens a store after rank 0 made it).")
             )
-        if rank > 0:  # a shard writer: rank 0 has checked, cleaned and folded the store
-            self._manifest = self._load_manifest(wanted)
+        if rank > 0:  # a shard writer: rank 0 holds the lock, has checked, cleaned and folded
+            self._manifest = self._load_manifest()
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        for leftover in self.path.glob(_TMP_PREFIX + "*"):  # a write killed before its rename
-            leftover.unlink(missing_ok=True)
+        self._lock = WriterLock(self.path)
+        if not self._lock.acquire():
+            self._open_as_reader(overwrite)
+            return
+        try:
+            self._open_as_writer(overwrite)
+        except BaseException:
+            self.close()  # a refused store must not keep other processes out
+            raise
+
+    def _open_as_writer(self, overwrite: bool) -> None:
+        manifest_path, wanted = self.path / MANIFEST, self._wanted
+        self._remove_temporaries()
         if manifest_path.exists():
             try:
-                self._manifest = self._load_manifest(wanted)
+                self._manifest = self._load_manifest()
                 self._replay_journal()
+                if self._probes and self._manifest["probes"] != self._probes:
+                    # probes over other inputs (named after them) replace the stored ones
+                    self._write_manifest({**self._manifest, "probes": self._probes})
                 return
             except StoreError:
                 if not overwrite:
                     raise
-                Store.clear(self.path)
+                self._clear(self.path, keep_lock=True)
                 self.path.mkdir(parents=True, exist_ok=True)
-        for old in self._journals():  # they belong to no manifest any more
-            old.unlink(missing_ok=True)
-        self._manifest = {**wanted, "shards": {}, "arrays": {}}
+        for old in self._journals():  # ours, but they belong to no manifest any more
+            if old.exists():
+                if not _is_our_journal(old):
+                    raise StoreError(
+                        f"{old} is not a datatrace journal; a store would append to it. Move "
+                        "it away or give the store another directory."
+                    )
+                old.unlink()
+        self._manifest = {**wanted, "probes": self._probes, "shards": {}, "arrays": {}}
         self._write_manifest(self._manifest)
+
+    def _open_as_reader(self, overwrite: bool) -> None:
+        """Another process writes this store: read its last complete state, write nothing."""
+        assert self._lock is not None
+        busy = f"store {self.path} is being written by another process ({self._lock.reason})"
+        if not (self.path / MANIFEST).exists():
+            raise StoreError(f"{busy}; wait for it to finish, or use another directory.")
+        try:
+            self._manifest = self._load_manifest()
+        except StoreError as exc:
+            if overwrite:
+                raise StoreError(f"{busy}, so overwrite=True cannot clear it now ({exc})") from exc
+            raise
+        self._replay_journal(persist=False)
+
+    def close(self) -> None:
+        """Give the writer lock back; reading goes on, and a later write takes it again."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
 
     @staticmethod
     def clear(path: str | os.PathLike[str]) -> None:
-        """Delete a store's manifest, shards, arrays and temporary files (other files are kept)."""
+        """Delete what a store wrote: the files its manifest and journals list, its journals,
+        temporaries, lock files and manifest. Other files are kept.
+
+        Raises:
+            StoreError: another process is writing the store, or ``manifest.json`` is not a
+                datatrace manifest (it is not deleted).
+        """
         root = Path(path)
         if not root.is_dir():
             return
-        for f in root.iterdir():
-            if f.is_file() and (
-                f.name in (MANIFEST, JOURNAL)
-                or _RANK_JOURNAL.match(f.name)
-                or f.name.startswith(_TMP_PREFIX)
-                or _OWNED.match(f.name)
-            ):
-                f.unlink()
-        if not any(root.iterdir()):
+        lock = WriterLock(root)
+        if not lock.acquire():
+            raise StoreError(
+                f"cannot clear store {root}: another process is writing it ({lock.reason}); "
+                "wait for it to finish."
+            )
+        try:
+            Store._clear(root, keep_lock=False)
+        finally:
+            lock.release()
+        if root.is_dir() and not any(root.iterdir()):
             root.rmdir()
+
+    @staticmethod
+    def _clear(root: Path, keep_lock: bool) -> None:
+        for name in Store._owned_files(root):
+            (root / name).unlink(missing_ok=True)
+        for f in root.iterdir():
+            if _TMP.match(f.name) and f.is_file() and not f.is_symlink():
+                f.unlink(missing_ok=True)
+        (root / HOLDER).unlink(missing_ok=True)
+        if not keep_lock:
+            (root / LOCK).unlink(missing_ok=True)  # last, while held
+        _fsync_dir(root)
+
+    @staticmethod
+    def _owned_files(root: Path) -> list[str]:
+        """Files a store at ``root`` wrote, manifest last; refuses a foreign manifest."""
+        names: list[str] = []
+        manifest = root / MANIFEST
+        data: Any = None
+        if manifest.is_file():
+            try:
+                data = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                data = None
+            ours = _is_datatrace_manifest(data) or (
+                data is None and ((root / LOCK).exists() or (root / JOURNAL).exists())
+            )  # damaged JSON in a directory a store demonstrably used
+            if not ours:
+                raise StoreError(
+                    f"{manifest} is not a datatrace store manifest, so datatrace will not delete "
+                    "it or anything beside it; give the store a directory of its own."
+                )
+        if isinstance(data, dict):
+            for kind, shards in (data.get("shards") or {}).items():
+                if isinstance(kind, str) and _NAME.match(kind) and isinstance(shards, dict):
+                    names += [_shard_file(kind, int(i)) for i in shards if str(i).isdigit()]
+            for name in data.get("arrays") or {}:
+                if isinstance(name, str) and _NAME.match(name):
+                    names.append(_array_file(name))
+        journals = [root / JOURNAL, *(f for f in root.iterdir() if _RANK_JOURNAL.match(f.name))]
+        for journal in journals:
+            if journal.is_file() and _is_our_journal(journal):
+                names += [_shard_file(kind, index) for kind, index, _ in _journal_records(journal)]
+                names.append(journal.name)
+        if manifest.is_file():
+            names.append(MANIFEST)
+        return list(dict.fromkeys(names))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -271,6 +528,11 @@ class Store:
     def fingerprints(self) -> dict[str, str]:
         """The fingerprints this store was written for."""
         return dict(self._manifest["fingerprints"])
+
+    @property
+    def writing(self) -> bool:
+        """Whether this store holds the writer lock (ranks > 0 write under rank 0's)."""
+        return self.rank > 0 or (self._lock is not None and self._lock.held)
 
     def write_shard(
         self, kind: str, index: int, array: torch.Tensor, data_fingerprint: str = ""
@@ -283,17 +545,21 @@ class Store:
         _check_name(kind, "shard kind")
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ConfigError(f"shard index must be an int >= 0; got {index!r}.")
+        self._require_writer(f"write shard {kind!r} #{index}")
         if str(index) in self._manifest["shards"].get(kind, {}):
             # Retract the old entry first: a job killed while replacing the file must not leave
             # the new contents listed under the old shape and data fingerprint.
             self._journal(kind, index, None)
-        entry = self._write_file(f"shard-{kind}-{index:06d}.npy", array)
+        entry = self._write_file(_shard_file(kind, index), array)
         entry.update(index=index, data_fingerprint=str(data_fingerprint))
         self._journal(kind, index, entry)
 
     def _journal(self, kind: str, index: int, entry: dict[str, Any] | None) -> None:
         line = json.dumps({"kind": kind, "index": index, "entry": entry}, sort_keys=True)
-        with open(self.path / self._journal_name, "ab") as f:
+        with (
+            self._no_space(self._journal_name, len(line) + 1),
+            open(self.path / self._journal_name, "ab") as f,
+        ):
             f.write(line.encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
@@ -306,6 +572,7 @@ class Store:
     def compact(self) -> None:
         """Fold the journal of completed shards into the manifest (atomic; also done on open)."""
         self._check_owner("compact the manifest")
+        self._require_writer("compact the manifest")
         self._write_manifest(json.loads(json.dumps(self._manifest)))
         (self.path / JOURNAL).unlink(missing_ok=True)
         _fsync_dir(self.path)
@@ -318,6 +585,7 @@ class Store:
         manifest that holds them is on disk.
         """
         self._check_owner("merge journals")
+        self._require_writer("merge journals")
         self._replay_journal()
 
     def reload(self) -> None:
@@ -326,7 +594,7 @@ class Store:
         Raises:
             StoreError: the manifest no longer matches this store's config or fingerprints.
         """
-        self._manifest = self._load_manifest(self._wanted)
+        self._manifest = self._load_manifest()
 
     def _check_owner(self, what: str) -> None:
         if self.rank != 0:
@@ -335,24 +603,60 @@ class Store:
                 f"rank 0 owns the manifest and must {what}."
             )
 
+    def _require_writer(self, what: str) -> None:
+        """Take the writer lock if this store does not hold it (re-reading the store then)."""
+        if self.writing:
+            return
+        assert self._lock is not None
+        if not self._lock.acquire():
+            raise StoreError(
+                f"cannot {what}: store {self.path} is being written by another process "
+                f"({self._lock.reason}), and a second writer is refused. Wait for it to finish "
+                "(this store resumes from its complete shards), or use another directory."
+            )
+        self._remove_temporaries()
+        self._manifest = self._load_manifest()  # the other writer may have changed it
+        self._replay_journal()
+
     def _journals(self) -> list[Path]:
         """This store's journal files: rank 0's first, then the other ranks' by name."""
         ranks = sorted(f for f in self.path.iterdir() if _RANK_JOURNAL.match(f.name))
         return [self.path / JOURNAL, *ranks]
 
+    def _remove_temporaries(self) -> None:
+        """Writes killed before their rename (only the lock holder may: they are its own)."""
+        for f in self.path.iterdir():
+            if _TMP.match(f.name) and f.is_file() and not f.is_symlink():
+                f.unlink(missing_ok=True)
+
     def has_shard(self, kind: str, index: int, data_fingerprint: str | None = None) -> bool:
-        """Whether shard ``index`` is complete (and, if given, was made from ``data_fingerprint``)."""
+        """Whether shard ``index`` is complete (and, if given, was made from ``data_fingerprint``).
+
+        A shard whose file is missing, not a regular file, or not of the recorded size is not
+        complete (the featurization loop recomputes it); its checksum is verified on read.
+        """
         entry = self._manifest["shards"].get(kind, {}).get(str(index))
-        if entry is None or not (self.path / entry["file"]).is_file():
+        if entry is None or not self._file_intact(entry):
             return False
         return data_fingerprint is None or entry["data_fingerprint"] == data_fingerprint
 
+    def _file_intact(self, entry: dict[str, Any]) -> bool:
+        try:
+            st = os.lstat(self.path / entry["file"])
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == entry["nbytes"]
+
     def read_shard(self, kind: str, index: int, mmap: bool = True) -> torch.Tensor:
-        """Load shard ``index`` of ``kind`` in its recorded dtype.
+        """Load shard ``index`` of ``kind`` in its recorded dtype, its checksum verified.
 
         With ``mmap=True`` the tensor is backed by the file through a copy-on-write memory map:
         pages are read lazily, and in-place changes stay in memory and never reach the file.
         Call ``.clone()`` for an independent tensor.
+
+        Raises:
+            StoreError: no such complete shard, or its file is damaged (it is then marked
+                incomplete, so that the next run recomputes it).
         """
         entry = self._manifest["shards"].get(kind, {}).get(str(index))
         if entry is None:
@@ -360,11 +664,21 @@ class Store:
                 f"store {self.path} has no complete shard {kind!r} #{index}; complete: "
                 f"{self.shard_indices(kind)}. Write it with write_shard first."
             )
-        return self._read_file(entry, mmap)
+        return self._read_file(entry, mmap, lambda: self._journal(kind, index, None))
 
     def shard_indices(self, kind: str) -> list[int]:
         """Sorted indices of the complete shards of ``kind``."""
         return sorted(int(i) for i in self._manifest["shards"].get(kind, {}))
+
+    def shard_rows(self, kind: str, index: int) -> int:
+        """Leading size of complete shard ``index`` of ``kind``, from the manifest (no read)."""
+        entry = self._manifest["shards"].get(kind, {}).get(str(index))
+        if entry is None:
+            raise StoreError(
+                f"store {self.path} has no complete shard {kind!r} #{index}; complete: "
+                f"{self.shard_indices(kind)}. Write it with write_shard first."
+            )
+        return int(entry["shape"][0]) if entry["shape"] else 1
 
     def iter_shards(self, kind: str, mmap: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(index, tensor)`` for every complete shard of ``kind``, in index order."""
@@ -375,25 +689,33 @@ class Store:
         """Atomically write the named array of fitted state (replacing any earlier version)."""
         _check_name(name, "array")
         self._check_owner("write arrays")
-        entry = self._write_file(f"array-{name}.npy", tensor)
+        self._require_writer(f"write array {name!r}")
+        entry = self._write_file(_array_file(name), tensor)
         manifest = json.loads(json.dumps(self._manifest))
         manifest["arrays"][name] = entry
         self._write_manifest(manifest)
 
     def has_array(self, name: str) -> bool:
-        """Whether the named array is complete."""
+        """Whether the named array is complete (present, of the recorded size)."""
         entry = self._manifest["arrays"].get(name)
-        return entry is not None and (self.path / entry["file"]).is_file()
+        return entry is not None and self._file_intact(entry)
 
     def read_array(self, name: str, mmap: bool = True) -> torch.Tensor:
-        """Load the named array in its recorded dtype (``mmap`` as in :meth:`read_shard`)."""
+        """Load the named array in its recorded dtype (``mmap`` and checks as in
+        :meth:`read_shard`)."""
         entry = self._manifest["arrays"].get(name)
         if entry is None:
             raise StoreError(
                 f"store {self.path} has no array {name!r}; it has {sorted(self._manifest['arrays'])}."
                 " Write it with write_array first."
             )
-        return self._read_file(entry, mmap)
+
+        def retract() -> None:
+            manifest = json.loads(json.dumps(self._manifest))
+            del manifest["arrays"][name]
+            self._write_manifest(manifest)
+
+        return self._read_file(entry, mmap, retract)
 
     def nbytes(self) -> int:
         """Total size in bytes of the complete shard and array files."""
@@ -410,67 +732,133 @@ class Store:
 
     # -- implementation ------------------------------------------------------------------------
 
-    def _load_manifest(self, wanted: dict[str, Any]) -> dict[str, Any]:
-        fix = (
+    def _fix(self) -> str:
+        return (
             f"use another directory, delete it with Store.clear({str(self.path)!r}), or pass "
             "overwrite=True to start over."
         )
+
+    def _load_manifest(self) -> dict[str, Any]:
+        """The manifest on disk, checked against this job and entry by entry."""
+        wanted, fix, file = self._wanted, self._fix(), self.path / MANIFEST
         try:
-            manifest = json.loads((self.path / MANIFEST).read_text())
+            manifest = json.loads(file.read_text())
             if not isinstance(manifest, dict):
                 raise ValueError(f"top level is a {type(manifest).__name__}, not an object")
         except (OSError, ValueError) as exc:
+            raise StoreError(f"the manifest {file} is unreadable ({exc}); {fix}") from exc
+        if not _is_datatrace_manifest(manifest):
             raise StoreError(
-                f"the manifest of store {self.path} is unreadable ({exc}); {fix}"
-            ) from exc
+                f"{file} is not a datatrace store manifest (it lacks format_version, config, "
+                "fingerprints, shards or arrays); give the store a directory of its own."
+            )
+        legacy = manifest["format_version"] == 1  # no checksums yet: upgraded below
         stored = {k: manifest.get(k, _MISSING) for k in wanted}
+        if legacy:
+            stored["format_version"] = FORMAT_VERSION
         diffs = [d for k in wanted for d in _diff(stored[k], wanted[k], k)]
+        old: Any = manifest.get("probes") or {}
+        for name in sorted(set(old) & set(self._probes) if isinstance(old, dict) else ()):
+            gap = _close_enough(old[name], self._probes[name], self._probe_rtol)
+            if gap is not None:
+                diffs.append(
+                    f"probes.{name}: values differ by up to {gap:.2g} (relative; tolerance "
+                    f"{self._probe_rtol:.0e}), so the code that produced them changed"
+                )
         if diffs:
             raise StoreError(
                 f"store {self.path} was written for a different job and its arrays would be "
                 f"stale: {'; '.join(diffs)}. To continue, {fix}"
             )
-        if not all(isinstance(manifest.get(k), dict) for k in ("shards", "arrays")):
-            raise StoreError(f"the manifest of store {self.path} lacks 'shards'/'arrays'; {fix}")
+        for kind, shards in manifest["shards"].items():
+            if not (isinstance(kind, str) and _NAME.match(kind) and isinstance(shards, dict)):
+                raise StoreError(f"{file} has a malformed shard kind {kind!r}; {fix}")
+            for i, entry in shards.items():
+                problem = None if str(i).isdigit() else f"index {i!r} is not a number"
+                problem = problem or _entry_problem(entry, _shard_file(kind, int(i)), legacy)
+                if problem is None and entry.get("index", int(i)) != int(i):
+                    problem = f"it records index {entry.get('index')!r}"
+                if problem:
+                    raise StoreError(f"{file}: shard {kind!r} #{i} is malformed ({problem}); {fix}")
+        for name, entry in manifest["arrays"].items():
+            ok = isinstance(name, str) and _NAME.match(name)
+            problem = _entry_problem(entry, _array_file(name), legacy) if ok else "bad name"
+            if problem:
+                raise StoreError(f"{file}: array {name!r} is malformed ({problem}); {fix}")
+        if legacy:
+            self._upgrade(manifest)
+        manifest.setdefault("probes", {})
         return manifest
 
-    def _replay_journal(self) -> None:
+    def _upgrade(self, manifest: dict[str, Any]) -> None:
+        """Version 1 entries get their size and checksum from their files (trusted once);
+        entries whose file is gone are dropped (recomputed)."""
+        manifest["format_version"] = FORMAT_VERSION
+        for shards in [*manifest["shards"].values(), manifest["arrays"]]:
+            for key, entry in list(shards.items()):
+                try:
+                    with self._open(entry["file"]) as f:
+                        entry["nbytes"] = os.fstat(f.fileno()).st_size
+                        entry["checksum"] = _checksum(_file_chunks(f))
+                except OSError:
+                    del shards[key]
+        if self.writing and self.rank == 0:
+            self._write_manifest(manifest)
+
+    def _replay_journal(self, persist: bool = True) -> None:
         journals = [j for j in self._journals() if j.exists()]
         if not journals:
             return
         for journal in journals:
-            for raw in journal.read_bytes().split(b"\n"):
-                try:
-                    record = json.loads(raw)
-                    kind, index, entry = record["kind"], int(record["index"]), record["entry"]
-                except (ValueError, KeyError, TypeError):
-                    continue  # empty or torn line: that shard is not complete and is recomputed
+            for kind, index, entry in _journal_records(journal):
                 shards = self._manifest["shards"].setdefault(kind, {})
                 if entry is None:
                     shards.pop(str(index), None)
-                else:
+                elif _entry_problem(entry, _shard_file(kind, index)) is None:
                     shards[str(index)] = entry
+                # else: a malformed record counts as not written; the shard is recomputed
+        if not persist:  # a reader: the writer folds them
+            return
         self.compact()  # removes rank 0's journal; the manifest now holds the others too
         for journal in journals:
             journal.unlink(missing_ok=True)
         _fsync_dir(self.path)
 
-    def _atomic_write(self, name: str, write: Callable[[IO[bytes]], object]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".part", dir=self.path)
+    @contextlib.contextmanager
+    def _no_space(self, name: str, size: int) -> Iterator[None]:
+        """Inside: a full disk (or quota) while writing ``name`` becomes a ``StoreError``."""
         try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            yield
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            try:
+                free = f"{shutil.disk_usage(self.path).free:,} bytes free"
+            except OSError:
+                free = "free space unknown"
+            raise StoreError(
+                f"no space left for store {self.path}: writing {name} needs {size:,} bytes "
+                f"({free}). Free space or point store= at another disk, then run again: "
+                "completed shards are kept and not recomputed."
+            ) from exc
+
+    def _atomic_write(self, name: str, write: Callable[[IO[bytes]], object], size: int) -> None:
+        with self._no_space(name, size):
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".part", dir=self.path)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path / name)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         _fsync_dir(self.path)
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         text = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        self._atomic_write(MANIFEST, lambda f: f.write(text))
+        self._atomic_write(MANIFEST, lambda f: f.write(text), len(text))
         self._manifest = manifest  # only once it is on disk
 
     def _write_file(self, name: str, tensor: torch.Tensor) -> dict[str, Any]:
@@ -483,27 +871,91 @@ class Store:
             )
         t = tensor.detach().to("cpu").contiguous().view(_DTYPES[dtype][1])
         array = t.numpy()
-        self._atomic_write(name, lambda f: np.save(f, array, allow_pickle=False))
-        return {"file": name, "shape": list(tensor.shape), "dtype": dtype}
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, np.lib.format.header_data_from_array_1_0(array)
+        )
+        head = header.getvalue()
+        data = memoryview(array.reshape(-1).view(np.uint8).data)
 
-    def _read_file(self, entry: dict[str, Any], mmap: bool) -> torch.Tensor:
+        def write(f: IO[bytes]) -> None:
+            f.write(head)
+            f.write(data)
+
+        self._atomic_write(name, write, len(head) + array.nbytes)
+        return {
+            "file": name,
+            "shape": list(tensor.shape),
+            "dtype": dtype,
+            "nbytes": len(head) + array.nbytes,
+            "checksum": _checksum([head, data]),
+        }
+
+    def _open(self, name: str) -> io.BufferedReader:
+        """``name`` in the store, read-only, refusing symlinks and anything but a file."""
+        fd = os.open(self.path / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        f = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            f.close()
+            raise OSError(errno.EINVAL, "not a regular file")
+        return f
+
+    def _read_file(
+        self, entry: dict[str, Any], mmap: bool, retract: Callable[[], None]
+    ) -> torch.Tensor:
         file = self.path / entry["file"]
         torch_dtype, storage = _DTYPES[entry["dtype"]]
         shape = tuple(entry["shape"])
-        # An empty array has nothing to map; never unpickle.
-        mode: Literal["c"] | None = "c" if mmap and int(np.prod(shape)) > 0 else None
-        try:
-            array = np.load(file, mmap_mode=mode, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise StoreError(
-                f"cannot load {file} ({exc}); the store is corrupt or was tampered with. Delete it "
-                "with Store.clear(path) and recompute."
-            ) from exc
         expected = torch.empty(0, dtype=storage).numpy().dtype
-        if not isinstance(array, np.ndarray) or array.dtype != expected or array.shape != shape:
-            got = getattr(array, "dtype", type(array).__name__), getattr(array, "shape", None)
-            raise StoreError(
-                f"{file} holds dtype/shape {got} but the manifest records {expected}/{shape}; the "
-                "store is corrupt. Delete it with Store.clear(path) and recompute."
+
+        def corrupt(reason: str, exc: BaseException | None = None) -> StoreError:
+            fix = "Delete it with Store.clear(path) and recompute."
+            if self.writing:
+                retract()
+                fix = "It is now marked incomplete: run again to recompute it (the rest is kept)."
+            return StoreError(
+                f"{file} is corrupt ({reason}): damaged or tampered with, its data is not used. "
+                + fix
             )
+
+        try:
+            f = self._open(entry["file"])
+        except OSError as exc:
+            raise corrupt(f"cannot open it: {exc.strerror or exc}") from exc
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size != entry["nbytes"]:
+                raise corrupt(f"{size} bytes, the manifest records {entry['nbytes']}")
+            try:
+                version = np.lib.format.read_magic(f)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                got_shape, fortran, got_dtype = read_header(f)
+            except (OSError, ValueError, SyntaxError, TypeError) as exc:
+                raise corrupt(f"no valid .npy header: {exc}") from exc
+            if got_dtype != expected or tuple(got_shape) != shape or fortran:
+                raise corrupt(
+                    f"it holds dtype/shape {got_dtype}/{tuple(got_shape)}, the manifest records "
+                    f"{expected}/{shape}"
+                )
+            offset = f.tell()
+            if mmap and size > offset:
+                f.seek(0)
+                head = f.read(offset)
+                array: np.ndarray = np.memmap(
+                    f, dtype=expected, mode="c", offset=offset, shape=shape
+                )
+                # hashed through the map: no copy, and the pages are then cached for the caller
+                body = memoryview(array.reshape(-1).view(np.uint8).data)
+                if _checksum([head, body]) != entry["checksum"]:
+                    raise corrupt("checksum mismatch")
+            else:
+                f.seek(0)
+                buf = bytearray(size)
+                if f.readinto(buf) != size or _checksum([buf]) != entry["checksum"]:
+                    raise corrupt("checksum mismatch")
+                array = np.frombuffer(buf, dtype=expected, offset=offset).reshape(shape)
         return torch.from_numpy(array).view(torch_dtype)  # mode 'c' keeps it writable

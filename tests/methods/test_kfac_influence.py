@@ -8,6 +8,7 @@ from torch import nn
 
 import datatrace.methods.influence as influence
 from datatrace import ConfigError, ModelError, Task, make_attributor
+from datatrace.errors import StoreError
 from datatrace.kfac import fit_kfac
 from tests.methods.test_scalable_path import LargestTensor
 from tests.models import autograd_loop, classification_data, cnn, mlp, tiny_lm
@@ -171,9 +172,13 @@ def test_store_reuses_factors_for_the_same_data_only(tmp_path, monkeypatch):
     again = make_attributor("if-ekfac", task, damping=1e-2, store=store).fit(train)
     assert calls["n"] == 2  # factors read back, not refitted
     torch.testing.assert_close(again.attribute(queries).values, ref, rtol=0, atol=0)
-    other = (train[0][:8], train[1][:8])
+    other = (train[0] + 0.5, train[1])  # as many examples, other values
     make_attributor("if-ekfac", task, damping=1e-2, store=store).fit(other)
     assert calls["n"] == 3  # other training data: refitted
+    with pytest.raises(StoreError, match="n_train"):  # fewer examples: refused, not mixed
+        make_attributor("if-ekfac", task, damping=1e-2, store=store).fit(
+            (train[0][:8], train[1][:8])
+        )
 
 
 def test_factored_attribution_never_forms_per_batch_gradients():

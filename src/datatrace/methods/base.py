@@ -38,6 +38,7 @@ working dtype.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -78,6 +79,10 @@ from datatrace.store import Store, fingerprint_batch, fingerprint_tensors
 from datatrace.task import Checkpoint, Member, Task
 
 __all__ = ["METHODS", "Attributor", "MemberContext", "MethodConfig", "make_attributor", "register"]
+
+# settings that do not change results: left out of a store's config, so changing them reuses it
+_RESULT_NEUTRAL = ("batch_size", "progress")
+_PROBE_EXAMPLES = 4  # training examples whose losses and outputs identify the model's code
 
 
 @dataclass(frozen=True)
@@ -363,7 +368,16 @@ class Attributor(ABC):
                 config=self._store_config(),
                 fingerprints=self._fingerprints(members),
                 overwrite=self._overwrite,
+                probes=self._probes(members, train),
+                probe_rtol=self._probe_rtol(),
             )
+        try:
+            self._fit_members(members, train)
+        finally:
+            if self.store is not None:
+                self.store.close()  # the writer lock: reads go on, other processes may write
+
+    def _fit_members(self, members: list[Member], train: Any) -> None:
         self._recompute = self._recomputes_train_features(members)
         self._contexts = []
         for index, member in enumerate(members):
@@ -425,7 +439,9 @@ class Attributor(ABC):
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description of the method and its settings."""
-        return self._store_config()
+        out = self._store_config()
+        out["config"] = self.config.to_json()
+        return out
 
     @property
     def recomputes_train_features(self) -> bool:
@@ -474,20 +490,53 @@ class Attributor(ABC):
         return self.task.dtype if name is None else FEATURE_DTYPES[name]
 
     def _store_config(self) -> dict[str, Any]:
-        out = {
-            "method": self.name,
-            "config": self.config.to_json(),
-            "task": self.task.config(),
-        }
+        config = self.config.to_json()
+        for name in _RESULT_NEUTRAL:  # a store written at batch size 64 serves 32 too
+            config.pop(name, None)
+        out = {"method": self.name, "config": config, "task": self.task.config()}
         if self._grouping is not None:
             out["groups"] = self._grouping.describe()
         return out
 
     def _fingerprints(self, members: list[Member]) -> dict[str, str]:
-        fps = {}
+        # the sizes: a shrunk training set must not score against the old shards' units
+        fps = {"n_train": str(self._n_train), "n_units": str(self._n_units)}
         for i, m in enumerate(members):
             fps[f"member{i}"] = member_fingerprint(self.task, m)
         return fps
+
+    def _probes(self, members: list[Member], train: Any) -> dict[str, list[float]]:
+        """Per member: the training loss, query objective and output sums of the first
+        training examples, at the member's final state (compared with tolerance).
+
+        Weights fingerprint the parameters, not the code: a changed forward function (ReLU
+        to Tanh), loss (even under the same ``__name__``), target or ``batch_to_inputs``
+        changes these numbers while the weights stay the same.
+        """
+        batch = next(iter(iter_batches(train, _PROBE_EXAMPLES)))
+        # named after its inputs: other first examples give a probe that is not compared
+        # (their shard is recomputed anyway) but replaces the stored one
+        inputs = fingerprint_batch(batch)[:16]
+        out = {}
+        for i, member in enumerate(members):
+            with self._member_task(member), torch.no_grad():
+                task = self.task
+                state = member_states(task, member)[-1][1]
+                split = task.split_batch(batch)
+                outputs = task.outputs(state, split)
+                rows = outputs.detach().to(torch.float64).reshape(outputs.shape[0], -1)
+                values = [task.loss_from_outputs(outputs, split), rows.sum(1), rows.pow(2).sum(1)]
+                # a target that cannot take training batches is still named in the config
+                with contextlib.suppress(Exception):
+                    values.append(task.query_objective_from_outputs(outputs, split))
+            out[f"member{i}-{inputs}"] = torch.cat(
+                [v.detach().double().reshape(-1) for v in values]
+            ).tolist()
+        return out
+
+    def _probe_rtol(self) -> float:
+        """Probe tolerance: stores move between devices, whose arithmetic differs slightly."""
+        return min(1e-2, max(1e-6, 1000 * torch.finfo(self.task.dtype).eps))
 
     @contextmanager
     def _member_task(self, member: Member) -> Iterator[None]:
@@ -668,17 +717,31 @@ class Attributor(ABC):
             return
         kind, store = f"train-m{ctx.index}", None if ctx.features else self.store
         device, dtype = self.task.device, self.task.working_dtype
-        blocks: Iterator[torch.Tensor]
-        if store is not None:
-            count, blocks = len(store.shard_indices(kind)), (b for _, b in store.iter_shards(kind))
-        else:
-            count, blocks = len(ctx.features), iter(ctx.features)
+        if store is None:
+            count = len(ctx.features)
+            lo, hi = distributed.local_range(count) if local else (0, count)
+            start = 0
+            for i, block in enumerate(ctx.features):
+                if lo <= i < hi:
+                    yield start, block.to(device=device, dtype=dtype)
+                start += block.shape[0]
+            return
+        # exactly the shards this training set has (a store may hold more, e.g. written at
+        # another batch size); skipped ones are not read, their sizes are in the manifest
+        count = self._shard_count()
         lo, hi = distributed.local_range(count) if local else (0, count)
         start = 0
-        for i, block in enumerate(blocks):  # shards are memory-mapped: skipping reads nothing
+        for i in range(count):
             if lo <= i < hi:
+                block = store.read_shard(kind, i)
                 yield start, block.to(device=device, dtype=dtype)
-            start += block.shape[0]
+            start += store.shard_rows(kind, i)
+
+    def _shard_count(self) -> int:
+        """How many train-feature shards (batches, or chunks of groups) a fit writes."""
+        if self._grouping is None:
+            return num_batches(self._train, self.config.batch_size)
+        return sum(1 for _ in self._group_chunks(self._grouping, local=False))
 
     def _recomputed_train_features(
         self, ctx: MemberContext, local: bool
