@@ -227,3 +227,22 @@ def test_isolated_run_takes_dropout_and_lora_members(tmp_path):
     torch.testing.assert_close(there.values, here.values, rtol=1e-4, atol=1e-5)  # float32
     plain = run_method(MethodJob(**{**vars(job), "members": None}))
     assert not torch.allclose(plain.values, here.values)
+
+
+def test_dropout_models_option_trains_and_counts_each_model():
+    """dropout:K:models=M: masks round robin over the models of seeds 0..M-1."""
+    spec = parse_ensembles("dropout:3:models=2")[0]
+    assert spec.models == 2 and spec.label == "dropout:3:models=2"
+    with pytest.raises(ConfigError, match="dropout models must be an int >= 1; got 0"):
+        EnsembleSpec("dropout", 2, models=0)
+    with pytest.raises(ConfigError, match="takes no option"):
+        parse_ensembles("lora:2:models=2")
+    setting = get_setting("digits-mlp", size="small")
+    bank = MemberBank(setting, setting.train_trajectory(seed=0)[1], seed0_s=0.5)
+    cost = bank.cost(spec, reads_trajectory=False)
+    assert (len(cost.members), cost.trainings) == (3, 2) and cost.train_s > 0.5
+    states = [m.final.load() for m in cost.members]
+    first = next(iter(states[0]))
+    # members 0 and 2 mask the seed-0 model, member 1 the seed-1 model
+    assert torch.equal(states[0][first], states[2][first])
+    assert not torch.equal(states[0][first], states[1][first])

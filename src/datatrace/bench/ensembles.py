@@ -121,7 +121,8 @@ class EnsembleSpec:
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
-                raise ConfigError(f"{self.kind} {name} must be an int >= 1; got {value!r}.")
+                what = "LoRA" if self.kind == "lora" else self.kind
+                raise ConfigError(f"{what} {name} must be an int >= 1; got {value!r}.")
         if self.lr is not None and not (
             isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and self.lr > 0
         ):
