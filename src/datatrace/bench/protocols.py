@@ -264,6 +264,14 @@ class DropGroundTruth(SubsetGroundTruth):
     Attributes:
         full: ``(n_query,)`` float64 targets of the seed-0 run itself (nothing dropped).
         fraction: the protocol's drop fraction.
+
+    Example:
+        >>> kept = torch.tensor([[True, False, True], [False, True, True]])
+        >>> targets = torch.tensor([[1.0], [3.0]], dtype=torch.float64)
+        >>> gt = DropGroundTruth(kept, targets, targets[:, None], torch.zeros(2, 1),
+        ...                      full=torch.tensor([2.0], dtype=torch.float64), fraction=1 / 3)
+        >>> gt.dropped.nonzero().tolist(), gt.changes.squeeze(1).tolist()
+        ([[0, 1], [1, 0]], [-1.0, 1.0])
     """
 
     full: torch.Tensor
