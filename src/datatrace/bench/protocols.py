@@ -208,8 +208,8 @@ def _seed0_recipe(setting: Setting) -> TrainingRecipe:
         except ConfigError as exc:
             raise ConfigError(
                 f"the fixed-seed-drop protocol replays the seed-0 run without the dropped "
-                f"examples, but setting {setting.name!r} records no replay recipe ({exc}) "
-                "Use --protocol lds-half on it."
+                f"examples, but setting {setting.name!r} records no replay recipe: {exc} "
+                "Use --protocol lds-half (or the LOO task of a convex setting) on it."
             ) from exc
     return _RECIPES[key]
 
