@@ -5,8 +5,14 @@
     datatrace settings
     datatrace groundtruth --setting digits-mlp --m 50 --seeds 2 --workers 2
     datatrace groundtruth --verify          # retrain 3 subsets, compare with the stored values
+    datatrace groundtruth --setting digits-mlp-short --protocol fixed-seed-drop:0.01 --m 100
     datatrace bench --setting digits-mlp --methods grad-cos,trak:proj_dim=1024 --json out/bench.json
     datatrace bench --methods trak,grad-cos --ensembles independent:4,dropout:4,lora:4
+
+``--protocol`` chooses the ground truth (:mod:`datatrace.bench.protocols`): ``lds-half``
+(the default: ``--m`` random subsets of fraction ``--alpha``, ``--seeds`` retrainings each)
+or ``fixed-seed-drop:FRACTION`` (the seed-0 run replayed ``--m`` times, each without a random
+FRACTION of its training examples); the bench's table header and JSON name it.
 
 ``bench`` reports, for every method, LDS on the test queries with a 95% bootstrap interval,
 mislabel AUROC (settings that memorise flipped labels), LOO Pearson (convex settings) and its
@@ -169,25 +175,36 @@ def _setting(args: argparse.Namespace) -> Any:
     return get_setting(args.setting, **({"size": args.size} if args.size else {}))
 
 
-def _ground_truth(args: argparse.Namespace, setting: Any) -> Any:
-    from datatrace.bench.cache import GroundTruthSpec, lds_ground_truth
+def _protocol(args: argparse.Namespace) -> Any:
+    from datatrace.bench.protocols import parse_protocol
 
-    spec = GroundTruthSpec(m=args.m, alpha=args.alpha, seeds=args.seeds)
-    return lds_ground_truth(
+    return parse_protocol(args.protocol, m=args.m, alpha=args.alpha, seeds=args.seeds)
+
+
+def _ground_truth(args: argparse.Namespace, setting: Any, spec: Any) -> Any:
+    from datatrace.bench.protocols import ground_truth
+
+    return ground_truth(
         setting, spec, cache_dir=args.cache, workers=args.workers, progress=not args.quiet
     )
 
 
 def _cmd_groundtruth(args: argparse.Namespace) -> int:
+    from datatrace.bench.protocols import DropSpec, protocol_name
     from datatrace.distributed import rank
 
+    spec = _protocol(args)
     setting = _setting(args)
     speak = rank() == 0  # under torchrun every rank returns the result; rank 0 reports it
     if args.verify:
-        from datatrace.bench.cache import GroundTruthSpec
         from datatrace.bench.shipped import verify_ground_truth
 
-        spec = GroundTruthSpec(m=args.m, alpha=args.alpha, seeds=args.seeds)
+        if isinstance(spec, DropSpec):
+            raise ConfigError(
+                f"--verify checks lds-half ground truth (shipped or cached); {spec.protocol} is "
+                "a deterministic replay, rebuilt exactly by running without --verify in a new "
+                "--cache directory."
+            )
         result = verify_ground_truth(
             setting, spec, cache_dir=args.cache, n_subsets=args.verify_subsets
         )
@@ -199,20 +216,28 @@ def _cmd_groundtruth(args: argparse.Namespace) -> int:
                 f"tolerance {result.rtol:g})"
             )
         return 0 if result.ok else 1
-    gt = _ground_truth(args, setting)
-    if speak:
+    gt = _ground_truth(args, setting, spec)
+    if speak and isinstance(spec, DropSpec):
+        change = gt.changes.abs().mean().item()
+        print(
+            f"{setting.name}: {gt.subsets.shape[0]} drop sets of "
+            f"{spec.n_dropped(setting.n_train)} examples (seed-0 run replayed), "
+            f"{gt.targets.shape[1]} queries; mean |target change| {change:.3g} "
+            f"[protocol {protocol_name(spec)}]"
+        )
+    elif speak:
         seeds = gt.per_seed.shape[1]
         ceiling = f"{gt.noise_ceiling().mean:.3f}" if seeds >= 2 else "— (needs --seeds 2 or more)"
         print(
             f"{setting.name}: {gt.subsets.shape[0]} subsets x {seeds} seeds, "
-            f"{gt.targets.shape[1]} queries; noise ceiling {ceiling}"
+            f"{gt.targets.shape[1]} queries; noise ceiling {ceiling} [protocol lds-half]"
         )
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from datatrace.bench.benchmark import BenchConfig, parse_tasks, run_benchmark
-    from datatrace.bench.cache import GroundTruthSpec, LOOSpec
+    from datatrace.bench.cache import LOOSpec
     from datatrace.bench.ensembles import parse_ensembles
     from datatrace.bench.mislabel import MislabelSpec
 
@@ -220,7 +245,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     ensembles = parse_ensembles(args.ensembles)
     tasks = parse_tasks(args.tasks)
     ks = _int_list(args.removal_ks, "--removal-ks")
-    spec = GroundTruthSpec(m=args.m, alpha=args.alpha, seeds=args.seeds)
+    spec = _protocol(args)
     mislabel, loo = MislabelSpec(p=args.mislabel_p), LOOSpec(n_points=args.loo_points)
     if args.json is not None:
         _check_writable(args.json.parent)
@@ -316,7 +341,11 @@ def print_table(payload: dict[str, Any]) -> None:
     mislabel = payload.get("mislabel", {}).get("memorised", False)
     loo = "loo" in payload
     width = max([14, *(len(r.get("label", r["method"])) for r in payload["rows"])])
-    print(f"\n{name}: LDS on test queries (hyperparameters chosen on validation queries)")
+    protocol = payload.get("protocol", "lds-half")
+    print(
+        f"\n{name}: LDS on test queries under protocol {protocol} (hyperparameters chosen on "
+        "validation queries)"
+    )
     head = f"{'method':{width}s} {'LDS':>7s} {'95% CI':>17s}"
     if mislabel:
         head += f" {'mislabel AUROC':>14s}"
@@ -396,16 +425,27 @@ def build_parser() -> argparse.ArgumentParser:
             "--size", choices=["full", "small"], default=None, help="setting size preset"
         )
         p.add_argument(
+            "--protocol",
+            default="lds-half",
+            help="ground truth: lds-half (random half-subsets, retraining seeds vary; default) "
+            "or fixed-seed-drop:FRACTION (the seed-0 run replayed without a random FRACTION of "
+            "its examples, e.g. fixed-seed-drop:0.01; settings with a replay recipe only)",
+        )
+        p.add_argument(
             "--m",
             "--subsets",
             dest="m",
             type=int,
             default=50,
-            help="LDS subsets (default 50); spell it --subsets after torchrun, whose own parser "
-            "takes --m for one of its options",
+            help="LDS subsets, or drop sets under fixed-seed-drop (default 50); spell it "
+            "--subsets after torchrun, whose own parser takes --m for one of its options",
         )
-        p.add_argument("--alpha", type=float, default=0.5, help="subset fraction (default 0.5)")
-        p.add_argument("--seeds", type=int, default=2, help="retrainings per subset (default 2)")
+        p.add_argument(
+            "--alpha", type=float, default=None, help="lds-half subset fraction (default 0.5)"
+        )
+        p.add_argument(
+            "--seeds", type=int, default=None, help="lds-half retrainings per subset (default 2)"
+        )
         p.add_argument(
             "--workers",
             type=int,

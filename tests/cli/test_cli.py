@@ -86,10 +86,20 @@ def test_bench_end_to_end(tmp_path, capsys):
     assert code == 0
     text = capsys.readouterr().out
     assert "grad-dot" in text and "noise ceiling" in text and "random scores" in text
+    assert "LDS on test queries under protocol lds-half" in text
     payload = json.loads(out.read_text())
+    assert payload["protocol"] == "lds-half"
+    assert payload["ground_truth"] == {
+        "protocol": "lds-half",
+        "m": 6,
+        "alpha": 0.5,
+        "seeds": 2,
+        "subset_seed": 0,
+    }
     methods = [r["method"] for r in payload["rows"]]
     assert methods == ["grad-dot", "trak", "rps"]
     for row in payload["rows"]:
+        assert row["protocol"] == "lds-half"
         assert -1 <= row["lds"] <= 1 and row["ci"][0] <= row["lds"] <= row["ci"][1]
         assert row["fit_s"] >= 0
 
@@ -109,6 +119,48 @@ def test_bench_end_to_end(tmp_path, capsys):
         (["bench", "--setting", "test-blobs", "--removal-ks", "a"], "comma-separated ints"),
         (["bench", "--setting", "test-blobs", "--threads", "0"], "threads must be an int >= 1"),
         (["bench", "--setting", "test-blobs", "--removal-queries", "0"], "removal_queries"),
+        (["bench", "--setting", "test-blobs", "--protocol", "lds"], "unknown protocol 'lds'"),
+        (["bench", "--setting", "test-blobs", "--protocol", "fixed-seed-drop"], "the fraction"),
+        (["groundtruth", "--setting", "test-blobs", "--protocol", "fixed-seed-drop:2"], "got 2"),
+        (
+            [
+                "bench",
+                "--setting",
+                "test-blobs",
+                "--protocol",
+                "fixed-seed-drop:0.1",
+                "--seeds",
+                "2",
+            ],
+            "--seeds belong(s) to the lds-half protocol",
+        ),
+        (
+            ["groundtruth", "--setting", "test-blobs", "--protocol", "fixed-seed-drop:0.01"],
+            "drops round(0.01 x 24) = 0 of the 24 training examples",
+        ),
+        (
+            [
+                "groundtruth",
+                "--setting",
+                "test-blobs",
+                "--protocol",
+                "fixed-seed-drop:0.1",
+                "--verify",
+            ],
+            "--verify checks lds-half ground truth",
+        ),
+        (
+            [
+                "bench",
+                "--setting",
+                "digits-lr",
+                "--size",
+                "small",
+                "--protocol",
+                "fixed-seed-drop:0.1",
+            ],
+            "setting 'digits-lr' records no replay recipe",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(argv, match, capsys, tmp_path):
@@ -141,6 +193,40 @@ def test_groundtruth_with_one_seed_has_no_noise_ceiling(tmp_path, capsys):
         "2 subsets x 1 seeds, 10 queries; noise ceiling — (needs --seeds 2"
         in capsys.readouterr().out
     )
+
+
+def test_groundtruth_fixed_seed_drop(tmp_path, capsys):
+    argv = ["groundtruth", "--setting", "test-blobs", "--protocol", "fixed-seed-drop:0.1"]
+    assert main([*argv, "--m", "3", "--workers", "1", "--cache", str(tmp_path), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "3 drop sets of 2 examples (seed-0 run replayed), 10 queries" in text
+    assert "[protocol fixed-seed-drop:0.1]" in text
+    assert [p.name.split("-", 2)[2] for p in tmp_path.iterdir()] == [
+        f"{Blobs().recipe_hash()}-drop0.1-m3-r0"
+    ]
+
+
+def test_bench_fixed_seed_drop_end_to_end(tmp_path, capsys):
+    """The tiny Adam setting under fixed-seed-drop: unrolled predicts the drops' effects."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--setting", "test-blobs", "--protocol", "fixed-seed-drop:0.25", "--m", "8"]
+    argv += ["--methods", "unrolled,grad-dot", "--tasks", "lds", "--workers", "1", "--quiet"]
+    argv += ["--cache", str(tmp_path / "cache"), "--json", str(out), "--in-process"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "test-blobs: LDS on test queries under protocol fixed-seed-drop:0.25" in text
+    assert "\nnoise ceiling" not in text and "so there is no noise ceiling" in text
+    payload = json.loads(out.read_text())
+    assert payload["protocol"] == "fixed-seed-drop:0.25" and payload["noise_ceiling"] is None
+    assert payload["ground_truth"] == {
+        "protocol": "fixed-seed-drop:0.25",
+        "fraction": 0.25,
+        "m": 8,
+        "subset_seed": 0,
+    }
+    rows = {r["method"]: r for r in payload["rows"]}
+    assert all(r["protocol"] == "fixed-seed-drop:0.25" for r in rows.values())
+    assert rows["unrolled"]["lds"] > 0.8, rows["unrolled"]["per_query_lds"]
 
 
 def test_settings_lists_registered(capsys):

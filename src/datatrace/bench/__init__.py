@@ -1,6 +1,8 @@
 """Benchmark settings, retraining ground truth and runners (DESIGN.md §7).
 
-The subset ground truth follows the LDS protocol of TRAK (Park et al., 2023).
+The subset ground truth follows the LDS protocol of TRAK (Park et al., 2023); the
+``fixed-seed-drop`` protocol (:mod:`datatrace.bench.protocols`) replays the attributed run
+without a small random fraction of its examples.
 """
 
 from datatrace.bench.cache import (
@@ -24,8 +26,17 @@ from datatrace.bench.mislabel import (
     flip_labels,
     mislabel_ground_truth,
 )
+from datatrace.bench.protocols import (
+    DropGroundTruth,
+    DropSpec,
+    drop_ground_truth,
+    parse_protocol,
+    train_dropped,
+)
 
 __all__ = [
+    "DropGroundTruth",
+    "DropSpec",
     "GroundTruthSpec",
     "LOOSpec",
     "LeaveOneOut",
@@ -33,12 +44,15 @@ __all__ = [
     "MislabelSpec",
     "SubsetGroundTruth",
     "default_cache_dir",
+    "drop_ground_truth",
     "flip_labels",
     "lds_ground_truth",
     "leave_one_out",
     "loo_ground_truth",
     "mislabel_ground_truth",
     "noise_ceiling",
+    "parse_protocol",
     "sample_subsets",
     "subset_ground_truth",
+    "train_dropped",
 ]

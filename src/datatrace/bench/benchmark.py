@@ -4,7 +4,10 @@ Tasks (``--tasks``):
 
 - ``lds`` (always): LDS on the test queries with a 95% bootstrap interval, the grid point
   chosen on the validation queries (DESIGN.md §9), beside random scores and the noise
-  ceiling.
+  ceiling, under one ground-truth protocol (:mod:`datatrace.bench.protocols`): ``lds-half``
+  (random half-subsets, retraining seeds vary; the default) or ``fixed-seed-drop:k`` (the
+  seed-0 run replayed without a random fraction ``k`` of its examples). The payload and
+  every row name the protocol.
 - ``mislabel``: AUROC of each method's self-influence at finding flipped labels on a model
   that memorised them (:mod:`datatrace.bench.mislabel`), beside the training-loss ranking.
   Skipped with a note on settings that do not memorise, or are not classifiers.
@@ -38,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from datatrace.bench.cache import GroundTruthSpec, LOOSpec, lds_ground_truth, loo_ground_truth
+from datatrace.bench.cache import GroundTruthSpec, LOOSpec, loo_ground_truth
 from datatrace.bench.ensembles import EnsembleCost, EnsembleSpec, MemberBank
 from datatrace.bench.mislabel import MislabelSpec, mislabel_ground_truth
+from datatrace.bench.protocols import DropSpec, Protocol, ground_truth, protocol_json
 from datatrace.bench.runner import (
     TRAJECTORY_METHODS,
     MethodJob,
@@ -151,7 +155,8 @@ class BenchConfig:
         setting: the setting.
         methods: ``(method id, options or None for the grid)`` pairs.
         ensembles: ensembles every method also runs with (after its plain row).
-        spec: LDS protocol.
+        spec: LDS ground-truth protocol: ``GroundTruthSpec`` (``lds-half``) or ``DropSpec``
+            (``fixed-seed-drop``).
         tasks: tasks to run (see the module docstring).
         mislabel: flip rate and seed of the mislabel task.
         loo: leave-one-out sample of the ``loo`` task.
@@ -169,7 +174,7 @@ class BenchConfig:
     setting: Setting
     methods: Sequence[tuple[str, dict[str, Any] | None]]
     ensembles: Sequence[EnsembleSpec] = ()
-    spec: GroundTruthSpec = field(default_factory=GroundTruthSpec)
+    spec: Protocol = field(default_factory=GroundTruthSpec)
     tasks: tuple[str, ...] = ("lds", "mislabel", "loo")
     mislabel: MislabelSpec = field(default_factory=MislabelSpec)
     loo: LOOSpec = field(default_factory=LOOSpec)
@@ -182,6 +187,11 @@ class BenchConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.spec, (GroundTruthSpec, DropSpec)):
+            raise ConfigError(
+                f"spec must be a GroundTruthSpec or a DropSpec (see parse_protocol); got "
+                f"{type(self.spec).__name__}."
+            )
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
             raise ConfigError(f"threads must be an int >= 1; got {self.threads!r}.")
         q = self.removal_queries
@@ -243,9 +253,16 @@ def _run_benchmark(cfg: BenchConfig) -> BenchOutcome:
     for ensemble in cfg.ensembles:  # before any training: a bad ensemble fails at once
         ensemble.check(setting)
     notes: list[str] = []
-    gt = lds_ground_truth(
+    gt = ground_truth(
         setting, cfg.spec, cache_dir=cfg.cache_dir, workers=cfg.workers, progress=cfg.progress
     )
+    protocol = protocol_json(cfg.spec)
+    if isinstance(cfg.spec, DropSpec):
+        notes.append(
+            f"{protocol['protocol']}: the seed-0 run replayed without {cfg.spec.n_dropped(setting.n_train)} "
+            f"random examples (loss weight 0, batches kept), {cfg.spec.m} times; deterministic, "
+            "so there is no noise ceiling"
+        )
     n_val = setting.n_val
     val, test = slice(0, n_val), slice(n_val, None)
     t0 = time.perf_counter()
@@ -261,6 +278,8 @@ def _run_benchmark(cfg: BenchConfig) -> BenchOutcome:
     payload: dict[str, Any] = {
         "setting": setting.to_json(),
         "recipe_hash": setting.recipe_hash(),
+        "protocol": protocol["protocol"],
+        "ground_truth": protocol,
         "tasks": list(cfg.tasks),
         "threads": cfg.threads,
         "random_lds": random_lds.mean,
@@ -362,6 +381,7 @@ def _run_benchmark(cfg: BenchConfig) -> BenchOutcome:
             "method": method,
             "label": label,
             "ensemble": None if ensemble is None else ensemble.to_json(),
+            "protocol": protocol["protocol"],
         }
         if result.values is None:
             rows.append({**head, "error": result.grid})

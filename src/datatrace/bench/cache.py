@@ -21,6 +21,7 @@ and resumes under any number of processes. ``workers`` is per rank.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -137,6 +138,9 @@ def _check_workers(workers: Any) -> None:
         raise ConfigError(f"workers must be an int >= 1; got {workers!r}.")
 
 
+Work = Callable[[Setting, torch.Tensor, int], torch.Tensor]
+
+
 def _run_jobs(
     setting: Setting,
     store: Store,
@@ -144,19 +148,23 @@ def _run_jobs(
     workers: int,
     desc: str,
     progress: bool,
+    work: Work | None = None,
 ) -> None:
-    """Retrain ``(kind, index, indices, seed)`` jobs and write each result as a shard."""
+    """Run ``work(setting, indices, seed)`` (default: :func:`_retrain`) for each ``(kind,
+    index, indices, seed)`` job and write each result as a shard. ``work`` must be a
+    module-level function (it is pickled to the worker processes)."""
+    work = work or _retrain  # looked up at call time (tests count the retrainings)
     bar = tqdm(total=len(jobs), desc=desc, disable=not progress or not jobs)
     if workers == 1 or len(jobs) <= 1:
         for kind, index, indices, seed in jobs:
-            store.write_shard(kind, index, _retrain(setting, indices, seed))
+            store.write_shard(kind, index, work(setting, indices, seed))
             bar.update()
     else:
         with ProcessPoolExecutor(
             max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker
         ) as pool:
             futures = {
-                pool.submit(_retrain, setting, indices, seed): (kind, index)
+                pool.submit(work, setting, indices, seed): (kind, index)
                 for kind, index, indices, seed in jobs
             }
             for future in futures:  # written in submission order as each completes
@@ -181,6 +189,7 @@ def _run_split(
     workers: int,
     desc: str,
     progress: bool,
+    work: Work | None = None,
 ) -> None:
     """Run this rank's contiguous slice of ``jobs``; afterwards every rank's store has them all.
 
@@ -193,7 +202,7 @@ def _run_split(
     if world > 1:
         desc = f"{desc} [rank {me}/{world}: {hi - lo} of {len(jobs)} jobs]"
     distributed.run_collectively(
-        lambda: _run_jobs(setting, store, jobs[lo:hi], workers, desc, progress and me == 0)
+        lambda: _run_jobs(setting, store, jobs[lo:hi], workers, desc, progress and me == 0, work)
     )
     distributed.sync_store(store)
 
