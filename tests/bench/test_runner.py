@@ -103,8 +103,9 @@ def test_layer_methods_track_only_linear_layers_of_a_language_model():
     """K-FAC-based methods get a Task over the Linear layers (embeddings, LayerNorm excluded)."""
     import torch
 
-    from datatrace.bench.runner import LAYER_METHODS, _attributor
+    from datatrace.bench.runner import _attributor, layer_params_only, reads_trajectory
     from datatrace.bench.settings import get_setting
+    from datatrace.methods import METHODS
 
     setting = get_setting("pydoc-charlm", size="small")
     model = setting.build_model(0).eval()
@@ -115,7 +116,11 @@ def test_layer_methods_track_only_linear_layers_of_a_language_model():
         for p, _ in m.named_parameters(recurse=False)
     }
     assert linear and linear != {n for n, _ in model.named_parameters()}
-    for method in sorted(LAYER_METHODS):
+    # the traits come from the method classes (no id lists in the bench)
+    layer_methods = sorted(m for m in METHODS if layer_params_only(m))
+    assert layer_methods == ["if-ekfac", "if-kfac", "logra", "source"]
+    assert sorted(m for m in METHODS if reads_trajectory(m)) == ["source", "tracin"]
+    for method in layer_methods:
         job = MethodJob(setting, method, [{}], {}, [], torch.zeros(1, 1), torch.zeros(1, 1))
         assert set(_attributor(setting, model, [], job, {}).task.tracked_names) == linear
     job = MethodJob(setting, "grad-dot", [{}], {}, [], torch.zeros(1, 1), torch.zeros(1, 1))

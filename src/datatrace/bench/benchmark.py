@@ -46,9 +46,9 @@ from datatrace.bench.ensembles import EnsembleCost, EnsembleSpec, MemberBank
 from datatrace.bench.mislabel import MislabelSpec, mislabel_ground_truth
 from datatrace.bench.protocols import DropSpec, Protocol, ground_truth, protocol_json
 from datatrace.bench.runner import (
-    TRAJECTORY_METHODS,
     MethodJob,
     MethodResult,
+    reads_trajectory,
     replays_training,
     run_method,
     run_method_isolated,
@@ -356,11 +356,9 @@ def _run_benchmark(cfg: BenchConfig) -> BenchOutcome:
     for method, opts, ensemble in bar:
         label = method if ensemble is None else f"{method} {ensemble.label}"
         bar.set_postfix_str(label)
-        reads_trajectory = method in TRAJECTORY_METHODS
+        whole_run = reads_trajectory(method)
         cost: EnsembleCost = (
-            bank.plain(reads_trajectory)
-            if ensemble is None
-            else bank.cost(ensemble, reads_trajectory)
+            bank.plain(whole_run) if ensemble is None else bank.cost(ensemble, whole_run)
         )
         job = MethodJob(
             setting=setting,

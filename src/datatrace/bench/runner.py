@@ -37,27 +37,43 @@ from datatrace.replay import TrainingRecipe
 from datatrace.task import Checkpoint, Member
 
 __all__ = [
-    "TRAJECTORY_METHODS",
     "MethodJob",
     "MethodResult",
+    "layer_params_only",
+    "reads_trajectory",
     "replays_training",
     "run_method",
     "run_method_isolated",
 ]
 
-# Methods that read the training trajectory (the task gets the run's checkpoints).
-TRAJECTORY_METHODS = frozenset({"tracin", "source"})
-# Methods whose curvature covers nn.Linear / nn.Conv2d only (K-FAC factors): on models with
-# other parameters (embeddings, LayerNorm) they attribute through those layers' parameters.
-LAYER_METHODS = frozenset({"if-kfac", "if-ekfac", "logra", "source"})
+
+def _method_class(method: str) -> Any:
+    from datatrace.methods import METHODS
+
+    entry = METHODS.get(method)
+    return None if entry is None else entry[0]
 
 
 def replays_training(method: str) -> bool:
     """Whether ``method`` replays the training run (``unrolled``): it gets the run's recipe."""
+    cls = _method_class(method)
+    return cls is not None and cls.replays_training
+
+
+def reads_trajectory(method: str) -> bool:
+    """Whether ``method`` reads every checkpoint (TracIn, Source): its task gets the run's."""
+    cls = _method_class(method)
+    return cls is not None and cls.reads_trajectory
+
+
+def layer_params_only(method: str) -> bool:
+    """Whether ``method``'s curvature covers Linear/Conv2d layers only (K-FAC factors), with
+    its registered settings: on models with other parameters (embeddings, LayerNorm) the
+    bench attributes through those layers' parameters, as kronfluence does."""
     from datatrace.methods import METHODS
 
-    entry = METHODS.get(method)
-    return entry is not None and entry[0].replays_training
+    cls = _method_class(method)
+    return cls is not None and cls.layer_params_only(METHODS[method][1])
 
 
 @dataclass(frozen=True)
@@ -190,9 +206,9 @@ def _attributor(
 ) -> Any:
     from datatrace.methods import make_attributor
 
-    checkpoints = list(trajectory) if job.method in TRAJECTORY_METHODS else None
+    checkpoints = list(trajectory) if reads_trajectory(job.method) else None
     options: dict[str, Any] = {"checkpoints": checkpoints}
-    if job.method in LAYER_METHODS:  # as kronfluence: the Linear/Conv2d layers' parameters
+    if layer_params_only(job.method):  # as kronfluence: the Linear/Conv2d layers' parameters
         options["module_types"] = (torch.nn.Linear, torch.nn.Conv2d)
     task = setting.make_task(model, **options)
     extra: dict[str, Any] = {"recipe": recipe} if replays_training(job.method) else {}

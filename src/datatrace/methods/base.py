@@ -201,6 +201,16 @@ class Attributor(ABC):
     # (``recipe=``) and keeps no train features, so it has no store to resume; the
     # conformance suites build it from a recorded run (tests/methods/test_unrolled.py).
     replays_training: ClassVar[bool] = False
+    # A method that reads every checkpoint of a member's trajectory (TracIn, Source); the
+    # others read the final weights only.
+    reads_trajectory: ClassVar[bool] = False
+
+    @classmethod
+    def layer_params_only(cls, settings: Mapping[str, Any]) -> bool:
+        """Whether the method, with these settings, describes Linear/Conv layers only
+        (K-FAC factors): on a model with other parameters it attributes through the
+        layers' parameters (``Task(module_types=...)``), as kronfluence does."""
+        return False
 
     def __init__(
         self,

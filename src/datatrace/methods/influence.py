@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -255,6 +255,11 @@ class InfluenceAttributor(Attributor):
     """
 
     method_id = "influence"
+
+    @classmethod
+    def layer_params_only(cls, settings: Mapping[str, Any]) -> bool:
+        return settings.get("curvature") in KFAC_KINDS
+
     Config = InfluenceConfig
     config: InfluenceConfig
 

@@ -34,6 +34,7 @@ the curvature, ``O(k_in² + k_out²)`` memory per layer for it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -136,6 +137,11 @@ class LoGraAttributor(Attributor):
     """
 
     method_id = "logra"
+
+    @classmethod
+    def layer_params_only(cls, settings: Mapping[str, Any]) -> bool:
+        return True  # per-layer projections of Linear/Conv2d factors
+
     Config = LoGraConfig
     config: LoGraConfig
 

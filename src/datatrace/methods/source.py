@@ -394,6 +394,12 @@ class SourceAttributor(Attributor):
     """
 
     method_id = "source"
+    reads_trajectory = True
+
+    @classmethod
+    def layer_params_only(cls, settings: Mapping[str, Any]) -> bool:
+        return True  # K-FAC/EK-FAC per segment
+
     Config = SourceConfig
     config: SourceConfig
     # Per-example segment masks and self-scores (rows of the train data) are not group-aware

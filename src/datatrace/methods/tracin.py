@@ -36,6 +36,7 @@ class TracInAttributor(GradientSimilarity):
     """
 
     method_id = "tracin"
+    reads_trajectory = True
 
     def _trajectory_features(self, ctx: MemberContext, batch: Batch, which: str) -> torch.Tensor:
         parts = []
