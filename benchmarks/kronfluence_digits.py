@@ -28,8 +28,10 @@ rebuilds the ``nn.Sequential`` model from a layer description without datatrace 
 to score unless its query logits equal ours (atol 1e-5).
 
 Reported per setting: LDS [95% bootstrap CI] of every run, the mean over label seeds / runs,
-the paired-bootstrap 95% interval (DESIGN.md §9) of ours (seed 0) - kronfluence (run 1) and
-of the per-query LDS averaged over the seeds minus that averaged over kronfluence's runs,
+the paired-bootstrap 95% interval (DESIGN.md §9) of ours (seed 0) - kronfluence (run 1), of
+the per-query LDS averaged over the seeds minus that averaged over kronfluence's runs, and
+of the same difference with the label draws resampled too (:func:`draws_bootstrap`: a single
+draw's LDS is random on both sides, which resampling queries alone does not see), each
 with the verdict (``better``: lower end > 0; ``not worse``: upper end >= 0), the noise
 ceiling and the random-score baseline of the bench. Times (one fit + attribute each, no
 warm-up) are indicative only.
@@ -43,6 +45,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.kronfluence_charlm import cached_ground_truth, run_kronfluence, trained_model
 from benchmarks.peers import compare, setup_peer
-from datatrace import make_attributor
+from datatrace import Task, make_attributor
 from datatrace.bench.cache import GroundTruthSpec
-from datatrace.bench.groundtruth import noise_ceiling
+from datatrace.bench.groundtruth import SubsetGroundTruth, noise_ceiling
 from datatrace.bench.settings import Setting, get_setting
 from datatrace.metrics import LDSResult, lds, paired_bootstrap
 
@@ -117,13 +120,29 @@ def timed_scores(make: Any, train: Any, queries: Any) -> tuple[torch.Tensor, flo
     return values, time.perf_counter() - t0
 
 
-def run_setting(name: str, args: argparse.Namespace, py: Path) -> dict[str, Any]:
+@dataclass
+class Bench:
+    """The bench's pieces of one setting: seed-0 model, task, data and test ground truth."""
+
+    setting: Setting
+    model: nn.Module
+    task: Task
+    gt: SubsetGroundTruth
+    targets: torch.Tensor  # (m, n_test) subset targets of the test queries
+    ceiling: float
+    random: float
+
+    def lds(self, scores: torch.Tensor) -> LDSResult:
+        return lds(scores, self.gt.subsets, self.targets)
+
+
+def bench_pieces(name: str, args: argparse.Namespace) -> Bench:
+    """Model, task and cached test ground truth of setting ``name`` as the bench has them."""
     setting: Setting = get_setting(name)
     spec = GroundTruthSpec(m=args.m, seeds=args.gt_seeds)
     gt = cached_ground_truth(setting, spec, args.allow_retraining)
     n_val = setting.n_val
     targets = gt.targets[:, n_val:]
-    ceiling = noise_ceiling(gt.per_seed[:, :, n_val:])
     # the bench's random baseline (datatrace.bench.benchmark): the same generator and draw
     g = torch.Generator().manual_seed(0)
     random_lds = lds(
@@ -132,13 +151,59 @@ def run_setting(name: str, args: argparse.Namespace, py: Path) -> dict[str, Any]
         targets,
     )
     model = trained_model(setting, tag=setting.name)
-    train, queries = setting.data.train, setting.data.test_queries
     task = setting.make_task(model)
     if set(task.tracked_params()) != layer_params(model):
         raise RuntimeError(
             f"{name}: make_task tracks {sorted(task.tracked_params())}, kronfluence the "
             f"Linear/Conv2d parameters {sorted(layer_params(model))}"
         )
+    ceiling = noise_ceiling(gt.per_seed[:, :, n_val:]).mean
+    return Bench(setting, model, task, gt, targets, ceiling, random_lds.mean)
+
+
+def kronfluence_runs(
+    py: Path, bench: Bench, args: argparse.Namespace, factors: bool = False
+) -> dict[str, Any]:
+    """``args.kfx_runs`` kronfluence EK-FAC fits + scores of the test queries (the runner)."""
+    model, (x_train, y_train) = bench.model, bench.setting.data.train
+    x_query, y_query = bench.setting.data.test_queries
+    with tempfile.TemporaryDirectory(prefix="datatrace-kfx-digits-") as tmp:
+        inputs = Path(tmp) / "inputs.pt"
+        with torch.no_grad():
+            logits = model(x_query).detach().clone()
+        torch.save(
+            {
+                "layers": describe(model),
+                "dtype": str(bench.setting.torch_dtype).removeprefix("torch."),
+                "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "x_train": x_train,
+                "y_train": y_train,
+                "x_query": x_query,
+                "y_query": y_query,
+                "query_logits": logits,
+            },
+            inputs,
+        )
+        runner_spec = {
+            "threads": args.threads,
+            "batch_size": args.batch_size,
+            "runs": args.kfx_runs,
+            "damping": None,
+            "strategy": "ekfac",
+            "factors": factors,
+        }
+        t0 = time.perf_counter()
+        kron = run_kronfluence(
+            py, inputs, Path(tmp) / "kronfluence.pt", runner_spec, args.peer_timeout, RUNNER
+        )
+        print(f"[kronfluence] {bench.setting.name}: {time.perf_counter() - t0:.1f}s", flush=True)
+    return kron
+
+
+def run_setting(name: str, args: argparse.Namespace, py: Path) -> dict[str, Any]:
+    bench = bench_pieces(name, args)
+    setting, task, gt, targets = bench.setting, bench.task, bench.gt, bench.targets
+    train, queries = setting.data.train, setting.data.test_queries
 
     ours: dict[str, dict[str, Any]] = {}
     for seed in args.label_seeds:
@@ -157,43 +222,10 @@ def run_setting(name: str, args: argparse.Namespace, py: Path) -> dict[str, Any]
     )
     ours["exact"] = {"scores": values, "total_s": secs}
     print(f"[datatrace] {name} fisher exact: {secs:.1f}s", flush=True)
+    kron = kronfluence_runs(py, bench, args)
 
-    with tempfile.TemporaryDirectory(prefix="datatrace-kfx-digits-") as tmp:
-        inputs = Path(tmp) / "inputs.pt"
-        with torch.no_grad():
-            logits = model(queries[0]).detach().clone()
-        torch.save(
-            {
-                "layers": describe(model),
-                "dtype": str(setting.torch_dtype).removeprefix("torch."),
-                "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                "x_train": train[0],
-                "y_train": train[1],
-                "x_query": queries[0],
-                "y_query": queries[1],
-                "query_logits": logits,
-            },
-            inputs,
-        )
-        runner_spec = {
-            "threads": args.threads,
-            "batch_size": args.batch_size,
-            "runs": args.kfx_runs,
-            "damping": None,
-            "strategy": "ekfac",
-            "factors": False,
-        }
-        t0 = time.perf_counter()
-        kron = run_kronfluence(
-            py, inputs, Path(tmp) / "kronfluence.pt", runner_spec, args.peer_timeout, RUNNER
-        )
-        print(f"[kronfluence] {name}: {time.perf_counter() - t0:.1f}s", flush=True)
-
-    def summary(scores: torch.Tensor) -> LDSResult:
-        return lds(scores, gt.subsets, targets)
-
-    ours_lds = {k: summary(v["scores"]) for k, v in ours.items()}
-    kron_lds = [summary(r["scores"]) for r in kron["runs"]]
+    ours_lds = {k: bench.lds(v["scores"]) for k, v in ours.items()}
+    kron_lds = [bench.lds(r["scores"]) for r in kron["runs"]]
     readme = [ours_lds[f"readme-seed{s}"] for s in args.label_seeds]
 
     def mean_per_query(results: list[LDSResult]) -> torch.Tensor:
@@ -205,11 +237,12 @@ def run_setting(name: str, args: argparse.Namespace, py: Path) -> dict[str, Any]
     first = kron["runs"][0]["scores"]
     seed0 = ours[f"readme-seed{args.label_seeds[0]}"]["scores"]
     lo, hi = paired_bootstrap(mean_per_query(readme), mean_per_query(kron_lds))
+    d_lo, d_hi = draws_bootstrap(readme, kron_lds)
     return {
         "setting": setting.to_json(),
         "recipe_hash": setting.recipe_hash(),
-        "noise_ceiling": ceiling.mean,
-        "random_lds": random_lds.mean,
+        "noise_ceiling": bench.ceiling,
+        "random_lds": bench.random,
         "n_train": setting.n_train,
         "n_test": setting.n_test,
         "kronfluence": {k: kron[k] for k in ("version", "torch", "logit_gap")},
@@ -222,11 +255,38 @@ def run_setting(name: str, args: argparse.Namespace, py: Path) -> dict[str, Any]
         "readme_seed0_vs_run1": compare(seed0, first, gt.subsets, targets),
         "exact_vs_run1": compare(ours["exact"]["scores"], first, gt.subsets, targets),
         "readme_mean_vs_mean": {"lds_diff_ci": [lo, hi], "verdict": verdict(lo, hi)},
+        "readme_mean_vs_mean_draws": {
+            "lds_diff_ci": [d_lo, d_hi],
+            "verdict": verdict(d_lo, d_hi),
+        },
         "seconds": {
             **{k: v["total_s"] for k, v in ours.items()},
             **{f"kronfluence-run{i + 1}": r["total_s"] for i, r in enumerate(kron["runs"])},
         },
     }
+
+
+def draws_bootstrap(
+    ours: list[LDSResult], peer: list[LDSResult], n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95% interval of mean(ours) - mean(peer) resampling label draws and queries.
+
+    Both sides sample labels, so a single draw's LDS is itself random: each replicate draws,
+    with replacement, as many of our runs and of the peer's runs as there are and a set of
+    queries (the same for both: paired), and takes the difference of the mean per-query LDS.
+    """
+    a = torch.stack([r.per_query for r in ours])  # (draws, queries)
+    b = torch.stack([r.per_query for r in peer])
+    g = torch.Generator().manual_seed(seed)
+    n_q = a.shape[1]
+    diffs = torch.empty(n_boot, dtype=torch.float64)
+    for i in range(n_boot):
+        q = torch.randint(n_q, (n_q,), generator=g)
+        ia = torch.randint(a.shape[0], (a.shape[0],), generator=g)
+        ib = torch.randint(b.shape[0], (b.shape[0],), generator=g)
+        diffs[i] = a[ia][:, q].nanmean() - b[ib][:, q].nanmean()
+    low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(low), float(high)
 
 
 def _lds_json(r: LDSResult) -> dict[str, Any]:
@@ -244,9 +304,10 @@ def print_table(results: list[dict[str, Any]], label_seeds: list[int], runs: int
         "\n| setting | noise ceiling / random | ours README, seed 0 [95% CI] | ours README, "
         "other seeds; mean | ours fisher exact [95% CI] | kronfluence run 1 [95% CI] | "
         "kronfluence other runs; mean | ours seed 0 − kronfluence run 1, 95% CI | ours mean − "
-        "kronfluence mean, 95% CI | ours exact − kronfluence run 1, 95% CI |"
+        "kronfluence mean, 95% CI (queries) | the same, queries and draws resampled | ours "
+        "exact − kronfluence run 1, 95% CI |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         seeds = [r["lds"][f"readme-seed{s}"]["mean"] for s in label_seeds]
         kron = [r["lds"][f"kronfluence-run{i + 1}"]["mean"] for i in range(runs)]
@@ -262,7 +323,7 @@ def print_table(results: list[dict[str, Any]], label_seeds: list[int], runs: int
             f"{_fmt(r['lds']['exact'])} | {_fmt(r['lds']['kronfluence-run1'])} | "
             f"{', '.join(f'{x:.3f}' for x in kron[1:])}; **{r['kronfluence_mean']:.3f}** | "
             f"{cmp(r['readme_seed0_vs_run1'])} | {cmp(r['readme_mean_vs_mean'])} | "
-            f"{cmp(r['exact_vs_run1'])} |"
+            f"{cmp(r['readme_mean_vs_mean_draws'])} | {cmp(r['exact_vs_run1'])} |"
         )
 
 

@@ -13,9 +13,9 @@ kronfluence's 0.1 x mean-eigenvalue heuristic per module). Measurement ``-margin
 (:func:`peer_runner.kronfluence_classification_task`), so a positive score means that training
 on the example raises the query's margin: datatrace's sign.
 
-With ``spec["factors"]`` it also returns the first run's fitted factors (covariances,
+With ``spec["factors"]`` it also returns every run's fitted factors (covariances,
 eigenvectors, eigenvalue-corrected ``lambda_matrix`` and the counts they are divided by) for
-the diagnosis in ``kronfluence_digits.py --diagnose``.
+``kronfluence_digits_diagnose.py``.
 
 Usage (kronfluence_digits.py does this)::
 
@@ -100,7 +100,7 @@ def run(data: dict[str, Any], spec: dict[str, Any], work: Path) -> dict[str, Any
     train, queries = TensorDataset(xt, yt), TensorDataset(xq, yq)
     strategy, bs = spec["strategy"], spec["batch_size"]
     runs: list[dict[str, Any]] = []
-    factors: dict[str, Any] = {}
+    factors: list[dict[str, Any]] = []
     for i in range(spec["runs"]):
         t0 = time.perf_counter()
         analyzer, out_dir = kronfluence_fit(
@@ -116,13 +116,18 @@ def run(data: dict[str, Any], spec: dict[str, Any], work: Path) -> dict[str, Any
             analyzer, strategy, queries, train, train_batch_size=bs, damping=spec["damping"]
         )
         t2 = time.perf_counter()
-        if i == 0 and spec.get("factors"):
-            loaded = analyzer.load_all_factors(factors_name=strategy)
-            factors = {
-                kind: {m: t.detach().clone() for m, t in per_module.items() if t is not None}
-                for kind, per_module in loaded.items()
-                if per_module is not None
+        if spec.get("factors"):
+            loaded = {
+                **(analyzer.load_covariance_matrices(strategy) or {}),
+                **analyzer.load_all_factors(factors_name=strategy),
             }
+            factors.append(
+                {
+                    kind: {m: t.detach().clone() for m, t in per_module.items() if t is not None}
+                    for kind, per_module in loaded.items()
+                    if per_module is not None
+                }
+            )
         shutil.rmtree(out_dir, ignore_errors=True)
         runs.append(
             {
