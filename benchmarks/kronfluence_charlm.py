@@ -95,14 +95,18 @@ def cached_ground_truth(
         sys.exit(
             f"{path} holds {complete} of the {spec.m * spec.seeds} retrainings of the ground "
             f"truth; run `datatrace groundtruth --setting {setting.name} --m {spec.m} --seeds "
-            f"{spec.seeds}` first (12+ minutes) or pass --allow-retraining."
+            f"{spec.seeds}` first (minutes for digits, 12+ for pydoc-charlm) or pass "
+            "--allow-retraining."
         )
     return lds_ground_truth(setting, spec, workers=2, progress=True)
 
 
-def trained_model(setting: Setting) -> nn.Module:
-    """The bench's seed-0 model (``setting.train_trajectory(seed=0)``), state cached on disk."""
-    path = CACHE / f"charlm-seed0-{setting.recipe_hash()}.pt"
+def trained_model(setting: Setting, tag: str = "charlm") -> nn.Module:
+    """The bench's seed-0 model (``setting.train_trajectory(seed=0)``), state cached on disk.
+
+    The state is kept as ``benchmarks/.cache/TAG-seed0-RECIPEHASH.pt``.
+    """
+    path = CACHE / f"{tag}-seed0-{setting.recipe_hash()}.pt"
     model = setting.build_model(0)
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -131,10 +135,16 @@ def ours_ekfac(task: Task, damping: float | str, batch_size: int, seed: int = 0)
 
 
 def run_kronfluence(
-    py: Path, inputs: Path, out: Path, spec: dict[str, Any], timeout: float
+    py: Path,
+    inputs: Path,
+    out: Path,
+    spec: dict[str, Any],
+    timeout: float,
+    runner: Path = RUNNER,
 ) -> dict[str, Any]:
+    """Run a kronfluence runner script in the peer venv ``py``; its saved result."""
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [str(py), str(RUNNER), "--inputs", str(inputs), "--out", str(out)]
+    cmd = [str(py), str(runner), "--inputs", str(inputs), "--out", str(out)]
     cmd += ["--spec", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     sys.stdout.write(proc.stdout)

@@ -276,22 +276,15 @@ def traker_methods(data: dict[str, Any], spec: dict[str, Any], work: Path) -> di
 # ------------------------------------------------------------------------------------ kronfluence
 
 
-def kronfluence_methods(data: dict[str, Any], spec: dict[str, Any], work: Path) -> dict[str, Any]:
-    """K-FAC / EK-FAC influence with kronfluence's Analyzer (true Fisher, sampled labels).
+def kronfluence_classification_task() -> Any:
+    """kronfluence ``Task`` of a classifier: summed cross-entropy, measurement ``-margin``.
 
-    The measurement is ``-margin`` (loss-like, as kronfluence's own classification examples),
-    so a positive score means training on the example raises the query's margin: datatrace's
-    sign. kronfluence does not divide by ``n``; LDS and rank correlations ignore the scale.
-    Damping ``None`` is kronfluence's 0.1 x mean-eigenvalue heuristic, per module.
+    With ``sample=True`` (the true Fisher, kronfluence's default ``FactorArguments``) the
+    labels are drawn from the model's softmax, one per example, unseeded as in kronfluence's
+    own examples. The measurement is loss-like (lower = better), so a positive pairwise
+    score means that training on the example raises the query's margin: datatrace's sign.
     """
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
-    from torch.utils.data import TensorDataset
-
-    xt, yt, xq, yq = data["x_train"], data["y_train"], data["x_query"], data["y_query"]
-    bs = spec["batch_size"]
-    damping = spec.get("kfac_damping")
 
     class Classification(Task):
         def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Any:
@@ -307,42 +300,109 @@ def kronfluence_methods(data: dict[str, Any], spec: dict[str, Any], work: Path) 
             x, y = batch
             return -margin(model(x), y).sum()
 
+    return Classification()
+
+
+def kronfluence_fit(
+    model: nn.Module,
+    task: Any,
+    dataset: Any,
+    *,
+    strategy: str,
+    batch_size: int,
+    work: Path,
+    name: str = "digits",
+) -> tuple[Any, Path]:
+    """``Analyzer.fit_all_factors`` with default ``FactorArguments(strategy=...)``.
+
+    ``model`` is wrapped in place by ``prepare_model``; returns the analyzer and its output
+    folder (remove it when done).
+    """
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+
+    model = prepare_model(model.eval(), task)
+    out_dir = Path(tempfile.mkdtemp(dir=work, prefix="kronfluence-"))
+    analyzer = Analyzer(
+        analysis_name=name,
+        model=model,
+        task=task,
+        cpu=True,
+        disable_tqdm=True,
+        output_dir=str(out_dir),
+    )
+    analyzer.fit_all_factors(
+        factors_name=strategy,
+        dataset=dataset,
+        per_device_batch_size=batch_size,
+        factor_args=FactorArguments(strategy=strategy),
+        overwrite_output_dir=True,
+    )
+    return analyzer, out_dir
+
+
+def kronfluence_pairwise(
+    analyzer: Any,
+    factors_name: str,
+    query_dataset: Any,
+    train_dataset: Any,
+    *,
+    train_batch_size: int,
+    damping: float | None,
+) -> torch.Tensor:
+    """``(n_query, n_train)`` pairwise scores on the fitted factors (all queries in one batch).
+
+    ``damping=None`` is kronfluence's heuristic, 0.1 x each module's mean eigenvalue.
+    """
+    from kronfluence.arguments import ScoreArguments
+
+    analyzer.compute_pairwise_scores(
+        scores_name="scores",
+        factors_name=factors_name,
+        query_dataset=query_dataset,
+        train_dataset=train_dataset,
+        per_device_query_batch_size=len(query_dataset),
+        per_device_train_batch_size=train_batch_size,
+        score_args=ScoreArguments(damping_factor=damping),
+        overwrite_output_dir=True,
+    )
+    return analyzer.load_pairwise_scores("scores")["all_modules"].clone()
+
+
+def kronfluence_methods(data: dict[str, Any], spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """K-FAC / EK-FAC influence with kronfluence's Analyzer (true Fisher, sampled labels).
+
+    The measurement is ``-margin`` (:func:`kronfluence_classification_task`), so scores have
+    datatrace's sign. kronfluence does not divide by ``n``; LDS and rank correlations ignore
+    the scale. Damping ``None`` is kronfluence's 0.1 x mean-eigenvalue heuristic, per module.
+    """
+    xt, yt, xq, yq = data["x_train"], data["y_train"], data["x_query"], data["y_query"]
+    bs = spec["batch_size"]
+    damping = spec.get("kfac_damping")
+
     def method(strategy: str) -> tuple[Any, Any]:
         def fit() -> Any:
             model = build_mlp(data["hidden"])
             model.load_state_dict(data["members"][0])
-            model = prepare_model(model.eval(), Classification())
-            out_dir = Path(tempfile.mkdtemp(dir=work, prefix="kronfluence-"))
-            analyzer = Analyzer(
-                analysis_name="digits",
-                model=model,
-                task=Classification(),
-                cpu=True,
-                disable_tqdm=True,
-                output_dir=str(out_dir),
+            return kronfluence_fit(
+                model,
+                kronfluence_classification_task(),
+                TensorDataset(xt, yt),
+                strategy=strategy,
+                batch_size=bs,
+                work=work,
             )
-            analyzer.fit_all_factors(
-                factors_name=strategy,
-                dataset=TensorDataset(xt, yt),
-                per_device_batch_size=bs,
-                factor_args=FactorArguments(strategy=strategy),
-                overwrite_output_dir=True,
-            )
-            return analyzer, out_dir
 
         def attribute(state: Any) -> torch.Tensor:
             analyzer, out_dir = state
-            analyzer.compute_pairwise_scores(
-                scores_name="scores",
-                factors_name=strategy,
-                query_dataset=TensorDataset(xq, yq),
-                train_dataset=TensorDataset(xt, yt),
-                per_device_query_batch_size=len(yq),
-                per_device_train_batch_size=bs,
-                score_args=ScoreArguments(damping_factor=damping),
-                overwrite_output_dir=True,
+            scores = kronfluence_pairwise(
+                analyzer,
+                strategy,
+                TensorDataset(xq, yq),
+                TensorDataset(xt, yt),
+                train_batch_size=bs,
+                damping=damping,
             )
-            scores = analyzer.load_pairwise_scores("scores")["all_modules"].clone()
             shutil.rmtree(out_dir, ignore_errors=True)
             return scores
 

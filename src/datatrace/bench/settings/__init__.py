@@ -7,8 +7,9 @@ the target to attribute and how to measure it::
     >>> import torch
     >>> from datatrace import GradDotAttributor
     >>> from datatrace.bench.settings import get_setting, list_settings
-    >>> list_settings()
-    ['breast-cancer-mlp', 'digits-cnn', 'digits-lr', 'digits-mlp', 'pydoc-charlm']
+    >>> list_settings()  # doctest: +NORMALIZE_WHITESPACE
+    ['breast-cancer-mlp', 'digits-cnn', 'digits-lr', 'digits-mlp', 'digits-mlp-dropout',
+     'digits-mlp-short', 'digits-mlp-twostage', 'pydoc-charlm']
     >>> setting = get_setting("digits-mlp", size="small")      # fields can be overridden
     >>> model = setting.train(seed=0)                           # eval mode, deterministic
     >>> task = setting.make_task(model)                         # loss and target of the setting
@@ -25,6 +26,8 @@ Registered settings (each docstring states the accuracy or loss it reaches):
 - ``digits-lr``: :class:`DigitsLR`, multinomial logistic regression trained to convergence
   (convex: leave-one-out ground truth is exact).
 - ``digits-mlp``: :class:`DigitsMLP`, MLP with dropout.
+- ``digits-mlp-dropout``: :class:`DigitsMLPDropout`, wider MLP with three ``Dropout(0.5)``
+  layers on 1,000 examples.
 - ``digits-cnn``: :class:`DigitsCNN`, small conv net on the 8x8 images.
 - ``breast-cancer-mlp``: :class:`BreastCancerMLP`, tabular.
 - ``pydoc-charlm``: :class:`PydocCharLM`, character-level transformer language model.
@@ -73,7 +76,7 @@ as can a function ``(**overrides) -> Setting``.
 
 from datatrace.bench.settings.base import Evaluation, Setting, SettingData, take
 from datatrace.bench.settings.charlm import CharTransformer, PydocCharLM, pydoc_corpus
-from datatrace.bench.settings.digits import DigitsCNN, DigitsLR, DigitsMLP
+from datatrace.bench.settings.digits import DigitsCNN, DigitsLR, DigitsMLP, DigitsMLPDropout
 from datatrace.bench.settings.registry import get_setting, list_settings, register_setting
 from datatrace.bench.settings.tabular import BreastCancerMLP
 from datatrace.bench.settings.training import ClassifierSetting, fit_minibatch
@@ -86,6 +89,7 @@ __all__ = [
     "DigitsCNN",
     "DigitsLR",
     "DigitsMLP",
+    "DigitsMLPDropout",
     "Evaluation",
     "PydocCharLM",
     "Setting",
