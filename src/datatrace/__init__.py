@@ -7,9 +7,13 @@ improves the query".
 
 from datatrace.ensemble import DropoutMember, dropout_members, independent_members
 from datatrace.errors import (
+    AccuracyWarning,
     ConfigError,
+    ConvergenceWarning,
+    CostWarning,
     DataError,
     DatatraceError,
+    DatatraceWarning,
     MissingDependencyError,
     ModelError,
     NotFittedError,
@@ -39,12 +43,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "AccuracyWarning",
     "Attributor",
     "Checkpoint",
     "CheckpointRecorder",
     "ConfigError",
+    "ConvergenceWarning",
+    "CostWarning",
     "DataError",
     "DatatraceError",
+    "DatatraceWarning",
     "DropoutMember",
     "GradCosAttributor",
     "GradDotAttributor",

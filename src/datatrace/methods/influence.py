@@ -48,7 +48,6 @@ Cost: one per-sample gradient per example plus the solver's curvature products p
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -58,7 +57,7 @@ import torch
 from datatrace import distributed
 from datatrace.curvature import FisherOperator, GGNOperator, HessianOperator, LinearOperator
 from datatrace.data import Batch, iter_batches
-from datatrace.errors import ConfigError
+from datatrace.errors import ConfigError, ConvergenceWarning, warn
 from datatrace.gradients import compute_per_sample_grads
 from datatrace.gradients.factored import (
     FactorCodec,
@@ -385,12 +384,11 @@ class InfluenceAttributor(Attributor):
             out = _pack_low_rank(ctx.fitted["layout"], out, self.config.query_rank)
         info = getattr(inverse, "info", None)
         if info is not None and not info.converged:
-            warnings.warn(
+            warn(
                 f"CG stopped after {info.iterations} iterations with relative residual "
                 f"{info.relative_residual:.2e}; scores are approximate. Raise "
                 "solver_options={'max_iter': ...} or damping.",
-                RuntimeWarning,
-                stacklevel=3,
+                ConvergenceWarning,
             )
         return out
 

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -64,7 +63,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from datatrace.curvature import GGNOperator, HessianOperator
 from datatrace.data import Batch, as_data, num_examples
-from datatrace.errors import ConfigError, DataError
+from datatrace.errors import AccuracyWarning, ConfigError, DataError, warn
 from datatrace.kfac import (
     KFACCurvature,
     KFACLayer,
@@ -418,11 +417,10 @@ class SourceAttributor(Attributor):
             )
         kinds = sorted({c.optimizer for c in ckpts if c is not None} - set(_SGD_KINDS))
         if kinds:
-            warnings.warn(
+            warn(
                 f"Source's closed form models SGD updates; member {ctx.index}'s checkpoints were "
                 f"recorded with optimizer {kinds}. Scores follow the SGD model of the run.",
-                RuntimeWarning,
-                stacklevel=4,
+                AccuracyWarning,
             )
         scale = 1.0 / (1.0 - cfg.momentum)
         n = self._n_train
