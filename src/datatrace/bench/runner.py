@@ -170,8 +170,10 @@ def _attributor(
     if job.method in LAYER_METHODS:  # as kronfluence: the Linear/Conv2d layers' parameters
         options["module_types"] = (torch.nn.Linear, torch.nn.Conv2d)
     task = setting.make_task(model, **options)
+    # the benchmark draws its own bar over the methods; a method's bars only on request
+    settings = {"progress": False, **dict(opts)}
     return make_attributor(
-        job.method, task, members=job.members, batch_size=job.batch_size, **dict(opts)
+        job.method, task, members=job.members, batch_size=job.batch_size, **settings
     )
 
 
