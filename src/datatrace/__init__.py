@@ -5,6 +5,8 @@ conventions: scores are ``(n_query, n_units)`` and positive means "training on t
 improves the query".
 """
 
+import logging
+
 from datatrace.ensemble import DropoutMember, dropout_members, independent_members
 from datatrace.errors import (
     AccuracyWarning,
@@ -40,6 +42,9 @@ from datatrace.scores import Scores, TopK
 from datatrace.task import Checkpoint, Target, Task
 
 __version__ = "0.1.0"
+
+# a library logs, the application decides where it goes (docs/conventions.md)
+logging.getLogger("datatrace").addHandler(logging.NullHandler())
 
 __all__ = [
     "METHODS",

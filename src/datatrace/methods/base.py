@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -86,6 +87,8 @@ from datatrace.store import Store, fingerprint_batch, fingerprint_tensors
 from datatrace.task import Checkpoint, Member, Task
 
 __all__ = ["METHODS", "Attributor", "MemberContext", "MethodConfig", "make_attributor", "register"]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -393,6 +396,14 @@ class Attributor(ABC):
                 overwrite=self._overwrite,
             )
         self._recompute = self._recomputes_train_features(members)
+        _log.info(
+            "%s: fit on %d training examples (%d units, %d member(s))%s",
+            self.name,
+            n,
+            self._n_units,
+            len(members),
+            "; train features recomputed at each scoring call" if self._recompute else "",
+        )
         self._contexts = []
         self._check_cost(None)
         for index, member in enumerate(members):
@@ -580,14 +591,25 @@ class Attributor(ABC):
             total=hi - lo,
             unit="batch",
         )
+        reused = 0
         for b, offset, batch in it:
             if self.store is not None:
                 fp = fingerprint_batch(batch)
                 if self.store.has_shard(kind, b, fp):
+                    reused += 1
                     continue
                 self.store.write_shard(kind, b, self._batch_train_features(ctx, offset, batch), fp)
             else:
                 ctx.features.append(self._batch_train_features(ctx, offset, batch))
+        if reused:
+            _log.info(
+                "%s: member %d: %d of %d train feature shards reused from the store at %s",
+                self.name,
+                ctx.index,
+                reused,
+                hi - lo,
+                self._store_path,
+            )
         self._share_train_features(ctx)
 
     def _share_train_features(self, ctx: MemberContext) -> None:
