@@ -5,11 +5,17 @@ conventions: scores are ``(n_query, n_units)`` and positive means "training on t
 improves the query".
 """
 
+import logging
+
 from datatrace.ensemble import DropoutMember, dropout_members, independent_members
 from datatrace.errors import (
+    AccuracyWarning,
     ConfigError,
+    ConvergenceWarning,
+    CostWarning,
     DataError,
     DatatraceError,
+    DatatraceWarning,
     MissingDependencyError,
     ModelError,
     NotFittedError,
@@ -39,14 +45,21 @@ from datatrace.task import Checkpoint, Target, Task
 
 __version__ = "0.1.0"
 
+# a library logs, the application decides where it goes (docs/conventions.md)
+logging.getLogger("datatrace").addHandler(logging.NullHandler())
+
 __all__ = [
     "METHODS",
+    "AccuracyWarning",
     "Attributor",
     "Checkpoint",
     "CheckpointRecorder",
     "ConfigError",
+    "ConvergenceWarning",
+    "CostWarning",
     "DataError",
     "DatatraceError",
+    "DatatraceWarning",
     "DropoutMember",
     "GradCosAttributor",
     "GradDotAttributor",

@@ -1,6 +1,6 @@
 """The ``datatrace`` command: ``methods``, ``settings``, ``groundtruth`` and ``bench``.
 
-    datatrace --version
+    datatrace --version                     # also: python -m datatrace ...
     datatrace methods                       # method ids, one line each
     datatrace settings
     datatrace groundtruth --setting digits-mlp --m 50 --seeds 2 --workers 2
@@ -24,6 +24,10 @@ chosen on the validation queries, unless options are given (``method:key=value:k
 :mod:`datatrace.bench.ensembles`), with the cost of the whole ensemble: training seconds of
 every training it needs, serving seconds (fit + attribute) and member weight bytes.
 
+Output: the results (tables, listings) are the product and go to stdout; errors go to stderr
+as ``datatrace: error: ...``; progress bars to stderr (``--quiet`` or ``DATATRACE_PROGRESS=0``
+turns them off); ``--verbose`` shows the library's log (the ``datatrace`` logger) on stderr.
+
 ``groundtruth`` also runs under ``torchrun`` (DESIGN.md §6); the command then initialises the
 process group itself (gloo on CPU, nccl where CUDA is available; ``--dist-backend`` chooses),
 each rank retrains a contiguous slice of the missing subsets, and only rank 0 prints::
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import types as types_module
@@ -409,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="datatrace", description="Training data attribution benchmark."
     )
     parser.add_argument("--version", action="version", version=f"datatrace {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show the library's log messages on stderr"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list method ids, one line each").set_defaults(fn=_cmd_methods)
     sub.add_parser("settings", help="list registered settings").set_defaults(fn=_cmd_settings)
@@ -572,6 +580,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"datatrace: error: {exc}", file=sys.stderr)
         return 2
     owned = False
+    log, handler = logging.getLogger("datatrace"), logging.StreamHandler(sys.stderr)
+    if args.verbose:
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     try:
         if world > 1 and args.command == "bench":
             raise ConfigError(
@@ -588,6 +601,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"datatrace: error: {exc}", file=sys.stderr)
         return 2
     finally:
+        if args.verbose:
+            log.removeHandler(handler)
+            log.setLevel(logging.NOTSET)
         if owned:
             import torch.distributed as dist
 

@@ -27,6 +27,7 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from datatrace._progress import progress_bar
 from datatrace.data import iter_batches, num_examples
 from datatrace.devices import working_dtype
 from datatrace.errors import ConfigError, DataError
@@ -68,13 +69,19 @@ class LinearOperator(ABC):
     def _matmat(self, v: torch.Tensor) -> torch.Tensor:
         """Product with ``v`` of shape ``(dim, k)``."""
 
-    def to_dense(self, chunk_size: int = 256) -> torch.Tensor:
+    def to_dense(self, chunk_size: int = 256, progress: bool | None = False) -> torch.Tensor:
         """The ``(dim, dim)`` matrix, by products with the identity ``chunk_size`` columns at a
-        time (small ``dim`` only)."""
+        time (small ``dim`` only); ``progress``: a bar over the chunks (docs/conventions.md)."""
         if chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1; got {chunk_size}.")
         eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
-        cols = [self._matmat(eye[:, s : s + chunk_size]) for s in range(0, self.dim, chunk_size)]
+        starts = progress_bar(
+            range(0, self.dim, chunk_size),
+            desc=f"dense curvature ({self.dim} columns)",
+            enabled=progress,
+            unit="chunk",
+        )
+        cols = [self._matmat(eye[:, s : s + chunk_size]) for s in starts]
         return torch.cat(cols, dim=1)
 
     def __repr__(self) -> str:
@@ -168,7 +175,7 @@ class DenseOperator(LinearOperator):
     def _matmat(self, v: torch.Tensor) -> torch.Tensor:
         return self.matrix @ v
 
-    def to_dense(self, chunk_size: int = 256) -> torch.Tensor:
+    def to_dense(self, chunk_size: int = 256, progress: bool | None = False) -> torch.Tensor:
         return self.matrix.clone()
 
 
@@ -386,5 +393,5 @@ class FisherOperator(LinearOperator):
     def _matmat(self, v: torch.Tensor) -> torch.Tensor:
         return self.grads.T @ (self.grads @ v) / self.n
 
-    def to_dense(self, chunk_size: int = 256) -> torch.Tensor:
+    def to_dense(self, chunk_size: int = 256, progress: bool | None = False) -> torch.Tensor:
         return self.grads.T @ self.grads / self.n

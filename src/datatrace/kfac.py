@@ -40,6 +40,7 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from datatrace import distributed
+from datatrace._progress import progress_bar
 from datatrace.curvature import LinearOperator
 from datatrace.data import iter_batch_range, num_batches, num_examples
 from datatrace.devices import working_dtype
@@ -441,6 +442,8 @@ def _passes(
     seed: int,
     projections: Projections | None = None,
     fisher_samples: int = 1,
+    progress: bool | None = False,
+    desc: str = "K-FAC pass",
 ) -> Any:
     """Captured factors of every batch; under a distributed group, of this rank's slice.
 
@@ -450,7 +453,8 @@ def _passes(
     """
     modules = factored_modules(task)
     lo, hi = distributed.local_range(num_batches(data, batch_size))
-    for offset, batch in iter_batch_range(data, batch_size, lo, hi):
+    batches = iter_batch_range(data, batch_size, lo, hi)
+    for offset, batch in progress_bar(batches, desc=desc, enabled=progress, total=hi - lo):
         captured = _capture(task, state, batch, modules, fisher, seed, offset, fisher_samples)
         yield captured if projections is None else _project(captured, projections)
 
@@ -487,6 +491,7 @@ def fit_ekfac_eigenvalues(
     seed: int = 0,
     projections: Projections | None = None,
     fisher_samples: int = 1,
+    progress: bool | None = False,
 ) -> list[torch.Tensor]:
     """EK-FAC's eigenvalues ``(1/n) sum_n E_y (Q_Gᵀ D_n Q_A)²`` in the bases of ``layers``.
 
@@ -495,7 +500,8 @@ def fit_ekfac_eigenvalues(
     With ``projections`` (see :func:`fit_kfac`) ``D_n`` is the projected ``P_gᵀ D_n P_a`` and
     the layers are those of the projected factors. With ``fisher="true"`` pass a ``seed``
     other than the bases' (:func:`eigen_pass_seed` of it, as :func:`fit_kfac` does): labels
-    reused from the factor pass bias the eigenvalues.
+    reused from the factor pass bias the eigenvalues. ``progress``: a bar over the batches
+    (True, False or None: where stderr is a terminal; see docs/conventions.md).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double().eval()
@@ -512,7 +518,18 @@ def fit_ekfac_eigenvalues(
     bases = [(layer.q_g.to(cd), layer.q_a.to(cd)) for layer in layers]
     acc = [torch.zeros(layer.shape, dtype=f64, device=layer.q_a.device) for layer in layers]
     n = 0
-    passes = _passes(task, data, state, fisher, batch_size, seed, projections, fisher_samples)
+    passes = _passes(
+        task,
+        data,
+        state,
+        fisher,
+        batch_size,
+        seed,
+        projections,
+        fisher_samples,
+        progress,
+        "EK-FAC eigenvalue pass",
+    )
     for captured in passes:
         n += captured[0].a.shape[0]
         for (qg, qa), c, out in zip(bases, captured, acc):
@@ -543,6 +560,7 @@ def fit_kfac_layers(
     seed: int = 0,
     projections: Projections | None = None,
     fisher_samples: int = 1,
+    progress: bool | None = False,
 ) -> list[KFACLayer]:
     """The layers of :func:`fit_kfac`, optionally of projected gradients (LoGra).
 
@@ -590,7 +608,18 @@ def fit_kfac_layers(
     g_sum = [torch.zeros(o, o, dtype=f64, device=task.device) for _, o in widths]
     tokens = torch.zeros(len(modules), dtype=f64)
     n = 0
-    passes = _passes(task, data, state, fisher, batch_size, seed, projections, fisher_samples)
+    passes = _passes(
+        task,
+        data,
+        state,
+        fisher,
+        batch_size,
+        seed,
+        projections,
+        fisher_samples,
+        progress,
+        "K-FAC covariance pass",
+    )
     for captured in passes:
         n += captured[0].a.shape[0]
         for j, c in enumerate(captured):
@@ -637,6 +666,7 @@ def fit_kfac_layers(
             seed=eigen_pass_seed(seed),
             projections=projections,
             fisher_samples=fisher_samples,
+            progress=progress,
         )
         for layer, lam in zip(layers, values):
             layer.eigenvalues = lam
@@ -657,6 +687,7 @@ def fit_kfac(
     batch_size: int = 64,
     seed: int = 0,
     fisher_samples: int = 1,
+    progress: bool | None = False,
 ) -> KFACCurvature:
     """Fit K-FAC (one pass over ``data``) or EK-FAC (two passes) for the task's tracked layers.
 
@@ -670,6 +701,8 @@ def fit_kfac(
         seed: seed of the sampled labels (``fisher="true"``).
         fisher_samples: ``fisher="true"`` only: labels sampled per example, their Fisher
             contributions averaged (less sampling noise, one backward pass each).
+        progress: a bar over the batches of each pass: True, False or None (where stderr is
+            a terminal); ``DATATRACE_PROGRESS=0`` turns it off (docs/conventions.md).
 
     Returns:
         The fitted :class:`KFACCurvature` (factors and eigendecompositions in float64, cast
@@ -691,6 +724,7 @@ def fit_kfac(
         batch_size=batch_size,
         seed=seed,
         fisher_samples=fisher_samples,
+        progress=progress,
     )
     return KFACCurvature(task, layers, kind=kind, fisher=fisher)
 

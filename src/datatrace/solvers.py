@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from datatrace._progress import progress_bar
 from datatrace.curvature import FisherOperator, LinearOperator, as_columns
 from datatrace.errors import ConfigError, NumericalError
 
@@ -67,6 +68,8 @@ class InverseOperator(ABC):
     Attributes:
         dim: size of the vectors (``dtype``, ``device``: those it returns).
         damping: the ``λ`` it was prepared with.
+        progress: a bar over the iterations of each solve (iterative solvers): True, False
+            or None (where stderr is a terminal); set by :meth:`Solver.prepare`.
 
     Example:
         >>> from datatrace.curvature import DenseOperator
@@ -77,6 +80,7 @@ class InverseOperator(ABC):
 
     def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, damping: float) -> None:
         self.dim, self.dtype, self.device, self.damping = dim, dtype, device, damping
+        self.progress: bool | None = False
 
     def apply(self, b: torch.Tensor) -> torch.Tensor:
         """Solve for ``b`` of shape ``(dim,)`` or ``(dim, k)``; returns the same shape."""
@@ -232,6 +236,13 @@ class _CGInverse(InverseOperator):
         target = self.rtol * rs.sqrt()
         active = rs.sqrt() > target  # zero right-hand sides are solved by x = 0
         it = 0
+        bar = progress_bar(
+            desc=f"CG iterations ({b.shape[1]} right-hand sides)",
+            enabled=self.progress,
+            total=self.max_iter,
+            leave=False,
+            unit="iter",
+        )
         while bool(active.any()) and it < self.max_iter:
             idx = active.nonzero().squeeze(1)
             # Each column keeps its own step sizes; only unconverged columns cost a product.
@@ -252,6 +263,8 @@ class _CGInverse(InverseOperator):
             rs[idx] = rs_new
             active[idx] = rs_new.sqrt() > target[idx]
             it += 1
+            bar.update(1)
+        bar.close()
         norm_b = (b * b).sum(0).sqrt().clamp_min(torch.finfo(b.dtype).tiny)
         rel = float(((r * r).sum(0).sqrt() / norm_b).max())
         self.info = CGInfo(it, rel, not bool(active.any()))
@@ -267,11 +280,20 @@ class _LiSSAInverse(InverseOperator):
 
     def _apply(self, b: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(b)
+        bar = progress_bar(
+            desc=f"LiSSA iterations ({b.shape[1]} right-hand sides)",
+            enabled=self.progress,
+            total=self.repeats * self.depth,
+            leave=False,
+            unit="iter",
+        )
         for _ in range(self.repeats):
             x = b.clone()
             for _ in range(self.depth):
                 x = b + x - (self.op.matvec(x) + self.damping * x) / self.scale
+                bar.update(1)
             total += x / self.scale
+        bar.close()
         out = total / self.repeats
         if not bool(torch.isfinite(out).all()):
             raise NumericalError(
@@ -308,18 +330,29 @@ class Solver(ABC):
 
     name: ClassVar[str]
 
-    def prepare(self, op: LinearOperator, damping: float) -> InverseOperator:
-        """Factor or wrap ``op + damping * I`` for repeated :meth:`InverseOperator.apply`."""
+    def prepare(
+        self, op: LinearOperator, damping: float, *, progress: bool | None = False
+    ) -> InverseOperator:
+        """Factor or wrap ``op + damping * I`` for repeated :meth:`InverseOperator.apply`.
+
+        ``progress``: bars over this preparation (a dense operator's columns, Arnoldi steps)
+        and each later solve's iterations (CG, LiSSA): True, False or None (where stderr is
+        a terminal); ``DATATRACE_PROGRESS=0`` turns them off (docs/conventions.md).
+        """
         if not isinstance(op, LinearOperator):
             raise ConfigError(
                 f"{type(self).__name__}.prepare needs a LinearOperator from datatrace.curvature; "
                 f"got {type(op).__name__}."
             )
         _check_number("damping", damping, strict=False)
-        return self._prepare(op, float(damping))
+        inverse = self._prepare(op, float(damping), progress)
+        inverse.progress = progress
+        return inverse
 
     @abstractmethod
-    def _prepare(self, op: LinearOperator, damping: float) -> InverseOperator: ...
+    def _prepare(
+        self, op: LinearOperator, damping: float, progress: bool | None = False
+    ) -> InverseOperator: ...
 
     def config(self) -> dict[str, Any]:
         """JSON-able settings (for store manifests)."""
@@ -359,7 +392,9 @@ class ExplicitSolver(Solver):
                 f"ExplicitSolver.form must be 'auto', 'eigh', 'primal' or 'dual'; got {self.form!r}."
             )
 
-    def _prepare(self, op: LinearOperator, damping: float) -> InverseOperator:
+    def _prepare(
+        self, op: LinearOperator, damping: float, progress: bool | None = False
+    ) -> InverseOperator:
         gram_ok = isinstance(op, FisherOperator) and damping > 0
         if self.form in ("primal", "dual") and not gram_ok:
             raise ConfigError(
@@ -375,7 +410,7 @@ class ExplicitSolver(Solver):
                 if self.form != "auto":
                     raise
                 # λ below the Gram's rounding: the eigendecomposition says whether it is singular
-        dense = op.to_dense()
+        dense = op.to_dense(progress=progress)
         evals, evecs = torch.linalg.eigh((dense + dense.T) / 2)
         order = evals.abs().argsort(descending=True)
         return SpectralInverse(evals[order], evecs[:, order], damping)
@@ -408,7 +443,9 @@ class CGSolver(Solver):
         _check_int("CGSolver.max_iter", self.max_iter, 1)
         _check_number("CGSolver.rtol", self.rtol)
 
-    def _prepare(self, op: LinearOperator, damping: float) -> InverseOperator:
+    def _prepare(
+        self, op: LinearOperator, damping: float, progress: bool | None = False
+    ) -> InverseOperator:
         return _CGInverse(op, damping, self.max_iter, float(self.rtol))
 
 
@@ -446,7 +483,9 @@ class LiSSASolver(Solver):
         _check_int("LiSSASolver.repeats", self.repeats, 1)
         _check_int("LiSSASolver.power_iter", self.power_iter, 1)
 
-    def _prepare(self, op: LinearOperator, damping: float) -> InverseOperator:
+    def _prepare(
+        self, op: LinearOperator, damping: float, progress: bool | None = False
+    ) -> InverseOperator:
         scale = self.scale
         if scale is None:
             scale = 1.1 * _top_eigenvalue(op, damping, self.power_iter)
@@ -509,13 +548,15 @@ class ArnoldiSolver(Solver):
             _check_int("ArnoldiSolver.n_iter", self.n_iter, self.rank)
         _check_int("ArnoldiSolver.seed", self.seed, 0)
 
-    def _prepare(self, op: LinearOperator, damping: float) -> InverseOperator:
+    def _prepare(
+        self, op: LinearOperator, damping: float, progress: bool | None = False
+    ) -> InverseOperator:
         if self.rank > op.dim:
             raise ConfigError(
                 f"ArnoldiSolver.rank={self.rank} exceeds the operator's dim {op.dim}; use rank <= {op.dim}."
             )
         steps = min(op.dim, self.n_iter if self.n_iter is not None else 2 * self.rank + 10)
-        q, h = _arnoldi(op, steps, self.seed)
+        q, h = _arnoldi(op, steps, self.seed, progress)
         ritz, vecs = torch.linalg.eigh((h + h.T) / 2)
         top = ritz.abs().argsort(descending=True)[: self.rank]
         # Ritz values at the rounding level of the largest are null directions measured as
@@ -536,7 +577,9 @@ class ArnoldiSolver(Solver):
         return SpectralInverse(ritz[top], q @ vecs[:, top], damping)
 
 
-def _arnoldi(op: LinearOperator, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _arnoldi(
+    op: LinearOperator, steps: int, seed: int, progress: bool | None = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal ``Q`` (dim, steps) and ``H = Qᵀ A Q`` (steps, steps), upper Hessenberg."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -548,7 +591,7 @@ def _arnoldi(op: LinearOperator, steps: int, seed: int) -> tuple[torch.Tensor, t
     v = fresh()
     q[:, 0] = v / v.norm()
     eps = float(torch.finfo(op.dtype).eps)
-    for j in range(steps):
+    for j in progress_bar(range(steps), desc="Arnoldi iterations", enabled=progress, unit="iter"):
         w = op.matvec(q[:, j])
         norm_aq = float(w.norm())
         basis = q[:, : j + 1]
@@ -593,7 +636,9 @@ class DataInfSolver(Solver):
 
     name: ClassVar[str] = "datainf"
 
-    def _prepare(self, op: LinearOperator, damping: float) -> InverseOperator:
+    def _prepare(
+        self, op: LinearOperator, damping: float, progress: bool | None = False
+    ) -> InverseOperator:
         if not isinstance(op, FisherOperator):
             raise ConfigError(
                 f"DataInfSolver needs a FisherOperator (it inverts each per-example gradient); got "

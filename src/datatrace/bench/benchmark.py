@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from datatrace._progress import progress_bar
 from datatrace.bench.cache import GroundTruthSpec, LOOSpec, loo_ground_truth
 from datatrace.bench.ensembles import EnsembleCost, EnsembleSpec, MemberBank
 from datatrace.bench.mislabel import MislabelSpec, mislabel_ground_truth
@@ -352,7 +352,7 @@ def _run_benchmark(cfg: BenchConfig) -> BenchOutcome:
     rows: list[dict[str, Any]] = []
     per_query: dict[str, torch.Tensor] = {}
     values: dict[str, torch.Tensor] = {}
-    bar = tqdm(runs, desc=f"{setting.name}: methods", disable=not cfg.progress)
+    bar = progress_bar(runs, desc=f"{setting.name}: methods", enabled=cfg.progress)
     for method, opts, ensemble in bar:
         label = method if ensemble is None else f"{method} {ensemble.label}"
         bar.set_postfix_str(label)

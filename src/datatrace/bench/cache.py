@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from datatrace import distributed
+from datatrace._progress import progress_bar
 from datatrace.bench.groundtruth import LeaveOneOut, SubsetGroundTruth, sample_subsets
 from datatrace.bench.settings import Setting
 from datatrace.errors import ConfigError
@@ -154,7 +154,7 @@ def _run_jobs(
     index, indices, seed)`` job and write each result as a shard. ``work`` must be a
     module-level function (it is pickled to the worker processes)."""
     work = work or _retrain  # looked up at call time (tests count the retrainings)
-    bar = tqdm(total=len(jobs), desc=desc, disable=not progress or not jobs)
+    bar = progress_bar(desc=desc, enabled=progress and bool(jobs), total=len(jobs))
     if workers == 1 or len(jobs) <= 1:
         for kind, index, indices, seed in jobs:
             store.write_shard(kind, index, work(setting, indices, seed))

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from datatrace import distributed
+from datatrace._progress import progress_bar
 from datatrace.errors import ConfigError, DataError
 from datatrace.metrics.lds import LDSResult, spearman_batched
 from datatrace.store import fingerprint_tensors
@@ -128,7 +128,7 @@ def _run_slice(
     def run() -> torch.Tensor | None:
         rows: list[torch.Tensor] = []
         n_query: int | None = None
-        with tqdm(total=hi - lo, desc=label, disable=not progress or me != 0) as bar:
+        with progress_bar(desc=label, enabled=progress and me == 0, total=hi - lo) as bar:
             for job in jobs[lo:hi]:
                 out = _measure(measure_fn, job(), n_query)
                 n_query = int(out.shape[0])

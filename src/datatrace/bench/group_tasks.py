@@ -29,8 +29,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from datatrace._progress import progress_bar
 from datatrace.errors import ConfigError, DataError
 from datatrace.group import Grouping
 from datatrace.metrics.removal import _as_float
@@ -222,7 +222,7 @@ def _run_curve(
     desc: str,
 ) -> GroupPruningResult:
     acc = torch.empty(len(kept_sets), dtype=torch.float64)
-    for j, kept in enumerate(tqdm(kept_sets, desc=desc, disable=not progress)):
+    for j, kept in enumerate(progress_bar(kept_sets, desc=desc, enabled=progress)):
         acc[j] = _as_float(evaluate_fn(retrain_fn(kept.clone())), f"at fraction {fractions[j]!r}")
     return GroupPruningResult(
         fractions_kept=torch.tensor(fractions, dtype=torch.float64),

@@ -212,8 +212,10 @@ def _attributor(
         options["module_types"] = (torch.nn.Linear, torch.nn.Conv2d)
     task = setting.make_task(model, **options)
     extra: dict[str, Any] = {"recipe": recipe} if replays_training(job.method) else {}
+    # the benchmark draws its own bar over the methods; a method's bars only on request
+    settings = {"progress": False, **extra, **dict(opts)}
     return make_attributor(
-        job.method, task, members=job.members, batch_size=job.batch_size, **extra, **dict(opts)
+        job.method, task, members=job.members, batch_size=job.batch_size, **settings
     )
 
 

@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -50,10 +51,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from tqdm.auto import tqdm
 from typing_extensions import Self
 
 from datatrace import distributed
+from datatrace._progress import progress_bar
 from datatrace.data import (
     Batch,
     as_data,
@@ -65,7 +66,15 @@ from datatrace.data import (
 )
 from datatrace.devices import FEATURE_DTYPES, check_feature_dtype, resolve_device
 from datatrace.ensemble import member_fingerprint, member_scope, member_states, resolve_members
-from datatrace.errors import ConfigError, DataError, ModelError, NotFittedError, NumericalError
+from datatrace.errors import (
+    ConfigError,
+    CostWarning,
+    DataError,
+    ModelError,
+    NotFittedError,
+    NumericalError,
+    warn,
+)
 from datatrace.gradients import (
     PerSampleGrads,
     compute_group_grads,
@@ -83,6 +92,7 @@ __all__ = ["METHODS", "Attributor", "MemberContext", "MethodConfig", "make_attri
 # settings that do not change results: left out of a store's config, so changing them reuses it
 _RESULT_NEUTRAL = ("batch_size", "progress")
 _PROBE_EXAMPLES = 4  # training examples whose losses and outputs identify the model's code
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,7 +107,11 @@ class MethodConfig:
             ``"rademacher"``, ``"sjlt"`` or ``"factored"`` (per-layer, LoGra-style).
         proj_dim: projected dimension (for ``"factored"``: features per layer, a perfect square).
         seed: seed of the projections (combined with the member index).
-        progress: show progress bars.
+        progress: progress bars on the long phases (featurization, curvature passes, solver
+            iterations, scoring, self-influence): True, False, or None (default) to show
+            them where stderr is a terminal. ``DATATRACE_PROGRESS=0`` (or ``TQDM_DISABLE``)
+            turns them off everywhere (docs/conventions.md). A display option: it never
+            enters a store's config and configs equal but for it compare equal.
         feature_dtype: dtype in which train features are kept, in memory and in store
             shards: ``"bfloat16"``, ``"float16"``, ``"float32"``, ``"float64"`` (a
             ``torch.dtype`` is accepted and stored by name) or None (default: the model's
@@ -110,7 +124,7 @@ class MethodConfig:
     projector: ProjectorKind = "none"
     proj_dim: int = 1024
     seed: int = 0
-    progress: bool = False
+    progress: bool | None = field(default=None, compare=False)
     feature_dtype: Literal["float16", "bfloat16", "float32", "float64"] | None = None
 
     def __post_init__(self) -> None:
@@ -127,12 +141,18 @@ class MethodConfig:
             )
         if not isinstance(self.proj_dim, int) or self.proj_dim < 1:
             raise ConfigError(f"proj_dim must be an integer >= 1; got {self.proj_dim!r}.")
+        if self.progress not in (None, True, False):
+            raise ConfigError(f"progress must be True, False or None; got {self.progress!r}.")
         # frozen: store the normalised name (a torch.dtype is not JSON)
         object.__setattr__(self, "feature_dtype", check_feature_dtype(self.feature_dtype))
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-able settings; ``type(self)(**to_json())`` rebuilds an equal config."""
+        """JSON-able settings; ``type(self)(**to_json())`` rebuilds an equal config.
+
+        ``progress`` is left out: it changes what is shown, not what is computed.
+        """
         out = json.loads(json.dumps(dataclasses.asdict(self)))
+        del out["progress"]
         if out["feature_dtype"] is None:
             # left out at its default, so stores written before the setting existed still match
             del out["feature_dtype"]
@@ -332,6 +352,21 @@ class Attributor(ABC):
         """Self-attribution of a train feature block (default: its own transformed inner product)."""
         return (self._transform_queries(ctx, train) * train).sum(1)
 
+    def _cost_warning(self, n_rhs: int | None) -> str | None:
+        """A one-line estimate of work about to start, to issue as a ``CostWarning``, or None.
+
+        Called by :meth:`fit` once the training set and members are resolved, before any
+        featurization (``n_rhs`` None), and by every scoring call before its queries are
+        featurized, with the number of right-hand sides (queries; units for
+        :meth:`self_attribute`). Default: never (methods whose cost can explode override it).
+        """
+        return None
+
+    def _check_cost(self, n_rhs: int | None) -> None:
+        message = self._cost_warning(n_rhs)
+        if message is not None:
+            warn(message, CostWarning)
+
     def _recomputes_train_features(self, members: Sequence[Member]) -> bool:
         """Whether this fit keeps no train features, scoring recomputing them (default: no).
 
@@ -389,7 +424,16 @@ class Attributor(ABC):
 
     def _fit_members(self, members: list[Member], train: Any) -> None:
         self._recompute = self._recomputes_train_features(members)
+        _log.info(
+            "%s: fit on %d training examples (%d units, %d member(s))%s",
+            self.name,
+            self._n_train,
+            self._n_units,
+            len(members),
+            "; train features recomputed at each scoring call" if self._recompute else "",
+        )
         self._contexts = []
+        self._check_cost(None)
         for index, member in enumerate(members):
             with self._member_task(member):
                 pairs = member_states(self.task, member)
@@ -433,14 +477,21 @@ class Attributor(ABC):
         """``(n_units,)`` self-influence of each training unit (mislabel detection), on the
         model's device in the working dtype."""
         self._check_fitted()
+        self._check_cost(self._n_units)
         with self._fitted_device():
             task = self.task
             total = torch.zeros(0, dtype=task.working_dtype, device=task.device)
             for m, ctx in enumerate(self._contexts):
                 with self._member_task(ctx.member):  # self-scores may apply curvature (influence)
+                    blocks = progress_bar(
+                        self._iter_train_features(ctx, local=True),
+                        desc=self._phase("self-influence", ctx),
+                        enabled=self.config.progress,
+                        total=self._count_train_blocks(ctx, local=True),
+                        unit="block",
+                    )
                     parts = [
-                        self._self_scores(ctx, block, start).to(total)
-                        for start, block in self._iter_train_features(ctx, local=True)
+                        self._self_scores(ctx, block, start).to(total) for start, block in blocks
                     ]
                 part = torch.cat(parts) if parts else total
                 total = part if m == 0 else total + part
@@ -596,20 +647,32 @@ class Attributor(ABC):
             return
         kind = f"train-m{ctx.index}"
         lo, hi = distributed.local_range(num_batches(train, self.config.batch_size))
-        it = tqdm(
+        it = progress_bar(
             self._train_batches(local=True),
             desc=f"{self.name}: train features (member {ctx.index})",
-            disable=not self.config.progress,
+            enabled=self.config.progress,
             total=hi - lo,
+            unit="batch",
         )
+        reused = 0
         for b, offset, batch in it:
             if self.store is not None:
                 fp = fingerprint_batch(batch)
                 if self.store.has_shard(kind, b, fp):
+                    reused += 1
                     continue
                 self.store.write_shard(kind, b, self._batch_train_features(ctx, offset, batch), fp)
             else:
                 ctx.features.append(self._batch_train_features(ctx, offset, batch))
+        if reused:
+            _log.info(
+                "%s: member %d: %d of %d train feature shards reused from the store at %s",
+                self.name,
+                ctx.index,
+                reused,
+                hi - lo,
+                self._store_path,
+            )
         self._share_train_features(ctx)
 
     def _share_train_features(self, ctx: MemberContext) -> None:
@@ -652,10 +715,11 @@ class Attributor(ABC):
         """
         kind = f"train-m{ctx.index}"
         chunks = list(self._group_chunks(grouping, local=True))
-        it = tqdm(
+        it = progress_bar(
             chunks,
             desc=f"{self.name}: group features (member {ctx.index})",
-            disable=not self.config.progress,
+            enabled=self.config.progress,
+            unit="chunk",
         )
         for c, lo, hi, index_batches in it:
             batches = [take_examples(train, idx) for idx in index_batches]
@@ -753,25 +817,42 @@ class Attributor(ABC):
             return num_batches(self._train, self.config.batch_size)
         return sum(1 for _ in self._group_chunks(self._grouping, local=False))
 
+    def _count_train_blocks(self, ctx: MemberContext, local: bool) -> int | None:
+        """How many blocks :meth:`_iter_train_features` yields (None: not known cheaply)."""
+        if self._recompute:
+            if self._grouping is not None:
+                return None
+            count = num_batches(self._train, self.config.batch_size)
+        elif ctx.features or self.store is None:
+            count = len(ctx.features)
+        else:
+            count = len(self.store.shard_indices(f"train-m{ctx.index}"))
+        lo, hi = distributed.local_range(count) if local else (0, count)
+        return hi - lo
+
+    def _phase(self, what: str, ctx: MemberContext | None = None) -> str:
+        """A bar's description: method id, phase, member, and a note when recomputing."""
+        desc = f"{self.name}: {what}"
+        if ctx is not None and len(self._contexts) > 1:
+            desc += f" (member {ctx.index})"
+        if self._recompute and what in ("scoring", "self-influence"):
+            desc += " (recomputing train features)"
+        return desc
+
     def _recomputed_train_features(
         self, ctx: MemberContext, local: bool
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """:meth:`_iter_train_features` of a fit that kept none: each shard's rows computed
         from its batch (or chunk of groups), at the member's state, when it is reached."""
         device, dtype = self.task.device, self.task.working_dtype
-        desc = f"{self.name}: recomputing train features (member {ctx.index})"
-        if self._grouping is None:
-            for _, offset, batch in tqdm(
-                self._train_batches(local), desc=desc, disable=not self.config.progress
-            ):
+        if self._grouping is None:  # the bars are the consumers' (scoring, self-influence)
+            for _, offset, batch in self._train_batches(local):
                 with self._recomputing(ctx):
                     block = self._batch_train_features(ctx, offset, batch)
                 yield offset, block.to(device=device, dtype=dtype)
             return
         grouping = self._grouping
-        for _, lo, hi, index_batches in tqdm(
-            self._group_chunks(grouping, local), desc=desc, disable=not self.config.progress
-        ):
+        for _, lo, hi, index_batches in self._group_chunks(grouping, local):
             batches = [take_examples(self._train, idx) for idx in index_batches]
             with self._recomputing(ctx):
                 block = self._chunk_train_features(ctx, grouping, lo, hi, index_batches, batches)
@@ -794,15 +875,22 @@ class Attributor(ABC):
         self._check_fitted()
         self.task.check_eval_mode()
         distributed.check_same_queries(queries, self.config.batch_size)
+        n_queries = _count_examples(queries)
+        if n_queries is not None:
+            self._check_cost(n_queries)
         out = []
         with self._fitted_device():
             dtype = self.task.working_dtype
             for ctx in self._contexts:
                 with self._member_task(ctx.member):
-                    feats = [
-                        self._query_features(ctx, b).detach().to(dtype)
-                        for b in iter_batches(queries, self.config.batch_size)
-                    ]
+                    batches = progress_bar(
+                        iter_batches(queries, self.config.batch_size),
+                        desc=self._phase("query features", ctx),
+                        enabled=self.config.progress,
+                        total=_count_batches(queries, self.config.batch_size),
+                        unit="batch",
+                    )
+                    feats = [self._query_features(ctx, b).detach().to(dtype) for b in batches]
                     joined = self._join_query_features(ctx, feats)
                     out.append(self._transform_queries(ctx, joined))
         return out
@@ -812,7 +900,14 @@ class Attributor(ABC):
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         qs = self._transformed_queries(queries)
         iters = [self._iter_train_features(ctx, local) for ctx in self._contexts]
-        for parts in zip(*iters):
+        bar = progress_bar(
+            zip(*iters),
+            desc=self._phase("scoring"),
+            enabled=self.config.progress,
+            total=self._count_train_blocks(self._contexts[0], local),
+            unit="block",
+        )
+        for parts in bar:
             start = parts[0][0]
             blocks = [
                 self._combine(ctx, q, block, start)
@@ -823,6 +918,23 @@ class Attributor(ABC):
             if self._grouping is not None:
                 ids = self._grouping.ids[start : start + size]
             yield ids, self._aggregate(blocks, start)
+
+
+def _count_examples(data: Any) -> int | None:
+    """Examples in ``data`` (None where they cannot be counted)."""
+    try:
+        return num_examples(data)
+    except DataError:
+        return None
+
+
+def _count_batches(data: Any, batch_size: int) -> int | None:
+    """Batches of ``data`` for a bar's total (None where they cannot be counted: the
+    batching itself then says what is wrong with the data)."""
+    try:
+        return num_batches(data, batch_size)
+    except DataError:
+        return None
 
 
 MethodEntry = tuple[type[Attributor], dict[str, Any]]

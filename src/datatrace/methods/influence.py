@@ -48,7 +48,6 @@ Cost: one per-sample gradient per example plus the solver's curvature products p
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -58,7 +57,7 @@ import torch
 from datatrace import distributed
 from datatrace.curvature import FisherOperator, GGNOperator, HessianOperator, LinearOperator
 from datatrace.data import Batch, iter_batches
-from datatrace.errors import ConfigError
+from datatrace.errors import ConfigError, ConvergenceWarning, warn
 from datatrace.gradients import compute_per_sample_grads
 from datatrace.gradients.factored import (
     FactorCodec,
@@ -86,7 +85,20 @@ TRAIN_FEATURE_BUDGET = 2 * 2**30
 """Bytes of factored train features (all members) above which ``train_features="auto"``
 recomputes them at scoring time instead of storing them (docs/methods/influence.md)."""
 
-__all__ = ["TRAIN_FEATURE_BUDGET", "InfluenceAttributor", "InfluenceConfig"]
+COST_WARNING_WORK = 1e11
+"""Estimated multiply-adds above which a setting draws a ``CostWarning`` (about a minute on
+a CPU core: the README's first self-influence with ``solver="cg"``, 2.4e11, took 112 s)."""
+
+COST_WARNING_BYTES = 2**30
+"""Estimated bytes of a dense curvature (or Arnoldi basis) above which it draws one."""
+
+__all__ = [
+    "COST_WARNING_BYTES",
+    "COST_WARNING_WORK",
+    "TRAIN_FEATURE_BUDGET",
+    "InfluenceAttributor",
+    "InfluenceConfig",
+]
 
 
 @dataclass(frozen=True)
@@ -241,6 +253,26 @@ class InfluenceConfig(MethodConfig):
 class InfluenceAttributor(Attributor):
     """Influence functions with any solver and curvature.
 
+    Cost warning: the exact and iterative solvers on the full GGN or Hessian cost a power of
+    the parameter count ``P``, so before the work starts a :class:`~datatrace.CostWarning`
+    gives the estimate where it exceeds :data:`COST_WARNING_WORK` (1e11 multiply-adds,
+    about a minute on a CPU core) or :data:`COST_WARNING_BYTES` (1 GiB). The estimates
+    (``n`` training examples, ``k`` right-hand sides: queries, or ``n`` units for
+    :meth:`self_attribute`; ``b`` bytes per number):
+
+    - ``solver="explicit"`` (``if-explicit``) on ``"ggn"``/``"hessian"``: a dense ``P x P``
+      matrix from ``P`` curvature products and its eigendecomposition, ``n P² + P³``
+      multiply-adds and ``3 P² b`` bytes, at ``fit``; on ``"fisher"`` the same with ``P``
+      the feature dimension, unless the smaller Gram is factored (``damping > 0``):
+      ``m² max(n, P)`` with ``m = min(n, P)``, ``8 m²`` bytes;
+    - ``solver="arnoldi"`` on ``"ggn"``/``"hessian"``: ``n_iter`` products, ``n_iter n P``,
+      and a ``P x n_iter`` basis, per member at ``fit``;
+    - ``solver="cg"`` / ``"lissa"`` (``if-cg``, ``if-lissa``) on ``"ggn"``/``"hessian"``:
+      up to ``max_iter`` (``depth x repeats``) products per right-hand side, ``iterations x
+      n x k x P`` per member, at each scoring call (CG usually stops earlier: an upper bound).
+
+    K-FAC/EK-FAC curvatures never warn: their cost is a few passes over the data.
+
     Example:
         >>> from datatrace import Task
         >>> model = torch.nn.Linear(4, 3).double().eval()
@@ -296,6 +328,55 @@ class InfluenceAttributor(Attributor):
             modules = list(factored_modules(self.task))
             if isinstance(cfg.damping, dict):
                 check_damping(cfg.damping, modules)
+
+    def _cost_warning(self, n_rhs: int | None) -> str | None:
+        """The class docstring's estimates, as one line, where they exceed the thresholds."""
+        cfg = self.config
+        dense = cfg.curvature in ("ggn", "hessian")
+        if cfg.curvature in KFAC_KINDS or not (dense or cfg.solver == "explicit"):
+            return None
+        n, p = self._n_train, self.task.num_tracked
+        itemsize = self.task.working_dtype.itemsize
+        what = f"{self.name} (solver={cfg.solver!r}, curvature={cfg.curvature!r})"
+        alternative = (
+            "if-ekfac (curvature='ekfac', solver='explicit') needs a few passes over the data "
+            "instead; silence this with warnings.filterwarnings('ignore', "
+            "category=datatrace.CostWarning)"
+        )
+        if n_rhs is None and cfg.solver == "explicit":
+            dim = cfg.proj_dim if cfg.projector != "none" else p
+            gram = cfg.curvature == "fisher" and float(cfg.damping) > 0  # type: ignore[arg-type]
+            gram = gram and self._solver.config().get("form") != "eigh"
+            rows = n if dense else self._n_units  # products per column: examples, or Fisher rows
+            if gram:
+                m = min(rows, dim)
+                work, nbytes = m * m * max(rows, dim), 8 * m * m
+                shape = f"the {m:,} x {m:,} Gram of its features"
+            else:
+                work, nbytes = rows * dim**2 + dim**3, 3 * dim**2 * itemsize
+                shape = f"a dense {dim:,} x {dim:,} curvature and its eigendecomposition"
+        elif n_rhs is None and cfg.solver == "arnoldi" and dense:
+            opts = self._solver.config()
+            steps = min(opts["n_iter"] or 2 * opts["rank"] + 10, p)
+            work, nbytes = steps * n * p, steps * p * itemsize
+            shape = f"{steps} curvature products over {n:,} examples and a {p:,} x {steps} basis"
+        elif n_rhs is not None and cfg.solver in ("cg", "lissa") and dense:
+            opts = self._solver.config()
+            iters = opts["max_iter"] if cfg.solver == "cg" else opts["depth"] * opts["repeats"]
+            work, nbytes = max(1, len(self._contexts)) * iters * n * n_rhs * p, 0
+            shape = (
+                f"up to {iters} curvature products over {n:,} examples for each of {n_rhs:,} "
+                "right-hand sides"
+            )
+        else:
+            return None
+        if work <= COST_WARNING_WORK and nbytes <= COST_WARNING_BYTES:
+            return None
+        return (
+            f"{what} on {p:,} parameters needs {shape}: about {work:.1e} multiply-adds"
+            + (f" and {_gib(nbytes)}" if nbytes else "")
+            + f" (minutes or more); {alternative}."
+        )
 
     def _recomputes_train_features(self, members: Sequence[Member]) -> bool:
         """``"recompute"``, or ``"auto"`` over its budget (see :class:`InfluenceConfig`)."""
@@ -368,6 +449,7 @@ class InfluenceAttributor(Attributor):
             batch_size=cfg.batch_size,
             seed=cfg.seed + 7919 * ctx.index,  # member 0 samples as the plain method does
             fisher_samples=cfg.fisher_samples,
+            progress=cfg.progress,
         )
         if self.store is not None and distributed.rank() == 0:  # rank 0 owns the arrays
             for name, t in curv.to_arrays().items():
@@ -379,7 +461,11 @@ class InfluenceAttributor(Attributor):
         if isinstance(op, KFACCurvature) and self.config.solver == "explicit":
             ctx.fitted["inverse"] = op.inverse(self.config.damping)  # type: ignore[arg-type]
         else:
-            ctx.fitted["inverse"] = self._solver.prepare(op, float(self.config.damping))  # type: ignore[arg-type]
+            ctx.fitted["inverse"] = self._solver.prepare(
+                op,
+                float(self.config.damping),  # type: ignore[arg-type]
+                progress=self.config.progress,
+            )
         if self._factored:
             ctx.fitted["layout"] = ParamLayout(self.task)
 
@@ -390,12 +476,11 @@ class InfluenceAttributor(Attributor):
             out = _pack_low_rank(ctx.fitted["layout"], out, self.config.query_rank)
         info = getattr(inverse, "info", None)
         if info is not None and not info.converged:
-            warnings.warn(
+            warn(
                 f"CG stopped after {info.iterations} iterations with relative residual "
                 f"{info.relative_residual:.2e}; scores are approximate. Raise "
                 "solver_options={'max_iter': ...} or damping.",
-                RuntimeWarning,
-                stacklevel=3,
+                ConvergenceWarning,
             )
         return out
 
@@ -548,6 +633,10 @@ class InfluenceAttributor(Attributor):
                 total = part if total is None else total + part
         assert total is not None
         return total / len(self._contexts)
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
 _CHUNK = 1 << 24  # elements of the (queries, O, B, T) intermediate per step

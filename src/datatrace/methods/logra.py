@@ -261,6 +261,7 @@ class LoGraAttributor(Attributor):
             seed=cfg.seed + 7919 * ctx.index,  # as influence's K-FAC: member 0 uses seed
             projections=self._projections(ctx),
             fisher_samples=cfg.fisher_samples,
+            progress=cfg.progress,
         )
         if self.store is not None and distributed.rank() == 0:  # rank 0 owns the arrays
             for j, lay in enumerate(layers):

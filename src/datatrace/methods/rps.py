@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from datatrace._progress import progress_bar
 from datatrace.data import Batch, iter_batches
 from datatrace.errors import ConfigError, ModelError, NumericalError
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
@@ -181,7 +182,11 @@ class RepresenterAttributor(Attributor):
 
     def _collect(self, ctx: MemberContext, data: Any) -> tuple[torch.Tensor, list[_SplitBatch]]:
         feats, splits = [], []
-        for batch in iter_batches(data, self.config.batch_size):
+        what = "train representations" if data is self._train else "query representations"
+        batches = iter_batches(data, self.config.batch_size)
+        for batch in progress_bar(
+            batches, desc=self._phase(what, ctx), enabled=self.config.progress, unit="batch"
+        ):
             f, split = self._representations(ctx.state, batch)
             feats.append(f)
             splits.append(split)

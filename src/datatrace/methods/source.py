@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -64,7 +63,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from datatrace.curvature import GGNOperator, HessianOperator
 from datatrace.data import Batch, as_data, num_examples
-from datatrace.errors import ConfigError, DataError
+from datatrace.errors import AccuracyWarning, ConfigError, DataError, warn
 from datatrace.kfac import (
     KFACCurvature,
     KFACLayer,
@@ -181,10 +180,12 @@ def _dense_spectrum(
     data: Any,
     samples: Sequence[tuple[float, Mapping[str, torch.Tensor]]],
     batch_size: int,
+    progress: bool | None = False,
 ) -> _DenseSpectrum:
     total = None
     for w, state in samples:
-        m = op_cls(task, data, state=state, batch_size=batch_size).to_dense().to(torch.float64)
+        op = op_cls(task, data, state=state, batch_size=batch_size)
+        m = op.to_dense(progress=progress).to(torch.float64)
         total = w * m if total is None else total + w * m
     assert total is not None
     return _DenseSpectrum(total, task.working_dtype)
@@ -198,6 +199,7 @@ def _kfac_spectrum(
     fisher: str,
     batch_size: int,
     seed: int,
+    progress: bool | None = False,
 ) -> _KFACSpectrum:
     """K-FAC/EK-FAC averaged over ``samples`` in one shared eigenbasis (paper, App. D.2)."""
     f64 = torch.float64
@@ -213,6 +215,7 @@ def _kfac_spectrum(
             fisher=fisher,  # type: ignore[arg-type]
             batch_size=batch_size,
             seed=seed,
+            progress=progress,
         )
         for _, state in samples
     ]
@@ -242,6 +245,7 @@ def _kfac_spectrum(
                 fisher=fisher,  # type: ignore[arg-type]
                 batch_size=batch_size,
                 seed=eigen_pass_seed(seed),
+                progress=progress,
             )
             for acc, lam in zip(corrected, lams):
                 acc += w * lam
@@ -424,11 +428,10 @@ class SourceAttributor(Attributor):
             )
         kinds = sorted({c.optimizer for c in ckpts if c is not None} - set(_SGD_KINDS))
         if kinds:
-            warnings.warn(
+            warn(
                 f"Source's closed form models SGD updates; member {ctx.index}'s checkpoints were "
                 f"recorded with optimizer {kinds}. Scores follow the SGD model of the run.",
-                RuntimeWarning,
-                stacklevel=4,
+                AccuracyWarning,
             )
         scale = 1.0 / (1.0 - cfg.momentum)
         n = self._n_train
@@ -524,7 +527,9 @@ class SourceAttributor(Attributor):
             data = self._train if seg.indices is None else _take(self._train, seg.indices)
             if cfg.curvature in ("ggn", "hessian"):
                 op_cls = GGNOperator if cfg.curvature == "ggn" else HessianOperator
-                seg.spectrum = _dense_spectrum(op_cls, self.task, data, seg.samples, cfg.batch_size)
+                seg.spectrum = _dense_spectrum(
+                    op_cls, self.task, data, seg.samples, cfg.batch_size, cfg.progress
+                )
             else:
                 seg.spectrum = _kfac_spectrum(
                     self.task,
@@ -534,6 +539,7 @@ class SourceAttributor(Attributor):
                     cfg.fisher,
                     cfg.batch_size,
                     cfg.seed,
+                    cfg.progress,
                 )
             mask = torch.ones(self._n_train, dtype=self.task.working_dtype, device=self.task.device)
             if seg.indices is not None:

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 
 from datatrace import distributed
+from datatrace._progress import progress_bar
 from datatrace.data import Batch, iter_batches
 from datatrace.ensemble import DropoutMember
 from datatrace.errors import ConfigError, NumericalError
@@ -235,8 +236,14 @@ class TRAKAttributor(Attributor):
 
     def _q_pass(self, ctx: MemberContext) -> torch.Tensor:
         parts = []
+        batches = progress_bar(
+            iter_batches(self._train, self.config.batch_size),
+            desc=self._phase("output weights Q (forward pass)", ctx),
+            enabled=self.config.progress,
+            unit="batch",
+        )
         with torch.no_grad():
-            for batch in iter_batches(self._train, self.config.batch_size):
+            for batch in batches:
                 split = self.task.split_batch(batch)
                 assert split.labels is not None
                 logits = self.task.outputs(ctx.state, split).to(self.task.working_dtype)

@@ -34,8 +34,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from datatrace._progress import progress_bar
 from datatrace.errors import ConfigError, DataError
 from datatrace.scores import Scores
 
@@ -265,7 +265,8 @@ def brittleness_curve(
     k_max = int(budgets[-1])
     ranked = unit_ids[torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k_max]]
     flipped = torch.zeros(len(budgets), n_query, dtype=torch.bool)
-    with tqdm(total=len(budgets) * n_query, desc="removal retraining", disable=not progress) as bar:
+    total = len(budgets) * n_query
+    with progress_bar(desc="removal retraining", enabled=progress, total=total) as bar:
         for j, k in enumerate(budgets.tolist()):
             for row in range(n_query):
                 query_id = int(query_ids[row])
@@ -351,7 +352,7 @@ def _prune(
     n_drop = [_n_dropped(f, n) for f in fr.tolist()]
     order = torch.sort(unit_values, stable=True).indices  # lowest value (dropped) first
     accuracy = torch.empty(len(n_drop), dtype=torch.float64)
-    for j, d in enumerate(tqdm(n_drop, desc=desc, disable=not progress)):
+    for j, d in enumerate(progress_bar(n_drop, desc=desc, enabled=progress)):
         kept = unit_ids[torch.sort(order[d:]).values]
         model = retrain_fn(kept)
         accuracy[j] = _as_float(evaluate_fn(model), f"at fraction {float(fr[j])!r}")

@@ -10,7 +10,6 @@ training examples, 60 validation and 300 test queries; small 300, 20 and 100.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,7 +22,7 @@ from datatrace.bench.settings.base import DType, Setting, SettingData, _check_fl
 from datatrace.bench.settings.registry import register_setting
 from datatrace.bench.settings.training import ClassifierSetting
 from datatrace.data import Batch
-from datatrace.errors import ConfigError
+from datatrace.errors import ConfigError, ConvergenceWarning, warn
 from datatrace.task import Checkpoint
 
 __all__ = ["DigitsCNN", "DigitsLR", "DigitsMLP", "DigitsMLPDropout"]
@@ -143,11 +142,10 @@ class DigitsLR(Setting):
         objective()
         worst = max(float(p.grad.abs().max()) for p in params if p.grad is not None)
         if worst > 10 * self.tolerance:
-            warnings.warn(
+            warn(
                 f"L-BFGS stopped after {self.max_iter} iterations with gradient entries up to "
                 f"{worst:.1e} (tolerance {self.tolerance:.0e}); raise max_iter or weight_decay.",
-                RuntimeWarning,
-                stacklevel=4,
+                ConvergenceWarning,
             )
         if not record:
             return []
