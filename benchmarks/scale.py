@@ -6,8 +6,8 @@
 Synthetic job: inputs ``x ~ N(0, I_512)``, labels ``argmax(x W)`` of a random linear teacher,
 an MLP 512-1024-512-10 (1,055,242 parameters) trained for one epoch on them. Each config
 runs in its own subprocess (peak memory is per process, DESIGN.md §9): it builds
-``TRAKAttributor(..., store=<tmp dir>)``, so ``fit`` streams one feature shard per batch to
-disk and the kernel and scores stream over the shards; then it takes the streaming top-10 of
+``TRAKAttributor(..., store=<tmp dir>)``, so ``fit`` streams feature shards (about
+``datatrace.store.SHARD_BYTES`` each) to disk and the kernel and scores stream over the shards; then it takes the streaming top-10 of
 100 queries (``attributor.topk``) and the full ``attribute`` of the same queries. Reported:
 fit seconds and train examples/s, top-k and attribute seconds, bytes stored, and the
 process's peak resident memory (``ru_maxrss``, which includes torch itself and the data).

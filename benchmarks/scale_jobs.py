@@ -14,7 +14,7 @@ Jobs (synthetic data, built here, nothing downloaded):
   training); ``Task(loss="lm", target="log_prob", module_types="layers")``; 100 queries.
 
 Each config runs in its own process (peak memory is per process, DESIGN.md §9) and writes its
-features through a store (one shard per batch): ``fit``, then the streaming top-10 of the
+features through a store (shards of about ``SHARD_BYTES``): ``fit``, then the streaming top-10 of the
 queries (``attributor.topk``, never holding ``n_query x n_train``). Reported: fit seconds and
 train examples featurized per second, top-k seconds and scores per second
 (``n_query x n_train / topk s``), bytes stored and the process's peak resident memory

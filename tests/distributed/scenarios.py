@@ -119,7 +119,12 @@ def refusals(store: Path) -> dict[str, str]:
 
 def store_attributor(store: Path):
     return make_attributor(
-        "trak", Task(mlp(), target="margin"), batch_size=BATCH, proj_dim=16, store=store
+        "trak",
+        Task(mlp(), target="margin"),
+        batch_size=BATCH,
+        proj_dim=16,
+        store=store,
+        shard_bytes=BATCH * 16 * 8,  # shards of BATCH rows of 16 float64 features: 6 shards
     )
 
 

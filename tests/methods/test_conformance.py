@@ -113,7 +113,8 @@ def test_not_fitted(method_id, data):
 def test_store_resume_after_kill(method_id, data, tmp_path, monkeypatch):
     train, queries = data
     ref = build(method_id, batch_size=4).fit(train).attribute(queries).values
-    attr = build(method_id, batch_size=4, store=tmp_path / "store")
+    one = {"batch_size": 4, "shard_bytes": 1}  # a shard per example: batch 0 fills 4 of them
+    attr = build(method_id, store=tmp_path / "store", **one)
     original = type(attr)._train_features
     calls = {"n": 0}
 
@@ -128,11 +129,11 @@ def test_store_resume_after_kill(method_id, data, tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             attr.fit(train)
         calls["n"] = 10
-        resumed = build(method_id, batch_size=4, store=tmp_path / "store").fit(train)
-        # 3 shards of 4: the first survived the kill, so only 2 are recomputed.
+        resumed = build(method_id, store=tmp_path / "store", **one).fit(train)
+        # 3 batches of 4: the first one's shards survived the kill, so 2 are recomputed.
         assert calls["n"] == 12
     else:
-        resumed = build(method_id, batch_size=4, store=tmp_path / "store").fit(train)
+        resumed = build(method_id, store=tmp_path / "store", **one).fit(train)
     torch.testing.assert_close(resumed.attribute(queries).values, ref, rtol=1e-10, atol=1e-12)
 
 

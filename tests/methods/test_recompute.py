@@ -83,7 +83,7 @@ def test_a_store_gets_the_curvature_and_no_train_shards(tmp_path):
         assert attr.attribute(queries).values.shape == (3, 7)
         assert attr.store is not None
         stores[mode] = attr.store
-    assert len(stores["factored"].shard_indices("train-m0")) == 3  # ceil(7 / 3) batches
+    assert len(stores["factored"].shard_indices("train-m0")) == 1  # 7 rows: one shard
     assert len(stores["recompute"].shard_indices("train-m0")) == 0
     assert not list((tmp_path / "recompute").glob("shard-*"))
     kfac = sorted(p.name for p in (tmp_path / "recompute").glob("*kfac*"))

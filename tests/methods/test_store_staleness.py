@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,18 +151,45 @@ def test_change_that_keeps_results_reuses_the_store(tmp_path, case: str, change:
     torch.testing.assert_close(again, first, rtol=1e-10, atol=1e-12)
 
 
+def row_bytes(tmp_path) -> int:
+    """Bytes per example of the default job's train features (from its one store shard)."""
+    fit(tmp_path / "probe")
+    (shard,) = (tmp_path / "probe" / "store").glob("shard-*.npy")
+    array = np.load(shard, mmap_mode="r", allow_pickle=False)
+    assert array.shape[0] == N
+    return array[0].nbytes
+
+
 def test_changed_training_example_recomputes_its_shard_only(tmp_path) -> None:
-    fit(tmp_path)
+    # shards of 4 examples, batches of 3
+    four = {"settings": {"batch_size": 3, "shard_bytes": 4 * row_bytes(tmp_path)}}
+    fit(tmp_path, **four)
     labels = data()[1].clone()
     labels[5] = (labels[5] + 1) % 3  # one label in shard 1 (examples 4..7)
     store = tmp_path / "store"
     before = {f.name: f.stat().st_mtime_ns for f in store.glob("shard-*.npy")}
-    again = fit(tmp_path, labels=labels)
+    assert len(before) == 4
+    again = fit(tmp_path, labels=labels, **four)
     after = {f.name: f.stat().st_mtime_ns for f in store.glob("shard-*.npy")}
     assert [n for n in sorted(before) if before[n] != after[n]] == ["shard-train-m0-000001.npy"]
     torch.testing.assert_close(
         again, fit(tmp_path / "fresh", labels=labels), rtol=1e-10, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("rows", [None, 1, 3])
+def test_batch_size_change_rewrites_no_shard(tmp_path, rows) -> None:
+    """Shards are sized by bytes, not batches (issue 21): a store written at batch size 4
+    serves batch sizes 5 and 16 without recomputing (or rewriting) one shard."""
+    shard_bytes = None if rows is None else rows * row_bytes(tmp_path)
+    first = fit(tmp_path, settings={"batch_size": 4, "shard_bytes": shard_bytes})
+    store = tmp_path / "store"
+    before = {f.name: f.stat().st_mtime_ns for f in store.glob("shard-*.npy")}
+    assert len(before) == {None: 1, 1: N, 3: 6}[rows]
+    for batch_size in (5, 16):
+        again = fit(tmp_path, settings={"batch_size": batch_size, "shard_bytes": shard_bytes})
+        torch.testing.assert_close(again, first, rtol=1e-10, atol=1e-12)
+    assert {f.name: f.stat().st_mtime_ns for f in store.glob("shard-*.npy")} == before
 
 
 @pytest.mark.parametrize("method_id", ["trak", "if-ekfac", "logra"])

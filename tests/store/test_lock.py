@@ -117,7 +117,7 @@ def test_fit_while_another_process_writes(tmp_path: Path) -> None:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
         again = make_attributor("grad-dot", task, batch_size=4, store=store).fit(train)
         torch.testing.assert_close(again.attribute(queries).values, expected, rtol=0, atol=0)
-        (store / "shard-train-m0-000001.npy").unlink()  # incomplete: fit must write
+        (store / "shard-train-m0-000000.npy").unlink()  # incomplete: fit must write
         with pytest.raises(StoreError, match="second writer is refused"):
             make_attributor("grad-dot", task, batch_size=4, store=store).fit(train)
     finally:

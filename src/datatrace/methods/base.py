@@ -38,6 +38,7 @@ working dtype.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import hashlib
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+from torch.utils.data import DataLoader
 from typing_extensions import Self
 
 from datatrace import distributed
@@ -84,7 +86,13 @@ from datatrace.gradients import (
 from datatrace.group import Grouping, check_groups_spec, resolve_groups, take_examples
 from datatrace.projection import Projector, ProjectorKind, make_projector
 from datatrace.scores import Scores, TopK
-from datatrace.store import Store, fingerprint_batch, fingerprint_tensors
+from datatrace.store import (
+    RowsFingerprint,
+    Store,
+    fingerprint_batch,
+    fingerprint_tensors,
+    rows_per_shard,
+)
 from datatrace.task import Checkpoint, Member, Task
 
 __all__ = ["METHODS", "Attributor", "MemberContext", "MethodConfig", "make_attributor", "register"]
@@ -174,6 +182,8 @@ class MemberContext:
     unit_members: torch.Tensor | None = None
     # training-set indices of the examples of the train batch being featurized
     batch_indices: torch.Tensor | None = None
+    # rows of each per-example store shard (set when a store's shards are written or resumed)
+    rows_per_shard: int | None = None
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
@@ -192,6 +202,12 @@ class Attributor(ABC):
         task: the :class:`~datatrace.task.Task`.
         members: ensemble members (DESIGN.md §4); default: the task's model.
         store: a store directory for features and fitted state (resumable).
+        shard_bytes: target bytes of one store shard of train features (default
+            :data:`datatrace.store.SHARD_BYTES`, 128 MiB): the loop packs the features of
+            consecutive training examples, computed ``batch_size`` at a time, into shards of
+            this size, so the shard layout does not depend on the batch size. A killed ``fit``
+            resumes from its last complete shard. Not a method setting: changing it reuses
+            the store, recomputing the shards (their example ranges change).
         overwrite: if true, a ``store`` written for another config, model, training set or
             format version (or a corrupt one) is cleared at ``fit`` and recomputed, instead
             of refused; a store that matches is still resumed. Like ``device``, not a method
@@ -238,6 +254,7 @@ class Attributor(ABC):
         *,
         members: Sequence[Any] | None = None,
         store: str | Path | None = None,
+        shard_bytes: int | None = None,
         overwrite: bool = False,
         groups: Any = None,
         device: str | torch.device | None = None,
@@ -270,6 +287,14 @@ class Attributor(ABC):
         self._grouping: Grouping | None = None
         self._n_units = 0
         self._store_path = Path(store) if store is not None else None
+        if shard_bytes is not None and (
+            isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < 1
+        ):
+            raise ConfigError(
+                f"shard_bytes must be an integer >= 1 (bytes per store shard) or None; got "
+                f"{shard_bytes!r}."
+            )
+        self._shard_bytes = shard_bytes
         if not isinstance(overwrite, bool):
             raise ConfigError(f"overwrite must be True or False; got {overwrite!r}.")
         if overwrite and store is None:
@@ -645,7 +670,10 @@ class Attributor(ABC):
         if self._grouping is not None:
             self._featurize_train_groups(ctx, train, self._grouping)
             return
-        kind = f"train-m{ctx.index}"
+        if self.store is not None:
+            self._featurize_train_shards(ctx, self.store)
+            self._share_train_features(ctx)
+            return
         lo, hi = distributed.local_range(num_batches(train, self.config.batch_size))
         it = progress_bar(
             self._train_batches(local=True),
@@ -654,26 +682,90 @@ class Attributor(ABC):
             total=hi - lo,
             unit="batch",
         )
-        reused = 0
-        for b, offset, batch in it:
-            if self.store is not None:
-                fp = fingerprint_batch(batch)
-                if self.store.has_shard(kind, b, fp):
-                    reused += 1
-                    continue
-                self.store.write_shard(kind, b, self._batch_train_features(ctx, offset, batch), fp)
-            else:
-                ctx.features.append(self._batch_train_features(ctx, offset, batch))
-        if reused:
-            _log.info(
-                "%s: member %d: %d of %d train feature shards reused from the store at %s",
-                self.name,
-                ctx.index,
-                reused,
-                hi - lo,
-                self._store_path,
-            )
+        for _, offset, batch in it:
+            ctx.features.append(self._batch_train_features(ctx, offset, batch))
         self._share_train_features(ctx)
+
+    def _featurize_train_shards(self, ctx: MemberContext, store: Store) -> None:
+        """Train features into store shards of about ``shard_bytes`` each.
+
+        Shard ``s`` holds the rows of examples ``s * R .. (s + 1) * R - 1``, ``R`` rows of
+        ``shard_bytes`` (from the row size of a stored shard, else of the first batch's
+        features), whatever the batch size: the features are computed ``batch_size`` examples
+        at a time, a batch cut by a shard boundary is featurized once and its rows split, and
+        a shard is written once full. Resume granularity is the shard: a complete shard whose
+        examples hash as recorded is skipped (its inputs are read, not featurized); a batch
+        reaching into an incomplete shard is featurized whole, so a resumed run's shards are
+        bit-identical to an uninterrupted run's.
+        """
+        kind = f"train-m{ctx.index}"
+        offsets = self._batch_offsets()
+        last: dict[int, torch.Tensor] = {}  # the latest featurized batch, by batch index
+
+        def features(j: int, offset: int, batch: Batch) -> torch.Tensor:
+            if j not in last:
+                last.clear()
+                last[j] = self._batch_train_features(ctx, offset, batch)
+            return last[j]
+
+        def probe() -> int:  # rank 0: bytes per row, from the store or the first batch
+            row_bytes = store.row_bytes(kind)
+            if row_bytes is None:
+                _, offset, batch = next(self._train_batches_between(offsets, 0, 1))
+                feats = features(0, offset, batch)
+                row_bytes = feats[:1].numel() * feats.element_size()
+            return row_bytes
+
+        me = distributed.rank()
+        row_bytes = distributed.run_collectively(lambda: probe() if me == 0 else 0)
+        rows = rows_per_shard(distributed.broadcast_object(row_bytes), self._shard_bytes)
+        ctx.rows_per_shard = rows
+        n = offsets[-1]
+        lo, hi = distributed.local_range(-(-n // rows))
+        it = progress_bar(
+            range(lo, hi),
+            desc=f"{self.name}: train feature shards (member {ctx.index})",
+            enabled=self.config.progress,
+            unit="shard",
+        )
+        for s in it:
+            first, stop = s * rows, min(n, (s + 1) * rows)
+            if store.has_shard(kind, s):  # complete: still ours if its examples are the same
+                fp = RowsFingerprint()
+                for _, offset, batch in self._train_batches_between(offsets, first, stop):
+                    fp.update(_rows_of(batch, max(first, offset) - offset, stop - offset))
+                if store.has_shard(kind, s, fp.hexdigest()):
+                    continue
+            fp, parts = RowsFingerprint(), []
+            for j, offset, batch in self._train_batches_between(offsets, first, stop):
+                a, b = max(first, offset) - offset, stop - offset  # rows of this shard
+                fp.update(_rows_of(batch, a, b))
+                parts.append(features(j, offset, batch)[a:b])
+            block = parts[0] if len(parts) == 1 else torch.cat(parts)
+            store.write_shard(kind, s, block, fp.hexdigest())
+
+    def _batch_offsets(self) -> list[int]:
+        """First example of every training batch, then the number of examples."""
+        train = self._train
+        if isinstance(train, DataLoader):
+            sizes = [len(b) for b in train.batch_sampler]  # type: ignore[union-attr]
+            out = [0]
+            for size in sizes:
+                out.append(out[-1] + size)
+            return out
+        n = num_examples(train)
+        return [*range(0, n, self.config.batch_size), n]
+
+    def _train_batches_between(
+        self, offsets: list[int], first: int, stop: int
+    ) -> Iterator[tuple[int, int, Batch]]:
+        """``(batch index, first example, batch)`` of the batches holding examples
+        ``first .. stop - 1`` (``offsets`` from :meth:`_batch_offsets`)."""
+        lo = bisect.bisect_right(offsets, first) - 1
+        hi = bisect.bisect_left(offsets, stop)
+        batches = iter_batch_range(self._train, self.config.batch_size, lo, hi)
+        for j, (offset, batch) in enumerate(batches, start=lo):
+            yield j, offset, batch
 
     def _share_train_features(self, ctx: MemberContext) -> None:
         """Distributed: give every rank every shard, so all of them fit the same state.
@@ -800,9 +892,9 @@ class Attributor(ABC):
                     yield start, block.to(device=device, dtype=dtype)
                 start += block.shape[0]
             return
-        # exactly the shards this training set has (a store may hold more, e.g. written at
-        # another batch size); skipped ones are not read, their sizes are in the manifest
-        count = self._shard_count()
+        # exactly the shards this training set has (a store may hold more, e.g. written with
+        # another shard size); skipped ones are not read, their sizes are in the manifest
+        count = self._shard_count(ctx)
         lo, hi = distributed.local_range(count) if local else (0, count)
         start = 0
         for i in range(count):
@@ -811,10 +903,12 @@ class Attributor(ABC):
                 yield start, block.to(device=device, dtype=dtype)
             start += store.shard_rows(kind, i)
 
-    def _shard_count(self) -> int:
-        """How many train-feature shards (batches, or chunks of groups) a fit writes."""
+    def _shard_count(self, ctx: MemberContext) -> int:
+        """How many train-feature shards (of ``rows_per_shard`` examples, or chunks of groups)
+        a fit writes."""
         if self._grouping is None:
-            return num_batches(self._train, self.config.batch_size)
+            assert ctx.rows_per_shard is not None  # set by _featurize_train_shards
+            return -(-self._n_units // ctx.rows_per_shard)
         return sum(1 for _ in self._group_chunks(self._grouping, local=False))
 
     def _count_train_blocks(self, ctx: MemberContext, local: bool) -> int | None:
@@ -959,3 +1053,12 @@ def make_attributor(method_id: str, task: Task, **kwargs: Any) -> Attributor:
     obj = cls(task, **{**defaults, **kwargs})
     obj.name = method_id
     return obj
+
+
+def _rows_of(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows ``start:stop`` of a batch (a tensor, a tuple/list or a dict of tensors)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return {k: v[start:stop] for k, v in batch.items()}
+    return type(batch)(t[start:stop] for t in batch)
