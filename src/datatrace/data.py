@@ -180,6 +180,15 @@ def _check_loader(loader: DataLoader) -> None:
             "passes and scores could not be matched to training indices; build it with "
             "shuffle=False (or pass the Dataset itself and set batch_size=)."
         )
+    covered = sum(len(b) for b in loader.batch_sampler)
+    n = len(loader.dataset)  # type: ignore[arg-type]
+    if covered != n:
+        raise DataError(
+            f"the DataLoader's batches cover {covered} of its dataset's {n} examples"
+            + (" (drop_last=True)" if loader.drop_last else "")
+            + "; every training example must be attributed. Build it with drop_last=False "
+            "(or pass the Dataset itself and set batch_size=)."
+        )
 
 
 def iter_batches(data: Any, batch_size: int) -> Iterator[Batch]:
