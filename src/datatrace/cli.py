@@ -38,6 +38,7 @@ each rank retrains a contiguous slice of the missing subsets, and only rank 0 pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -133,17 +134,49 @@ def parse_methods(spec: str) -> list[tuple[str, dict[str, Any] | None]]:
             raise ConfigError(f"unknown method {name!r}; choose from {sorted(METHODS)}.")
         opts: dict[str, Any] = {}
         for pair in pairs:
-            if "=" not in pair:
+            if "=" not in pair or not pair.split("=", 1)[0]:
                 raise ConfigError(f"method option {pair!r} of {name!r} must look like key=value.")
             key, text = pair.split("=", 1)
             hints = _setting_types(name)
             opts[key] = _typed_value(text, hints[key]) if key in hints else _value(text)
+        if pairs:
+            _check_method_options(name, opts)
         out.append((name, opts if pairs else None))
     if not out:
         raise ConfigError(
             f"--methods is empty; give comma-separated ids such as {DEFAULT_METHODS!r}."
         )
     return out
+
+
+# what the benchmark runner passes to every attributor itself: not a method option
+RUNNER_OWNED = ("batch_size",)
+
+
+def _check_method_options(method_id: str, opts: dict[str, Any]) -> None:
+    """Refuse unknown or invalid settings of ``method_id`` now, before any training."""
+    from datatrace.methods import METHODS
+
+    cls, defaults = METHODS[method_id]
+    valid = [f.name for f in dataclasses.fields(cls.Config) if f.name not in RUNNER_OWNED]
+    owned = sorted(set(opts) & set(RUNNER_OWNED))
+    if owned:
+        raise ConfigError(
+            f"option {owned[0]}= of {method_id!r} is set by the benchmark runner itself and "
+            f"cannot be given in --methods; {method_id}'s options are {valid}."
+        )
+    unknown = sorted(set(opts) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} of {method_id!r}; its options are {valid}.")
+    try:
+        cls.Config(**{**defaults, **opts})
+    except DatatraceError as exc:
+        raise ConfigError(f"invalid option of {method_id!r}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"invalid option of {method_id!r} ({', '.join(f'{k}={v!r}' for k, v in opts.items())}): "
+            f"{exc}"
+        ) from exc
 
 
 def describe_methods() -> list[str]:
@@ -253,7 +286,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     spec = _protocol(args)
     mislabel, loo = MislabelSpec(p=args.mislabel_p), LOOSpec(n_points=args.loo_points)
     if args.json is not None:
-        _check_writable(args.json.parent)
+        _check_writable_file(args.json, "--json")
     if args.out is not None:
         _check_writable(args.out)
     setting = _setting(args)
@@ -407,6 +440,17 @@ def _check_writable(path: Path) -> None:
         raise ConfigError(
             f"cannot write to {str(path)!r} ({exc.strerror}); choose a writable directory."
         ) from exc
+
+
+def _check_writable_file(path: Path, flag: str) -> None:
+    """Refuse, before the run, a results file that could not be written after it."""
+    if path.is_dir():
+        raise ConfigError(
+            f"{flag} {str(path)!r} is a directory; give a file name such as {str(path / 'bench.json')!r}."
+        )
+    _check_writable(path.parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {str(path)!r} is not writable; choose another file.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -599,6 +643,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatatraceError as exc:
         if me == 0:  # under torchrun a failure on any rank is raised on every rank
             print(f"datatrace: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the command reads or writes: one line, not a traceback
+        name = f" {exc.filename!r}" if exc.filename else ""
+        print(f"datatrace: error:{name} {exc.strerror or exc}", file=sys.stderr)
         return 2
     finally:
         if args.verbose:

@@ -422,6 +422,7 @@ class Attributor(ABC):
         n = num_examples(train)
         if n == 0:
             raise DataError("the training set is empty; attribution needs at least one example.")
+        self.task.check_data(train, self.config.batch_size, "training")
         members = resolve_members(self.task, self._members_arg)
         self._train, self._n_train = train, n
         self._grouping = resolve_groups(self._groups_arg, train, self.task)
@@ -462,6 +463,9 @@ class Attributor(ABC):
         for index, member in enumerate(members):
             with self._member_task(member):
                 pairs = member_states(self.task, member)
+                for checkpoint, state in pairs:
+                    where = "the model" if checkpoint is None else f"checkpoint {checkpoint.step}"
+                    self.task.check_finite_state(state, f"{where} (member {index})")
                 projector = None
                 if self.config.projector != "none":
                     projector = make_projector(
@@ -520,6 +524,7 @@ class Attributor(ABC):
                     ]
                 part = torch.cat(parts) if parts else total
                 total = part if m == 0 else total + part
+        finite_or_raise(total, "self-attribution scores", 0)
         # this rank's units (a contiguous run, maybe empty), gathered in rank order
         return distributed.all_gather_rows(total).to(self.task.device) / len(self._contexts)
 
@@ -974,6 +979,7 @@ class Attributor(ABC):
             self._check_cost(n_queries)
         out = []
         with self._fitted_device():
+            self.task.check_data(queries, self.config.batch_size, "query")
             dtype = self.task.working_dtype
             for ctx in self._contexts:
                 with self._member_task(ctx.member):
@@ -1011,7 +1017,21 @@ class Attributor(ABC):
             ids = torch.arange(start, start + size)
             if self._grouping is not None:
                 ids = self._grouping.ids[start : start + size]
-            yield ids, self._aggregate(blocks, start)
+            yield ids, finite_or_raise(self._aggregate(blocks, start), "scores", start)
+
+
+def finite_or_raise(values: torch.Tensor, what: str, start: int) -> torch.Tensor:
+    """``values``, unless they hold NaN/inf: never returned silently (``NumericalError``)."""
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return values
+    bad = (~finite).nonzero()[0].tolist()
+    where = f"unit {start + bad[-1]}" + (f" of query {bad[0]}" if len(bad) == 2 else "")
+    raise NumericalError(
+        f"the {what} hold {int((~finite).sum())} NaN/inf value(s) (first at {where}) although "
+        "the data and weights are finite: the gradients or the curvature solve overflowed. "
+        "Raise damping=, use float64 (model.double() and data), or rescale the inputs."
+    )
 
 
 def _count_examples(data: Any) -> int | None:

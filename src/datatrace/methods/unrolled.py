@@ -47,7 +47,13 @@ from datatrace import distributed
 from datatrace.data import iter_batches
 from datatrace.errors import ConfigError, ModelError
 from datatrace.group import take_examples
-from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.methods.base import (
+    Attributor,
+    MemberContext,
+    MethodConfig,
+    finite_or_raise,
+    register,
+)
 from datatrace.replay import Replay, ReplayState, TrainingRecipe
 from datatrace.task import Member, Task
 
@@ -231,6 +237,7 @@ class UnrolledAttributor(Attributor):
         self._check_fitted()
         self.task.check_eval_mode()
         distributed.check_same_queries(queries, self.config.batch_size)
+        self.task.check_data(queries, self.config.batch_size, "query")
         per_member = []
         for ctx in self._contexts:
             with self._member_task(ctx.member):
@@ -240,7 +247,7 @@ class UnrolledAttributor(Attributor):
         lo, hi = distributed.local_range(len(bounds)) if local else (0, len(bounds))
         for start in bounds[lo:hi]:
             stop = min(start + self.config.batch_size, self._n_train)
-            yield torch.arange(start, stop), values[:, start:stop]
+            yield torch.arange(start, stop), finite_or_raise(values[:, start:stop], "scores", start)
 
     def self_attribute(self) -> torch.Tensor:
         """``(n_train,)``: each training example's score for itself as the query.
