@@ -226,7 +226,7 @@ def check_fisher_samples(fisher_samples: Any, fisher: str) -> None:
     if fisher_samples > 1 and fisher != "true":
         raise ConfigError(
             f"fisher_samples={fisher_samples} samples labels, which only fisher='true' does; "
-            f"got fisher={fisher!r}."
+            f"got fisher={fisher!r}; pass fisher='true' with it."
         )
 
 

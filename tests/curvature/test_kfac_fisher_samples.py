@@ -55,12 +55,13 @@ def test_k_samples_average_the_empirical_fisher_of_k_drawn_label_sets():
 def test_fisher_samples_reach_the_methods_and_bad_values_are_refused():
     task = Task(mlp())
     train, queries = classification_data(n=10), classification_data(n=2, seed=4)
-    s1 = make_attributor("if-ekfac", task, damping=1e-2).fit(train).attribute(queries).values
-    s4 = make_attributor("if-ekfac", task, damping=1e-2, fisher_samples=4).fit(train)
+    true = {"damping": 1e-2, "fisher": "true"}
+    s1 = make_attributor("if-ekfac", task, **true).fit(train).attribute(queries).values
+    s4 = make_attributor("if-ekfac", task, **true, fisher_samples=4).fit(train)
     assert not torch.allclose(s1, s4.attribute(queries).values)
     with pytest.raises(ConfigError, match="fisher_samples must be an integer >= 1; got 0"):
         make_attributor("if-ekfac", task, fisher_samples=0)
     with pytest.raises(ConfigError, match="only fisher='true'"):
         make_attributor("logra", task, fisher="empirical", fisher_samples=2)
     with pytest.raises(ConfigError, match="curvature='kfac'/'ekfac' only"):
-        make_attributor("if-cg", task, fisher_samples=2)
+        make_attributor("if-cg", task, fisher="true", fisher_samples=2)

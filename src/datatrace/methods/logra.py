@@ -88,8 +88,9 @@ class LoGraConfig(MethodConfig):
             space).
         damping: λ of ``(F̃ + λI)⁻¹`` per layer: a number >= 0, ``"heuristic"`` (0.1 x each
             layer's mean projected eigenvalue) or ``{module: λ}``; unused by ``"identity"``.
-        fisher: K-FAC/EK-FAC Fisher kind: ``"true"`` (labels sampled from the model, seeded by
-            ``seed``), ``"empirical"`` or ``"exact"``.
+        fisher: K-FAC/EK-FAC Fisher kind: ``"empirical"`` (training labels; the default, the
+            benchmark's choice), ``"true"`` (labels sampled from the model, seeded by
+            ``seed``) or ``"exact"``.
         fisher_samples: with ``fisher="true"``: labels sampled per example, averaged.
     """
 
@@ -97,7 +98,7 @@ class LoGraConfig(MethodConfig):
     proj_dim_out: int | None = 32
     preconditioner: Literal["identity", "kfac", "ekfac"] = "ekfac"
     damping: float | str | dict[str, float] = "heuristic"
-    fisher: Literal["true", "empirical", "exact"] = "true"
+    fisher: Literal["true", "empirical", "exact"] = "empirical"
     fisher_samples: int = 1
 
     def __post_init__(self) -> None:
