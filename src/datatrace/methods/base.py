@@ -733,6 +733,7 @@ class Attributor(ABC):
             enabled=self.config.progress,
             unit="shard",
         )
+        reused = 0
         for s in it:
             first, stop = s * rows, min(n, (s + 1) * rows)
             if store.has_shard(kind, s):  # complete: still ours if its examples are the same
@@ -740,6 +741,7 @@ class Attributor(ABC):
                 for _, offset, batch in self._train_batches_between(offsets, first, stop):
                     fp.update(_rows_of(batch, max(first, offset) - offset, stop - offset))
                 if store.has_shard(kind, s, fp.hexdigest()):
+                    reused += 1
                     continue
             fp, parts = RowsFingerprint(), []
             for j, offset, batch in self._train_batches_between(offsets, first, stop):
@@ -748,6 +750,15 @@ class Attributor(ABC):
                 parts.append(features(j, offset, batch)[a:b])
             block = parts[0] if len(parts) == 1 else torch.cat(parts)
             store.write_shard(kind, s, block, fp.hexdigest())
+        if reused:
+            _log.info(
+                "%s: member %d: %d of %d train feature shards reused from the store at %s",
+                self.name,
+                ctx.index,
+                reused,
+                hi - lo,
+                self._store_path,
+            )
 
     def _batch_offsets(self) -> list[int]:
         """First example of every training batch, then the number of examples."""
