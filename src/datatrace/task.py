@@ -123,13 +123,26 @@ class Target:
     direction: Literal[1, -1]
 
 
+@dataclass(frozen=True)
+class _IgnoresMask:
+    """``fn(outputs, labels)`` called as ``(outputs, labels, mask)``: a module-level object,
+    not a lambda, so that tasks and fitted attributors pickle."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def __call__(
+        self, outputs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self.fn(outputs, labels)
+
+
 _LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
-    "cross_entropy": lambda o, y, m: cross_entropy(o, y),
-    "mse": lambda o, y, m: mse(o, y),
+    "cross_entropy": _IgnoresMask(cross_entropy),
+    "mse": _IgnoresMask(mse),
     "lm": lm_loss,
 }
 _TARGETS = {
-    "margin": Target("margin", lambda o, y, m: margin(o, y), 1),
+    "margin": Target("margin", _IgnoresMask(margin), 1),
     "log_prob": Target("log_prob", log_prob, 1),
 }
 
@@ -327,9 +340,8 @@ class Task:
             self.loss_name = loss
             self._loss = _LOSSES[loss]
         elif callable(loss):
-            user_loss = loss
             self.loss_name = getattr(loss, "__name__", "custom")
-            self._loss = lambda o, y, m: user_loss(o, y)
+            self._loss = _IgnoresMask(loss)
         else:
             raise ConfigError(f"loss must be a name or a callable; got {type(loss).__name__}.")
         if isinstance(target, Target):
