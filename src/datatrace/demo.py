@@ -1,8 +1,10 @@
 """A one-minute demo: attribute a digits classifier and print proponents and opponents.
 
 Run with ``make demo`` or ``python -m datatrace.demo``. Trains a small MLP on scikit-learn's
-bundled digits (no download), then asks TRAK and influence functions which training images
-made a few test predictions.
+bundled digits (no download), then asks the recommended method, EK-FAC influence with its
+defaults (``make_attributor("if-ekfac", task)``: the best test LDS of ``make bench``'s
+table after K-FAC), and TRAK for comparison, which training images made a few test
+predictions.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 
 import torch
 
-from datatrace import InfluenceAttributor, Task, TRAKAttributor
+from datatrace import Task, TRAKAttributor, make_attributor
 from datatrace.bench.digits import load_digits_split, train_digits_mlp
 
 
@@ -36,12 +38,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     queries = (test[0][: args.queries], test[1][: args.queries])
     task = Task(model, target="margin")
+    print(
+        "\nA score says how much training on that image moved the query's margin (its logit"
+        "\nfor the true digit against the others): proponents (> 0) raised it, opponents"
+        "\n(< 0) lowered it. What to read is the ranking, which the benchmark's LDS grades"
+        "\n(docs/benchmarks.md); magnitudes are on each method's own scale (EK-FAC's are"
+        "\ninfluence estimates, TRAK's kernel scores), so do not compare them across methods."
+    )
     for name, attributor in (
-        ("TRAK (proj_dim=512)", TRAKAttributor(task, proj_dim=512, batch_size=256)),
         (
-            "influence (GGN, CG, damping=1e-2)",
-            InfluenceAttributor(Task(model), damping=1e-2, batch_size=256),
+            "EK-FAC influence (recommended; defaults: empirical Fisher, heuristic damping)",
+            make_attributor("if-ekfac", task, batch_size=256),
         ),
+        ("TRAK (proj_dim=512)", TRAKAttributor(task, proj_dim=512, batch_size=256)),
     ):
         t0 = time.perf_counter()
         top = attributor.fit(train).topk(queries, args.k)
