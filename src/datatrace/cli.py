@@ -228,6 +228,19 @@ def _ground_truth(args: argparse.Namespace, setting: Any, spec: Any) -> Any:
 
 
 def _cmd_groundtruth(args: argparse.Namespace) -> int:
+    import torch
+
+    if isinstance(args.threads, bool) or args.threads < 1:
+        raise ConfigError(f"--threads must be an integer >= 1; got {args.threads}.")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # in-process retrainings (worker processes use 1)
+    try:
+        return _groundtruth(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _groundtruth(args: argparse.Namespace) -> int:
     from datatrace.bench.protocols import DropSpec, protocol_name
     from datatrace.distributed import rank
 
@@ -506,6 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--cache", type=Path, default=None, help="ground-truth cache directory")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument(
+            "--threads",
+            type=int,
+            default=1,
+            help="torch threads of the run and of each method's or retraining's process "
+            "(default 1: on a shared machine more threads per process spin-wait on each other)",
+        )
         if name == "groundtruth":
             p.add_argument(
                 "--verify",
@@ -559,12 +579,6 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument(
                 "--removal-queries", type=int, default=5, help="queries of the removal task"
-            )
-            p.add_argument(
-                "--threads",
-                type=int,
-                default=1,
-                help="torch threads of the run and of each method's process (default 1)",
             )
             p.add_argument(
                 "--in-process",
@@ -644,6 +658,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if me == 0:  # under torchrun a failure on any rank is raised on every rank
             print(f"datatrace: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `datatrace methods | head -1`: the reader left; quietly
+        # stop writing, and keep Python's exit-time flush from raising on the closed pipe
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13  # what a Unix tool killed by SIGPIPE returns
     except OSError as exc:  # a file the command reads or writes: one line, not a traceback
         name = f" {exc.filename!r}" if exc.filename else ""
         print(f"datatrace: error:{name} {exc.strerror or exc}", file=sys.stderr)

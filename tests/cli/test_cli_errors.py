@@ -37,6 +37,7 @@ def _read_only(tmp_path: Path) -> Path:
 CASES = {
     "unknown setting": (["bench", "--setting", "nope"], "'nope'"),
     "unknown setting (groundtruth)": (["groundtruth", "--setting", "nope"], "'nope'"),
+    "no threads (groundtruth)": ([*GROUNDTRUTH, "--threads", "0"], "--threads must be"),
     "unknown method": ([*BENCH, "--methods", "grad-dot,trek"], "'trek'"),
     "empty --methods": ([*BENCH, "--methods", ","], "--methods is empty"),
     "option without =": ([*BENCH, "--methods", "trak:proj_dim"], "'proj_dim'"),
@@ -151,3 +152,20 @@ def test_a_truncated_ground_truth_shard_is_recomputed_or_one_line(tmp_path, caps
     else:
         assert code == 2
         _check_one_line(captured.err, "shard")
+
+
+def test_a_reader_that_leaves_early_ends_the_cli_quietly():
+    """`datatrace settings | head -1`: no 'Broken pipe' error or traceback, SIGPIPE's status."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "datatrace", "settings"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "Broken pipe" not in err, err
