@@ -23,20 +23,18 @@ Usage (kronfluence_charlm.py does this)::
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import shutil
 import tempfile
 import time
-import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peer_runner import timed  # same directory; torch and the standard library only
+from peer_runner import (  # same directory; torch and the standard library only
+    run_kronfluence_script,
+    timed,
+)
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -205,28 +203,7 @@ def _key(damping: float | None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--inputs", required=True, type=Path)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--spec", required=True, help="JSON: threads, batch_size, dampings, ...")
-    args = ap.parse_args()
-    spec = json.loads(args.spec)
-    torch.set_num_threads(spec["threads"])
-    warnings.filterwarnings("ignore")
-    data = torch.load(args.inputs, weights_only=True)
-    work = Path(tempfile.mkdtemp(prefix="peer-kronfluence-charlm-"))
-    try:
-        out = kronfluence_ekfac(data, spec, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    out.update(
-        {
-            "version": metadata.version("kronfluence"),
-            "torch": str(torch.__version__),
-            "threads": float(torch.get_num_threads()),
-        }
-    )
-    torch.save(out, args.out)
+    run_kronfluence_script(__doc__.splitlines()[0], "peer-kronfluence-charlm-", kronfluence_ekfac)
 
 
 if __name__ == "__main__":

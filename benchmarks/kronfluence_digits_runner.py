@@ -25,13 +25,8 @@ Usage (kronfluence_digits.py does this)::
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
-import tempfile
 import time
-import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +35,7 @@ from peer_runner import (  # same directory; torch and the standard library only
     kronfluence_classification_task,
     kronfluence_fit,
     kronfluence_pairwise,
+    run_kronfluence_script,
 )
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -142,28 +138,7 @@ def run(data: dict[str, Any], spec: dict[str, Any], work: Path) -> dict[str, Any
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--inputs", required=True, type=Path)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--spec", required=True, help="JSON: threads, batch_size, runs, damping, ...")
-    args = ap.parse_args()
-    spec = json.loads(args.spec)
-    torch.set_num_threads(spec["threads"])
-    warnings.filterwarnings("ignore")
-    data = torch.load(args.inputs, weights_only=True)
-    work = Path(tempfile.mkdtemp(prefix="peer-kronfluence-digits-"))
-    try:
-        out = run(data, spec, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    out.update(
-        {
-            "version": metadata.version("kronfluence"),
-            "torch": str(torch.__version__),
-            "threads": float(torch.get_num_threads()),
-        }
-    )
-    torch.save(out, args.out)
+    run_kronfluence_script(__doc__.splitlines()[0], "peer-kronfluence-digits-", run)
 
 
 if __name__ == "__main__":

@@ -414,6 +414,38 @@ def kronfluence_methods(data: dict[str, Any], spec: dict[str, Any], work: Path) 
 # ------------------------------------------------------------------------------------ main
 
 
+def run_kronfluence_script(
+    description: str,
+    prefix: str,
+    run: Callable[[dict[str, Any], dict[str, Any], Path], dict[str, Any]],
+) -> None:
+    """The ``main`` of a kronfluence runner script: ``--inputs``, ``--out``, ``--spec`` (JSON,
+    with ``threads``); ``run(data, spec, work_dir)`` in a throw-away directory, its result
+    saved with kronfluence's and torch's versions and the thread count."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--inputs", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--spec", required=True, help="JSON: threads, batch_size, ...")
+    args = ap.parse_args()
+    spec = json.loads(args.spec)
+    torch.set_num_threads(spec["threads"])
+    warnings.filterwarnings("ignore")
+    data = torch.load(args.inputs, weights_only=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        out = run(data, spec, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out.update(
+        {
+            "version": metadata.version("kronfluence"),
+            "torch": str(torch.__version__),
+            "threads": float(torch.get_num_threads()),
+        }
+    )
+    torch.save(out, args.out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peer", required=True, choices=["traker", "dattri", "kronfluence"])
