@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -25,7 +25,9 @@ from datatrace.errors import ConfigError
 
 __all__ = [
     "FEATURE_DTYPES",
+    "cast_floating",
     "check_feature_dtype",
+    "map_tensors",
     "move_to_device",
     "resolve_device",
     "working_dtype",
@@ -138,18 +140,28 @@ def check_feature_dtype(value: str | torch.dtype | None) -> str | None:
     return name
 
 
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it (nested tuples, lists, dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(v, fn) for v in obj)
+    if isinstance(obj, list):
+        return [map_tensors(v, fn) for v in obj]
+    return obj
+
+
 def move_to_device(obj: Any, device: torch.device) -> Any:
     """``obj`` with every tensor in it (nested tuples, lists, dicts) moved to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        # non_blocking only towards a GPU: a non-blocking copy *to* the CPU may be read early
-        return obj.to(device, non_blocking=device.type == "cuda")
-    if isinstance(obj, Mapping):
-        return {k: move_to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        return tuple(move_to_device(v, device) for v in obj)
-    if isinstance(obj, list):
-        return [move_to_device(v, device) for v in obj]
-    return obj
+    # non_blocking only towards a GPU: a non-blocking copy *to* the CPU may be read early
+    return map_tensors(obj, lambda t: t.to(device, non_blocking=device.type == "cuda"))
+
+
+def cast_floating(obj: Any, source: torch.dtype, target: torch.dtype) -> Any:
+    """``obj`` with every tensor of dtype ``source`` in it cast to ``target`` (others kept)."""
+    return map_tensors(obj, lambda t: t.to(target) if t.dtype == source else t)
 
 
 def memory_of(device: torch.device) -> int:

@@ -11,6 +11,7 @@ that a positive score always means "training on this unit improves the query".
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from datatrace.data import Batch
-from datatrace.devices import move_to_device, resolve_device, working_dtype
+from datatrace.devices import cast_floating, move_to_device, resolve_device, working_dtype
 from datatrace.errors import ConfigError, DataError, DatatraceError, ModelError, NumericalError
 
 __all__ = [
@@ -208,6 +209,21 @@ class Checkpoint:
 
 
 # ----------------------------------------------------------------------------- parameters
+def _check_compute_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """``compute_dtype=`` as a dtype: float32 or float64 (names accepted), or None."""
+    allowed = {"float32": torch.float32, "float64": torch.float64}
+    if value is None:
+        return None
+    if isinstance(value, str) and value in allowed:
+        return allowed[value]
+    if isinstance(value, torch.dtype) and value in allowed.values():
+        return value
+    raise ConfigError(
+        f"compute_dtype must be torch.float32, torch.float64 (or 'float32'/'float64') or None; "
+        f"got {value!r}. It widens a half-precision model's passes; it never narrows them."
+    )
+
+
 def parameter_uses(model: nn.Module) -> dict[str, list[tuple[str, str]]]:
     """``{parameter name: [(module name, local name), ...]}`` of every module owning it.
 
@@ -300,11 +316,18 @@ class Task:
         device: where attribution runs: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a
             ``torch.device``. The model is moved there **in place** (``model.to(device)``;
             no copy is made). Default: wherever the model's parameters already are.
+        compute_dtype: ``torch.float32`` or ``torch.float64`` (or their names) to run a
+            bfloat16/float16 model's forward and backward passes in that precision: the task
+            holds an upcast **copy** of the model (the user's model is untouched; the copy
+            costs 2x/4x the half model's parameter memory) and casts floating inputs given in
+            the model's dtype to it, so gradients, K-FAC factors and scores are those of the
+            float32 (float64) model with the same weights. Default None: the model's dtype.
 
     The model's dtype is the task's (:attr:`dtype`): float64, float32, bfloat16 and float16
-    weights are accepted. Gradients and features are computed in it; curvature, kernels,
-    solves and scores in :attr:`working_dtype` (float32 for half-precision models). Inputs
-    must already be in the model's dtype; attributors move batches to the model's device
+    weights are accepted. Gradients and features are computed in it (in ``compute_dtype``
+    when given); curvature, kernels, solves and scores in :attr:`working_dtype` (float32 for
+    half-precision models). Inputs must already be in the model's dtype (or in
+    ``compute_dtype``); attributors move batches to the model's device
     themselves, while the low-level functions (``compute_per_sample_grads``, ``fit_kfac``,
     curvature operators) refuse a batch on another device.
 
@@ -326,11 +349,15 @@ class Task:
         module_types: Sequence[type[nn.Module]] | Literal["layers"] | None = None,
         batch_to_inputs: Callable[[Batch], tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
         device: str | torch.device | None = None,
+        compute_dtype: torch.dtype | str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"Task needs an nn.Module; got {type(model).__name__}.")
         target_device = resolve_device(device)
         self.model = model
+        # inputs given in the model's own dtype are cast to compute_dtype (None: no cast)
+        self._input_cast: tuple[torch.dtype, torch.dtype] | None = None
+        upcast = _check_compute_dtype(compute_dtype)
         self._moves_batches = False
         if isinstance(loss, str):
             if loss not in _LOSSES:
@@ -356,6 +383,16 @@ class Task:
             )
         self.batch_to_inputs = batch_to_inputs
         self._tracked = self._select_params(params, module_types)
+        if upcast is not None and upcast.itemsize < self.dtype.itemsize:
+            raise ConfigError(
+                f"compute_dtype={upcast} is narrower than the model's {self.dtype}; it only "
+                "widens half-precision passes. Leave it None for this model."
+            )
+        if upcast is not None and upcast != self.dtype:
+            # the copy is taken before any move: the user's model keeps its dtype and device
+            self._input_cast = (self.dtype, upcast)
+            self.model = copy.deepcopy(model).to(upcast)
+            self._tracked = self._select_params(params, module_types)
         self._check_weights()
         if target_device is not None:
             self.to(target_device)
@@ -579,6 +616,18 @@ class Task:
         )
 
     def _split(self, batch: Batch) -> _SplitBatch:
+        split = self._split_uncast(batch)
+        if self._input_cast is None:
+            return split
+        source, target = self._input_cast
+        return _SplitBatch(
+            cast_floating(split.args, source, target),
+            cast_floating(split.kwargs, source, target),
+            cast_floating(split.labels, source, target),
+            split.mask,
+        )
+
+    def _split_uncast(self, batch: Batch) -> _SplitBatch:
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         if self.batch_to_inputs is not None:
             args, kwargs = self.batch_to_inputs(batch)

@@ -164,3 +164,48 @@ def test_gpu_check_script_runs_on_cpu():
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [line for line in out.stdout.splitlines() if line.endswith(" ok")]
     assert len(rows) == 3 * 5 and "all checks passed" in out.stdout  # 3 models x 5 checks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["if-ekfac", "if-kfac"])
+def test_compute_dtype_float32_gives_the_float32_models_scores(method, dtype):
+    """compute_dtype=float32: a half model's K-FAC scores are the float32 model's (same weights)."""
+    half = _model(dtype)
+    before = {n: p.clone() for n, p in half.state_dict().items()}
+    task = Task(half, compute_dtype=torch.float32)
+    attr = make_attributor(method, task, batch_size=16, **OPTIONS[method])
+    values = attr.fit(_data(48, 1, dtype)).attribute(_data(5, 7, dtype)).values
+    # float32 model and inputs with the same (rounded) values
+    single = make_attributor(method, Task(_model(dtype).float()), batch_size=16, **OPTIONS[method])
+    x, y = _data(48, 1, dtype)
+    qx, qy = _data(5, 7, dtype)
+    reference = single.fit((x.float(), y)).attribute((qx.float(), qy)).values
+    assert torch.equal(values, reference)
+    # the user's model is untouched: same dtype, same weights; the task holds a copy
+    assert task.model is not half and task.dtype == torch.float32
+    assert all(torch.equal(before[n], p) for n, p in half.state_dict().items())
+    assert {p.dtype for p in half.parameters()} == {dtype}
+
+
+def test_compute_dtype_accepts_inputs_in_either_dtype_and_names():
+    task = Task(_model(torch.bfloat16), compute_dtype="float32")
+    attr = GradDotAttributor(task, batch_size=16).fit(_data(16, 1, torch.bfloat16))
+    x, y = _data(3, 2, torch.bfloat16)
+    # bf16 inputs are cast; float32 inputs (the same values) are taken as they are
+    assert torch.equal(attr.attribute((x, y)).values, attr.attribute((x.float(), y)).values)
+
+
+def test_compute_dtype_same_as_model_makes_no_copy():
+    model = _model()
+    assert Task(model, compute_dtype=torch.float32).model is model
+
+
+@pytest.mark.parametrize("bad", [torch.bfloat16, "float16", "fp32", 32])
+def test_compute_dtype_refuses_what_it_cannot_do(bad):
+    with pytest.raises(ConfigError, match="compute_dtype"):
+        Task(_model(torch.bfloat16), compute_dtype=bad)
+
+
+def test_compute_dtype_never_narrows():
+    with pytest.raises(ConfigError, match=r"narrower than the model's torch\.float64"):
+        Task(_model(torch.float64), compute_dtype=torch.float32)
