@@ -17,10 +17,10 @@ venv: $(BIN)/.installed
 bench: venv
 	$(BIN)/datatrace bench --json out/bench.json --out out
 
-# README's and docs/benchmarks.md's results tables, regenerated from the stored JSON of the
+# the results tables of README.md and docs/ (benchmarks.md, choosing.md), regenerated from the stored JSON of the
 # default run (docs/results/bench-default.json: `datatrace bench --json` of `make bench`)
 readme-table: venv
-	$(BIN)/python -m datatrace.bench.report --update README.md docs/benchmarks.md
+	$(BIN)/python -m datatrace.bench.report --update README.md docs/*.md
 
 demo: venv
 	$(BIN)/python -m datatrace.demo

@@ -11,7 +11,7 @@ from datatrace.bench.report import BLOCK, load_results, main, render_table, upda
 from datatrace.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md"]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def payload(**extra: object) -> dict:
@@ -102,7 +102,7 @@ def test_main_prints_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_stored_results_tables_are_generated(page: Path) -> None:
-    """README's and docs/benchmarks.md's tables equal what `make readme-table` writes."""
+    """The README's and docs' bench tables equal what `make readme-table` writes."""
     text = page.read_text()
     blocks = list(BLOCK.finditer(text))
     if page.name == "README.md":
