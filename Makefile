@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv bench demo test lint typecheck docs clean
+.PHONY: venv bench readme-table demo test lint typecheck docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,11 @@ venv: $(BIN)/.installed
 
 bench: venv
 	$(BIN)/datatrace bench --json out/bench.json --out out
+
+# the results tables of README.md and docs/ (benchmarks.md, choosing.md), regenerated from the stored JSON of the
+# default run (docs/results/bench-default.json: `datatrace bench --json` of `make bench`)
+readme-table: venv
+	$(BIN)/python -m datatrace.bench.report --update README.md docs/*.md
 
 demo: venv
 	$(BIN)/python -m datatrace.demo

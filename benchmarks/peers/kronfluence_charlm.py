@@ -1,18 +1,18 @@
 """datatrace's EK-FAC influence next to kronfluence's on the ``pydoc-charlm`` transformer.
 
-    .venv/bin/python benchmarks/kronfluence_charlm.py --json out/kronfluence_charlm.json
+    .venv/bin/python benchmarks/peers/kronfluence_charlm.py --json out/kronfluence_charlm.json
 
 Same model, data and ground truth as the ``datatrace bench --setting pydoc-charlm --m 20
 --seeds 2`` table: the registered setting (4,000 training chunks of 64 characters, 100
 validation and 300 test queries, target = a chunk's summed next-character log-likelihood),
 its seed-0 model from ``setting.train_trajectory(seed=0)`` (what the bench attributes; its
-state is cached in ``benchmarks/.cache/``) and the cached LDS ground truth
+state is cached in ``benchmarks.peers.digits.CACHE``) and the cached LDS ground truth
 (``lds_ground_truth``, 20 half-subsets x 2 seeds). The script refuses to run when that
 ground truth is not cached (``--allow-retraining`` retrains it, 12+ minutes).
 
 kronfluence 1.0.1 runs in its own throw-away virtualenv (``/tmp/peer-kronfluence``, created
 by ``peers.setup_peer`` when missing; never a datatrace dependency) through
-``benchmarks/kronfluence_charlm_runner.py``, which rebuilds the transformer without datatrace.
+``benchmarks/peers/kronfluence_charlm_runner.py``, which rebuilds the transformer without datatrace.
 Both sides track exactly the 13 ``nn.Linear`` layers (attention q/k/v/o, MLP, LM head;
 weights and biases, 106k parameters; kronfluence tracks every Linear, ours uses
 ``Task(module_types=(nn.Linear,))``) with EK-FAC on the true Fisher, one sampled label per
@@ -50,11 +50,11 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.common import CACHE
-from benchmarks.peer_runner import timed
-from benchmarks.peers import compare, setup_peer
+from benchmarks.peers.digits import CACHE
+from benchmarks.peers.peer_runner import timed
+from benchmarks.peers.peers import compare, setup_peer
 from datatrace import Task, make_attributor
 from datatrace.bench.cache import GroundTruthSpec, default_cache_dir, lds_ground_truth
 from datatrace.bench.groundtruth import SubsetGroundTruth, noise_ceiling
@@ -104,7 +104,7 @@ def cached_ground_truth(
 def trained_model(setting: Setting, tag: str = "charlm") -> nn.Module:
     """The bench's seed-0 model (``setting.train_trajectory(seed=0)``), state cached on disk.
 
-    The state is kept as ``benchmarks/.cache/TAG-seed0-RECIPEHASH.pt``.
+    The state is kept as ``CACHE / "TAG-seed0-RECIPEHASH.pt"`` (``benchmarks.peers.digits.CACHE``).
     """
     path = CACHE / f"{tag}-seed0-{setting.recipe_hash()}.pt"
     model = setting.build_model(0)

@@ -1,6 +1,6 @@
 """datatrace next to the peer libraries (traker, dattri, kronfluence) on one digits MLP and ground truth.
 
-    .venv/bin/python benchmarks/peers.py --json out/peers.json
+    .venv/bin/python benchmarks/peers/peers.py --json out/peers.json
 
 Each peer lives in its own throw-away virtualenv outside the repository (``--venv-root``,
 default ``/tmp``: ``/tmp/peer-traker``, ``/tmp/peer-dattri``, ``/tmp/peer-kronfluence``), created on first use by
@@ -9,9 +9,9 @@ torchvision==0.29.1 <peer>==<version>`` (torch pinned: an unpinned torch pulls a
 build). The peers are never datatrace dependencies. ``--setup-only`` only builds the venvs.
 
 Flow: this script (run with the project's venv) trains the members (``train_model`` with seeds
-0..4, cached in ``benchmarks/.cache/``), saves state dicts, training data and the test queries
+0..4, cached in ``benchmarks.peers.digits.CACHE``), saves state dicts, training data and the test queries
 as ``.pt`` to a temporary directory, computes datatrace's scores, then runs
-``benchmarks/peer_runner.py`` (torch + the peer only) in each peer venv, which writes the
+``benchmarks/peers/peer_runner.py`` (torch + the peer only) in each peer venv, which writes the
 peer's scores and times back. Everything runs on CPU with the same thread count.
 
 For every algorithm both sides implement (TRAK with 1 and 5 members at the same
@@ -46,10 +46,16 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.common import CACHE, DigitsRecipe, digits_ground_truth, digits_queries, train_model
-from benchmarks.peer_runner import SLOW, timed
+from benchmarks.peers.digits import (
+    CACHE,
+    DigitsRecipe,
+    digits_ground_truth,
+    digits_queries,
+    train_model,
+)
+from benchmarks.peers.peer_runner import SLOW, timed
 from datatrace import Task, make_attributor
 from datatrace.bench.digits import digits_mlp
 from datatrace.bench.groundtruth import noise_ceiling
@@ -646,7 +652,7 @@ def main(argv: list[str] | None = None) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         out_json = {
             "command": " ".join(
-                [".venv/bin/python", "benchmarks/peers.py", *(argv or sys.argv[1:])]
+                [".venv/bin/python", "benchmarks/peers/peers.py", *(argv or sys.argv[1:])]
             ),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "spec": spec,

@@ -1,4 +1,4 @@
-"""Run one peer library (traker, dattri or kronfluence) on the inputs written by ``benchmarks/peers.py``.
+"""Run one peer library (traker, dattri or kronfluence) on the inputs written by ``benchmarks/peers/peers.py``.
 
 This file runs inside the peer's own throw-away virtualenv, so it imports only the standard
 library, torch and the peer library -- never datatrace. It rebuilds the digits MLP
@@ -12,7 +12,7 @@ training on the example improves the query; both peers already use that sign (se
 
 Usage (peers.py does this)::
 
-    /tmp/peer-dattri/bin/python benchmarks/peer_runner.py --peer dattri \
+    /tmp/peer-dattri/bin/python benchmarks/peers/peer_runner.py --peer dattri \
         --inputs DIR/inputs.pt --out DIR/dattri.pt --spec '{"methods": ["grad-dot"], ...}'
 """
 

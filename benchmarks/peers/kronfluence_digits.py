@@ -1,10 +1,10 @@
 """datatrace's EK-FAC influence (the README's call) next to kronfluence's on the digits settings.
 
-    .venv/bin/python benchmarks/kronfluence_digits.py --threads 1 --json out/kronfluence_digits.json
+    .venv/bin/python benchmarks/peers/kronfluence_digits.py --threads 1 --json out/kronfluence_digits.json
 
 For every ``--settings`` entry (registered digits-family settings; default ``digits-mlp``,
 ``digits-cnn``, ``digits-mlp-short``, ``digits-mlp-twostage``) the bench's own pieces: the
-seed-0 model ``setting.train_trajectory(seed=0)`` (state cached in ``benchmarks/.cache/``),
+seed-0 model ``setting.train_trajectory(seed=0)`` (state cached in ``benchmarks.peers.digits.CACHE``),
 its test queries, its target (the margin; ``setting.make_task``) and its cached LDS ground
 truth (``--m`` subsets x ``--gt-seeds`` retrainings; the script exits when it is not cached
 unless ``--allow-retraining``). On the test queries it scores
@@ -24,7 +24,7 @@ unless ``--allow-retraining``). On the test queries it scores
 Both track the same parameters: every weight and bias of the model's ``nn.Linear`` and
 ``nn.Conv2d`` layers (kronfluence's default; the script checks that ``make_task`` tracks
 exactly these). kronfluence runs in its own virtualenv (``/tmp/peer-kronfluence``, created by
-``peers.setup_peer`` when missing) through ``benchmarks/kronfluence_digits_runner.py``, which
+``peers.setup_peer`` when missing) through ``benchmarks/peers/kronfluence_digits_runner.py``, which
 rebuilds the ``nn.Sequential`` model from a layer description without datatrace and refuses
 to score unless its query logits equal ours (atol 1e-5).
 
@@ -53,10 +53,10 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.kronfluence_charlm import cached_ground_truth, run_kronfluence, trained_model
-from benchmarks.peers import compare, setup_peer
+from benchmarks.peers.kronfluence_charlm import cached_ground_truth, run_kronfluence, trained_model
+from benchmarks.peers.peers import compare, setup_peer
 from datatrace import Task, make_attributor
 from datatrace.bench.cache import GroundTruthSpec
 from datatrace.bench.groundtruth import SubsetGroundTruth, noise_ceiling
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "command": " ".join(
-                ["python", "benchmarks/kronfluence_digits.py", *(argv or sys.argv[1:])]
+                ["python", "benchmarks/peers/kronfluence_digits.py", *(argv or sys.argv[1:])]
             ),
             "results": results,
             "wall_s": wall,

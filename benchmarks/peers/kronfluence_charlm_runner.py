@@ -17,7 +17,7 @@ ignore the scale.
 
 Usage (kronfluence_charlm.py does this)::
 
-    /tmp/peer-kronfluence/bin/python benchmarks/kronfluence_charlm_runner.py \
+    /tmp/peer-kronfluence/bin/python benchmarks/peers/kronfluence_charlm_runner.py \
         --inputs DIR/inputs.pt --out DIR/kronfluence.pt --spec '{"threads": 1, ...}'
 """
 

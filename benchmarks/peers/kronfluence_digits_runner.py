@@ -19,7 +19,7 @@ eigenvectors, eigenvalue-corrected ``lambda_matrix`` and the counts they are div
 
 Usage (kronfluence_digits.py does this)::
 
-    /tmp/peer-kronfluence/bin/python benchmarks/kronfluence_digits_runner.py \
+    /tmp/peer-kronfluence/bin/python benchmarks/peers/kronfluence_digits_runner.py \
         --inputs DIR/inputs.pt --out DIR/kronfluence.pt --spec '{"threads": 1, ...}'
 """
 

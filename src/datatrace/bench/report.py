@@ -1,0 +1,206 @@
+"""Markdown tables from the JSON that ``datatrace bench --json PATH`` writes.
+
+The README's results table and the per-setting tables of ``docs/benchmarks.md`` are
+generated, never typed: each sits between two markers that name the JSON it comes from,
+
+.. code-block:: text
+
+    <!-- bench-table: docs/results/bench-default.json -->
+    ...the generated table...
+    <!-- bench-table:end -->
+
+and ``python -m datatrace.bench.report --update README.md docs/benchmarks.md`` (``make
+readme-table``) rewrites every such block from its JSON. ``python -m datatrace.bench.report
+PATH`` prints the table of one results file.
+
+Columns: the row's label, the grid point chosen on the validation queries, test LDS and its
+95% bootstrap interval (DESIGN.md §9), mislabel AUROC and LOO Pearson where the run has those
+tasks, and the bytes of fitted state; ``cost=True`` adds fit and attribute seconds and peak
+memory (single cold runs: compare them within one table only). Rows are sorted by test LDS,
+the best in bold; random scores, the noise ceiling and the training-loss ranking follow.
+
+Example:
+    >>> payload = {"setting": {"name": "toy"}, "protocol": "lds-half", "random_lds": 0.01,
+    ...            "noise_ceiling": None, "rows": [{"method": "grad-dot", "setting": {},
+    ...            "lds": 0.2, "ci": [0.1, 0.3], "bytes_stored": 2048}]}
+    >>> print(render_table(payload).splitlines()[2])
+    | **grad-dot** | — | **0.200** | [0.100, 0.300] | 2.0K |
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from datatrace.errors import ConfigError
+
+__all__ = ["load_results", "render_table", "update_blocks", "update_file"]
+
+BLOCK = re.compile(
+    r"(?P<start><!-- bench-table: (?P<path>\S+?)(?P<cost> cost)? -->\n)"
+    r"(?P<body>.*?)"
+    r"(?P<end><!-- bench-table:end -->)",
+    re.S,
+)
+DASH = "—"
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """The payload of a ``datatrace bench --json`` file.
+
+    Raises:
+        ConfigError: When the file is missing or is not a bench results file.
+    """
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read bench results {str(path)!r} ({exc}); write one with "
+            "`datatrace bench --json PATH`."
+        ) from exc
+    if not isinstance(payload, dict) or "rows" not in payload or "setting" not in payload:
+        raise ConfigError(
+            f"{str(path)!r} is not the output of `datatrace bench --json` (no 'rows' or "
+            "'setting' key)."
+        )
+    return payload
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return DASH
+    for unit, scale in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if value >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value}B"
+
+
+def _num(value: Any, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return DASH
+    return f"{value:{spec}}"
+
+
+def _options(chosen: dict[str, Any] | None) -> str:
+    """``{"fisher": "empirical", "solver_options": {"rank": 100}}`` -> ``fisher empirical, rank 100``."""
+    if not chosen:
+        return DASH
+    flat: dict[str, Any] = {}
+    for key, value in chosen.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return ", ".join(f"{k} {'—' if v is None else v}" for k, v in flat.items())
+
+
+def render_table(payload: dict[str, Any], *, cost: bool = False) -> str:
+    """The markdown table of one bench run (see the module docstring for the columns)."""
+    rows = [r for r in payload["rows"] if "error" not in r]
+    failed = [r for r in payload["rows"] if "error" in r]
+    mislabel = bool(payload.get("mislabel", {}).get("memorised"))
+    loo = "loo" in payload
+    head = ["method", "setting (chosen on val)", "test LDS", "95% CI"]
+    head += ["mislabel AUROC"] * mislabel + ["LOO Pearson"] * loo
+    head += ["fit s", "attr s", "peak mem"] * cost + ["stored"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows.sort(key=lambda r: -r["lds"])
+    best = rows[0]["lds"] if rows else None
+    for r in rows:
+        bold = r["lds"] == best
+        label = r.get("label") or r["method"]
+        cells = [
+            f"**{label}**" if bold else label,
+            _options(r.get("setting")),
+            f"**{r['lds']:.3f}**" if bold else f"{r['lds']:.3f}",
+            f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]",
+        ]
+        if mislabel:
+            cells.append(_num(r.get("mislabel_auroc")))
+        if loo:
+            cells.append(_num(r.get("loo_pearson")))
+        if cost:
+            cells += [
+                _num(r.get("fit_s"), ".2f"),
+                _num(r.get("attribute_s"), ".2f"),
+                _size(r.get("peak_rss_bytes")),
+            ]
+        cells.append(_size(r.get("bytes_stored")))
+        lines.append("| " + " | ".join(cells) + " |")
+    blank = [DASH] * (len(head) - 3)
+    lines.append(
+        "| " + " | ".join(["random scores", DASH, f"{payload['random_lds']:.3f}", *blank]) + " |"
+    )
+    if payload.get("noise_ceiling") is not None:
+        ceiling = f"{payload['noise_ceiling']:.3f}"
+        lines.append("| " + " | ".join(["noise ceiling", DASH, ceiling, *blank]) + " |")
+    if mislabel:
+        auroc = _num(payload["mislabel"].get("training_loss_auroc"))
+        cells = ["training loss", DASH, DASH, DASH, auroc] + [DASH] * (len(head) - 5)
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in failed:
+        lines.append(f"\n{r.get('label') or r['method']} failed on every grid point.")
+    return "\n".join(lines)
+
+
+def update_blocks(text: str, root: str | Path = ".") -> str:
+    """``text`` with every bench-table block regenerated from the JSON its marker names.
+
+    Paths in the markers are relative to ``root`` (the repository root). A marker ending in
+    `` cost -->`` gets the cost columns.
+    """
+    root = Path(root)
+
+    def fill(match: re.Match[str]) -> str:
+        payload = load_results(root / match["path"])
+        table = render_table(payload, cost=bool(match["cost"]))
+        return f"{match['start']}{table}\n{match['end']}"
+
+    return BLOCK.sub(fill, text)
+
+
+def update_file(path: str | Path, root: str | Path = ".") -> bool:
+    """Rewrite the bench-table blocks of ``path`` in place; True when it changed."""
+    path = Path(path)
+    text = path.read_text()
+    new = update_blocks(text, root)
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m datatrace.bench.report",
+        description="Markdown tables from `datatrace bench --json` results.",
+    )
+    parser.add_argument("results", nargs="?", type=Path, help="print the table of this JSON")
+    parser.add_argument("--cost", action="store_true", help="add fit/attribute s, peak memory")
+    parser.add_argument(
+        "--update",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="rewrite the <!-- bench-table: PATH --> blocks of these markdown files",
+    )
+    parser.add_argument("--root", type=Path, default=Path("."), help="base of marker paths")
+    args = parser.parse_args(argv)
+    if args.results is None and not args.update:
+        parser.error("give a results JSON to print, or --update FILE ...")
+    if args.results is not None:
+        print(render_table(load_results(args.results), cost=args.cost))
+    for path in args.update:
+        changed = update_file(path, args.root)
+        print(f"{path}: {'updated' if changed else 'unchanged'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
