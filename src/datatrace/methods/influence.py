@@ -248,7 +248,7 @@ class InfluenceConfig(MethodConfig):
 @register("if-cg", solver="cg")
 @register("if-lissa", solver="lissa")
 @register("if-arnoldi", solver="arnoldi")
-@register("if-datainf", solver="datainf", curvature="fisher")
+@register("if-datainf", solver="datainf", curvature="fisher", damping=1e-2)
 # K-FAC/EK-FAC ids default to the benchmark's choice on validation queries (digits-mlp and
 # digits-cnn, docs/benchmarks.md): empirical Fisher, per-layer heuristic damping
 @register("if-kfac", solver="explicit", curvature="kfac", damping="heuristic")
