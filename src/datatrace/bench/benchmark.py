@@ -82,9 +82,7 @@ DEFAULT_TASKS = "lds,mislabel,loo"
 
 # The documented default grids (chosen on validation queries; DESIGN.md §9).
 DEFAULT_GRIDS: dict[str, list[dict[str, Any]]] = {
-    "trak": [
-        {"proj_dim": k, "relative_damping": r} for k in (512, 1024, 2048) for r in (0.1, 1.0)
-    ],
+    "trak": [{"proj_dim": k, "relative_damping": r} for k in (512, 1024, 2048) for r in (0.1, 1.0)],
     "if-explicit": [
         {"curvature": "fisher", "projector": "rademacher", "proj_dim": 1024, "damping": d}
         for d in (1e-3, 1e-2)
