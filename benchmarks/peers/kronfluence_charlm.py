@@ -32,12 +32,24 @@ Spearman correlation of the two score matrices, and fit + attribute seconds (med
 warm runs, ``--repeats`` after ``--warmup``) at every ``--threads`` count, ours and then
 kronfluence back to back. The runner does not seed kronfluence's label sampling, so the
 table lists the LDS of its run at every thread count.
+
+``--curvature-examples 400,800,all`` repeats our side (damping choice, LDS rows, timed runs)
+for each value of ``InfluenceConfig.curvature_examples``: K-FAC/EK-FAC fitted on that many
+training chunks (a seeded random subset; a float in (0, 1] is a fraction, ``all`` every
+chunk, the default), scores still over all 4,000. Each value's fit + attribute reads the
+training set ``1 + 2 f`` times (covariance and eigenvalue passes over the fraction ``f``,
+one scoring pass over all; ``all``: 3, as kronfluence); the table prints that count. The
+quiet timing of one subset against kronfluence, at 1 and 2 threads::
+
+    .venv/bin/python benchmarks/kronfluence_charlm.py --curvature-examples 400,all \
+        --json out/kronfluence_charlm_subset.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -121,7 +133,13 @@ def trained_model(setting: Setting, tag: str = "charlm") -> nn.Module:
     return model.eval()
 
 
-def ours_ekfac(task: Task, damping: float | str, batch_size: int, seed: int = 0) -> Any:
+def ours_ekfac(
+    task: Task,
+    damping: float | str,
+    batch_size: int,
+    seed: int = 0,
+    curvature_examples: int | float | None = None,
+) -> Any:
     """Our EK-FAC influence matched to kronfluence's defaults (true Fisher, one label)."""
     return make_attributor(
         "if-ekfac",
@@ -131,7 +149,37 @@ def ours_ekfac(task: Task, damping: float | str, batch_size: int, seed: int = 0)
         fisher_samples=1,
         batch_size=batch_size,
         seed=seed,
+        curvature_examples=curvature_examples,
     )
+
+
+def fit_ours(
+    task: Task,
+    train: Any,
+    damping: float | str,
+    batch_size: int,
+    curvature_examples: int | float | None,
+) -> Any:
+    """:func:`ours_ekfac` fitted on ``train`` (what the timed runs time, with ``attribute``)."""
+    return ours_ekfac(task, damping, batch_size, curvature_examples=curvature_examples).fit(train)
+
+
+def parse_curvature_examples(text: str) -> int | float | None:
+    """``all`` (or ``none``): every example; ``0.1``: a fraction; ``400``: a count."""
+    if text.lower() in ("all", "none"):
+        return None
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def data_passes(curvature_examples: int | float | None, n_train: int) -> float:
+    """Passes over the training set of one fit + attribute: covariance and eigenvalue passes
+    over the curvature subset, one scoring (or featurizing) pass over every example."""
+    if curvature_examples is None:
+        return 3.0
+    m = curvature_examples
+    if isinstance(m, float):
+        m = max(1, round(m * n_train))
+    return 1 + 2 * min(m, n_train) / n_train
 
 
 def run_kronfluence(
@@ -171,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
         help="our model's dtype (float64 admits dampings below float32 resolution, e.g. 1e-8); "
         "kronfluence always runs the float32 model",
     )
+    ap.add_argument(
+        "--curvature-examples",
+        default="all",
+        help="comma-separated curvature_examples values of ours: counts (400), fractions "
+        "(0.1) or 'all'; each gets its own damping choice, LDS rows and timed runs",
+    )
     ap.add_argument("--m", type=int, default=20, help="LDS subsets of the cached ground truth")
     ap.add_argument("--seeds", type=int, default=2, help="retrainings per subset")
     ap.add_argument("--allow-retraining", action="store_true")
@@ -180,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     thread_counts = [int(t) for t in args.threads.split(",") if t]
     grid = [parse_damping(t) for t in args.damping_grid.split(",") if t]
+    # "all" -> None; keys are the values as written (table and JSON)
+    subsets = {t: parse_curvature_examples(t) for t in args.curvature_examples.split(",") if t}
 
     load_before = os.getloadavg()
     py = setup_peer("kronfluence", args.venv_root)
@@ -212,26 +268,36 @@ def main(argv: list[str] | None = None) -> None:
         test_targets,
     )
 
-    # ---- our damping, chosen on the validation queries (test scores kept for the table)
-    val_lds: dict[str, float | str] = {}
-    test_scores: dict[str, torch.Tensor] = {}
-    for damping in grid:
-        try:
-            attr = ours_ekfac(task, damping, args.batch_size).fit(train)
-        except NumericalError as exc:  # e.g. 1e-8 is below float32 resolution: refused
-            val_lds[str(damping)] = f"refused: {exc}"
-            print(f"[datatrace] damping {damping}: {exc}", flush=True)
-            continue
-        values = attr.attribute(setting.data.queries("all")).values
-        v = lds(values[:n_val], gt.subsets, gt.targets[:, :n_val]).mean
-        val_lds[str(damping)], test_scores[str(damping)] = v, values[n_val:]
-        print(f"[datatrace] damping {damping}: validation LDS {v:.3f}", flush=True)
-    chosen = max(test_scores, key=lambda d: float(val_lds[d]))
-    # our rows of the LDS table: the heuristic (kronfluence's other damping) and the chosen one
-    shown = [d for d in dict.fromkeys(["heuristic", chosen]) if d in test_scores]
+    # ---- our damping, chosen on the validation queries (test scores kept for the table),
+    # for every curvature subset
+    val_lds: dict[str, dict[str, float | str]] = {}
+    test_scores: dict[tuple[str, str], torch.Tensor] = {}
+    chosen: dict[str, str] = {}
+    shown: dict[str, list[str]] = {}
+    for key, ce in subsets.items():
+        val_lds[key] = {}
+        for damping in grid:
+            try:
+                attr = ours_ekfac(task, damping, args.batch_size, curvature_examples=ce).fit(train)
+            except NumericalError as exc:  # e.g. 1e-8 is below float32 resolution: refused
+                val_lds[key][str(damping)] = f"refused: {exc}"
+                print(f"[datatrace] curvature {key}, damping {damping}: {exc}", flush=True)
+                continue
+            values = attr.attribute(setting.data.queries("all")).values
+            v = lds(values[:n_val], gt.subsets, gt.targets[:, :n_val]).mean
+            val_lds[key][str(damping)], test_scores[key, str(damping)] = v, values[n_val:]
+            print(
+                f"[datatrace] curvature {key}, damping {damping}: validation LDS {v:.3f}",
+                flush=True,
+            )
+        fitted = [d for (k, d) in test_scores if k == key]
+        scored = val_lds[key]
+        chosen[key] = max(fitted, key=lambda d: float(scored[d]))
+        # our rows of the LDS table: the heuristic (kronfluence's other damping) and the chosen
+        shown[key] = [d for d in dict.fromkeys(["heuristic", chosen[key]]) if d in fitted]
 
     # ---- timed runs, ours then kronfluence, at every thread count
-    ours: dict[int, dict[str, Any]] = {}
+    ours: dict[int, dict[str, dict[str, Any]]] = {}
     peer: dict[int, dict[str, Any]] = {}
     loads: dict[int, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="datatrace-kfx-charlm-") as tmp:
@@ -259,18 +325,23 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(threads)
             loads[threads] = list(os.getloadavg())
             # the cost does not depend on the damping: the chosen one is timed
-            t0 = time.perf_counter()
-            ours[threads] = timed(
-                lambda: ours_ekfac(task, parse_damping(chosen), args.batch_size).fit(train),
-                lambda attr: attr.attribute(q_test).values,
-                args.repeats,
-                args.warmup,
-            )
-            print(
-                f"[datatrace] {threads} thread(s), damping {chosen}: "
-                f"{time.perf_counter() - t0:.1f}s",
-                flush=True,
-            )
+            ours[threads] = {}
+            for key, ce in subsets.items():
+                t0 = time.perf_counter()
+                fit = functools.partial(
+                    fit_ours, task, train, parse_damping(chosen[key]), args.batch_size, ce
+                )
+                ours[threads][key] = timed(
+                    fit,
+                    lambda attr: attr.attribute(q_test).values,
+                    args.repeats,
+                    args.warmup,
+                )
+                print(
+                    f"[datatrace] {threads} thread(s), curvature {key}, damping {chosen[key]}: "
+                    f"{time.perf_counter() - t0:.1f}s",
+                    flush=True,
+                )
             spec = {
                 "threads": threads,
                 "batch_size": args.batch_size,
@@ -287,27 +358,24 @@ def main(argv: list[str] | None = None) -> None:
     first = thread_counts[0]
     rows = []
     for threads, out in peer.items():
-        for key, kron in out["rows"].items():
-            for damping in shown:
-                row = {
-                    "kronfluence_threads": threads,
-                    "kronfluence_damping": key,
-                    "ours_damping": str(damping),
-                }
-                row.update(
-                    compare(
-                        test_scores[damping],
-                        kron["scores"],
-                        gt.subsets,
-                        test_targets,
+        for kron_damping, kron in out["rows"].items():
+            for key in subsets:
+                for damping in shown[key]:
+                    row = {
+                        "kronfluence_threads": threads,
+                        "kronfluence_damping": kron_damping,
+                        "ours_curvature_examples": key,
+                        "ours_damping": damping,
+                    }
+                    row.update(
+                        compare(test_scores[key, damping], kron["scores"], gt.subsets, test_targets)
                     )
-                )
-                rows.append(row)
+                    rows.append(row)
     times = [
         {
             "threads": threads,
             "load_avg_at_start": loads[threads],
-            "ours": {chosen: _seconds(ours[threads])},
+            "ours": {key: {chosen[key]: _seconds(ours[threads][key])} for key in subsets},
             "kronfluence": {k: _seconds(r) for k, r in peer[threads]["rows"].items()},
         }
         for threads in thread_counts
@@ -326,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         "random_lds": random_lds.mean,
         "ours_val_lds": val_lds,
         "ours_chosen_damping": chosen,
+        "ours_data_passes": {k: data_passes(ce, setting.n_train) for k, ce in subsets.items()},
         "comparisons": rows,
         "times": times,
         "load_avg_before": list(load_before),
@@ -351,34 +420,40 @@ def print_tables(r: dict[str, Any]) -> None:
         f"damping on validation queries: {r['ours_val_lds']} -> {r['ours_chosen_damping']}\n"
     )
     print(
-        "| kronfluence run (threads) | damping kronfluence | damping ours | LDS kronfluence "
-        "[95% CI] | LDS ours [95% CI] | ours - kronfluence, 95% CI | Spearman (per query / "
-        "flat) |"
+        "| kronfluence run (threads) | damping kronfluence | ours: curvature examples (data "
+        "passes) | damping ours | LDS kronfluence [95% CI] | LDS ours [95% CI] | ours - "
+        "kronfluence, 95% CI | Spearman (per query / flat) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
+    passes = r["ours_data_passes"]
     for c in r["comparisons"]:
         lo, hi = c["lds_diff_ci"]
+        key = c["ours_curvature_examples"]
         print(
-            f"| {c['kronfluence_threads']} | {c['kronfluence_damping']} | {c['ours_damping']} | "
+            f"| {c['kronfluence_threads']} | {c['kronfluence_damping']} | {key} "
+            f"({passes[key]:.2f}) | {c['ours_damping']} | "
             f"{c['lds_peer']:.3f} [{c['lds_peer_ci'][0]:.3f}, {c['lds_peer_ci'][1]:.3f}] | "
             f"{c['lds_ours']:.3f} [{c['lds_ours_ci'][0]:.3f}, {c['lds_ours_ci'][1]:.3f}] | "
             f"[{lo:+.3f}, {hi:+.3f}] {c['verdict']} | {c['spearman_per_query']:.3f} / "
             f"{c['spearman_flat']:.3f} |"
         )
     print(
-        "\n| threads | load avg (1/5/15 min) | ours: damping, fit + attribute = total s | "
-        "kronfluence (damping 1e-08): fit + attribute = total s | kronfluence / ours |"
+        "\n| threads | load avg (1/5/15 min) | ours: curvature examples (data passes), damping: "
+        "fit + attribute = total s | kronfluence (damping 1e-08, 3 data passes): fit + "
+        "attribute = total s | ours / kronfluence |"
     )
     print("|---|---|---|---|---|")
     for t in r["times"]:
         kron = t["kronfluence"][repr(KRONFLUENCE_DAMPING)]
-        for damping, o in t["ours"].items():
-            print(
-                f"| {t['threads']} | {' / '.join(f'{x:.2f}' for x in t['load_avg_at_start'])} | "
-                f"{damping}: {o['fit_s']:.1f} + {o['attribute_s']:.1f} = {o['total_s']:.1f} | "
-                f"{kron['fit_s']:.1f} + {kron['attribute_s']:.1f} = {kron['total_s']:.1f} | "
-                f"{kron['total_s'] / o['total_s']:.1f}x |"
-            )
+        for key, by_damping in t["ours"].items():
+            for damping, o in by_damping.items():
+                print(
+                    f"| {t['threads']} | "
+                    f"{' / '.join(f'{x:.2f}' for x in t['load_avg_at_start'])} | {key} "
+                    f"({passes[key]:.2f}), {damping}: {o['fit_s']:.1f} + {o['attribute_s']:.1f} "
+                    f"= {o['total_s']:.1f} | {kron['fit_s']:.1f} + {kron['attribute_s']:.1f} = "
+                    f"{kron['total_s']:.1f} | {o['total_s'] / kron['total_s']:.2f} |"
+                )
 
 
 if __name__ == "__main__":

@@ -58,9 +58,11 @@ __all__ = [
     "KFACKind",
     "KFACLayer",
     "Projections",
+    "check_curvature_examples",
     "check_damping",
     "check_fisher_samples",
     "compute_dtype",
+    "curvature_subset",
     "eigen_pass_seed",
     "fit_ekfac_eigenvalues",
     "fit_kfac",
@@ -228,6 +230,63 @@ def check_fisher_samples(fisher_samples: Any, fisher: str) -> None:
             f"fisher_samples={fisher_samples} samples labels, which only fisher='true' does; "
             f"got fisher={fisher!r}; pass fisher='true' with it."
         )
+
+
+def check_curvature_examples(curvature_examples: Any) -> None:
+    """Validate ``curvature_examples``: None, an integer >= 1 (a count) or a float in (0, 1]
+    (a fraction of the training set)."""
+    value = curvature_examples
+    if value is None:
+        return
+    expected = "None, an integer >= 1 (a count) or a float in (0, 1] (a fraction)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"curvature_examples must be {expected}; got {value!r}.")
+    if isinstance(value, int) and value < 1:
+        raise ConfigError(f"curvature_examples must be {expected}; got {value!r}.")
+    if isinstance(value, float) and not 0 < value <= 1:
+        whole = value > 1 and value.is_integer()  # inf and nan are neither
+        hint = f"; pass the integer {int(value)} for a count" if whole else ""
+        raise ConfigError(f"curvature_examples must be {expected}; got the float {value!r}{hint}.")
+
+
+def curvature_subset(
+    n_train: int, curvature_examples: int | float | None, seed: int
+) -> torch.Tensor | None:
+    """Training-set indices of the examples that fit the curvature (None: all of them).
+
+    ``curvature_examples`` is a count or a fraction of ``n_train`` (rounded to the nearest
+    count, at least 1; see :func:`check_curvature_examples`). The examples are the first
+    ``m`` of a random permutation seeded by ``seed``, returned sorted (the passes read them in
+    training-set order); so subsets of one seed are nested as ``m`` grows. A random subset
+    rather than the first ``m``: training data is often ordered (by class, source, time), and
+    its first examples are then a biased sample. Selecting every example returns None, so the
+    curvature is the one fitted without the setting, bit for bit.
+
+    Raises:
+        ConfigError: a count above ``n_train``.
+
+    Example:
+        >>> curvature_subset(10, 0.3, seed=0).tolist()
+        [1, 4, 7]
+        >>> curvature_subset(10, 10, seed=0) is None
+        True
+    """
+    check_curvature_examples(curvature_examples)
+    if curvature_examples is None:
+        return None
+    if isinstance(curvature_examples, float):
+        m = max(1, round(curvature_examples * n_train))
+    else:
+        m = curvature_examples
+        if m > n_train:
+            raise ConfigError(
+                f"curvature_examples={m} exceeds the {n_train} training examples; pass at most "
+                f"{n_train}, a fraction in (0, 1], or None (every example)."
+            )
+    if m >= n_train:
+        return None
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    return perm[:m].sort().values
 
 
 # ----------------------------------------------------------------------------- data passes

@@ -53,10 +53,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from datatrace import distributed
 from datatrace.curvature import FisherOperator, GGNOperator, HessianOperator, LinearOperator
-from datatrace.data import Batch, iter_batches
+from datatrace.data import Batch, as_data, iter_batches
 from datatrace.errors import ConfigError, ConvergenceWarning, warn
 from datatrace.gradients import compute_per_sample_grads
 from datatrace.gradients.factored import (
@@ -67,7 +68,14 @@ from datatrace.gradients.factored import (
 )
 from datatrace.gradients.hooks import _outer_sum
 from datatrace.group import take_examples
-from datatrace.kfac import KFACCurvature, check_damping, check_fisher_samples, fit_kfac
+from datatrace.kfac import (
+    KFACCurvature,
+    check_curvature_examples,
+    check_damping,
+    check_fisher_samples,
+    curvature_subset,
+    fit_kfac,
+)
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.methods.per_module import (
     module_param_spans,
@@ -142,6 +150,16 @@ class InfluenceConfig(MethodConfig):
             gradient (None: exact).
         fisher_samples: K-FAC/EK-FAC with ``fisher="true"``: labels sampled per example,
             their Fisher contributions averaged (less sampling noise).
+        curvature_examples: K-FAC/EK-FAC only: the training examples that fit the curvature
+            (the covariance and eigenvalue passes touch only them; scores still cover every
+            training example). An integer is a count (at most ``n_train``), a float in
+            (0, 1] a fraction of the training set (rounded, at least 1); None (default) or
+            the whole set fits on every example. The subset is a random one seeded by
+            ``seed`` (member i: ``seed + 7919 i``), read in training-set order
+            (:func:`datatrace.kfac.curvature_subset`): not the first examples, which are a
+            biased sample of data ordered by class, source or time. Each curvature pass then
+            costs that fraction of a full pass (kronfluence's ``covariance_max_examples``
+            and ``lambda_max_examples``, which take the first examples).
     """
 
     solver: str = "cg"
@@ -152,6 +170,7 @@ class InfluenceConfig(MethodConfig):
     train_features: Literal["auto", "factored", "gradients", "recompute"] = "auto"
     query_rank: int | None = None
     fisher_samples: int = 1
+    curvature_examples: int | float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -180,6 +199,12 @@ class InfluenceConfig(MethodConfig):
             raise ConfigError(
                 f"fisher_samples={self.fisher_samples} applies to curvature='kfac'/'ekfac' only; "
                 f"got curvature={self.curvature!r}."
+            )
+        check_curvature_examples(self.curvature_examples)
+        if self.curvature_examples is not None and self.curvature not in KFAC_KINDS:
+            raise ConfigError(
+                f"curvature_examples={self.curvature_examples!r} applies to curvature='kfac'/"
+                f"'ekfac' only; got curvature={self.curvature!r}."
             )
         if self.fisher != "empirical" and self.curvature not in KFAC_KINDS:
             raise ConfigError(
@@ -231,6 +256,13 @@ class InfluenceConfig(MethodConfig):
                     "set train_features='factored' or 'recompute' (with curvature 'kfac'/'ekfac' "
                     "the default 'auto' is factored)."
                 )
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        if out["curvature_examples"] is None:
+            # left out at its default, so stores written before the setting existed still match
+            del out["curvature_examples"]
+        return out
 
     @property
     def factored(self) -> bool:
@@ -426,11 +458,15 @@ class InfluenceAttributor(Attributor):
     def _kfac(self, ctx: MemberContext) -> KFACCurvature:
         """Fit K-FAC/EK-FAC, or reload its factors from the store (keyed by the train data)."""
         cfg = self.config
+        seed = cfg.seed + 7919 * ctx.index  # member 0 samples as the plain method does
+        subset = curvature_subset(self._n_train, cfg.curvature_examples, seed)
         prefix = ""
         if self.store is not None:
             h = hashlib.sha256()
             for batch in iter_batches(self._train, cfg.batch_size):
                 h.update(fingerprint_batch(batch).encode())
+            if subset is not None:  # factors of another subset are not these
+                h.update(b"curvature-subset:" + subset.numpy().astype("<i8").tobytes())
             # "v2": eigenvalues from a fresh-label pass (factors stored before that are not reused)
             prefix = f"kfac-v2-m{ctx.index}-{h.hexdigest()[:16]}-"
             names = [
@@ -445,12 +481,12 @@ class InfluenceAttributor(Attributor):
                 )
         curv = fit_kfac(
             self.task,
-            self._train,
+            self._train if subset is None else _examples(self._train, subset, cfg.batch_size),
             state=ctx.state,
             kind=cfg.curvature,  # type: ignore[arg-type]
             fisher=cfg.fisher,
             batch_size=cfg.batch_size,
-            seed=cfg.seed + 7919 * ctx.index,  # member 0 samples as the plain method does
+            seed=seed,
             fisher_samples=cfg.fisher_samples,
             progress=cfg.progress,
         )
@@ -636,6 +672,28 @@ class InfluenceAttributor(Attributor):
                 total = part if total is None else total + part
         assert total is not None
         return total / len(self._contexts)
+
+
+def _examples(data: Any, indices: torch.Tensor, batch_size: int) -> Any:
+    """The examples ``indices`` of ``data``, in that order, as data the K-FAC passes read.
+
+    Tensors are indexed (a copy of the subset); a dataset, or a loader's dataset, is wrapped
+    in a :class:`~torch.utils.data.Subset`, so only the subset's examples are ever loaded.
+    """
+    data = as_data(data)
+    rows = indices.tolist()
+    if isinstance(data, DataLoader):
+        return DataLoader(
+            Subset(data.dataset, rows),
+            batch_size=data.batch_size or batch_size,
+            shuffle=False,
+            collate_fn=data.collate_fn,
+            num_workers=data.num_workers,
+            pin_memory=data.pin_memory,
+        )
+    if isinstance(data, Dataset):
+        return Subset(data, rows)
+    return take_examples(data, indices)
 
 
 def _gib(nbytes: float) -> str:
