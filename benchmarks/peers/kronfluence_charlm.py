@@ -41,7 +41,7 @@ training set ``1 + 2 f`` times (covariance and eigenvalue passes over the fracti
 one scoring pass over all; ``all``: 3, as kronfluence); the table prints that count. The
 quiet timing of one subset against kronfluence, at 1 and 2 threads::
 
-    .venv/bin/python benchmarks/kronfluence_charlm.py --curvature-examples 400,all \
+    .venv/bin/python benchmarks/peers/kronfluence_charlm.py --curvature-examples 400,all \
         --json out/kronfluence_charlm_subset.json
 """
 
