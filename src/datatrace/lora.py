@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datatrace._seeds import dropout_lora_seed
 from datatrace.data import Batch, num_examples
-from datatrace.ensemble import ModifiedMember, _as_trajectory, _check_k, _stable_seed
+from datatrace.ensemble import ModifiedMember, _as_trajectory, _check_k
 from datatrace.errors import ConfigError, DataError, ModelError
 from datatrace.task import Checkpoint, Task
 
@@ -411,7 +412,7 @@ def train_lora_members(
     shapes = {n_: p.shape for n_, p in effective.tracked_params().items()}
     members = []
     for j in range(k):
-        gen = torch.Generator().manual_seed(_stable_seed("lora", seed, j))
+        gen = torch.Generator().manual_seed(dropout_lora_seed("lora", seed, j))
         adapter = {}
         for name in names:
             shape = shapes[name]

@@ -38,11 +38,7 @@ def _describe(split: _SplitBatch) -> str:
 
 
 def check_batch(task: Task, batch: Batch) -> None:
-    """Refuse inputs whose dtype or device cannot meet the model's.
-
-    Inside :meth:`moving_batches` (the attributors) the device is not checked: batches
-    are moved.
-    """
+    """:meth:`Task.check_batch <datatrace.task.Task.check_batch>`."""
     split = task._split(batch)
     leaves = list(split.args) + list(split.kwargs.values())
     if split.labels is not None:
@@ -67,16 +63,7 @@ def check_batch(task: Task, batch: Batch) -> None:
 
 
 def check_data(task: Task, data: Any, batch_size: int, what: str) -> None:
-    """Refuse ``data`` the model cannot be attributed on, naming the bad value.
-
-    Every batch: input dtypes (:meth:`check_batch`), NaN/inf in float inputs and labels
-    (``NumericalError``), labels the loss or target cannot take (class labels outside
-    ``[0, C)``, ``mse`` targets of another size: ``DataError``). The first batch also
-    goes through one forward pass at the model's weights: inputs the model cannot take
-    (a wrong feature size, a missing dict key) are a ``DataError`` naming their shapes,
-    and non-finite outputs a ``NumericalError``. ``what`` names the data in messages
-    ("training", "query").
-    """
+    """:meth:`Task.check_data <datatrace.task.Task.check_data>`."""
     from datatrace.data import iter_batches
 
     n_out: tuple[int, ...] | None = None
@@ -91,7 +78,7 @@ def check_data(task: Task, data: Any, batch_size: int, what: str) -> None:
 
 
 def check_finite_state(task: Task, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Refuse NaN/inf in the tracked parameters of ``state`` (``NumericalError``)."""
+    """:meth:`Task.check_finite_state <datatrace.task.Task.check_finite_state>`."""
     for name in task._tracked:
         t = state.get(name)
         if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):

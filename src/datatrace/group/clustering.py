@@ -6,11 +6,11 @@ caps every cluster at ``ceil(n / k)`` points, which the k-means groupers need.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
+from datatrace._seeds import group_generator
 from datatrace.errors import ConfigError, DataError
 
 __all__ = ["balanced_kmeans", "kmeans"]
@@ -51,7 +51,7 @@ def kmeans(
         raise ConfigError(f"k must be an integer in [1, {n}] (the number of points); got {k!r}.")
     x = x.float()
     xx = (x * x).sum(1, keepdim=True)
-    gen = _generator("kmeans", seed)
+    gen = group_generator("kmeans", seed)
     centres = x.new_empty(k, x.shape[1])
     centres[0] = x[int(torch.randint(n, (1,), generator=gen))]
     closest = _sq_dists(x, centres[:1], xx).squeeze(1)
@@ -149,11 +149,3 @@ def balanced_kmeans(
             break
         labels = new
     return torch.unique(labels, return_inverse=True)[1]
-
-
-def _generator(kind: str, seed: int) -> torch.Generator:
-    """A CPU generator for ``(kind, seed)``: salted, so ``seed=0`` here draws another stream
-    than ``torch.Generator().manual_seed(0)`` elsewhere (label flips, subset sampling), which
-    would otherwise line random groups up with, e.g., the flipped examples."""
-    digest = hashlib.blake2b(repr(("datatrace.group", kind, int(seed))).encode(), digest_size=8)
-    return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)

@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from datatrace._seeds import group_generator
 from datatrace.data import Batch, iter_batches, num_examples
 from datatrace.errors import ConfigError, DataError
-from datatrace.group.clustering import _generator
 from datatrace.group.grouping import Grouping, _as_id_tensor
 from datatrace.task import Task
 
@@ -112,7 +112,7 @@ class RandomGrouper(Grouper):
         n = num_examples(train)
         if self.group_size > n:
             raise DataError(f"group_size={self.group_size} exceeds the {n} training examples.")
-        perm = torch.randperm(n, generator=_generator(self.grouper_id, self.seed))
+        perm = torch.randperm(n, generator=group_generator(self.grouper_id, self.seed))
         return _balanced(perm, self.n_groups(n))
 
 
@@ -134,7 +134,7 @@ class ClassRandomGrouper(Grouper):
 
     def _group_ids(self, train: Any, task: Task | None) -> torch.Tensor:
         labels = _labels_of(self._need_task(task), train, self.batch_size)
-        gen = _generator(self.grouper_id, self.seed)
+        gen = group_generator(self.grouper_id, self.seed)
         ids = torch.empty_like(labels)
         offset = 0
         for c in torch.unique(labels, sorted=True).tolist():

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Hashable, Iterator
 
@@ -18,12 +17,6 @@ _MiB = 1 << 20
 # Per-sample gradients are formed from layer factors at most this many elements at a time
 # (8 MiB in float32), so projecting never holds a (batch, n_params) or (batch, O, I) tensor.
 _PIECE_ELEMS = 1 << 21
-
-
-def _stable_seed(*parts: object) -> int:
-    """A 63-bit seed from ints/strings, identical across processes (unlike ``hash``)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def _check_int(name: str, value: object, low: int) -> int:

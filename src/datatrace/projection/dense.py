@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from datatrace._seeds import stable_seed
 from datatrace.errors import ConfigError
 from datatrace.gradients.engine import PerSampleGrads
 from datatrace.projection._pieces import (
@@ -20,7 +21,6 @@ from datatrace.projection._pieces import (
     _psg_device,
     _psg_dtype,
     _randn,
-    _stable_seed,
     _work_dtype,
 )
 from datatrace.projection.base import Projector, _check_block
@@ -97,7 +97,7 @@ class _ChunkedProjector(Projector):
             # generating on the CPU and copying (module docstring).
             where = device if self.generate_on == "device" else torch.device("cpu")
             gen = torch.Generator(device=where).manual_seed(
-                _stable_seed(self._kind, self.seed, self.member, index)
+                stable_seed(self._kind, self.seed, self.member, index)
             )
             return tuple(t.to(device) for t in self._make_chunk(gen, dtype))
 

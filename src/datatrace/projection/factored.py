@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from datatrace._seeds import stable_seed
 from datatrace.errors import DataError, NotFittedError
 from datatrace.gradients.engine import PerSampleGrads
 from datatrace.gradients.hooks import LayerFactors
@@ -15,7 +16,6 @@ from datatrace.projection._pieces import (
     _psg_device,
     _psg_dtype,
     _randn,
-    _stable_seed,
     _work_dtype,
 )
 from datatrace.projection.base import Projector
@@ -100,7 +100,7 @@ class FactoredProjector(Projector):
 
         def matrix(side: str, rows: int, k: int) -> torch.Tensor:
             def make() -> tuple[torch.Tensor, ...]:
-                seed = _stable_seed("factored", self.seed, self.member, layer, side)
+                seed = stable_seed("factored", self.seed, self.member, layer, side)
                 return (_randn(torch.Generator().manual_seed(seed), rows, k, dtype).to(device),)
 
             return self._cache.get((layer, side, rows, dtype, device), make)[0]
@@ -149,7 +149,7 @@ class FactoredProjector(Projector):
             part = out[:, j * d : (j + 1) * d]
             if isinstance(unit, str):
                 if unit not in self._dense:
-                    seed = _stable_seed("factored-dense", self.seed, self.member, unit)
+                    seed = stable_seed("factored-dense", self.seed, self.member, unit)
                     self._dense[unit] = GaussianProjector(self.dim_per_layer, seed=seed)
                     self._dense[unit]._cache = self._cache  # one memory budget for all matrices
                 part.copy_(self._dense[unit].project_flat(psg.dense[unit].reshape(n, -1)))
