@@ -64,11 +64,10 @@ from typing import IO, Any
 
 import torch
 
+from datatrace._io import fsync_dir
 from datatrace.errors import ConfigError, StoreError
 from datatrace.fingerprints import RowsFingerprint, fingerprint_batch, fingerprint_tensors
 from datatrace.store_files import (
-    _fsync_dir,
-    atomic_write,
     delete_owned,
     encode_npy,
     file_intact,
@@ -76,6 +75,7 @@ from datatrace.store_files import (
     read_npy,
     remove_temporaries,
     upgrade_entries,
+    write_file,
 )
 from datatrace.store_lock import WriterLock
 from datatrace.store_manifest import (
@@ -358,7 +358,7 @@ class Store:
         self._require_writer("compact the manifest")
         self._write_manifest(json.loads(json.dumps(self._manifest)))
         (self.path / JOURNAL).unlink(missing_ok=True)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def merge_journals(self) -> None:
         """Rank 0: fold every rank's journal into the manifest (call after a barrier).
@@ -549,10 +549,10 @@ class Store:
         self.compact()  # removes rank 0's journal; the manifest now holds the others too
         for journal in journals:
             journal.unlink(missing_ok=True)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def _atomic_write(self, name: str, write: Callable[[IO[bytes]], object], size: int) -> None:
-        atomic_write(self.path, name, write, size)
+        write_file(self.path, name, write, size)
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         text = json.dumps(manifest, indent=1, sort_keys=True).encode()

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import xxhash
 
+from datatrace._io import atomic_write, fsync_dir
 from datatrace.errors import ConfigError, StoreError
 from datatrace.store_lock import HOLDER, LOCK
 from datatrace.store_manifest import _DTYPES, FORMAT_VERSION, owned_files
@@ -32,19 +32,6 @@ _TMP_PREFIX = ".tmp-datatrace-"
 # this module's temporaries (mkstemp adds 8 characters of [a-z0-9_]); version 1 wrote ".tmp-"
 _TMP = re.compile(r"^\.tmp-(datatrace-)?[a-z0-9_]{8}\.part$")
 _CHUNK = 1 << 22
-
-
-def _fsync_dir(path: Path) -> None:
-    try:  # makes the rename durable; not possible on Windows
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _checksum(chunks: Sequence[bytes | bytearray | memoryview] | Iterator[bytes]) -> str:
@@ -86,20 +73,11 @@ def no_space(root: Path, name: str, size: int) -> Iterator[None]:
         ) from exc
 
 
-def atomic_write(root: Path, name: str, write: Callable[[IO[bytes]], object], size: int) -> None:
-    """Write ``root / name`` through ``write(file)`` to a temporary, fsync it, then rename."""
+def write_file(root: Path, name: str, write: Callable[[IO[bytes]], object], size: int) -> None:
+    """Write ``root / name`` atomically (:func:`datatrace._io.atomic_write`) under a name the
+    store recognises as its temporary; a full disk becomes a ``StoreError``."""
     with no_space(root, name, size):
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".part", dir=root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, root / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    _fsync_dir(root)
+        atomic_write(root / name, write, prefix=_TMP_PREFIX, suffix=".part")
 
 
 def encode_npy(tensor: torch.Tensor) -> tuple[bytes, memoryview, dict[str, Any]]:
@@ -219,4 +197,4 @@ def delete_owned(root: Path, keep_lock: bool) -> None:
     (root / HOLDER).unlink(missing_ok=True)
     if not keep_lock:
         (root / LOCK).unlink(missing_ok=True)  # last, while held
-    _fsync_dir(root)
+    fsync_dir(root)
