@@ -64,6 +64,7 @@ from typing import IO, Any
 
 import torch
 
+from datatrace._checks import check_int
 from datatrace._io import fsync_dir
 from datatrace.errors import ConfigError, StoreError
 from datatrace.fingerprints import RowsFingerprint, fingerprint_batch, fingerprint_tensors
@@ -178,8 +179,7 @@ class Store:
         probe_rtol: float = 1e-4,
     ) -> None:
         self._lock: WriterLock | None = None  # set first: __del__ reads it
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise ConfigError(f"rank must be an integer >= 0; got {rank!r}.")
+        check_int("rank", rank, 0)
         if not isinstance(config, Mapping):
             raise ConfigError(f"config must be a dict of settings; got {type(config).__name__}.")
         if not isinstance(fingerprints, Mapping) or not all(

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from datatrace._checks import check_int
 from datatrace._seeds import group_generator
 from datatrace.data import Batch, iter_batches, num_examples
 from datatrace.errors import ConfigError, DataError
@@ -38,12 +39,9 @@ class Grouper(ABC):
     grouper_id: ClassVar[str] = ""
 
     def __init__(self, group_size: int = 16, seed: int = 0, batch_size: int = 256) -> None:
-        for name, value in (("group_size", group_size), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1; got {value!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"seed must be an integer >= 0; got {seed!r}.")
-        self.group_size, self.seed, self.batch_size = group_size, seed, batch_size
+        self.group_size = check_int("group_size", group_size, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.seed = check_int("seed", seed, 0)
 
     def config(self) -> dict[str, Any]:
         """JSON-able settings (recorded on the grouping and in store manifests)."""

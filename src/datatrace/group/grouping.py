@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from datatrace._checks import check_int
 from datatrace.errors import DataError
 
 __all__ = ["Grouping"]
@@ -85,8 +86,7 @@ class Grouping:
         """
         t = _as_id_tensor(group_ids)
         if n_groups is not None:
-            if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
-                raise DataError(f"n_groups must be an integer >= 1; got {n_groups!r}.")
+            check_int("n_groups", n_groups, 1, DataError)
             if n_groups > t.numel():
                 raise DataError(
                     f"n_groups={n_groups} is larger than the {t.numel()} training examples; "

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from datatrace._checks import check_int
 from datatrace.errors import ConfigError, DataError, ModelError
 from datatrace.group.clustering import balanced_kmeans, kmeans
 from datatrace.group.groupers import Grouper, _batches
@@ -47,8 +48,7 @@ class _KMeansGrouper(Grouper):
         balanced: bool = True,
     ) -> None:
         super().__init__(group_size, seed, batch_size)
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ConfigError(f"max_iter must be an integer >= 1; got {max_iter!r}.")
+        check_int("max_iter", max_iter, 1)
         if not isinstance(balanced, bool):
             raise ConfigError(f"balanced must be True or False; got {balanced!r}.")
         self.max_iter, self.standardize, self.balanced = max_iter, bool(standardize), balanced

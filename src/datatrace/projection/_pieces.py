@@ -9,7 +9,7 @@ from collections.abc import Callable, Hashable, Iterator
 import torch
 
 from datatrace.devices import working_dtype
-from datatrace.errors import ConfigError, DataError
+from datatrace.errors import DataError
 from datatrace.gradients.engine import PerSampleGrads
 from datatrace.gradients.hooks import LayerFactors
 
@@ -17,12 +17,6 @@ _MiB = 1 << 20
 # Per-sample gradients are formed from layer factors at most this many elements at a time
 # (8 MiB in float32), so projecting never holds a (batch, n_params) or (batch, O, I) tensor.
 _PIECE_ELEMS = 1 << 21
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}.")
-    return value
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -7,9 +7,9 @@ import math
 
 import torch
 
+from datatrace._checks import check_int
 from datatrace.errors import DataError, NotFittedError
 from datatrace.gradients.engine import PerSampleGrads
-from datatrace.projection._pieces import _check_int
 
 __all__ = ["IdentityProjector", "Projector"]
 
@@ -75,7 +75,7 @@ class IdentityProjector(Projector):
     """
 
     def __init__(self, n_params: int | None = None) -> None:
-        self._n = None if n_params is None else _check_int("n_params", n_params, 1)
+        self._n = None if n_params is None else check_int("n_params", n_params, 1)
 
     @property
     def proj_dim(self) -> int:

@@ -10,11 +10,11 @@ from typing import Literal
 
 import torch
 
+from datatrace._checks import check_int
 from datatrace._seeds import stable_seed
 from datatrace.errors import ConfigError
 from datatrace.gradients.engine import PerSampleGrads
 from datatrace.projection._pieces import (
-    _check_int,
     _ChunkCache,
     _MiB,
     _pieces,
@@ -42,11 +42,11 @@ class _ChunkedProjector(Projector):
         cache_bytes: int = 256 * _MiB,
         generate_on: Literal["device", "cpu"] = "device",
     ) -> None:
-        self._proj_dim = _check_int("proj_dim", proj_dim, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.member = _check_int("member", member, 0)
-        self.block_rows = _check_int("block_rows", block_rows, 1)
-        self.cache_bytes = _check_int("cache_bytes", cache_bytes, 0)
+        self._proj_dim = check_int("proj_dim", proj_dim, 1)
+        self.seed = check_int("seed", seed, 0)
+        self.member = check_int("member", member, 0)
+        self.block_rows = check_int("block_rows", block_rows, 1)
+        self.cache_bytes = check_int("cache_bytes", cache_bytes, 0)
         if generate_on not in ("device", "cpu"):
             raise ConfigError(f"generate_on must be 'device' or 'cpu'; got {generate_on!r}.")
         self.generate_on = generate_on

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from datatrace._checks import check_int
 from datatrace._seeds import stable_seed
 from datatrace.errors import DataError, NotFittedError
 from datatrace.gradients.engine import PerSampleGrads
 from datatrace.gradients.hooks import LayerFactors
 from datatrace.projection._pieces import (
-    _check_int,
     _ChunkCache,
     _MiB,
     _psg_device,
@@ -68,11 +68,11 @@ class FactoredProjector(Projector):
         member: int = 0,
         cache_bytes: int = 256 * _MiB,
     ) -> None:
-        self.proj_dim_in = _check_int("proj_dim_in", proj_dim_in, 1)
-        self.proj_dim_out = _check_int("proj_dim_out", proj_dim_out, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.member = _check_int("member", member, 0)
-        self._cache = _ChunkCache(_check_int("cache_bytes", cache_bytes, 0))
+        self.proj_dim_in = check_int("proj_dim_in", proj_dim_in, 1)
+        self.proj_dim_out = check_int("proj_dim_out", proj_dim_out, 1)
+        self.seed = check_int("seed", seed, 0)
+        self.member = check_int("member", member, 0)
+        self._cache = _ChunkCache(check_int("cache_bytes", cache_bytes, 0))
         self._dense: dict[str, GaussianProjector] = {}
         self._proj_dim: int | None = None
 

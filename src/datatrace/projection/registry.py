@@ -6,8 +6,8 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal
 
+from datatrace._checks import check_int
 from datatrace.errors import ConfigError
-from datatrace.projection._pieces import _check_int
 from datatrace.projection.base import IdentityProjector, Projector
 from datatrace.projection.dense import GaussianProjector, RademacherProjector
 from datatrace.projection.factored import FactoredProjector
@@ -57,7 +57,7 @@ def make_projector(
     if kind == "factored":
         k_in, k_out = kw.pop("proj_dim_in", None), kw.pop("proj_dim_out", None)
         if k_in is None and k_out is None:
-            k_in = k_out = math.isqrt(_check_int("proj_dim", proj_dim, 1))
+            k_in = k_out = math.isqrt(check_int("proj_dim", proj_dim, 1))
         if proj_dim is not None and (k_in or 0) * (k_out or 0) != proj_dim:
             raise ConfigError(
                 f"factored proj_dim is per layer, proj_dim_in * proj_dim_out; got proj_dim="
@@ -65,4 +65,4 @@ def make_projector(
                 "or matching proj_dim_in= and proj_dim_out=."
             )
         return builder(k_in, k_out, seed=seed, member=member, **kw)
-    return builder(_check_int("proj_dim", proj_dim, 1), seed=seed, member=member, **kw)
+    return builder(check_int("proj_dim", proj_dim, 1), seed=seed, member=member, **kw)

@@ -9,11 +9,11 @@ from typing import Literal
 
 import torch
 
+from datatrace._checks import check_int
 from datatrace.errors import ConfigError
 from datatrace.gradients.engine import PerSampleGrads
 from datatrace.projection._pieces import (
     _batch_slice,
-    _check_int,
     _MiB,
     _pieces,
     _psg_device,
@@ -65,7 +65,7 @@ class SJLTProjector(_ChunkedProjector):
         generate_on: Literal["device", "cpu"] = "device",
     ) -> None:
         super().__init__(proj_dim, seed, member, block_rows, cache_bytes, generate_on)
-        self.nnz = _check_int("nnz", nnz, 1)
+        self.nnz = check_int("nnz", nnz, 1)
         if nnz > proj_dim:
             raise ConfigError(f"nnz must be in [1, proj_dim={proj_dim}]; got nnz={nnz}.")
 
