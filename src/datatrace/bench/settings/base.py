@@ -26,6 +26,7 @@ from torch import nn
 
 from datatrace._checks import check_int
 from datatrace.data import Batch, iter_batches, num_examples
+from datatrace.data import take_examples as take  # rows of a batch, for the recipes
 from datatrace.errors import ConfigError, DataError
 from datatrace.replay import TrainingRecipe
 from datatrace.store import fingerprint_batch
@@ -42,13 +43,6 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # ----------------------------------------------------------------------------- batches
-def take(batch: Batch, indices: torch.Tensor) -> Batch:
-    """Rows ``indices`` of a tuple or dict batch (every tensor indexed along dim 0)."""
-    if isinstance(batch, Mapping):
-        return {k: v[indices] for k, v in batch.items()}
-    return tuple(t[indices] for t in batch)
-
-
 def _concat(batches: Sequence[Batch]) -> Batch:
     first = batches[0]
     if isinstance(first, Mapping):
