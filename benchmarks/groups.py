@@ -103,7 +103,7 @@ def instrumented(timer: PhaseTimer) -> Iterator[None]:
         timer.wrap(store.Store, "read_shard", "storage"),
     ]
     for cls in (
-        projection._ChunkedProjector,
+        projection.dense._ChunkedProjector,
         projection.SJLTProjector,
         projection.FactoredProjector,
         projection.IdentityProjector,

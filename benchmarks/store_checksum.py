@@ -17,7 +17,7 @@ from unittest import mock
 
 import torch
 
-import datatrace.store as store_module
+import datatrace.store_files as store_module
 from datatrace.store import Store
 
 

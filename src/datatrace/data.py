@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data._utils.collate import default_collate
 
 from datatrace.errors import DataError
 
@@ -25,6 +26,7 @@ __all__ = [
     "iter_batches",
     "num_batches",
     "num_examples",
+    "take_examples",
 ]
 
 Batch = Any  # a tuple/list of tensors or a dict of tensors
@@ -283,3 +285,30 @@ def batch_size_of(batch: Batch) -> int:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0])
     return _leading_dim(list(batch), "tuple")
+
+
+def take_examples(data: Any, indices: torch.Tensor) -> Batch:
+    """The examples ``indices`` of ``data`` as one batch, in that order.
+
+    Works for the data forms :func:`datatrace.data.iter_batches` accepts: a tensor, a
+    tuple/list or dict of tensors, a map-style ``Dataset`` or a ``DataLoader`` over one
+    (its dataset is indexed and collated with the default collate function).
+    """
+    data = as_data(data)
+    if isinstance(data, torch.Tensor):
+        return (data[indices.to(data.device)],)
+    if isinstance(data, Mapping):
+        return {k: v[indices.to(v.device)] for k, v in data.items()}
+    if isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):
+        return tuple(t[indices.to(t.device)] for t in data)
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    if isinstance(data, DataLoader) and data.collate_fn is not default_collate:
+        collate = data.collate_fn
+    else:
+        collate = default_collate
+    if not isinstance(dataset, Dataset):
+        raise DataError(
+            f"cannot index data of type {type(data).__name__} by example; pass tensors, a dict "
+            "of tensors, a map-style Dataset or a DataLoader over one."
+        )
+    return collate([dataset[int(i)] for i in indices])

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from datatrace._seeds import dropout_lora_seed
 from datatrace.errors import ConfigError, ModelError
 from datatrace.store import fingerprint_tensors
 from datatrace.task import Checkpoint, Member, Task
@@ -86,12 +87,6 @@ class ModifiedMember(Member):
     def describe(self) -> dict[str, Any]:
         """JSON-able settings of the member (they go into store fingerprints)."""
         return {"kind": self.kind}
-
-
-def _stable_seed(*parts: object) -> int:
-    """A 63-bit seed from ``parts`` that is the same on every run and platform."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass(frozen=True)
@@ -196,7 +191,7 @@ class DropoutMember(ModifiedMember):
         _check_rate(rate)
         # numpy draws the uniforms: the mask is first needed inside a forward pass, which the
         # functional engine runs under vmap, where torch's random ops are refused.
-        rng = np.random.default_rng(_stable_seed("dropout", self.seed, self.index, layer))
+        rng = np.random.default_rng(dropout_lora_seed("dropout", self.seed, self.index, layer))
         keep = torch.from_numpy(rng.random(tuple(int(d) for d in shape)) >= rate)
         return (keep.to(torch.float64) / (1.0 - rate)).to(dtype=dtype, device=device)
 

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datatrace.data import Batch, num_examples
-from datatrace.ensemble import ModifiedMember, _as_trajectory, _check_k, _stable_seed
+from datatrace._seeds import dropout_lora_seed
+from datatrace.data import Batch, num_examples, take_examples
+from datatrace.ensemble import ModifiedMember, _as_trajectory, _check_k
 from datatrace.errors import ConfigError, DataError, ModelError
 from datatrace.task import Checkpoint, Task
 
@@ -336,10 +337,8 @@ def lora_members(
 
 
 def _take(data: Batch, idx: torch.Tensor) -> Batch:
-    if isinstance(data, Mapping):
-        return {k: v[idx] for k, v in data.items()}
-    if isinstance(data, (tuple, list)):
-        return tuple(t[idx] for t in data)
+    if isinstance(data, (Mapping, tuple, list)):
+        return take_examples(data, idx)
     raise DataError(
         f"train_lora_members needs the training data as a tuple or dict of tensors; got "
         f"{type(data).__name__}."
@@ -411,7 +410,7 @@ def train_lora_members(
     shapes = {n_: p.shape for n_, p in effective.tracked_params().items()}
     members = []
     for j in range(k):
-        gen = torch.Generator().manual_seed(_stable_seed("lora", seed, j))
+        gen = torch.Generator().manual_seed(dropout_lora_seed("lora", seed, j))
         adapter = {}
         for name in names:
             shape = shapes[name]

@@ -39,8 +39,6 @@ weights are plain state dicts that load with ``torch.load(..., weights_only=True
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from datatrace._io import atomic_write
 from datatrace.errors import ConfigError, DataError, ModelError
 from datatrace.replay import OptimizerSpec, ReplayStep, TrainingRecipe
 from datatrace.task import Checkpoint
@@ -56,21 +55,6 @@ __all__ = ["CheckpointRecorder", "load_trajectory"]
 
 MANIFEST = "trajectory.json"
 FORMAT_VERSION = 1
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(file_object)`` to a temporary file beside ``path``, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _as_indices(indices: Any) -> tuple[int, ...]:
@@ -342,7 +326,7 @@ class CheckpointRecorder:
         if self.directory is not None:
             path = self.directory / f"step-{step:09d}.pt"
             cpu = {k: v.cpu() for k, v in state.items()}
-            _atomic_write(path, lambda fh: torch.save(cpu, fh))
+            atomic_write(path, lambda fh: torch.save(cpu, fh))
             stored = path
         ckpt = Checkpoint(
             stored, step=step, learning_rate=lr, optimizer=kind, train_indices=self._stage
@@ -380,7 +364,7 @@ class CheckpointRecorder:
             "checkpoints": self._entries,
         }
         text = json.dumps(manifest).encode()
-        _atomic_write(self.directory / MANIFEST, lambda fh: fh.write(text))
+        atomic_write(self.directory / MANIFEST, lambda fh: fh.write(text))
 
 
 class _RunRecord:

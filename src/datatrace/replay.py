@@ -453,7 +453,7 @@ class Replay:
             create_graph: keep the graph (the result is differentiable in ``state`` and
                 ``weights``); otherwise the result is detached.
         """
-        from datatrace.group import take_examples
+        from datatrace.data import take_examples
 
         k = state.step
         spec = self.recipe.steps[k]

@@ -55,27 +55,46 @@ other.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import io
 import json
 import math
 import os
-import re
-import shutil
-import stat
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import torch
-import xxhash
 
+from datatrace._checks import check_int
+from datatrace._io import fsync_dir
 from datatrace.errors import ConfigError, StoreError
 from datatrace.fingerprints import RowsFingerprint, fingerprint_batch, fingerprint_tensors
-from datatrace.store_lock import HOLDER, LOCK, WriterLock
+from datatrace.store_files import (
+    delete_owned,
+    encode_npy,
+    file_intact,
+    no_space,
+    read_npy,
+    remove_temporaries,
+    upgrade_entries,
+    write_file,
+)
+from datatrace.store_lock import WriterLock
+from datatrace.store_manifest import (
+    _DTYPES,
+    FORMAT_VERSION,
+    JOURNAL,
+    MANIFEST,
+    _array_file,
+    _check_name,
+    _is_our_journal,
+    _json_normalise,
+    _shard_file,
+    apply_journal,
+    check_entries,
+    job_differences,
+    journal_files,
+    read_manifest,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -87,31 +106,12 @@ __all__ = [
     "rows_per_shard",
 ]
 
-FORMAT_VERSION = 2  # 2: entries carry nbytes and checksum (version 1 stores are upgraded)
 # Target size of one shard of train features (the loop packs rows until it is reached). The
 # rule: large enough that the fixed cost of a shard (two fsyncs, a rename, a journal line:
 # ~1-5 ms) stays under 1% of writing its bytes, and few files even at 10^6 examples; small
 # enough that the buffer the loop fills (one shard) and the work a kill loses (one shard,
 # seconds of featurization) stay small. Override per attributor (``shard_bytes=``) or here.
 SHARD_BYTES = 128 * 2**20
-MANIFEST = "manifest.json"
-JOURNAL = "journal.jsonl"
-_RANK_JOURNAL = re.compile(r"^journal-rank[0-9]+\.jsonl$")
-_TMP_PREFIX = ".tmp-datatrace-"
-# this module's temporaries (mkstemp adds 8 characters of [a-z0-9_]); version 1 wrote ".tmp-"
-_TMP = re.compile(r"^\.tmp-(datatrace-)?[a-z0-9_]{8}\.part$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_CHUNK = 1 << 22
-# torch dtype name -> (torch dtype, dtype of the .npy file holding it)
-_DTYPES: dict[str, tuple[torch.dtype, torch.dtype]] = {
-    "float32": (torch.float32, torch.float32),
-    "float64": (torch.float64, torch.float64),
-    "float16": (torch.float16, torch.float16),
-    "bfloat16": (torch.bfloat16, torch.int16),  # NumPy has no bfloat16: keep the bit pattern
-    "int64": (torch.int64, torch.int64),
-    "int32": (torch.int32, torch.int32),
-    "bool": (torch.bool, torch.bool),
-}
 
 
 def rows_per_shard(row_bytes: int, shard_bytes: int | None = None) -> int:
@@ -124,160 +124,6 @@ def rows_per_shard(row_bytes: int, shard_bytes: int | None = None) -> int:
     """
     target = SHARD_BYTES if shard_bytes is None else shard_bytes
     return max(1, int(target) // max(1, int(row_bytes)))
-
-
-def _json_normalise(value: Any, what: str) -> Any:
-    try:
-        return json.loads(json.dumps(value, sort_keys=True))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"the store {what} must be JSON-serialisable ({exc}); convert dataclasses with "
-            "dataclasses.asdict, enums to their .value and tensors to lists."
-        ) from exc
-
-
-_MISSING = object()
-
-
-def _short(value: Any, limit: int = 48) -> str:
-    text = "<missing>" if value is _MISSING else json.dumps(value, sort_keys=True)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _diff(old: Any, new: Any, prefix: str) -> list[str]:
-    """Dotted keys at which two JSON values differ, with both values (shortened)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for key in sorted(set(old) | set(new)):
-            out += _diff(old.get(key, _MISSING), new.get(key, _MISSING), f"{prefix}.{key}")
-        return out
-    if old is _MISSING or new is _MISSING or json.dumps(old) != json.dumps(new):
-        return [f"{prefix}: stored {_short(old)}, given {_short(new)}"]
-    return []
-
-
-def _check_name(name: str, what: str) -> None:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(
-            f"invalid {what} name {name!r}; use letters, digits, '_', '-' and '.', starting with "
-            "a letter or digit (e.g. 'features' or 'member_0'); it becomes part of a file name."
-        )
-
-
-def _fsync_dir(path: Path) -> None:
-    try:  # makes the rename durable; not possible on Windows
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _shard_file(kind: str, index: int) -> str:
-    return f"shard-{kind}-{index:06d}.npy"
-
-
-def _array_file(name: str) -> str:
-    return f"array-{name}.npy"
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _entry_problem(entry: Any, file: str, legacy: bool = False) -> str | None:
-    """Why ``entry`` is not a valid record of ``file`` (None when it is)."""
-    if not isinstance(entry, dict):
-        return f"an entry must be an object, got {type(entry).__name__}"
-    if entry.get("file") != file:
-        return f"it names file {entry.get('file')!r}, expected {file!r}"
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        return f"shape {shape!r} is not a list of sizes"
-    if entry.get("dtype") not in _DTYPES:
-        return f"unknown dtype {entry.get('dtype')!r} (known: {sorted(_DTYPES)})"
-    if not legacy and not (
-        _is_count(entry.get("nbytes")) and isinstance(entry.get("checksum"), str)
-    ):
-        return "it lacks nbytes/checksum"
-    if file.startswith("shard-") and not isinstance(entry.get("data_fingerprint", ""), str):
-        return "its data_fingerprint is not a string"
-    return None
-
-
-def _checksum(chunks: Sequence[bytes | bytearray | memoryview] | Iterator[bytes]) -> str:
-    h = xxhash.xxh3_128()
-    for chunk in chunks:
-        h.update(chunk)
-    return "xxh3_128:" + h.hexdigest()
-
-
-def _file_chunks(f: IO[bytes]) -> Iterator[bytes]:
-    f.seek(0)
-    while chunk := f.read(_CHUNK):
-        yield chunk
-
-
-def _is_datatrace_manifest(data: Any) -> bool:
-    return (
-        isinstance(data, dict)
-        and isinstance(data.get("format_version"), int)
-        and all(
-            isinstance(data.get(k), dict) for k in ("config", "fingerprints", "shards", "arrays")
-        )
-    )
-
-
-def _journal_records(path: Path) -> Iterator[tuple[str, int, Any]]:
-    """``(kind, index, entry)`` of every whole, well-formed line of a journal."""
-    try:
-        raw_lines = path.read_bytes().split(b"\n")
-    except OSError:
-        return
-    for raw in raw_lines:
-        try:
-            record = json.loads(raw)
-            kind, index, entry = record["kind"], record["index"], record["entry"]
-        except (ValueError, KeyError, TypeError):
-            continue  # empty, torn or malformed line: that shard is not complete
-        if isinstance(kind, str) and _NAME.match(kind) and _is_count(index):
-            yield kind, index, entry
-
-
-def _is_our_journal(path: Path) -> bool:
-    """Whether ``path`` is a journal a store wrote (its first line is one of our records)."""
-    try:
-        with open(path, "rb") as f:
-            first = f.readline()
-    except OSError:
-        return False
-    if not first.endswith(b"\n"):
-        return not first  # empty: ours (a torn single line too short to be anyone's data)
-    try:
-        record = json.loads(first)
-    except ValueError:
-        return False
-    return isinstance(record, dict) and set(record) == {"kind", "index", "entry"}
-
-
-def _close_enough(stored: Any, given: list[float], rtol: float) -> float | None:
-    """Largest relative difference of two probe vectors, None when within ``rtol``."""
-    if not isinstance(stored, list) or len(stored) != len(given):
-        return math.inf
-    try:
-        a = torch.tensor(stored, dtype=torch.float64)
-    except (TypeError, ValueError):
-        return math.inf
-    b = torch.tensor(given, dtype=torch.float64)
-    if torch.allclose(a, b, rtol=rtol, atol=rtol, equal_nan=True):
-        return None
-    scale = torch.maximum(a.abs(), b.abs()).clamp_min(1.0)
-    diff = ((a - b).abs() / scale).nan_to_num(nan=math.inf)
-    return float(diff.max())
 
 
 class Store:
@@ -333,8 +179,7 @@ class Store:
         probe_rtol: float = 1e-4,
     ) -> None:
         self._lock: WriterLock | None = None  # set first: __del__ reads it
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise ConfigError(f"rank must be an integer >= 0; got {rank!r}.")
+        check_int("rank", rank, 0)
         if not isinstance(config, Mapping):
             raise ConfigError(f"config must be a dict of settings; got {type(config).__name__}.")
         if not isinstance(fingerprints, Mapping) or not all(
@@ -377,7 +222,7 @@ class Store:
 
     def _open_as_writer(self, overwrite: bool) -> None:
         manifest_path, wanted = self.path / MANIFEST, self._wanted
-        self._remove_temporaries()
+        remove_temporaries(self.path)
         if manifest_path.exists():
             try:
                 self._manifest = self._load_manifest()
@@ -389,7 +234,7 @@ class Store:
             except StoreError:
                 if not overwrite:
                     raise
-                self._clear(self.path, keep_lock=True)
+                delete_owned(self.path, keep_lock=True)
                 self.path.mkdir(parents=True, exist_ok=True)
         for old in self._journals():  # ours, but they belong to no manifest any more
             if old.exists():
@@ -451,58 +296,11 @@ class Store:
                 "wait for it to finish."
             )
         try:
-            Store._clear(root, keep_lock=False)
+            delete_owned(root, keep_lock=False)
         finally:
             lock.release()
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()
-
-    @staticmethod
-    def _clear(root: Path, keep_lock: bool) -> None:
-        for name in Store._owned_files(root):
-            (root / name).unlink(missing_ok=True)
-        for f in root.iterdir():
-            if _TMP.match(f.name) and f.is_file() and not f.is_symlink():
-                f.unlink(missing_ok=True)
-        (root / HOLDER).unlink(missing_ok=True)
-        if not keep_lock:
-            (root / LOCK).unlink(missing_ok=True)  # last, while held
-        _fsync_dir(root)
-
-    @staticmethod
-    def _owned_files(root: Path) -> list[str]:
-        """Files a store at ``root`` wrote, manifest last; refuses a foreign manifest."""
-        names: list[str] = []
-        manifest = root / MANIFEST
-        data: Any = None
-        if manifest.is_file():
-            try:
-                data = json.loads(manifest.read_text())
-            except (OSError, ValueError):
-                data = None
-            ours = _is_datatrace_manifest(data) or (
-                data is None and ((root / LOCK).exists() or (root / JOURNAL).exists())
-            )  # damaged JSON in a directory a store demonstrably used
-            if not ours:
-                raise StoreError(
-                    f"{manifest} is not a datatrace store manifest, so datatrace will not delete "
-                    "it or anything beside it; give the store a directory of its own."
-                )
-        if isinstance(data, dict):
-            for kind, shards in (data.get("shards") or {}).items():
-                if isinstance(kind, str) and _NAME.match(kind) and isinstance(shards, dict):
-                    names += [_shard_file(kind, int(i)) for i in shards if str(i).isdigit()]
-            for name in data.get("arrays") or {}:
-                if isinstance(name, str) and _NAME.match(name):
-                    names.append(_array_file(name))
-        journals = [root / JOURNAL, *(f for f in root.iterdir() if _RANK_JOURNAL.match(f.name))]
-        for journal in journals:
-            if journal.is_file() and _is_our_journal(journal):
-                names += [_shard_file(kind, index) for kind, index, _ in _journal_records(journal)]
-                names.append(journal.name)
-        if manifest.is_file():
-            names.append(MANIFEST)
-        return list(dict.fromkeys(names))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -542,7 +340,7 @@ class Store:
     def _journal(self, kind: str, index: int, entry: dict[str, Any] | None) -> None:
         line = json.dumps({"kind": kind, "index": index, "entry": entry}, sort_keys=True)
         with (
-            self._no_space(self._journal_name, len(line) + 1),
+            no_space(self.path, self._journal_name, len(line) + 1),
             open(self.path / self._journal_name, "ab") as f,
         ):
             f.write(line.encode() + b"\n")
@@ -560,7 +358,7 @@ class Store:
         self._require_writer("compact the manifest")
         self._write_manifest(json.loads(json.dumps(self._manifest)))
         (self.path / JOURNAL).unlink(missing_ok=True)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def merge_journals(self) -> None:
         """Rank 0: fold every rank's journal into the manifest (call after a barrier).
@@ -599,20 +397,13 @@ class Store:
                 f"({self._lock.reason}), and a second writer is refused. Wait for it to finish "
                 "(this store resumes from its complete shards), or use another directory."
             )
-        self._remove_temporaries()
+        remove_temporaries(self.path)
         self._manifest = self._load_manifest()  # the other writer may have changed it
         self._replay_journal()
 
     def _journals(self) -> list[Path]:
         """This store's journal files: rank 0's first, then the other ranks' by name."""
-        ranks = sorted(f for f in self.path.iterdir() if _RANK_JOURNAL.match(f.name))
-        return [self.path / JOURNAL, *ranks]
-
-    def _remove_temporaries(self) -> None:
-        """Writes killed before their rename (only the lock holder may: they are its own)."""
-        for f in self.path.iterdir():
-            if _TMP.match(f.name) and f.is_file() and not f.is_symlink():
-                f.unlink(missing_ok=True)
+        return journal_files(self.path)
 
     def has_shard(self, kind: str, index: int, data_fingerprint: str | None = None) -> bool:
         """Whether shard ``index`` is complete (and, if given, was made from ``data_fingerprint``).
@@ -621,16 +412,9 @@ class Store:
         complete (the featurization loop recomputes it); its checksum is verified on read.
         """
         entry = self._manifest["shards"].get(kind, {}).get(str(index))
-        if entry is None or not self._file_intact(entry):
+        if entry is None or not file_intact(self.path, entry):
             return False
         return data_fingerprint is None or entry["data_fingerprint"] == data_fingerprint
-
-    def _file_intact(self, entry: dict[str, Any]) -> bool:
-        try:
-            st = os.lstat(self.path / entry["file"])
-        except OSError:
-            return False
-        return stat.S_ISREG(st.st_mode) and st.st_size == entry["nbytes"]
 
     def read_shard(self, kind: str, index: int, mmap: bool = True) -> torch.Tensor:
         """Load shard ``index`` of ``kind`` in its recorded dtype, its checksum verified.
@@ -643,13 +427,17 @@ class Store:
             StoreError: no such complete shard, or its file is damaged (it is then marked
                 incomplete, so that the next run recomputes it).
         """
+        entry = self._shard_entry(kind, index)
+        return self._read_file(entry, mmap, lambda: self._journal(kind, index, None))
+
+    def _shard_entry(self, kind: str, index: int) -> dict[str, Any]:
         entry = self._manifest["shards"].get(kind, {}).get(str(index))
         if entry is None:
             raise StoreError(
                 f"store {self.path} has no complete shard {kind!r} #{index}; complete: "
                 f"{self.shard_indices(kind)}. Write it with write_shard first."
             )
-        return self._read_file(entry, mmap, lambda: self._journal(kind, index, None))
+        return entry
 
     def shard_indices(self, kind: str) -> list[int]:
         """Sorted indices of the complete shards of ``kind``."""
@@ -665,12 +453,7 @@ class Store:
 
     def shard_rows(self, kind: str, index: int) -> int:
         """Leading size of complete shard ``index`` of ``kind``, from the manifest (no read)."""
-        entry = self._manifest["shards"].get(kind, {}).get(str(index))
-        if entry is None:
-            raise StoreError(
-                f"store {self.path} has no complete shard {kind!r} #{index}; complete: "
-                f"{self.shard_indices(kind)}. Write it with write_shard first."
-            )
+        entry = self._shard_entry(kind, index)
         return int(entry["shape"][0]) if entry["shape"] else 1
 
     def iter_shards(self, kind: str, mmap: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
@@ -691,7 +474,7 @@ class Store:
     def has_array(self, name: str) -> bool:
         """Whether the named array is complete (present, of the recorded size)."""
         entry = self._manifest["arrays"].get(name)
-        return entry is not None and self._file_intact(entry)
+        return entry is not None and file_intact(self.path, entry)
 
     def read_array(self, name: str, mmap: bool = True) -> torch.Tensor:
         """Load the named array in its recorded dtype (``mmap`` and checks as in
@@ -734,50 +517,15 @@ class Store:
     def _load_manifest(self) -> dict[str, Any]:
         """The manifest on disk, checked against this job and entry by entry."""
         wanted, fix, file = self._wanted, self._fix(), self.path / MANIFEST
-        try:
-            manifest = json.loads(file.read_text())
-            if not isinstance(manifest, dict):
-                raise ValueError(f"top level is a {type(manifest).__name__}, not an object")
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"the manifest {file} is unreadable ({exc}); {fix}") from exc
-        if not _is_datatrace_manifest(manifest):
-            raise StoreError(
-                f"{file} is not a datatrace store manifest (it lacks format_version, config, "
-                "fingerprints, shards or arrays); give the store a directory of its own."
-            )
+        manifest = read_manifest(file, fix)
         legacy = manifest["format_version"] == 1  # no checksums yet: upgraded below
-        stored = {k: manifest.get(k, _MISSING) for k in wanted}
-        if legacy:
-            stored["format_version"] = FORMAT_VERSION
-        diffs = [d for k in wanted for d in _diff(stored[k], wanted[k], k)]
-        old: Any = manifest.get("probes") or {}
-        for name in sorted(set(old) & set(self._probes) if isinstance(old, dict) else ()):
-            gap = _close_enough(old[name], self._probes[name], self._probe_rtol)
-            if gap is not None:
-                diffs.append(
-                    f"probes.{name}: values differ by up to {gap:.2g} (relative; tolerance "
-                    f"{self._probe_rtol:.0e}), so the code that produced them changed"
-                )
+        diffs = job_differences(manifest, wanted, self._probes, self._probe_rtol)
         if diffs:
             raise StoreError(
                 f"store {self.path} was written for a different job and its arrays would be "
                 f"stale: {'; '.join(diffs)}. To continue, {fix}"
             )
-        for kind, shards in manifest["shards"].items():
-            if not (isinstance(kind, str) and _NAME.match(kind) and isinstance(shards, dict)):
-                raise StoreError(f"{file} has a malformed shard kind {kind!r}; {fix}")
-            for i, entry in shards.items():
-                problem = None if str(i).isdigit() else f"index {i!r} is not a number"
-                problem = problem or _entry_problem(entry, _shard_file(kind, int(i)), legacy)
-                if problem is None and entry.get("index", int(i)) != int(i):
-                    problem = f"it records index {entry.get('index')!r}"
-                if problem:
-                    raise StoreError(f"{file}: shard {kind!r} #{i} is malformed ({problem}); {fix}")
-        for name, entry in manifest["arrays"].items():
-            ok = isinstance(name, str) and _NAME.match(name)
-            problem = _entry_problem(entry, _array_file(name), legacy) if ok else "bad name"
-            if problem:
-                raise StoreError(f"{file}: array {name!r} is malformed ({problem}); {fix}")
+        check_entries(manifest, file, fix, legacy)
         if legacy:
             self._upgrade(manifest)
         manifest.setdefault("probes", {})
@@ -786,15 +534,7 @@ class Store:
     def _upgrade(self, manifest: dict[str, Any]) -> None:
         """Version 1 entries get their size and checksum from their files (trusted once);
         entries whose file is gone are dropped (recomputed)."""
-        manifest["format_version"] = FORMAT_VERSION
-        for shards in [*manifest["shards"].values(), manifest["arrays"]]:
-            for key, entry in list(shards.items()):
-                try:
-                    with self._open(entry["file"]) as f:
-                        entry["nbytes"] = os.fstat(f.fileno()).st_size
-                        entry["checksum"] = _checksum(_file_chunks(f))
-                except OSError:
-                    del shards[key]
+        upgrade_entries(self.path, manifest)
         if self.writing and self.rank == 0:
             self._write_manifest(manifest)
 
@@ -803,51 +543,16 @@ class Store:
         if not journals:
             return
         for journal in journals:
-            for kind, index, entry in _journal_records(journal):
-                shards = self._manifest["shards"].setdefault(kind, {})
-                if entry is None:
-                    shards.pop(str(index), None)
-                elif _entry_problem(entry, _shard_file(kind, index)) is None:
-                    shards[str(index)] = entry
-                # else: a malformed record counts as not written; the shard is recomputed
+            apply_journal(self._manifest, journal)
         if not persist:  # a reader: the writer folds them
             return
         self.compact()  # removes rank 0's journal; the manifest now holds the others too
         for journal in journals:
             journal.unlink(missing_ok=True)
-        _fsync_dir(self.path)
-
-    @contextlib.contextmanager
-    def _no_space(self, name: str, size: int) -> Iterator[None]:
-        """Inside: a full disk (or quota) while writing ``name`` becomes a ``StoreError``."""
-        try:
-            yield
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            try:
-                free = f"{shutil.disk_usage(self.path).free:,} bytes free"
-            except OSError:
-                free = "free space unknown"
-            raise StoreError(
-                f"no space left for store {self.path}: writing {name} needs {size:,} bytes "
-                f"({free}). Free space or point store= at another disk, then run again: "
-                "completed shards are kept and not recomputed."
-            ) from exc
+        fsync_dir(self.path)
 
     def _atomic_write(self, name: str, write: Callable[[IO[bytes]], object], size: int) -> None:
-        with self._no_space(name, size):
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".part", dir=self.path)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    write(f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path / name)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        _fsync_dir(self.path)
+        write_file(self.path, name, write, size)
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         text = json.dumps(manifest, indent=1, sort_keys=True).encode()
@@ -855,51 +560,19 @@ class Store:
         self._manifest = manifest  # only once it is on disk
 
     def _write_file(self, name: str, tensor: torch.Tensor) -> dict[str, Any]:
-        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
-            raise ConfigError(f"the store holds dense torch tensors; got {type(tensor).__name__}.")
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        if dtype not in _DTYPES:
-            raise ConfigError(
-                f"cannot store dtype {tensor.dtype}; supported: {sorted(_DTYPES)}. Cast with .to()."
-            )
-        t = tensor.detach().to("cpu").contiguous().view(_DTYPES[dtype][1])
-        array = t.numpy()
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(
-            header, np.lib.format.header_data_from_array_1_0(array)
-        )
-        head = header.getvalue()
-        data = memoryview(array.reshape(-1).view(np.uint8).data)
+        head, data, entry = encode_npy(tensor)
 
         def write(f: IO[bytes]) -> None:
             f.write(head)
             f.write(data)
 
-        self._atomic_write(name, write, len(head) + array.nbytes)
-        return {
-            "file": name,
-            "shape": list(tensor.shape),
-            "dtype": dtype,
-            "nbytes": len(head) + array.nbytes,
-            "checksum": _checksum([head, data]),
-        }
-
-    def _open(self, name: str) -> io.BufferedReader:
-        """``name`` in the store, read-only, refusing symlinks and anything but a file."""
-        fd = os.open(self.path / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        f = os.fdopen(fd, "rb")
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            f.close()
-            raise OSError(errno.EINVAL, "not a regular file")
-        return f
+        self._atomic_write(name, write, entry["nbytes"])
+        return {"file": name, **entry}
 
     def _read_file(
         self, entry: dict[str, Any], mmap: bool, retract: Callable[[], None]
     ) -> torch.Tensor:
         file = self.path / entry["file"]
-        torch_dtype, storage = _DTYPES[entry["dtype"]]
-        shape = tuple(entry["shape"])
-        expected = torch.empty(0, dtype=storage).numpy().dtype
 
         def corrupt(reason: str, exc: BaseException | None = None) -> StoreError:
             fix = "Delete it with Store.clear(path) and recompute."
@@ -911,44 +584,4 @@ class Store:
                 + fix
             )
 
-        try:
-            f = self._open(entry["file"])
-        except OSError as exc:
-            raise corrupt(f"cannot open it: {exc.strerror or exc}") from exc
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if size != entry["nbytes"]:
-                raise corrupt(f"{size} bytes, the manifest records {entry['nbytes']}")
-            try:
-                version = np.lib.format.read_magic(f)
-                read_header = (
-                    np.lib.format.read_array_header_1_0
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0
-                )
-                got_shape, fortran, got_dtype = read_header(f)
-            except (OSError, ValueError, SyntaxError, TypeError) as exc:
-                raise corrupt(f"no valid .npy header: {exc}") from exc
-            if got_dtype != expected or tuple(got_shape) != shape or fortran:
-                raise corrupt(
-                    f"it holds dtype/shape {got_dtype}/{tuple(got_shape)}, the manifest records "
-                    f"{expected}/{shape}"
-                )
-            offset = f.tell()
-            if mmap and size > offset:
-                f.seek(0)
-                head = f.read(offset)
-                array: np.ndarray = np.memmap(
-                    f, dtype=expected, mode="c", offset=offset, shape=shape
-                )
-                # hashed through the map: no copy, and the pages are then cached for the caller
-                body = memoryview(array.reshape(-1).view(np.uint8).data)
-                if _checksum([head, body]) != entry["checksum"]:
-                    raise corrupt("checksum mismatch")
-            else:
-                f.seek(0)
-                buf = bytearray(size)
-                if f.readinto(buf) != size or _checksum([buf]) != entry["checksum"]:
-                    raise corrupt("checksum mismatch")
-                array = np.frombuffer(buf, dtype=expected, offset=offset).reshape(shape)
-        return torch.from_numpy(array).view(torch_dtype)  # mode 'c' keeps it writable
+        return read_npy(self.path, entry, mmap, corrupt)

@@ -12,25 +12,37 @@ that a positive score always means "training on this unit improves the query".
 from __future__ import annotations
 
 import copy
-import math
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from datatrace import task_checks
+from datatrace.checkpoint import Checkpoint, Member
 from datatrace.data import Batch
 from datatrace.devices import cast_floating, move_to_device, resolve_device, working_dtype
-from datatrace.errors import ConfigError, DataError, DatatraceError, ModelError, NumericalError
+from datatrace.errors import ConfigError, DataError, ModelError
+from datatrace.targets import (
+    _LOSSES,
+    _TARGETS,
+    Target,
+    _IgnoresMask,
+    cross_entropy,
+    lm_loss,
+    log_prob,
+    margin,
+    mse,
+)
 
 __all__ = [
     "Checkpoint",
+    "Member",
     "Target",
     "Task",
     "cross_entropy",
@@ -38,174 +50,9 @@ __all__ = [
     "lm_loss",
     "log_prob",
     "margin",
+    "mse",
     "parameter_uses",
 ]
-
-LossFn = Callable[[torch.Tensor, Batch, torch.Tensor | None], torch.Tensor]
-
-
-# ----------------------------------------------------------------------------- losses/targets
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-example cross-entropy, shape ``(B,)``."""
-    return F.cross_entropy(logits, labels, reduction="none")
-
-
-def mse(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-example half squared error summed over output dimensions, shape ``(B,)``.
-
-    Raises:
-        DataError: labels whose per-example size differs from the outputs' (``(B,)`` class
-            labels against ``(B, C)`` outputs would broadcast into nonsense).
-    """
-    _check_mse_labels(outputs, labels)
-    diff = outputs.reshape(outputs.shape[0], -1) - labels.reshape(labels.shape[0], -1)
-    return 0.5 * (diff**2).sum(1)
-
-
-def _check_mse_labels(outputs: torch.Tensor, labels: torch.Tensor) -> None:
-    per_out = outputs[0].numel() if outputs.ndim else 1
-    per_label = labels[0].numel() if labels.ndim else 1
-    if labels.ndim == 0 or labels.shape[0] != outputs.shape[0] or per_out != per_label:
-        raise DataError(
-            f"loss='mse' got labels of shape {tuple(labels.shape)} for outputs of shape "
-            f"{tuple(outputs.shape)}: {per_label} target value(s) per example for {per_out} "
-            "outputs; give targets shaped like the outputs (for class labels use "
-            f"loss='cross_entropy', or one-hot encode them: F.one_hot(y, {per_out}).float())."
-        )
-
-
-def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """TRAK's classification margin ``logit_y - logsumexp_{c != y} logit_c`` (higher is better)."""
-    true = logits.gather(1, labels.view(-1, 1)).squeeze(1)
-    others = logits.scatter(1, labels.view(-1, 1), float("-inf"))
-    return true - torch.logsumexp(others, dim=1)
-
-
-def _token_log_probs(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    # Causal LM: position t predicts token t+1. Labels equal to -100 are ignored (HF convention).
-    shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, 1:]
-    keep = shift_labels != -100
-    if mask is not None:
-        keep = keep & mask[:, 1:].bool()
-    safe = shift_labels.clamp_min(0)
-    lp = torch.log_softmax(shift_logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return (lp * keep.to(lp.dtype)).sum(1)
-
-
-def log_prob(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Summed next-token log-probability of each sequence, shape ``(B,)`` (higher is better)."""
-    return _token_log_probs(logits, labels, mask)
-
-
-def lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Summed next-token negative log-likelihood of each sequence, shape ``(B,)``."""
-    return -_token_log_probs(logits, labels, mask)
-
-
-@dataclass(frozen=True)
-class Target:
-    """A measurement function to attribute.
-
-    Attributes:
-        name: id used in configs and manifests.
-        fn: ``fn(outputs, labels, mask) -> (B,)``; ``mask`` is the attention mask or None.
-        direction: +1 if higher values are better (margin, log-prob), -1 if lower (loss).
-    """
-
-    name: str
-    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-    direction: Literal[1, -1]
-
-
-@dataclass(frozen=True)
-class _IgnoresMask:
-    """``fn(outputs, labels)`` called as ``(outputs, labels, mask)``: a module-level object,
-    not a lambda, so that tasks and fitted attributors pickle."""
-
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-    def __call__(
-        self, outputs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        return self.fn(outputs, labels)
-
-
-_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
-    "cross_entropy": _IgnoresMask(cross_entropy),
-    "mse": _IgnoresMask(mse),
-    "lm": lm_loss,
-}
-_TARGETS = {
-    "margin": Target("margin", _IgnoresMask(margin), 1),
-    "log_prob": Target("log_prob", log_prob, 1),
-}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-@dataclass(frozen=True)
-class Checkpoint:
-    """A saved state of one training run (DESIGN.md §2).
-
-    Attributes:
-        state: a state dict, or a path to one saved with ``torch.save`` (loaded with
-            ``weights_only=True``).
-        step: optimizer step at which it was saved.
-        learning_rate: learning rate in force at that step (TracIn and Source weigh by it).
-        optimizer: optimizer kind, e.g. ``"sgd"`` or ``"adam"``.
-        train_indices: training indices the run used up to this checkpoint (multi-stage runs).
-
-    Example:
-        >>> ckpt = Checkpoint(nn.Linear(2, 2).state_dict(), step=10, learning_rate=0.1)
-        >>> sorted(ckpt.load())
-        ['bias', 'weight']
-    """
-
-    state: Mapping[str, torch.Tensor] | str | Path
-    step: int = 0
-    learning_rate: float = 1.0
-    optimizer: str = "sgd"
-    train_indices: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.state, (Mapping, str, Path)):
-            raise ModelError(
-                f"Checkpoint.state must be a state dict or a path; got {type(self.state).__name__}."
-            )
-        if not (self.learning_rate > 0):
-            raise ConfigError(f"Checkpoint.learning_rate must be > 0; got {self.learning_rate}.")
-
-    def load(self) -> dict[str, torch.Tensor]:
-        """The state dict, loaded safely (``weights_only=True``) if a path was given."""
-        if isinstance(self.state, Mapping):
-            return dict(self.state)
-        path = Path(self.state)
-        if not path.exists():
-            raise ModelError(f"checkpoint file {str(path)!r} does not exist.")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises UnpicklingError/RuntimeError for unsafe files
-            raise ModelError(
-                f"checkpoint {str(path)!r} could not be loaded with weights_only=True ({exc}); "
-                "save plain state dicts of tensors (torch.save(model.state_dict(), path))."
-            ) from exc
-        if (
-            isinstance(obj, Mapping)
-            and "state_dict" in obj
-            and isinstance(obj["state_dict"], Mapping)
-        ):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping):
-            raise ModelError(
-                f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict."
-            )
-        return dict(obj)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -268,26 +115,6 @@ class _SplitBatch:
     kwargs: dict[str, Any]
     labels: torch.Tensor | None
     mask: torch.Tensor | None
-
-
-def _rows(split: _SplitBatch) -> int:
-    """Examples in a split batch (its first tensor's leading dimension)."""
-    for t in [*split.args, *split.kwargs.values(), split.labels]:
-        if isinstance(t, torch.Tensor) and t.ndim:
-            return int(t.shape[0])
-    return 0
-
-
-def _describe(split: _SplitBatch) -> str:
-    """The inputs of a split batch for a message: shapes and dtypes by position or key."""
-
-    def one(t: Any) -> str:
-        if isinstance(t, torch.Tensor):
-            return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
-        return type(t).__name__
-
-    parts = [one(t) for t in split.args] + [f"{k}={one(t)}" for k, t in split.kwargs.items()]
-    return "[" + ", ".join(parts) + "]"
 
 
 class Task:
@@ -664,27 +491,7 @@ class Task:
         Inside :meth:`moving_batches` (the attributors) the device is not checked: batches
         are moved.
         """
-        split = self._split(batch)
-        leaves = list(split.args) + list(split.kwargs.values())
-        if split.labels is not None:
-            leaves.append(split.labels)
-        device = self.device
-        for t in leaves:
-            if not isinstance(t, torch.Tensor):
-                continue
-            if t.device != device and not self._moves_batches:
-                raise DataError(
-                    f"an input tensor is on {t.device} but the model is on {device}; move the "
-                    f"batch to the model (e.g. x.to({str(device)!r}) for each tensor), or use an "
-                    "attributor, which moves batches to the model's device itself."
-                )
-            if t is split.labels:
-                continue
-            if t.is_floating_point() and t.dtype != self.dtype:
-                raise DataError(
-                    f"an input tensor has dtype {t.dtype} but the model's parameters are "
-                    f"{self.dtype}; cast the data (e.g. x.to({self.dtype})) or the model."
-                )
+        task_checks.check_batch(self, batch)
 
     def check_data(self, data: Any, batch_size: int, what: str) -> None:
         """Refuse ``data`` the model cannot be attributed on, naming the bad value.
@@ -697,135 +504,11 @@ class Task:
         and non-finite outputs a ``NumericalError``. ``what`` names the data in messages
         ("training", "query").
         """
-        from datatrace.data import iter_batches
-
-        n_out: tuple[int, ...] | None = None
-        offset = 0
-        for batch in iter_batches(data, batch_size):
-            split = self.split_batch(batch)
-            self._check_finite_batch(split, what, offset)
-            if n_out is None:
-                n_out = self._probe_outputs(split, what)
-            self._check_labels(split.labels, n_out, what, offset)
-            offset += _rows(split)
+        task_checks.check_data(self, data, batch_size, what)
 
     def check_finite_state(self, state: Mapping[str, torch.Tensor], what: str) -> None:
         """Refuse NaN/inf in the tracked parameters of ``state`` (``NumericalError``)."""
-        for name in self._tracked:
-            t = state.get(name)
-            if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                kind = "NaN" if bool(torch.isnan(t).any()) else "inf"
-                raise NumericalError(
-                    f"parameter {name!r} of {what} holds {bad} {kind} value(s); attribution "
-                    "of a model with non-finite weights is meaningless. Load finite weights "
-                    "(a checkpoint saved before the divergence), or lower the learning rate."
-                )
-
-    def _check_finite_batch(self, split: _SplitBatch, what: str, offset: int) -> None:
-        self._check_input_dtypes(split)
-        named = [(f"positional input {i}", t) for i, t in enumerate(split.args)]
-        named += [(f"input {k!r}", t) for k, t in split.kwargs.items()]
-        named.append(("labels", split.labels))
-        for name, t in named:
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                continue
-            finite = torch.isfinite(t)
-            if bool(finite.all()):
-                continue
-            row = int((~finite).reshape(t.shape[0], -1).any(1).nonzero()[0, 0]) if t.ndim else 0
-            value = t.reshape(-1)[int((~finite).reshape(-1).nonzero()[0, 0])].item()
-            raise NumericalError(
-                f"the {what} data's {name} holds {value} at example {offset + row}; scores of "
-                "non-finite data would be NaN. Clean or drop that example (torch.isfinite "
-                "finds them)."
-            )
-
-    def _check_input_dtypes(self, split: _SplitBatch) -> None:
-        leaves = list(split.args) + list(split.kwargs.values())
-        for t in leaves:
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != self.dtype:
-                raise DataError(
-                    f"an input tensor has dtype {t.dtype} but the model's parameters are "
-                    f"{self.dtype}; cast the data (e.g. x.to({self.dtype})) or the model."
-                )
-
-    def _probe_outputs(self, split: _SplitBatch, what: str) -> tuple[int, ...]:
-        """One forward pass of the first batch: the shape of one example's outputs."""
-        try:
-            with torch.no_grad():
-                out = self.outputs(self.state(), split)
-        except DatatraceError:
-            raise
-        except Exception as exc:  # the user's model refused these inputs
-            raise DataError(
-                f"the model cannot take the {what} data: with inputs {_describe(split)} its "
-                f"forward raised {type(exc).__name__}: {exc}. Check the data's feature sizes, "
-                "dtypes and keys against what the model expects (or pass batch_to_inputs=)."
-            ) from exc
-        if out.ndim == 0 or not bool(torch.isfinite(out).all()):
-            if out.ndim == 0:
-                raise ModelError(
-                    f"the model returned a scalar on the {what} data; it must return one row "
-                    "of outputs per example."
-                )
-            raise NumericalError(
-                f"the model's outputs on the {what} data hold NaN/inf although the inputs "
-                f"{_describe(split)} are finite: the forward pass overflows; check the weights "
-                "and the inputs' scale."
-            )
-        return tuple(out.shape[1:])
-
-    def _check_labels(
-        self, labels: torch.Tensor | None, n_out: tuple[int, ...], what: str, offset: int
-    ) -> None:
-        """Labels the built-in losses and targets cannot take, named (custom ones: no check)."""
-        if not isinstance(labels, torch.Tensor) or not n_out:
-            return
-        uses = {self.loss_name if self._builtin_loss else "", self.target.name}
-        classes: int | None = None
-        ignore = False
-        if uses & {"cross_entropy", "margin"}:
-            classes, ignore = n_out[0], "margin" not in uses
-            if labels.is_floating_point() and "margin" not in uses:
-                # class probabilities: shaped like the outputs
-                if tuple(labels.shape[1:]) != n_out:
-                    raise DataError(
-                        f"the {what} data's float labels have shape {tuple(labels.shape)} but "
-                        f"the outputs have {n_out} per example; cross-entropy takes integer class "
-                        "labels (B,) or class probabilities shaped like the outputs."
-                    )
-                return
-        elif uses & {"lm", "log_prob"}:
-            classes, ignore = n_out[-1], True
-        elif "mse" in uses:
-            per_example = math.prod(n_out)
-            if labels.ndim == 0 or labels[0].numel() != per_example:
-                raise DataError(
-                    f"loss='mse' got {what} labels of shape {tuple(labels.shape)} for outputs of "
-                    f"shape {n_out} per example; give targets shaped like the outputs (for "
-                    "class labels use loss='cross_entropy', or one-hot encode them: "
-                    f"F.one_hot(y, {per_example}).float())."
-                )
-        if classes is None:
-            return
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise DataError(
-                f"the {what} data's labels have dtype {labels.dtype}; the task's "
-                f"{sorted(uses - {''})} need integer class labels in [0, {classes})."
-            )
-        bad = (labels < 0) | (labels >= classes)
-        if ignore:
-            bad &= labels != -100
-        if bool(bad.any()):
-            first = bad.reshape(labels.shape[0], -1).any(1).nonzero()[0, 0] if labels.ndim else 0
-            value = int(labels.reshape(-1)[bad.reshape(-1)][0])
-            allowed = f"[0, {classes})" + (" or -100 (ignored)" if ignore else "")
-            raise DataError(
-                f"the {what} data has label {value} at example {offset + int(first)}, but the "
-                f"model has {classes} classes: labels must lie in {allowed}. Fix the labels or "
-                "the model's output size."
-            )
+        task_checks.check_finite_state(self, state, what)
 
     @property
     def _builtin_loss(self) -> bool:
@@ -895,14 +578,3 @@ class Task:
             "target": self.target.name,
             "params": self.tracked_names,
         }
-
-
-@dataclass(frozen=True)
-class Member:
-    """One model of an ensemble: a trajectory of checkpoints (the last one is the final model)."""
-
-    trajectory: tuple[Checkpoint, ...] = field(default_factory=tuple)
-
-    @property
-    def final(self) -> Checkpoint | None:
-        return self.trajectory[-1] if self.trajectory else None

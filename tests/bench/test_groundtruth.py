@@ -50,7 +50,7 @@ def test_sample_subsets_sizes_and_determinism() -> None:
 def test_sample_subsets_rejects_bad_settings() -> None:
     with pytest.raises(ConfigError, match="alpha"):
         sample_subsets(10, 5, alpha=1.0)
-    with pytest.raises(ConfigError, match="m must be an int >= 2; got 1"):
+    with pytest.raises(ConfigError, match="m must be an integer >= 2; got 1"):
         sample_subsets(10, 1)
     with pytest.raises(ConfigError, match="0 units"):
         sample_subsets(3, 5, alpha=0.1)

@@ -367,7 +367,7 @@ def test_unknown_names_and_fields_are_config_errors() -> None:
         (lambda: DigitsLR(n_val=200, n_test=200), "at most 360"),
         (lambda: DigitsLR(weight_decay=0.0), "weight_decay must be a finite number > 0"),
         (lambda: DigitsCNN(channels=(8,)), "channels must be two ints"),
-        (lambda: DigitsMLP(epochs=-1), "epochs must be an int >= 1"),
+        (lambda: DigitsMLP(epochs=-1), "epochs must be an integer >= 1"),
         (lambda: DigitsMLP(dtype="float16"), "dtype must be"),
         (lambda: PydocCharLM(d_model=30, n_heads=4), "multiple of n_heads"),
         (lambda: get_setting("breast-cancer-mlp", lr=float("nan")), "lr must be a finite"),

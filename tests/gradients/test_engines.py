@@ -135,25 +135,3 @@ def test_engines_agree_on_checkpoint_state():
     b = compute_per_sample_grads(task, (x, y), state=state, engine="functional").flat()
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(a, autograd_loop(other, ce, x, y), rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("model_fn", [mlp, cnn, tiny_lm])
-def test_factored_inner_products_equal_dense(model_fn):
-    from datatrace.gradients.kernel import per_sample_inner
-
-    model = model_fn()
-    g = torch.Generator().manual_seed(5)
-    if model_fn is mlp:
-        task, b1, b2 = Task(model), classification_data(n=5), classification_data(n=3, seed=8)
-    elif model_fn is cnn:
-        x = torch.randn(8, 1, 8, 8, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 4, (8,), generator=g)
-        task, b1, b2 = Task(model), (x[:5], y[:5]), (x[5:], y[5:])
-    else:
-        ids = torch.randint(0, 11, (8, 6), generator=g)
-        task, b1, b2 = Task(model, loss="lm"), {"input_ids": ids[:5]}, {"input_ids": ids[5:]}
-    p1 = compute_per_sample_grads(task, b1)
-    p2 = compute_per_sample_grads(task, b2, which="query")
-    torch.testing.assert_close(
-        per_sample_inner(p1, p2), p1.flat() @ p2.flat().T, rtol=1e-10, atol=1e-12
-    )

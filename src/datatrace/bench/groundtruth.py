@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from datatrace import distributed
+from datatrace._checks import check_int
 from datatrace._progress import progress_bar
 from datatrace.errors import ConfigError, DataError
 from datatrace.metrics.lds import LDSResult, spearman_batched
@@ -50,11 +51,6 @@ __all__ = [
 
 TrainFn = Callable[[torch.Tensor, int], Any]
 MeasureFn = Callable[[Any], torch.Tensor]
-
-
-def _check_int(value: Any, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}; got {value!r}.")
 
 
 def sample_subsets(n_train: int, m: int, alpha: float = 0.5, seed: int = 0) -> torch.Tensor:
@@ -80,8 +76,8 @@ def sample_subsets(n_train: int, m: int, alpha: float = 0.5, seed: int = 0) -> t
         >>> sample_subsets(n_train=10, m=3, alpha=0.3).sum(dim=1).tolist()
         [3, 3, 3]
     """
-    _check_int(n_train, "n_train", 1)
-    _check_int(m, "m", 2)
+    check_int("n_train", n_train, 1)
+    check_int("m", m, 2)
     if not 0.0 < alpha < 1.0:
         raise ConfigError(f"alpha must lie strictly between 0 and 1 (default 0.5); got {alpha!r}.")
     k = round(alpha * n_train)
@@ -225,7 +221,7 @@ def subset_ground_truth(
         DataError: If ``measure_fn`` does not return a 1-D tensor of a fixed length, or
             (under ``torchrun``) the ranks passed different arguments.
     """
-    _check_int(seeds, "seeds", 1)
+    check_int("seeds", seeds, 1)
     subsets = sample_subsets(n_train, m, alpha, seed)
     train_seeds = seed * m * seeds + torch.arange(m * seeds, dtype=torch.int64).reshape(m, seeds)
     _check_same_arguments("subset_ground_truth", (n_train, m, alpha, seeds, seed))
@@ -306,7 +302,7 @@ def leave_one_out(
         >>> loo.effects.tolist()  # the outlier y=5 hurts query 0: -4 - (-0.25)
         [[-3.75]]
     """
-    _check_int(n_train, "n_train", 2)
+    check_int("n_train", n_train, 2)
     idx = torch.as_tensor(indices)
     if idx.ndim != 1 or (idx.numel() > 0 and idx.is_floating_point()):
         raise DataError(

@@ -376,10 +376,6 @@ def _detached(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.detach()
 
 
-def factored_names(factors: Sequence[LayerFactors]) -> list[str]:
-    return [n for f in factors for n in (f.weight, f.bias) if n is not None]
-
-
 def group_factors(factors: Sequence[LayerFactors], members: torch.Tensor) -> list[LayerFactors]:
     """Factors of group gradients from per-sample factors, without per-sample gradients.
 

@@ -44,9 +44,8 @@ from typing import Any, Literal
 import torch
 
 from datatrace import distributed
-from datatrace.data import iter_batches
+from datatrace.data import iter_batches, take_examples
 from datatrace.errors import ConfigError, ModelError
-from datatrace.group import take_examples
 from datatrace.methods.base import (
     Attributor,
     MemberContext,

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datatrace._checks import check_int
 from datatrace.data import Batch, iter_batches, num_examples
+from datatrace.data import take_examples as take  # rows of a batch, for the recipes
 from datatrace.errors import ConfigError, DataError
 from datatrace.replay import TrainingRecipe
 from datatrace.store import fingerprint_batch
@@ -41,13 +43,6 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # ----------------------------------------------------------------------------- batches
-def take(batch: Batch, indices: torch.Tensor) -> Batch:
-    """Rows ``indices`` of a tuple or dict batch (every tensor indexed along dim 0)."""
-    if isinstance(batch, Mapping):
-        return {k: v[indices] for k, v in batch.items()}
-    return tuple(t[indices] for t in batch)
-
-
 def _concat(batches: Sequence[Batch]) -> Batch:
     first = batches[0]
     if isinstance(first, Mapping):
@@ -110,11 +105,6 @@ class Evaluation:
 
 
 # ----------------------------------------------------------------------------- settings
-def _check_int(value: Any, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}; got {value!r}.")
-
-
 def _check_float(value: Any, name: str, minimum: float, strict: bool) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < minimum or (strict and value == minimum):
@@ -213,10 +203,10 @@ class Setting(ABC):
         """Validate the fields once presets are applied; subclasses extend it (call super)."""
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be 'float32' or 'float64'; got {self.dtype!r}.")
-        _check_int(self.split_seed, "split_seed", 0)
-        _check_int(self.checkpoints, "checkpoints", 1)
+        check_int("split_seed", self.split_seed, 0)
+        check_int("checkpoints", self.checkpoints, 1)
         for key in ("n_train", "n_val", "n_test"):
-            _check_int(getattr(self, key), key, 1)
+            check_int(key, getattr(self, key), 1)
 
     # -- builders ------------------------------------------------------------------------------
     @abstractmethod
@@ -259,7 +249,7 @@ class Setting(ABC):
 
     def build_model(self, seed: int = 0) -> nn.Module:
         """A freshly initialised model (train mode, the setting's dtype), fixed by ``seed``."""
-        _check_int(seed, "seed", 0)
+        check_int("seed", seed, 0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = self._build_model()

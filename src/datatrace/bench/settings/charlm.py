@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datatrace._checks import check_int
 from datatrace.bench.settings.base import (
     Setting,
     SettingData,
     TaskKind,
     _check_float,
-    _check_int,
 )
 from datatrace.bench.settings.registry import register_setting
 from datatrace.bench.settings.training import fit_minibatch
@@ -206,7 +206,7 @@ class PydocCharLM(Setting):
     def _check(self) -> None:
         super()._check()
         for key in ("chunk_len", "d_model", "n_heads", "n_layers", "epochs", "batch_size"):
-            _check_int(getattr(self, key), key, 1)
+            check_int(key, getattr(self, key), 1)
         if self.chunk_len < 2:
             raise ConfigError(f"chunk_len must be >= 2 (one next character); got {self.chunk_len}.")
         if self.d_model % self.n_heads:

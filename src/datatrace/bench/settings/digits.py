@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datatrace._checks import check_int
 from datatrace.bench.digits import load_digits_split
-from datatrace.bench.settings.base import DType, Setting, SettingData, _check_float, _check_int
+from datatrace.bench.settings.base import DType, Setting, SettingData, _check_float
 from datatrace.bench.settings.registry import register_setting
 from datatrace.bench.settings.training import ClassifierSetting
 from datatrace.data import Batch
@@ -105,7 +106,7 @@ class DigitsLR(Setting):
         super()._check()
         _check_digits_sizes(self)
         _check_float(self.weight_decay, "weight_decay", 0.0, strict=True)
-        _check_int(self.max_iter, "max_iter", 1)
+        check_int("max_iter", self.max_iter, 1)
         _check_float(self.tolerance, "tolerance", 0.0, strict=True)
 
     def _build_data(self) -> SettingData:
@@ -295,7 +296,7 @@ class DigitsCNN(ClassifierSetting):
             isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.channels
         ):
             raise ConfigError(f"channels must be two ints >= 1; got {self.channels!r}.")
-        _check_int(self.hidden, "hidden", 1)
+        check_int("hidden", self.hidden, 1)
 
     def _build_data(self) -> SettingData:
         return _digits_data(self, image=True)

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datatrace.bench.settings.base import Setting, _check_float, _check_int, take
+from datatrace._checks import check_int
+from datatrace.bench.settings.base import Setting, _check_float, take
 from datatrace.data import Batch, num_examples
 from datatrace.recording import CheckpointRecorder
 from datatrace.replay import TrainingRecipe
@@ -113,8 +114,8 @@ class ClassifierSetting(Setting):
 
     def _check(self) -> None:
         super()._check()
-        _check_int(self.epochs, "epochs", 1)
-        _check_int(self.batch_size, "batch_size", 1)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
         _check_float(self.lr, "lr", 0.0, strict=True)
         _check_float(self.weight_decay, "weight_decay", 0.0, strict=False)
 

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datatrace.bench.settings.base import SettingData, _check_float, _check_int
+from datatrace._checks import check_int
+from datatrace.bench.settings.base import SettingData, _check_float
 from datatrace.bench.settings.digits import _PRESETS, _check_digits_sizes, _digits_data
 from datatrace.bench.settings.registry import register_setting
 from datatrace.bench.settings.training import ClassifierSetting
@@ -281,7 +282,7 @@ class DigitsMLPTwoStage(_StagedSGDSetting):
         _check_hidden(self.hidden)
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
             raise ConfigError(f"momentum must be a number in [0, 1); got {self.momentum!r}.")
-        _check_int(self.pretrain_epochs, "pretrain_epochs", 1)
+        check_int("pretrain_epochs", self.pretrain_epochs, 1)
         _check_float(self.finetune_lr, "finetune_lr", 0.0, strict=True)
 
     def _build_data(self) -> SettingData:
