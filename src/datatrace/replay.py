@@ -483,15 +483,23 @@ class Replay:
         new = optimizer_update(self.recipe.optimizer, current, grads, spec.learning_rate)
         return new if create_graph else new.detached()
 
-    def run(self, keep_every: int | None = None) -> ReplayState:
+    def run(
+        self, keep_every: int | None = None, weights: torch.Tensor | None = None
+    ) -> ReplayState:
         """Replay every step (no graph); with ``keep_every``, :attr:`kept` holds the states
-        at steps ``0, keep_every, 2 keep_every, ...`` (detached)."""
+        at steps ``0, keep_every, 2 keep_every, ...`` (detached).
+
+        Args:
+            keep_every: keep every ``keep_every``-th state (None: none).
+            weights: ``(n_train,)`` loss weights of the examples in every step (None: all 1,
+                the recorded run).
+        """
         state = self.start()
         self.kept: dict[int, ReplayState] = {}
         for _ in range(self.recipe.num_steps):
             if keep_every is not None and state.step % keep_every == 0:
                 self.kept[state.step] = state
-            state = self.step(state)
+            state = self.step(state, weights)
         return state
 
     def _randomness(self, seed: int | None) -> Any:

@@ -96,13 +96,60 @@ def test_metagradient_equals_finite_difference_of_retraining(optimizer, data):
         assert fd.abs().max() > 1e-4  # the example matters: the comparison is not 0 == 0
 
 
-def unrolled_by_hand(optimizer: str, train_data, queries) -> torch.Tensor:
+@pytest.mark.parametrize(("optimizer", "weight"), [("sgd-momentum", 0.5), ("adam", 0.25)])
+def test_metagradient_at_another_weight_equals_finite_difference(optimizer, weight, data):
+    # weight=w0: -∂(query loss)/∂w_i at w = w0 · 1, the run retrained with every weight w0
+    train_data, queries = data
+    model, recipe = recorded(optimizer, train_data)
+    attr = UnrolledAttributor(Task(model), recipe=recipe, weight=weight)
+    scores = attr.fit(train_data).attribute(queries).values
+    h = 1e-4
+    base = torch.full((N,), weight, dtype=torch.float64)
+    centre = query_loss(train(optimizer, train_data, base), queries)
+    assert (centre - query_loss(model, queries)).abs().max() > 1e-3  # another trajectory
+    for i in (0, 3, 7):
+        plus, minus = base.clone(), base.clone()
+        plus[i] += h
+        minus[i] -= h
+        fd = (
+            query_loss(train(optimizer, train_data, plus), queries)
+            - query_loss(train(optimizer, train_data, minus), queries)
+        ) / (2 * h)
+        torch.testing.assert_close(scores[:, i], -fd, rtol=1e-5, atol=1e-9)
+        assert fd.abs().max() > 1e-4
+    at_one = UnrolledAttributor(Task(model), recipe=recipe).fit(train_data).attribute(queries)
+    assert (scores - at_one.values).abs().max() > 1e-3  # a different derivative than at 1
+
+
+def test_default_weight_is_the_recorded_run(data):
+    train_data, queries = data
+    model, recipe = recorded("sgd-momentum", train_data)
+    default = UnrolledAttributor(Task(model), recipe=recipe).fit(train_data)
+    explicit = UnrolledAttributor(Task(model), recipe=recipe, weight=1.0).fit(train_data)
+    assert default.config.weight == 1.0
+    assert torch.equal(default.attribute(queries).values, explicit.attribute(queries).values)
+
+
+def test_a_bad_recipe_is_refused_at_any_weight(data):
+    # the replay is checked at weight 1 against the recorded weights before the run at w0
+    train_data, _ = data
+    model, recipe = recorded("adam", train_data)
+    steps = list(recipe.steps)
+    steps[3] = ReplayStep(steps[3].indices, steps[3].learning_rate * 1.001)
+    wrong = TrainingRecipe(
+        recipe.initial_state, recipe.optimizer, steps, recipe.params, recipe.final_state
+    )
+    with pytest.raises(ModelError, match="does not reproduce the recipe's recorded final"):
+        UnrolledAttributor(Task(model), recipe=wrong, weight=0.5).fit(train_data)
+
+
+def unrolled_by_hand(optimizer: str, train_data, queries, weight: float = 1.0) -> torch.Tensor:
     """Plain autograd through the whole run: the update written out again, no checkpoints."""
     x, y = train_data
     model = mlp()
     params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
     names = [n for n, _ in model.named_parameters()]
-    w = torch.ones(N, dtype=torch.float64, requires_grad=True)
+    w = torch.full((N,), weight, dtype=torch.float64, requires_grad=True)
     opt = OPTIMIZERS[optimizer]([torch.zeros(1)]).param_groups[0]
     state: list[dict] = [{} for _ in params]
     for t, idx in enumerate(batch_order(), start=1):
@@ -150,6 +197,20 @@ def test_equals_full_autograd_through_the_run_for_every_segment_length(optimizer
             )
             got = attr.fit(train_data).attribute(queries).values
             torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-nesterov", "adamw"])
+def test_another_weight_equals_full_autograd_for_every_segment_length(optimizer, data):
+    train_data, queries = data
+    model, recipe = recorded(optimizer, train_data)
+    reference = unrolled_by_hand(optimizer, train_data, queries, weight=0.5)
+    assert reference.abs().max() > 1e-3
+    for segment_steps in (1, 4, STEPS):
+        attr = UnrolledAttributor(
+            Task(model), recipe=recipe, weight=0.5, segment_steps=segment_steps, batch_size=2
+        )
+        got = attr.fit(train_data).attribute(queries).values
+        torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-13)
 
 
 def test_margin_target_sign_and_unused_examples(data):
@@ -285,6 +346,9 @@ def test_settings_are_validated_in_init(data):
         UnrolledAttributor(task, recipe=recipe, segment_steps=0)
     with pytest.raises(ConfigError, match="replay_tolerance must be"):
         UnrolledAttributor(task, recipe=recipe, replay_tolerance=-1.0)
+    for bad in (-0.5, float("nan"), float("inf"), True, "half", None):
+        with pytest.raises(ConfigError, match=r"weight must be a finite number >= 0.*got"):
+            UnrolledAttributor(task, recipe=recipe, weight=bad)
     with pytest.raises(ConfigError, match="projector='none'"):
         UnrolledAttributor(task, recipe=recipe, projector="gaussian")
     with pytest.raises(ConfigError, match="Drop store="):

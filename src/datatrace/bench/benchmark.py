@@ -88,6 +88,9 @@ DEFAULT_GRIDS: dict[str, list[dict[str, Any]]] = {
         for d in (1e-3, 1e-2)
     ],
     "if-datainf": [{"damping": 1e-2}],
+    # the point of linearisation: 1 for small drops, the centre of the ablated weights (0.5)
+    # or below for half-subsets (docs/notes/unrolled-weight.md)
+    "unrolled": [{"weight": w} for w in (1.0, 0.5, 0.25)],
     "if-cg": [{"damping": d, "solver_options": {"max_iter": 50}} for d in (1e-3, 1e-2)],
     "if-arnoldi": [{"damping": d, "solver_options": {"rank": 100}} for d in (1e-2, 1e-1)],
     "if-lissa": [{"damping": 0.1, "solver_options": {"depth": 100}}],

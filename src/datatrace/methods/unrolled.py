@@ -21,6 +21,17 @@ Sign and scale (DESIGN.md §1): the score is the first-order *decrease* of the q
 when example ``i`` is up-weighted from 0 to 1 in every batch it appears in, with each
 batch's denominator ``|B_t|`` held fixed; positive = proponent.
 
+Where to linearise (``weight=w0``, default 1). The derivative can be taken at any common
+weight ``w = w0 · 1``: the run is replayed with every example's loss weight at ``w0`` (a
+different, equally deterministic trajectory) and differentiated there. A subset ``S`` is
+then predicted by ``f_q(1_S) ≈ f_q(w0 · 1) + Σ_i ∂f_q/∂w_i (1_S - w0)_i``, whose ranking
+over subsets is that of ``Σ_{i ∈ S} score[q, i]``. The first-order error is smallest where
+``w0`` is the mean of the ablated weights: ``w0 = 1`` for dropping a few examples, ``w0 =
+0.5`` for random halves (``J_t`` is linear in ``w``, so every step's loss at weight 0.5 is the
+mean over random halves ``S`` of the loss ``J_t(θ; 1_S)`` of the run without the other half).
+The replay is checked against the recorded weights at ``w0 = 1`` first; the run at ``w0``
+uses the same verified steps.
+
 Memory: reverse mode needs the state of every step. The replay keeps the state (weights and
 optimizer slots) at every ``K``-th step (``K = segment_steps``, default ``ceil(sqrt(T))``),
 then walks the segments backwards: each segment is recomputed forward from its saved state
@@ -73,11 +84,18 @@ class UnrolledConfig(MethodConfig):
             bitwise reproducible (GPU atomics); the scores are then exact for the replayed run.
         query_batching: ``"vmap"`` pulls ``batch_size`` query adjoints back at once
             (``is_grads_batched``); ``"loop"`` one by one (less memory, slower).
+        weight: every example's loss weight ``w0`` at which the metagradient is taken,
+            ``-∂f_q/∂w_i`` at ``w = w0 · 1`` (finite, >= 0). 1 (default): the recorded run,
+            right for dropping a few examples. 0.5: the centre of random half-subset
+            ablations, the run replayed with every loss weight halved (a different
+            trajectory; the replay is first checked at weight 1 against the recorded
+            weights). See the module docstring.
     """
 
     segment_steps: int | None = None
     replay_tolerance: float = 0.0
     query_batching: Literal["vmap", "loop"] = "vmap"
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +113,13 @@ class UnrolledConfig(MethodConfig):
         if self.query_batching not in ("vmap", "loop"):
             raise ConfigError(
                 f"query_batching must be 'vmap' or 'loop'; got {self.query_batching!r}."
+            )
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
+            raise ConfigError(
+                f"weight must be a finite number >= 0 (the loss weight of every example at "
+                f"which the metagradient is taken: 1 the recorded run, 0.5 the centre of "
+                f"half-subset ablations); got {w!r}."
             )
         if self.projector != "none":
             raise ConfigError(
@@ -188,9 +213,22 @@ class UnrolledAttributor(Attributor):
         steps = recipe.num_steps
         every = self.config.segment_steps or max(1, math.isqrt(max(steps - 1, 0)) + 1)
         final = replay.run(keep_every=every)
+        # The check is on the recorded run (every weight 1). A run at another weight is a
+        # different trajectory, replayed by the same (now verified) steps.
         self._check_replay(ctx, recipe, replay, final)
+        if self.config.weight != 1:
+            final = replay.run(keep_every=every, weights=self._weights())
         ctx.fitted.update(
             {"replay": replay, "saved": replay.kept, "final": final, "segment_steps": every}
+        )
+
+    def _weights(self) -> torch.Tensor:
+        """``(n_train,)``: every example's loss weight at the point of differentiation."""
+        return torch.full(
+            (self._n_train,),
+            float(self.config.weight),
+            dtype=self.task.dtype,
+            device=self.task.device,
         )
 
     def _check_replay(
@@ -278,8 +316,7 @@ class UnrolledAttributor(Attributor):
         for start in sorted(saved, reverse=True):
             stop = min(start + every, replay.recipe.num_steps)
             leaves = [t.detach().requires_grad_(True) for t in saved[start].tensors()]
-            weights = torch.ones(self._n_train, dtype=self.task.dtype, device=self.task.device)
-            weights.requires_grad_(True)
+            weights = self._weights().requires_grad_(True)
             with torch.enable_grad():
                 state = saved[start].with_tensors(leaves)
                 for _ in range(start, stop):
