@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     ctx = attr._contexts[0]  # one member: its inverse is swapped for each curvature below
 
     def score(layers: list[KFACLayer]) -> float:
-        ctx.fitted["inverse"] = KFACCurvature(task, layers).inverse("heuristic")
+        inverse = KFACCurvature(task, layers).inverse("heuristic")
+        attr._contexts[0] = ctx.with_state(dataclasses.replace(ctx.fitted, inverse=inverse))
         return bench.lds(attr.attribute(queries).values).mean
 
     def fit(fisher: str, seed: int = 0) -> list[KFACLayer]:
