@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datatrace import Task, make_attributor
 from datatrace.group import Grouping, make_grouper
-from datatrace.methods import base as base_module
+from datatrace.methods import hooks as base_module
 from datatrace.methods.base import Attributor
 
 PHASES = (

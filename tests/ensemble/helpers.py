@@ -55,4 +55,4 @@ def build(method_id: str, task: Task, **extra) -> Attributor:
 
 
 def target_of(method_id: str) -> str:
-    return "margin" if METHODS[method_id][0].method_id == "trak" else "loss"
+    return METHODS[method_id][0].target_kind

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from datatrace import (
+    METHODS,
     ConfigError,
     DropoutMember,
     ModelError,
@@ -21,7 +22,7 @@ TRAIN, QUERIES = classification_data(n=10), classification_data(n=4, seed=7)
 
 
 def scores(method_id, model, members, **opts):
-    target = "margin" if method_id == "trak" else "loss"
+    target = METHODS[method_id][0].target_kind
     if method_id == "trak":
         opts = {"proj_dim": 16, **opts}
     attr = make_attributor(method_id, Task(model, target=target), members=members, **opts)

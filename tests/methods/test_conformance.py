@@ -34,7 +34,7 @@ REPLAY_IDS = sorted(m for m in METHODS if METHODS[m][0].replays_training)
 
 
 def build(method_id: str, task: Task | None = None, **extra) -> Attributor:
-    task = task or Task(mlp(), target="margin" if method_id == "trak" else "loss")
+    task = task or Task(mlp(), target=METHODS[method_id][0].target_kind)
     return make_attributor(method_id, task, **{**OPTIONS.get(method_id, {}), **extra})
 
 
@@ -145,7 +145,7 @@ def test_stale_store_advice_overwrite_true_works(method_id, data, tmp_path):
     build(method_id, batch_size=4, store=tmp_path / "store").fit(train)
 
     def retrained(**extra):  # other weights: the store's model fingerprint no longer matches
-        task = Task(mlp(seed=4), target="margin" if method_id == "trak" else "loss")
+        task = Task(mlp(seed=4), target=METHODS[method_id][0].target_kind)
         return build(method_id, task=task, batch_size=4, **extra)
 
     with pytest.raises(StoreError, match="pass overwrite=True"):
@@ -171,7 +171,7 @@ def test_overwrite_needs_a_store_and_a_bool(tmp_path):
 def test_one_member_equals_plain_method(method_id, data):
     train, queries = data
     other = mlp(seed=4)
-    plain = build(method_id, task=Task(other, target="margin" if method_id == "trak" else "loss"))
+    plain = build(method_id, task=Task(other, target=METHODS[method_id][0].target_kind))
     via_members = build(method_id, members=[Checkpoint(other.state_dict())])
     a = plain.fit(train).attribute(queries).values
     b = via_members.fit(train).attribute(queries).values

@@ -74,13 +74,13 @@ def test_half_weights_true_fisher_runs():
 def test_curvature_kernels_and_solves_are_float32_for_half_models():
     model, train = _model(torch.bfloat16), _data(32, 1, torch.bfloat16)
     ekfac = make_attributor("if-ekfac", Task(model), damping="heuristic").fit(train)
-    layer = ekfac._contexts[0].fitted["inverse"].curvature.layers[0]
+    layer = ekfac._contexts[0].fitted.inverse.curvature.layers[0]
     assert {layer.q_a.dtype, layer.eigenvalues.dtype} == {torch.float32}
     logra = make_attributor("logra", Task(model), proj_dim_in=4, proj_dim_out=4).fit(train)
-    assert logra._contexts[0].fitted["layers"][0].q_g.dtype == torch.float32
+    assert logra._contexts[0].fitted.layers[0].q_g.dtype == torch.float32
     trak = make_attributor("trak", Task(model), proj_dim=16).fit(train)
-    assert trak._contexts[0].fitted["chol"].dtype == torch.float64
-    assert trak._contexts[0].fitted["q"].dtype == torch.float32
+    assert trak._contexts[0].fitted.chol.dtype == torch.float64
+    assert trak._contexts[0].fitted.q.dtype == torch.float32
     assert trak._contexts[0].features[0].dtype == torch.bfloat16  # stored in the model dtype
     op = GGNOperator(Task(model), train)
     assert op.dtype == torch.float32

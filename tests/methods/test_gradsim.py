@@ -78,8 +78,8 @@ def test_factored_equals_flat_gradients(method_id, case):
     model, task_kwargs, train, queries = CASES[case]()
     auto = _build(method_id, model, task_kwargs).fit(train)
     flat = _build(method_id, model, task_kwargs, train_features="gradients").fit(train)
-    assert isinstance(auto._contexts[0].fitted["codec"], FactorCodec)  # auto: all Linear
-    assert flat._contexts[0].fitted["codec"] is None
+    assert isinstance(auto._contexts[0].fitted.codec, FactorCodec)  # auto: all Linear
+    assert flat._contexts[0].fitted.codec is None
     a, b = auto.attribute(queries).values, flat.attribute(queries).values
     torch.testing.assert_close(a, b, rtol=RTOL, atol=1e-13)
     torch.testing.assert_close(auto.self_attribute(), flat.self_attribute(), rtol=RTOL, atol=1e-13)
@@ -90,7 +90,7 @@ def test_factored_equals_flat_gradients(method_id, case):
 def test_long_sequences_fall_back_to_gradient_matrices_per_layer():
     model, task_kwargs, train, _ = CASES["tiny-lm"]()
     attr = _build("grad-dot", model, task_kwargs).fit(train)
-    codec = attr._contexts[0].fitted["codec"]
+    codec = attr._contexts[0].fitted.codec
     kinds = [len(part) for part in codec.decode(attr._contexts[0].features[0])]
     assert kinds == [1, 1, 1, 2]  # q, k, v: T^2 (I' + O) >= O I'; head: factors
 
@@ -103,7 +103,7 @@ def test_auto_keeps_flat_gradients_where_factors_do_not_apply():
     projected = make_attributor("grad-dot", Task(mlp()), projector="gaussian", proj_dim=8)
     grouped = make_attributor("grad-cos", Task(mlp()), groups=[0, 0, 1, 1, 2, 2, 3, 3])
     for attr in (lm, projected.fit((x, y)), grouped.fit((x, y))):
-        assert attr._contexts[0].fitted["codec"] is None
+        assert attr._contexts[0].fitted.codec is None
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,7 @@ def test_heuristic_damping_equals_its_per_layer_values():
     torch.testing.assert_close(
         heur.attribute(queries).values, explicit.attribute(queries).values, rtol=RTOL, atol=0
     )
-    assert heur._contexts[0].fitted["inverse"].layer_damping == pytest.approx(values)
+    assert heur._contexts[0].fitted.inverse.layer_damping == pytest.approx(values)
 
 
 def test_store_reuses_factors_for_the_same_data_only(tmp_path, monkeypatch):

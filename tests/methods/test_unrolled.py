@@ -418,6 +418,6 @@ def test_checkpointing_keeps_every_kth_state_only(data):
     model, recipe = recorded("adam", train_data)  # 9 steps
     for segment_steps, kept in ((None, [0, 3, 6]), (2, [0, 2, 4, 6, 8]), (STEPS, [0])):
         attr = UnrolledAttributor(Task(model), recipe=recipe, segment_steps=segment_steps)
-        saved = attr.fit(train_data)._contexts[0].fitted["saved"]
+        saved = attr.fit(train_data)._contexts[0].fitted.saved
         assert sorted(saved) == kept  # ceil(sqrt(9)) = 3 by default: O(sqrt(T)) states
         assert all(len(s.slots["exp_avg"]) == 4 for s in saved.values())  # optimizer state too

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 import datatrace.kfac as kfac
-import datatrace.methods.base as base
+import datatrace.methods.loop as loop
 from datatrace import Task, make_attributor
 from datatrace.store import Store
 from tests.models import classification_data, mlp
@@ -119,7 +119,7 @@ def hooks(log: Path, kill: str = "") -> Iterator[dict[str, bool]]:
         (Store, "write_array", logged_write_array),
         (Store, "read_shard", killed_read),
         (kfac, "_capture", killed_capture),
-        (base, "rows_per_shard", lambda row_bytes, shard_bytes=None: ROWS),
+        (loop, "rows_per_shard", lambda row_bytes, shard_bytes=None: ROWS),
     ]
     originals = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     threads = torch.get_num_threads()

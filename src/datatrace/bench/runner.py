@@ -170,7 +170,7 @@ def fitted_bytes(attributor: Any) -> int:
     seen: set[int] = set()
     total = 0
     for ctx in getattr(attributor, "_contexts", []):
-        total += _tensor_bytes(ctx.features, seen) + _tensor_bytes(ctx.fitted, seen)
+        total += _tensor_bytes(ctx.features, seen) + _tensor_bytes(ctx.method_state, seen)
     store = getattr(attributor, "store", None)
     if store is not None:
         total += int(store.nbytes())

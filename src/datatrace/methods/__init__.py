@@ -1,6 +1,14 @@
 """Attribution methods: the shared loop and one file per method (DESIGN.md §3)."""
 
-from datatrace.methods.base import METHODS, Attributor, MethodConfig, make_attributor
+from datatrace.methods.base import (
+    METHODS,
+    Attributor,
+    MemberContext,
+    MethodConfig,
+    make_attributor,
+    register_method,
+    unregister_method,
+)
 from datatrace.methods.gradsim import GradCosAttributor, GradDotAttributor, GradSimConfig
 from datatrace.methods.influence import InfluenceAttributor, InfluenceConfig
 from datatrace.methods.logra import LoGraAttributor, LoGraConfig
@@ -20,6 +28,7 @@ __all__ = [
     "InfluenceConfig",
     "LoGraAttributor",
     "LoGraConfig",
+    "MemberContext",
     "MethodConfig",
     "RepresenterAttributor",
     "RepresenterConfig",
@@ -31,4 +40,6 @@ __all__ = [
     "UnrolledAttributor",
     "UnrolledConfig",
     "make_attributor",
+    "register_method",
+    "unregister_method",
 ]

@@ -84,7 +84,20 @@ class GradSimConfig(MethodConfig):
             )
 
 
-class GradientSimilarity(Attributor):
+@dataclass(frozen=True)
+class GradSimState:
+    """The gradient-similarity state of one member.
+
+    Attributes:
+        codec: the factored-row codec of the member's layers (None: flat features). Decided
+            in the member's scope (a LoRA member tracks its adapter layers) before its
+            features are computed, and kept for scoring outside it.
+    """
+
+    codec: FactorCodec | None
+
+
+class GradientSimilarity(Attributor[GradSimState]):
     """Inner products of (possibly transformed) gradients, on flat or factored features.
 
     The base of Grad-Dot, Grad-Cos and TracIn: it owns the choice between the two feature
@@ -115,28 +128,32 @@ class GradientSimilarity(Attributor):
                 )
             factored_modules(self.task)  # refuse parameters outside Linear/Conv2d now
 
-    def _codec(self, ctx: MemberContext) -> FactorCodec | None:
-        """The member's factored-row codec, or None for flat features.
+    def _prepare_member(self, ctx: MemberContext[GradSimState]) -> GradSimState:
+        """The feature kind, decided in the member's scope (see :class:`GradSimState`)."""
+        cfg = self.config
+        factored = cfg.train_features == "factored" or (
+            cfg.train_features in ("auto", "recompute")
+            and cfg.projector == "none"
+            and cfg.engine != "functional"
+            and self._groups_arg is None
+            and covers_tracked(ctx.task)
+        )
+        return GradSimState(FactorCodec(ParamLayout(ctx.task), pairs_factors) if factored else None)
 
-        Decided on first use, which is inside the member's scope (a LoRA member tracks its
-        adapter layers), and kept in ``ctx.fitted`` for scoring outside it.
-        """
-        if "codec" not in ctx.fitted:
-            cfg = self.config
-            factored = cfg.train_features == "factored" or (
-                cfg.train_features in ("auto", "recompute")
-                and cfg.projector == "none"
-                and cfg.engine != "functional"
-                and self._groups_arg is None
-                and covers_tracked(self.task)
-            )
-            ctx.fitted["codec"] = (
-                FactorCodec(ParamLayout(self.task), pairs_factors) if factored else None
-            )
-        return ctx.fitted["codec"]
+    def _fit_member(self, ctx: MemberContext[GradSimState]) -> GradSimState:
+        return ctx.fitted  # no per-train-set work beyond the features
+
+    @staticmethod
+    def _codec(ctx: MemberContext[GradSimState]) -> FactorCodec | None:
+        """The member's factored-row codec, or None for flat features."""
+        return ctx.fitted.codec
 
     def _features(
-        self, ctx: MemberContext, batch: Batch, which: str, state: Mapping[str, torch.Tensor]
+        self,
+        ctx: MemberContext[GradSimState],
+        batch: Batch,
+        which: str,
+        state: Mapping[str, torch.Tensor],
     ) -> torch.Tensor:
         codec = self._codec(ctx)
         if codec is None:
@@ -144,7 +161,7 @@ class GradientSimilarity(Attributor):
         return codec.encode(self._unit_grads(ctx, batch, which, state).factors)
 
     def _scale_features(
-        self, ctx: MemberContext, features: torch.Tensor, factor: float
+        self, ctx: MemberContext[GradSimState], features: torch.Tensor, factor: float
     ) -> torch.Tensor:
         """Features of the gradients times ``factor``."""
         codec = self._codec(ctx)
@@ -153,21 +170,21 @@ class GradientSimilarity(Attributor):
     def _recomputes_train_features(self, members: Sequence[Member]) -> bool:
         return self.config.train_features == "recompute"
 
-    def _fit_member(self, ctx: MemberContext) -> None:
-        # fixes the feature kind in the member's scope even when a resumed fit featurized nothing
-        self._codec(ctx)
-
-    def _join_query_features(self, ctx: MemberContext, feats: list[torch.Tensor]) -> torch.Tensor:
+    def _join_query_features(
+        self, ctx: MemberContext[GradSimState], feats: list[torch.Tensor]
+    ) -> torch.Tensor:
         codec = self._codec(ctx)
         return super()._join_query_features(ctx, feats) if codec is None else codec.join(feats)
 
     def _combine(
-        self, ctx: MemberContext, q: torch.Tensor, train: torch.Tensor, start: int
+        self, ctx: MemberContext[GradSimState], q: torch.Tensor, train: torch.Tensor, start: int
     ) -> torch.Tensor:
         codec = self._codec(ctx)
         return super()._combine(ctx, q, train, start) if codec is None else codec.inner(q, train)
 
-    def _self_scores(self, ctx: MemberContext, train: torch.Tensor, start: int) -> torch.Tensor:
+    def _self_scores(
+        self, ctx: MemberContext[GradSimState], train: torch.Tensor, start: int
+    ) -> torch.Tensor:
         codec = self._codec(ctx)
         return super()._self_scores(ctx, train, start) if codec is None else codec.sq_norms(train)
 
@@ -202,16 +219,18 @@ class GradCosAttributor(GradientSimilarity):
 
     method_id = "grad-cos"
 
-    def _normalise(self, ctx: MemberContext, features: torch.Tensor) -> torch.Tensor:
+    def _normalise(self, ctx: MemberContext[GradSimState], features: torch.Tensor) -> torch.Tensor:
         codec = self._codec(ctx)
         if codec is None:
             return _unit(features)
         norms = codec.sq_norms(features).sqrt()
         return codec.scale(features, 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny))
 
-    def _finish_train_features(self, ctx: MemberContext, features: torch.Tensor) -> torch.Tensor:
+    def _finish_train_features(
+        self, ctx: MemberContext[GradSimState], features: torch.Tensor
+    ) -> torch.Tensor:
         # on whole units: a group's gradient is normalised after its members are summed
         return self._normalise(ctx, features)
 
-    def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
+    def _transform_queries(self, ctx: MemberContext[GradSimState], q: torch.Tensor) -> torch.Tensor:
         return self._normalise(ctx, q)

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -83,9 +83,9 @@ from datatrace.methods.per_module import (
     per_token_scores,
 )
 from datatrace.scores import Scores
-from datatrace.solvers import SOLVERS, make_solver
+from datatrace.solvers import SOLVERS, InverseOperator, make_solver
 from datatrace.store import fingerprint_batch
-from datatrace.task import Member
+from datatrace.task import Member, Task
 
 KFAC_KINDS = ("kfac", "ekfac")
 
@@ -275,6 +275,30 @@ class InfluenceConfig(MethodConfig):
         return self.train_features == "factored"
 
 
+@dataclass(frozen=True)
+class InfluenceState:
+    """Influence's state of one member.
+
+    Attributes:
+        layout: the member's layer layout (factored train features only; None otherwise),
+            fixed in the member's scope before its features.
+        inverse: ``(H + λI)^{-1}`` as the solver prepared it (None while featurizing).
+    """
+
+    layout: ParamLayout | None = None
+    inverse: InverseOperator | None = None
+
+    def solve(self) -> InverseOperator:
+        """The prepared inverse (set by ``_fit_member``)."""
+        assert self.inverse is not None
+        return self.inverse
+
+    def factors(self) -> ParamLayout:
+        """The layer layout of factored train features."""
+        assert self.layout is not None
+        return self.layout
+
+
 @register("influence")
 @register("if-explicit", solver="explicit")
 @register("if-cg", solver="cg")
@@ -285,7 +309,7 @@ class InfluenceConfig(MethodConfig):
 # digits-cnn, docs/benchmarks.md): empirical Fisher, per-layer heuristic damping
 @register("if-kfac", solver="explicit", curvature="kfac", damping="heuristic")
 @register("if-ekfac", solver="explicit", curvature="ekfac", damping="heuristic")
-class InfluenceAttributor(Attributor):
+class InfluenceAttributor(Attributor[InfluenceState]):
     """Influence functions with any solver and curvature.
 
     Cost warning: the exact and iterative solvers on the full GGN or Hessian cost a power of
@@ -420,22 +444,23 @@ class InfluenceAttributor(Attributor):
             return cfg.train_features == "recompute"
         budget, itemsize = TRAIN_FEATURE_BUDGET, self.feature_dtype.itemsize
         count = len(members) * self._n_train
-        with self._member_task(members[0]):  # its tracked layers (a LoRA member's adapters)
+        # its tracked layers (a LoRA member's adapters)
+        with self._member_task(members[0]) as task:
             # a layer's part of a row is at most its O I' gradient: when rows of every
             # parameter (and the per-layer position counts) fit, no example is measured
-            n_layers = len(ParamLayout(self.task).slots)
-            if count * (self.task.num_tracked + n_layers) * itemsize <= budget:
+            n_layers = len(ParamLayout(task).slots)
+            if count * (task.num_tracked + n_layers) * itemsize <= budget:
                 return False
-            return count * self._factored_row_width() * itemsize > budget
+            return count * self._factored_row_width(task) * itemsize > budget
 
-    def _factored_row_width(self) -> int:
+    def _factored_row_width(self, task: Task) -> int:
         """Numbers in the stored factored row of the first training example."""
         first = take_examples(self._train, torch.arange(1))
-        with self.task.moving_batches():
-            psg = compute_per_sample_grads(self.task, first, engine="hooks")
-        return int(FactorCodec(ParamLayout(self.task)).encode(psg.factors).shape[1])
+        with task.moving_batches():
+            psg = compute_per_sample_grads(task, first, engine="hooks")
+        return int(FactorCodec(ParamLayout(task)).encode(psg.factors).shape[1])
 
-    def _operator(self, ctx: MemberContext) -> LinearOperator:
+    def _operator(self, ctx: MemberContext[InfluenceState]) -> LinearOperator:
         cfg = self.config
         if cfg.curvature == "fisher":
             grads = self._all_train_features(ctx)
@@ -446,16 +471,16 @@ class InfluenceAttributor(Attributor):
             blocks = None
             if ctx.projector is None:
                 blocks, start = [], 0
-                for p in self.task.tracked_params().values():
+                for p in ctx.task.tracked_params().values():
                     blocks.append(slice(start, start + p.numel()))
                     start += p.numel()
             return FisherOperator(grads, blocks=blocks)
         if cfg.curvature in KFAC_KINDS:
             return self._kfac(ctx)
         op_cls = GGNOperator if cfg.curvature == "ggn" else HessianOperator
-        return op_cls(self.task, self._train, state=ctx.state, batch_size=cfg.batch_size)
+        return op_cls(ctx.task, self._train, state=ctx.state, batch_size=cfg.batch_size)
 
-    def _kfac(self, ctx: MemberContext) -> KFACCurvature:
+    def _kfac(self, ctx: MemberContext[InfluenceState]) -> KFACCurvature:
         """Fit K-FAC/EK-FAC, or reload its factors from the store (keyed by the train data)."""
         cfg = self.config
         seed = cfg.seed + 7919 * ctx.index  # member 0 samples as the plain method does
@@ -471,16 +496,16 @@ class InfluenceAttributor(Attributor):
             prefix = f"kfac-v2-m{ctx.index}-{h.hexdigest()[:16]}-"
             names = [
                 f"L{j}-{f}"
-                for j in range(len(factored_modules(self.task)))
+                for j in range(len(factored_modules(ctx.task)))
                 for f in KFACCurvature.FIELDS
             ]
             if all(self.store.has_array(prefix + n) for n in names):
                 arrays = {n: self.store.read_array(prefix + n, mmap=False) for n in names}
                 return KFACCurvature.from_arrays(
-                    self.task, arrays, kind=cfg.curvature, fisher=cfg.fisher
+                    ctx.task, arrays, kind=cfg.curvature, fisher=cfg.fisher
                 )
         curv = fit_kfac(
-            self.task,
+            ctx.task,
             self._train if subset is None else _examples(self._train, subset, cfg.batch_size),
             state=ctx.state,
             kind=cfg.curvature,  # type: ignore[arg-type]
@@ -495,24 +520,29 @@ class InfluenceAttributor(Attributor):
                 self.store.write_array(prefix + name, t)
         return curv
 
-    def _fit_member(self, ctx: MemberContext) -> None:
+    def _prepare_member(self, ctx: MemberContext[InfluenceState]) -> InfluenceState:
+        return InfluenceState(layout=ParamLayout(ctx.task) if self._factored else None)
+
+    def _fit_member(self, ctx: MemberContext[InfluenceState]) -> InfluenceState:
         op = self._operator(ctx)
+        inverse: InverseOperator
         if isinstance(op, KFACCurvature) and self.config.solver == "explicit":
-            ctx.fitted["inverse"] = op.inverse(self.config.damping)  # type: ignore[arg-type]
+            inverse = op.inverse(self.config.damping)  # type: ignore[arg-type]
         else:
-            ctx.fitted["inverse"] = self._solver.prepare(
+            inverse = self._solver.prepare(
                 op,
                 float(self.config.damping),  # type: ignore[arg-type]
                 progress=self.config.progress,
             )
-        if self._factored:
-            ctx.fitted["layout"] = ParamLayout(self.task)
+        return replace(ctx.fitted, inverse=inverse)
 
-    def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
-        inverse = ctx.fitted["inverse"]
+    def _transform_queries(
+        self, ctx: MemberContext[InfluenceState], q: torch.Tensor
+    ) -> torch.Tensor:
+        inverse = ctx.fitted.solve()
         out = inverse.apply(q.T).T / self._n_train
         if self._factored and self.config.query_rank is not None:
-            out = _pack_low_rank(ctx.fitted["layout"], out, self.config.query_rank)
+            out = _pack_low_rank(ctx.fitted.factors(), out, self.config.query_rank)
         info = getattr(inverse, "info", None)
         if info is not None and not info.converged:
             warn(
@@ -533,14 +563,14 @@ class InfluenceAttributor(Attributor):
 
     # ------------------------------------------------------------------ factored path
     def _query_matrices(
-        self, ctx: MemberContext, q: torch.Tensor
+        self, ctx: MemberContext[InfluenceState], q: torch.Tensor
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, list[torch.Tensor] | None]:
         """The preconditioned queries ``q`` split per layer (low-rank pairs or full matrices),
         split once per query block: ``_combine`` meets the same ``q`` for every train block."""
         cached = self._query_cache.get(ctx.index)
         if cached is not None and cached[0] is q:
             return cached[1]
-        layout: ParamLayout = ctx.fitted["layout"]
+        layout = ctx.fitted.factors()
         rank = self.config.query_rank
         split = (
             (_unpack_low_rank(layout, q, rank), None)
@@ -550,20 +580,20 @@ class InfluenceAttributor(Attributor):
         self._query_cache[ctx.index] = (q, split)
         return split
 
-    def _train_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
+    def _train_features(self, ctx: MemberContext[InfluenceState], batch: Batch) -> torch.Tensor:
         if not self._factored:
             return super()._train_features(ctx, batch)
-        psg = compute_per_sample_grads(self.task, batch, state=ctx.state, engine="hooks")
-        return FactorCodec(ctx.fitted.get("layout") or ParamLayout(self.task)).encode(psg.factors)
+        psg = compute_per_sample_grads(ctx.task, batch, state=ctx.state, engine="hooks")
+        return FactorCodec(ctx.fitted.factors()).encode(psg.factors)
 
     def _combine(
-        self, ctx: MemberContext, q: torch.Tensor, train: torch.Tensor, start: int
+        self, ctx: MemberContext[InfluenceState], q: torch.Tensor, train: torch.Tensor, start: int
     ) -> torch.Tensor:
         if not self._factored:
             return super()._combine(ctx, q, train, start)
         queries, full = self._query_matrices(ctx, q)
         total = q.new_zeros(q.shape[0], train.shape[0])
-        for j, part in enumerate(FactorCodec(ctx.fitted["layout"]).decode(train)):
+        for j, part in enumerate(FactorCodec(ctx.fitted.factors()).decode(train)):
             if full is not None:
                 total += _contract(full[j], part)
             else:
@@ -571,16 +601,18 @@ class InfluenceAttributor(Attributor):
                 total += _contract_low_rank(*queries[j], part)
         return total
 
-    def _self_scores(self, ctx: MemberContext, train: torch.Tensor, start: int) -> torch.Tensor:
+    def _self_scores(
+        self, ctx: MemberContext[InfluenceState], train: torch.Tensor, start: int
+    ) -> torch.Tensor:
         if not self._factored:
             return super()._self_scores(ctx, train, start)
-        layout: ParamLayout = ctx.fitted["layout"]
+        layout = ctx.fitted.factors()
         mats = [
             _outer_sum(part[1], part[0]) if len(part) == 2 else part[0]
             for part in FactorCodec(layout).decode(train)
         ]
         grads = layout.from_matrices(mats)
-        pre = ctx.fitted["inverse"].apply(grads.T).T / self._n_train
+        pre = ctx.fitted.solve().apply(grads.T).T / self._n_train
         return (pre * grads).sum(1)
 
     # ------------------------------------------------------------------ per-module scores
@@ -642,11 +674,11 @@ class InfluenceAttributor(Attributor):
             )
         qs = self._transformed_queries(queries)
         total: torch.Tensor | None = None
-        for ctx, q in zip(self._contexts, qs):
-            with self._member_task(ctx.member):
-                layout: ParamLayout = ctx.fitted["layout"]
+        for member_ctx, q in zip(self._contexts, qs):
+            with self._member_scope(member_ctx) as ctx:
+                layout = ctx.fitted.factors()
                 rank = self.config.query_rank
-                psg = compute_per_sample_grads(self.task, train, state=ctx.state, engine="hooks")
+                psg = compute_per_sample_grads(ctx.task, train, state=ctx.state, engine="hooks")
                 by_module = {f.module: f for f in psg.factors}
                 lengths = {by_module[m].a.shape[1] for m in layout.modules}
                 if len(lengths) != 1:

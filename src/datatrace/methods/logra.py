@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -61,6 +61,7 @@ from datatrace.methods.per_module import per_module_scores, per_token_scores
 from datatrace.projection import FactoredProjector
 from datatrace.scores import Scores
 from datatrace.store import fingerprint_batch
+from datatrace.task import Task
 
 __all__ = ["LoGraAttributor", "LoGraConfig"]
 
@@ -123,8 +124,24 @@ class LoGraConfig(MethodConfig):
             )
 
 
+@dataclass(frozen=True)
+class LoGraState:
+    """LoGra's state of one member.
+
+    Attributes:
+        projections: per layer ``(P_a, P_g)`` (None: that side unprojected), made before the
+            member's features.
+        layers: the projected K-FAC/EK-FAC layers (None for ``"identity"``).
+        inverse: per layer, the damped inverse eigenvalues (None for ``"identity"``).
+    """
+
+    projections: Projections
+    layers: list[KFACLayer] | None = None
+    inverse: list[torch.Tensor] | None = None
+
+
 @register("logra")
-class LoGraAttributor(Attributor):
+class LoGraAttributor(Attributor[LoGraState]):
     """LoGra: factored per-layer projections with identity or (EK-)FAC preconditioning.
 
     Example:
@@ -151,53 +168,50 @@ class LoGraAttributor(Attributor):
         # refuse parameters outside Linear/Conv2d and a per-layer damping naming other layers
         self._layout_of = (self.task, ParamLayout(self.task))
         if isinstance(self.config.damping, dict):
-            check_damping(self.config.damping, self._layout.modules)
+            check_damping(self.config.damping, self._layout(self.task).modules)
 
-    @property
-    def _layout(self) -> ParamLayout:
-        """The layer layout of ``self.task``, which is a member's effective model during its
-        work (a LoRA member tracks its adapter layers, not the base model's)."""
-        if self._layout_of[0] is not self.task:
-            self._layout_of = (self.task, ParamLayout(self.task))
+    def _layout(self, task: Task) -> ParamLayout:
+        """The layer layout of ``task``, a member's effective one during its work (a LoRA
+        member tracks its adapter layers, not the base model's)."""
+        if self._layout_of[0] is not task:
+            self._layout_of = (task, ParamLayout(task))
         return self._layout_of[1]
 
     # ------------------------------------------------------------------ projections
-    def _projections(self, ctx: MemberContext) -> Projections:
+    def _prepare_member(self, ctx: MemberContext[LoGraState]) -> LoGraState:
         """Per layer ``(P_a, P_g)`` (None: that side unprojected), made once per member."""
-        if "projections" not in ctx.fitted:
-            cfg = self.config
-            proj = FactoredProjector(
-                cfg.proj_dim_in or 1, cfg.proj_dim_out or 1, seed=cfg.seed, member=ctx.index
+        cfg = self.config
+        proj = FactoredProjector(
+            cfg.proj_dim_in or 1, cfg.proj_dim_out or 1, seed=cfg.seed, member=ctx.index
+        )
+        out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+        for slot in self._layout(ctx.task).slots:
+            # in the working dtype, as every projector: a half-precision model gets the
+            # float32 model's matrices (randn in bf16 draws other numbers), not rounded ones
+            p_a, p_g = proj.layer_matrices(
+                slot.module,
+                slot.in_width,
+                slot.out_features,
+                ctx.task.working_dtype,
+                ctx.task.device,
             )
-            out = []
-            for slot in self._layout.slots:
-                # in the working dtype, as every projector: a half-precision model gets the
-                # float32 model's matrices (randn in bf16 draws other numbers), not rounded ones
-                p_a, p_g = proj.layer_matrices(
-                    slot.module,
-                    slot.in_width,
-                    slot.out_features,
-                    self.task.working_dtype,
-                    self.task.device,
-                )
-                out.append((p_a if cfg.proj_dim_in else None, p_g if cfg.proj_dim_out else None))
-            ctx.fitted["projections"] = out
-        projections: Projections = ctx.fitted["projections"]
-        return projections
+            out.append((p_a if cfg.proj_dim_in else None, p_g if cfg.proj_dim_out else None))
+        return LoGraState(out)
 
-    def _layer_shapes(self) -> list[tuple[int, int]]:
+    def _layer_shapes(self, task: Task) -> list[tuple[int, int]]:
         cfg = self.config
         return [
             (cfg.proj_dim_out or slot.out_features, cfg.proj_dim_in or slot.in_width)
-            for slot in self._layout.slots
+            for slot in self._layout(task).slots
         ]
 
-    def _project(self, ctx: MemberContext, psg: PerSampleGrads) -> torch.Tensor:
+    def _project(self, ctx: MemberContext[LoGraState], psg: PerSampleGrads) -> torch.Tensor:
         """Flattened ``P_gᵀ D P_a`` per layer, from the factors (or dense gradients), in the
         working dtype."""
         by_module = {f.module: f for f in psg.factors}
-        b, parts, dtype = psg.batch_size, [], self.task.working_dtype
-        for slot, (p_a, p_g) in zip(self._layout.slots, self._projections(ctx)):
+        b, parts, dtype = psg.batch_size, [], ctx.task.working_dtype
+        layout = self._layout(ctx.task)
+        for slot, (p_a, p_g) in zip(layout.slots, ctx.fitted.projections):
             f = by_module.get(slot.module)
             if f is not None:
                 a = f.a.to(dtype) if p_a is None else f.a.to(dtype) @ p_a
@@ -215,24 +229,27 @@ class LoGraAttributor(Attributor):
             parts.append(mat.reshape(b, -1))
         return torch.cat(parts, 1)
 
-    def _features(self, ctx: MemberContext, batch: Batch, which: str, state: Any) -> torch.Tensor:
+    def _features(
+        self, ctx: MemberContext[LoGraState], batch: Batch, which: str, state: Any
+    ) -> torch.Tensor:
         return self._project(ctx, self._unit_grads(ctx, batch, which, state))
 
     # ------------------------------------------------------------------ curvature
-    def _fit_member(self, ctx: MemberContext) -> None:
+    def _fit_member(self, ctx: MemberContext[LoGraState]) -> LoGraState:
         cfg = self.config
         if cfg.preconditioner == "identity":
-            return
+            return ctx.fitted
         layers = self._curvature(ctx)
         damping = layer_damping(layers, cfg.damping)  # type: ignore[arg-type]
-        ctx.fitted["layers"] = layers
-        ctx.fitted["inverse"] = [inverse_eigenvalues(lay, damping[lay.module]) for lay in layers]
+        inverse = [inverse_eigenvalues(lay, damping[lay.module]) for lay in layers]
+        return replace(ctx.fitted, layers=layers, inverse=inverse)
 
-    def _curvature(self, ctx: MemberContext) -> list[KFACLayer]:
+    def _curvature(self, ctx: MemberContext[LoGraState]) -> list[KFACLayer]:
         """Fit K-FAC/EK-FAC of the projected factors, or reload it from the store."""
         cfg = self.config
+        task = ctx.task
         names, prefix = [], ""
-        modules = factored_modules(self.task)
+        modules = factored_modules(task)
         if self.store is not None:
             h = hashlib.sha256()
             for batch in iter_batches(self._train, cfg.batch_size):
@@ -242,25 +259,25 @@ class LoGraAttributor(Attributor):
             if all(self.store.has_array(prefix + n) for n in names):
                 layers = []
                 for j, ((mname, (w, b)), shape) in enumerate(
-                    zip(modules.items(), self._layer_shapes())
+                    zip(modules.items(), self._layer_shapes(task))
                 ):
                     vals = {
                         f: self.store.read_array(prefix + f"L{j}-{f}", mmap=False).to(
-                            self.task.device, self.task.working_dtype
+                            task.device, task.working_dtype
                         )
                         for f in KFACCurvature.FIELDS
                     }
                     layers.append(KFACLayer(mname, w, b, shape, **vals))
                 return layers
         layers = fit_kfac_layers(
-            self.task,
+            task,
             self._train,
             state=ctx.state,
             kind=cfg.preconditioner,  # type: ignore[arg-type]
             fisher=cfg.fisher,
             batch_size=cfg.batch_size,
             seed=cfg.seed + 7919 * ctx.index,  # as influence's K-FAC: member 0 uses seed
-            projections=self._projections(ctx),
+            projections=ctx.fitted.projections,
             fisher_samples=cfg.fisher_samples,
             progress=cfg.progress,
         )
@@ -270,21 +287,22 @@ class LoGraAttributor(Attributor):
                     self.store.write_array(prefix + f"L{j}-{f}", getattr(lay, f))
         return layers
 
-    def _split(self, rows: torch.Tensor) -> list[torch.Tensor]:
+    def _split(self, task: Task, rows: torch.Tensor) -> list[torch.Tensor]:
         """``(k, d)`` feature rows to per-layer ``(k, k_out, k_in)`` matrices."""
         out, pos = [], 0
-        for o, i in self._layer_shapes():
+        for o, i in self._layer_shapes(task):
             out.append(rows[:, pos : pos + o * i].reshape(rows.shape[0], o, i))
             pos += o * i
         return out
 
-    def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
+    def _transform_queries(self, ctx: MemberContext[LoGraState], q: torch.Tensor) -> torch.Tensor:
         if self.config.preconditioner == "identity":
             return q / self._n_train
-        layers: list[KFACLayer] = ctx.fitted["layers"]
+        layers, inverse = ctx.fitted.layers, ctx.fitted.inverse
+        assert layers is not None and inverse is not None  # set by _fit_member
         mats = [
             lay.unrotate(inv * lay.rotate(m))
-            for lay, inv, m in zip(layers, ctx.fitted["inverse"], self._split(q))
+            for lay, inv, m in zip(layers, inverse, self._split(ctx.task, q))
         ]
         return torch.cat([m.reshape(q.shape[0], -1) for m in mats], 1) / self._n_train
 
@@ -296,7 +314,7 @@ class LoGraAttributor(Attributor):
         splits exactly into one term per layer (``P_l`` the preconditioned query block).
         """
         spans, pos = {}, 0
-        for slot, (o, i) in zip(self._layout.slots, self._layer_shapes()):
+        for slot, (o, i) in zip(self._layout(self.task).slots, self._layer_shapes(self.task)):
             spans[slot.module] = [slice(pos, pos + o * i)]
             pos += o * i
         return per_module_scores(self, queries, spans)

@@ -107,8 +107,25 @@ def _newton_polish(
     return w.detach()
 
 
+@dataclass(frozen=True)
+class RepresenterState:
+    """The refit last layer of one member (the refit is its featurization).
+
+    Attributes:
+        weight: the refit ``W`` with the bias as its last column, ``(C, d + 1)``.
+        alpha: ``(n_train, T, C)`` representer values ``α``.
+        feats: ``(n_train, T, d + 1)`` final-layer inputs of the training examples.
+        selectors: ``(n_train, T, C)`` label (next-token) selectors of the training examples.
+    """
+
+    weight: torch.Tensor
+    alpha: torch.Tensor
+    feats: torch.Tensor
+    selectors: torch.Tensor
+
+
 @register("rps")
-class RepresenterAttributor(Attributor):
+class RepresenterAttributor(Attributor[RepresenterState]):
     """Representer point selection on the final linear layer.
 
     Example:
@@ -124,16 +141,16 @@ class RepresenterAttributor(Attributor):
     config: RepresenterConfig
 
     def _representations(
-        self, state: dict[str, torch.Tensor], batch: Batch
+        self, task: Task, state: dict[str, torch.Tensor], batch: Batch
     ) -> tuple[torch.Tensor, _SplitBatch]:
         """Inputs of the final layer with a ones column: ``(B, d + 1)``; checks it is final."""
-        name, layer = _final_linear(self.task, self.config.layer)
+        name, layer = _final_linear(task, self.config.layer)
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         handle = layer.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
-        split = self.task.split_batch(batch)
+        split = task.split_batch(batch)
         try:
             with torch.no_grad():
-                out = self.task.outputs(state, split)
+                out = task.outputs(state, split)
         finally:
             handle.remove()
         if len(seen) != 1 or seen[0][1].shape != out.shape or not torch.equal(seen[0][1], out):
@@ -144,19 +161,21 @@ class RepresenterAttributor(Attributor):
         f = seen[0][0]
         if out.ndim == 2:  # classification: one position per example
             f = f.reshape(out.shape[0], 1, -1)
-        elif out.ndim == 3 and self.task.loss_name == "lm":  # (B, T, d): one row per position
+        elif out.ndim == 3 and task.loss_name == "lm":  # (B, T, d): one row per position
             f = f.reshape(out.shape[0], out.shape[1], -1)
         else:
             raise ModelError(
                 f"representer points need outputs of shape (batch, classes), or (batch, tokens, "
                 f"vocab) with loss='lm'; got outputs of shape {tuple(out.shape)} with loss "
-                f"{self.task.loss_name!r}."
+                f"{task.loss_name!r}."
             )
         # the refit (L-BFGS, Newton) and its scores run in the working dtype, not in half
-        f = f.to(self.task.working_dtype)
+        f = f.to(task.working_dtype)
         return torch.cat([f, f.new_ones(*f.shape[:2], 1)], 2), split
 
-    def _selectors(self, split: _SplitBatch, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    def _selectors(
+        self, task: Task, split: _SplitBatch, shape: torch.Size, dtype: torch.dtype
+    ) -> torch.Tensor:
         """``(B, T, C)``: 1 where a position's pre-activation counts toward the query's value.
 
         Classification: the label's class (T = 1). LM: at position t the next token
@@ -165,7 +184,7 @@ class RepresenterAttributor(Attributor):
         labels = split.labels
         if labels is None:
             raise ModelError("representer points attribute labelled queries; the batch has none.")
-        if self.task.loss_name != "lm":
+        if task.loss_name != "lm":
             if labels.ndim != 1 or labels.dtype.is_floating_point:
                 raise ModelError(
                     "representer points attribute classification queries with integer labels; "
@@ -180,30 +199,34 @@ class RepresenterAttributor(Attributor):
         sel = sel * keep.unsqueeze(-1).to(dtype)
         return torch.cat([sel, sel.new_zeros(shape[0], 1, shape[2])], 1)
 
-    def _collect(self, ctx: MemberContext, data: Any) -> tuple[torch.Tensor, list[_SplitBatch]]:
+    def _collect(
+        self, ctx: MemberContext[RepresenterState], data: Any
+    ) -> tuple[torch.Tensor, list[_SplitBatch]]:
         feats, splits = [], []
         what = "train representations" if data is self._train else "query representations"
         batches = iter_batches(data, self.config.batch_size)
         for batch in progress_bar(
             batches, desc=self._phase(what, ctx), enabled=self.config.progress, unit="batch"
         ):
-            f, split = self._representations(ctx.state, batch)
+            f, split = self._representations(ctx.task, ctx.state, batch)
             feats.append(f)
             splits.append(split)
         return torch.cat(feats), splits
 
-    def _refit(self, ctx: MemberContext) -> None:
+    def _prepare_member(self, ctx: MemberContext[RepresenterState]) -> RepresenterState:
+        """The refit of the last layer: what the train features are made of."""
+        task = ctx.task
         feats, splits = self._collect(ctx, self._train)
-        name, _ = _final_linear(self.task, self.config.layer)
+        name, _ = _final_linear(task, self.config.layer)
         prefix = f"{name}." if name else ""
-        w0 = ctx.state[self.task.canonical_name(f"{prefix}weight")]  # a tied LM head too
-        bias = self.task.canonical_name(f"{prefix}bias")
+        w0 = ctx.state[task.canonical_name(f"{prefix}weight")]  # a tied LM head too
+        bias = task.canonical_name(f"{prefix}bias")
         b0 = ctx.state[bias] if bias in ctx.state else w0.new_zeros(w0.shape[0])
         w = torch.cat([w0, b0.view(-1, 1)], 1).detach().to(feats.dtype).requires_grad_(True)
         lam, n = float(self.config.damping), feats.shape[0]
         sizes = [s.labels.shape[0] for s in splits if s.labels is not None]
 
-        lm = self.task.loss_name == "lm"
+        lm = task.loss_name == "lm"
 
         def head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             out = x @ weight.T  # (n, T, C); classification outputs are (n, C)
@@ -212,7 +235,7 @@ class RepresenterAttributor(Attributor):
         def objective(weight: torch.Tensor) -> torch.Tensor:
             logits = head(feats, weight)
             losses = [
-                self.task.loss_from_outputs(chunk, s)
+                task.loss_from_outputs(chunk, s)
                 for chunk, s in zip(torch.split(logits, sizes), splits)
             ]
             return torch.cat(losses).mean() + lam * (weight**2).sum()
@@ -237,7 +260,7 @@ class RepresenterAttributor(Attributor):
         w = _newton_polish(objective, w.detach())
         logits = head(feats, w).requires_grad_(True)
         losses = torch.cat(
-            [self.task.loss_from_outputs(c, s) for c, s in zip(torch.split(logits, sizes), splits)]
+            [task.loss_from_outputs(c, s) for c, s in zip(torch.split(logits, sizes), splits)]
         )
         (dl,) = torch.autograd.grad(losses.sum(), logits)
         if not torch.isfinite(dl).all():
@@ -245,33 +268,34 @@ class RepresenterAttributor(Attributor):
         alpha = (dl if lm else dl.unsqueeze(1)) / (-2 * lam * n)
         selectors = torch.cat(
             [
-                self._selectors(s, a.shape, a.dtype)
+                self._selectors(task, s, a.shape, a.dtype)
                 for a, s in zip(torch.split(alpha, sizes), splits)
             ]
         )
-        ctx.fitted.update(weight=w, alpha=alpha, feats=feats, selectors=selectors)
+        return RepresenterState(weight=w, alpha=alpha, feats=feats, selectors=selectors)
 
-    def _featurize_train(self, ctx: MemberContext, train: Any) -> None:
-        self._refit(ctx)
-        alpha, feats = ctx.fitted["alpha"], ctx.fitted["feats"]
+    def _featurize_train(self, ctx: MemberContext[RepresenterState], train: Any) -> None:
+        alpha, feats = ctx.fitted.alpha, ctx.fitted.feats
         # Train feature Σ_t α_{i,t} ⊗ f_{i,t}; a query's feature Σ_t e_{y_t} ⊗ f_{q,t} picks
         # Σ_{s,t} α_{i,s,y_t} <f_{i,s}, f_{q,t}>.
         units = torch.einsum("ntc,ntd->ncd", alpha, feats).reshape(feats.shape[0], -1)
         if self._grouping is not None:  # the decomposition is additive: a group's share is a sum
             units = self._grouping.sum_rows(units)
-        ctx.features = [self._to_feature_dtype(units)]
+        ctx.features[:] = [self._to_feature_dtype(units)]
 
-    def _fit_member(self, ctx: MemberContext) -> None:
-        return None
+    def _fit_member(self, ctx: MemberContext[RepresenterState]) -> RepresenterState:
+        return ctx.fitted  # the refit was the per-train-set work
 
-    def _query_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
-        f, split = self._representations(ctx.state, batch)
-        shape = torch.Size((f.shape[0], f.shape[1], ctx.fitted["alpha"].shape[2]))
-        sel = self._selectors(split, shape, f.dtype)
+    def _query_features(self, ctx: MemberContext[RepresenterState], batch: Batch) -> torch.Tensor:
+        f, split = self._representations(ctx.task, ctx.state, batch)
+        shape = torch.Size((f.shape[0], f.shape[1], ctx.fitted.alpha.shape[2]))
+        sel = self._selectors(ctx.task, split, shape, f.dtype)
         return torch.einsum("ntc,ntd->ncd", sel, f).reshape(f.shape[0], -1)
 
-    def _self_scores(self, ctx: MemberContext, train: torch.Tensor, start: int) -> torch.Tensor:
-        feats, sel = ctx.fitted["feats"], ctx.fitted["selectors"]
+    def _self_scores(
+        self, ctx: MemberContext[RepresenterState], train: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        feats, sel = ctx.fitted.feats, ctx.fitted.selectors
         if self._grouping is not None:
             # A group's share of its own members' label pre-activations:
             # sum_{i in g} sum_{j in g} <α_j ⊗ f_j, e_{y_i} ⊗ f_i>.
@@ -290,5 +314,5 @@ class RepresenterAttributor(Attributor):
         ctx = self._contexts[0]
         with self._fitted_device():
             f, _ = self._collect(ctx, queries)
-        out = f @ ctx.fitted["weight"].T
+        out = f @ ctx.fitted.weight.T
         return out.squeeze(1) if self.task.loss_name != "lm" else out

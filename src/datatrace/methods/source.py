@@ -55,7 +55,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -329,7 +329,7 @@ def _is_number(x: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------- segments
-@dataclass
+@dataclass(frozen=True)
 class _Segment:
     """One segment: weighted parameter samples, its step schedule and its training data."""
 
@@ -338,11 +338,45 @@ class _Segment:
     indices: tuple[int, ...] | None  # training indices it trained on (None: all)
     first_step: int
     last_step: int
-    spectrum: _Spectrum | None = None
 
     @property
     def steps(self) -> int:
         return sum(k for _, k in self.schedule)
+
+
+@dataclass(frozen=True)
+class SourceState:
+    """Source's state of one member.
+
+    Attributes:
+        segments: the member's segments (built from its trajectory before its features).
+        spectra: per segment, its curvature in its eigenbasis (None while featurizing).
+        masks: ``(L, n_train)``: 1 where a segment trained on the example (None while
+            featurizing).
+        counts: per segment, the number of examples its loss averages over.
+        full: whether every segment trained on the whole training set.
+    """
+
+    segments: list[_Segment]
+    spectra: list[_Spectrum] | None = None
+    masks: torch.Tensor | None = None
+    counts: list[int] | None = None
+    full: bool = True
+
+    def fitted_parts(self) -> tuple[list[_Spectrum], torch.Tensor, list[int]]:
+        """``(spectra, masks, counts)``, set by ``_fit_member``."""
+        assert self.spectra is not None and self.masks is not None and self.counts is not None
+        return self.spectra, self.masks, self.counts
+
+
+def _shifted(
+    fn: Callable[[torch.Tensor, Sequence[tuple[float, int]], str], torch.Tensor],
+    damping: float,
+    schedule: Sequence[tuple[float, int]],
+    unroll: str,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``σ -> fn(σ + λ, schedule, unroll)``: a spectral map of the damped curvature."""
+    return lambda sigma: fn(sigma + damping, schedule, unroll)
 
 
 def _average_state(
@@ -379,7 +413,7 @@ def _take(data: Any, indices: Sequence[int] | torch.Tensor) -> Any:
 
 # ----------------------------------------------------------------------------- attributor
 @register("source")
-class SourceAttributor(Attributor):
+class SourceAttributor(Attributor[SourceState]):
     """Source: approximate unrolled differentiation over the member's trajectory.
 
     Each member's checkpoints (the task's by default) form the trajectory; the last one is
@@ -411,12 +445,10 @@ class SourceAttributor(Attributor):
     supports_groups = False
 
     # ------------------------------------------------------------------ segments
-    def _segments(self, ctx: MemberContext) -> list[_Segment]:
-        if "segments" not in ctx.fitted:
-            ctx.fitted["segments"] = self._build_segments(ctx)
-        return ctx.fitted["segments"]
+    def _prepare_member(self, ctx: MemberContext[SourceState]) -> SourceState:
+        return SourceState(self._build_segments(ctx))
 
-    def _build_segments(self, ctx: MemberContext) -> list[_Segment]:
+    def _build_segments(self, ctx: MemberContext[SourceState]) -> list[_Segment]:
         cfg = self.config
         ckpts: list[Checkpoint | None] = list(ctx.checkpoints)
         states = ctx.states
@@ -509,9 +541,9 @@ class SourceAttributor(Attributor):
             )
 
     # ------------------------------------------------------------------ featurization
-    def _train_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
+    def _train_features(self, ctx: MemberContext[SourceState], batch: Batch) -> torch.Tensor:
         parts = []
-        for seg in self._segments(ctx):
+        for seg in ctx.fitted.segments:
             (w0, s0), *rest = seg.samples
             g = w0 * self._features(ctx, batch, "loss", s0)
             for w, state in rest:
@@ -519,20 +551,22 @@ class SourceAttributor(Attributor):
             parts.append(g)
         return torch.cat(parts, 1)
 
-    def _fit_member(self, ctx: MemberContext) -> None:
+    def _fit_member(self, ctx: MemberContext[SourceState]) -> SourceState:
         cfg = self.config
-        segments = self._segments(ctx)
+        segments = ctx.fitted.segments
         masks, counts = [], []
+        spectra: list[_Spectrum] = []
         for seg in segments:
             data = self._train if seg.indices is None else _take(self._train, seg.indices)
+            spectrum: _Spectrum
             if cfg.curvature in ("ggn", "hessian"):
                 op_cls = GGNOperator if cfg.curvature == "ggn" else HessianOperator
-                seg.spectrum = _dense_spectrum(
-                    op_cls, self.task, data, seg.samples, cfg.batch_size, cfg.progress
+                spectrum = _dense_spectrum(
+                    op_cls, ctx.task, data, seg.samples, cfg.batch_size, cfg.progress
                 )
             else:
-                seg.spectrum = _kfac_spectrum(
-                    self.task,
+                spectrum = _kfac_spectrum(
+                    ctx.task,
                     data,
                     seg.samples,
                     cfg.curvature,
@@ -541,50 +575,56 @@ class SourceAttributor(Attributor):
                     cfg.seed,
                     cfg.progress,
                 )
-            mask = torch.ones(self._n_train, dtype=self.task.working_dtype, device=self.task.device)
+            spectra.append(spectrum)
+            mask = torch.ones(self._n_train, dtype=ctx.task.working_dtype, device=ctx.task.device)
             if seg.indices is not None:
                 mask = torch.zeros_like(mask)
                 mask[list(seg.indices)] = 1.0
             masks.append(mask)
             counts.append(num_examples(data))
-        ctx.fitted["masks"] = torch.stack(masks)  # (L, n_train)
-        ctx.fitted["counts"] = counts
-        ctx.fitted["full"] = all(seg.indices is None for seg in segments)
+        return replace(
+            ctx.fitted,
+            spectra=spectra,
+            masks=torch.stack(masks),  # (L, n_train)
+            counts=counts,
+            full=all(seg.indices is None for seg in segments),
+        )
 
-    def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
-        segments = ctx.fitted["segments"]
-        counts = ctx.fitted["counts"]
+    def _transform_queries(self, ctx: MemberContext[SourceState], q: torch.Tensor) -> torch.Tensor:
+        segments = ctx.fitted.segments
+        spectra, _, counts = ctx.fitted.fitted_parts()
         lam = float(self.config.damping)
         unroll = self.config.unroll
         v = q
         out: list[torch.Tensor] = []
-        for seg, n_seg in zip(reversed(segments), reversed(counts)):
-            spectrum, sched = seg.spectrum, seg.schedule
-            assert spectrum is not None
-            out.append(spectrum.apply(v, lambda s, p=sched: response(s + lam, p, unroll)) / n_seg)
-            v = spectrum.apply(v, lambda s, p=sched: propagation(s + lam, p, unroll))
+        for j in reversed(range(len(segments))):
+            spectrum, sched, n_seg = spectra[j], segments[j].schedule, counts[j]
+            out.append(spectrum.apply(v, _shifted(response, lam, sched, unroll)) / n_seg)
+            v = spectrum.apply(v, _shifted(propagation, lam, sched, unroll))
         return torch.cat(out[::-1], 1)
 
     def _combine(
-        self, ctx: MemberContext, q: torch.Tensor, train: torch.Tensor, start: int
+        self, ctx: MemberContext[SourceState], q: torch.Tensor, train: torch.Tensor, start: int
     ) -> torch.Tensor:
-        if ctx.fitted["full"]:
+        if ctx.fitted.full:
             return q @ train.T
-        masks = ctx.fitted["masks"][:, start : start + train.shape[0]]
+        masks = ctx.fitted.fitted_parts()[1][:, start : start + train.shape[0]]
         n_seg = masks.shape[0]
         out = q.new_zeros(q.shape[0], train.shape[0])
         for qq, tt, m in zip(q.chunk(n_seg, 1), train.chunk(n_seg, 1), masks):
             out += (qq @ tt.T) * m
         return out
 
-    def _self_scores(self, ctx: MemberContext, train: torch.Tensor, start: int) -> torch.Tensor:
+    def _self_scores(
+        self, ctx: MemberContext[SourceState], train: torch.Tensor, start: int
+    ) -> torch.Tensor:
         # The query side of a training example is its query-objective gradient at the final
         # weights, not its (segment-averaged) training features.
         rows = _take(self._train, torch.arange(start, start + train.shape[0]))
         if isinstance(rows, Dataset):  # a map-style dataset: collate the rows into one batch
             rows = next(iter(DataLoader(rows, batch_size=train.shape[0], shuffle=False)))
         q = self._transform_queries(ctx, self._query_features(ctx, rows))
-        masks = ctx.fitted["masks"][:, start : start + train.shape[0]]
+        masks = ctx.fitted.fitted_parts()[1][:, start : start + train.shape[0]]
         n_seg = masks.shape[0]
         out = train.new_zeros(train.shape[0])
         for qq, tt, m in zip(q.chunk(n_seg, 1), train.chunk(n_seg, 1), masks):
@@ -614,7 +654,7 @@ class SourceAttributor(Attributor):
                 m: [slice(sl.start + j * dim, sl.stop + j * dim) for j in range(n) for sl in sls]
                 for m, sls in base.items()
             }
-            for n in (len(ctx.fitted["segments"]) for ctx in self._contexts)
+            for n in (len(ctx.fitted.segments) for ctx in self._contexts)
         ]
         return per_module_scores(self, queries, spans)
 
@@ -634,5 +674,5 @@ class SourceAttributor(Attributor):
                 "checkpoints": len(seg.schedule),
                 "examples": n,
             }
-            for seg, n in zip(ctx.fitted["segments"], ctx.fitted["counts"])
+            for seg, n in zip(ctx.fitted.segments, ctx.fitted.fitted_parts()[2])
         ]

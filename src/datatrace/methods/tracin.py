@@ -17,7 +17,7 @@ import torch
 
 from datatrace.data import Batch
 from datatrace.methods.base import MemberContext, register
-from datatrace.methods.gradsim import GradientSimilarity
+from datatrace.methods.gradsim import GradientSimilarity, GradSimState
 
 __all__ = ["TracInAttributor"]
 
@@ -38,7 +38,9 @@ class TracInAttributor(GradientSimilarity):
     method_id = "tracin"
     reads_trajectory = True
 
-    def _trajectory_features(self, ctx: MemberContext, batch: Batch, which: str) -> torch.Tensor:
+    def _trajectory_features(
+        self, ctx: MemberContext[GradSimState], batch: Batch, which: str
+    ) -> torch.Tensor:
         parts = []
         for ckpt, state in zip(ctx.checkpoints, ctx.states):
             lr = 1.0 if ckpt is None else ckpt.learning_rate
@@ -46,8 +48,8 @@ class TracInAttributor(GradientSimilarity):
             parts.append(self._scale_features(ctx, features, math.sqrt(lr)))
         return torch.cat(parts, 1)
 
-    def _train_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
+    def _train_features(self, ctx: MemberContext[GradSimState], batch: Batch) -> torch.Tensor:
         return self._trajectory_features(ctx, batch, "loss")
 
-    def _query_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
+    def _query_features(self, ctx: MemberContext[GradSimState], batch: Batch) -> torch.Tensor:
         return self._trajectory_features(ctx, batch, "query")

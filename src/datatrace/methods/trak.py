@@ -20,7 +20,7 @@ with fewer units than features (groups) an ``n_units x n_units`` one (``kernel_f
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -28,9 +28,9 @@ import torch
 from datatrace import distributed
 from datatrace._progress import progress_bar
 from datatrace.data import Batch, iter_batches
-from datatrace.ensemble import DropoutMember
 from datatrace.errors import ConfigError, NumericalError
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.methods.context import check_dropout_masks
 from datatrace.projection import ProjectorKind
 from datatrace.solvers import GramInverse
 from datatrace.task import margin
@@ -56,7 +56,7 @@ class TRAKConfig(MethodConfig):
             margin for cross-entropy tasks, loss otherwise, e.g. language models).
         q_dropout: number of dropout masks averaged in ``Q`` only (0: off). Features come
             from the unmasked model once; ``Q`` is the mean over forward passes under masks
-            ``0 .. q_dropout-1`` of :class:`~datatrace.ensemble.DropoutMember` (seed
+            ``0 .. q_dropout-1`` of the ``dropout`` ensemble (seed
             ``seed``): the Q-only Dropout Ensemble, cheap to serve (forward passes only).
         q_dropout_rate: drop probability of those masks (None: the dropout layers' own).
         q_dropout_layers: modules to mask (None: the model's dropout layers).
@@ -90,7 +90,7 @@ class TRAKConfig(MethodConfig):
         if self.q_dropout < 0:
             raise ConfigError(f"q_dropout must be an int >= 0; got {self.q_dropout!r}.")
         if self.q_dropout:  # validates rate and layers now, not in fit()
-            DropoutMember(seed=self.seed, rate=self.q_dropout_rate, layers=self.q_dropout_layers)
+            check_dropout_masks(self.seed, self.q_dropout_rate, self.q_dropout_layers)
         if self.damping is not None and not (
             isinstance(self.damping, (int, float)) and self.damping >= 0
         ):
@@ -141,8 +141,33 @@ def _gram(blocks: Iterable[torch.Tensor], min_rows: int = 1024) -> torch.Tensor:
     return kernel
 
 
+class _QRecorder:
+    """``1 - p`` of the examples featurized in this fit, recorded from the featurization pass
+    (allocated at the first record; ``values`` None until then)."""
+
+    def __init__(self) -> None:
+        self.values: tuple[torch.Tensor, torch.Tensor] | None = None  # (1 - p, seen)
+
+
+@dataclass(frozen=True)
+class TRAKState:
+    """TRAK's state of one member.
+
+    Attributes:
+        q: ``(n_units,)`` output weights ``Q`` (1 for loss features); None while featurizing.
+        chol: Cholesky factor of ``Φ^T Φ + λI`` (primal form), or None.
+        inverse: the dual form's ``(Φ^T Φ + λI)^{-1}`` (:class:`GramInverse`), or None.
+        recorder: ``1 - p`` recorded while featurizing (dropped by ``_fit_member``).
+    """
+
+    q: torch.Tensor | None = None
+    chol: torch.Tensor | None = None
+    inverse: GramInverse | None = None
+    recorder: _QRecorder | None = None
+
+
 @register("trak")
-class TRAKAttributor(Attributor):
+class TRAKAttributor(Attributor[TRAKState]):
     """TRAK with projected kernel, damping and ensemble averaging.
 
     Example:
@@ -154,6 +179,7 @@ class TRAKAttributor(Attributor):
     """
 
     method_id = "trak"
+    target_kind = "margin"
     Config = TRAKConfig
     config: TRAKConfig
 
@@ -167,57 +193,62 @@ class TRAKAttributor(Attributor):
             )
         return self.config.output == "margin"
 
-    def _train_features(self, ctx: MemberContext, batch: Batch) -> torch.Tensor:
+    def _prepare_member(self, ctx: MemberContext[TRAKState]) -> TRAKState:
+        return TRAKState(recorder=_QRecorder())
+
+    def _train_features(self, ctx: MemberContext[TRAKState], batch: Batch) -> torch.Tensor:
         margin_out = self._uses_margin()
         psg = self._unit_grads(ctx, batch, "margin" if margin_out else "loss", ctx.state)
         if margin_out and not self.config.q_dropout:
             self._record_q(ctx, psg.objective)
         return self._project(ctx, psg)
 
-    def _record_q(self, ctx: MemberContext, neg_margin: torch.Tensor | None) -> None:
+    def _record_q(self, ctx: MemberContext[TRAKState], neg_margin: torch.Tensor | None) -> None:
         """Keep ``1 - p = sigmoid(-margin)`` of the batch's examples from the featurization
         pass, so ``Q`` needs no second forward pass when every example was featurized here
         (not when store shards were reused or the engine gave no objective values)."""
-        idx = ctx.batch_indices
+        idx, recorder = ctx.batch_indices, ctx.fitted.recorder
         if neg_margin is None or idx is None or neg_margin.shape[0] != idx.shape[0]:
             return
-        if "q_seen" not in ctx.fitted:
-            dtype = self.task.working_dtype  # 1 - p near 0 or 1 needs more than half precision
-            ctx.fitted["q_seen"] = (
+        if recorder is None:  # featurized outside a fit (recomputed): nothing to record
+            return
+        if recorder.values is None:
+            dtype = ctx.task.working_dtype  # 1 - p near 0 or 1 needs more than half precision
+            recorder.values = (
                 torch.empty(self._n_train, dtype=dtype, device=neg_margin.device),
                 torch.zeros(self._n_train, dtype=torch.bool),
             )
-        q, seen = ctx.fitted["q_seen"]
+        q, seen = recorder.values
         q[idx.to(q.device)] = torch.sigmoid(neg_margin.detach().to(q.dtype))
         seen[idx] = True
 
-    def _q_weights(self, ctx: MemberContext) -> torch.Tensor:
-        recorded = ctx.fitted.pop("q_seen", None)
+    def _q_weights(self, ctx: MemberContext[TRAKState]) -> torch.Tensor:
+        recorder = ctx.fitted.recorder
+        recorded = None if recorder is None else recorder.values
         if not self._uses_margin():
-            return torch.ones(self._n_train, dtype=self.task.working_dtype, device=self.task.device)
+            return torch.ones(self._n_train, dtype=ctx.task.working_dtype, device=ctx.task.device)
         cfg = self.config
         if distributed.is_distributed() and not cfg.q_dropout:
-            recorded = self._gather_q(recorded)
+            recorded = self._gather_q(ctx, recorded)
         if recorded is not None and bool(recorded[1].all()):
             return recorded[0]
         if cfg.q_dropout:
-            if isinstance(ctx.member, DropoutMember):
+            if ctx.dropout_masked:
                 raise ConfigError(
                     "q_dropout masks Q of an unmasked model; with dropout members= the masks "
                     "already enter features and Q. Use one of the two (q_dropout=0)."
                 )
             qs = []
             for j in range(cfg.q_dropout):
-                mask = DropoutMember(
-                    index=j, seed=cfg.seed, rate=cfg.q_dropout_rate, layers=cfg.q_dropout_layers
-                )
-                with mask.applied(self.task):
-                    qs.append(self._q_pass(ctx))
+                with ctx.under_dropout_mask(
+                    j, seed=cfg.seed, rate=cfg.q_dropout_rate, layers=cfg.q_dropout_layers
+                ) as masked:
+                    qs.append(self._q_pass(masked))
             return torch.stack(qs).mean(0)
         return self._q_pass(ctx)
 
     def _gather_q(
-        self, recorded: tuple[torch.Tensor, torch.Tensor] | None
+        self, ctx: MemberContext[TRAKState], recorded: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Distributed: each rank recorded ``1 - p`` of its own batches; join the parts.
 
@@ -225,7 +256,7 @@ class TRAKAttributor(Attributor):
         """
         if recorded is None:  # this rank featurized nothing (no batches, or all resumed)
             recorded = (
-                torch.zeros(self._n_train, dtype=self.task.dtype, device=self.task.device),
+                torch.zeros(self._n_train, dtype=ctx.task.dtype, device=ctx.task.device),
                 torch.zeros(self._n_train, dtype=torch.bool),
             )
         q, seen = recorded
@@ -234,7 +265,7 @@ class TRAKAttributor(Attributor):
         )
         return q, count > 0
 
-    def _q_pass(self, ctx: MemberContext) -> torch.Tensor:
+    def _q_pass(self, ctx: MemberContext[TRAKState]) -> torch.Tensor:
         parts = []
         batches = progress_bar(
             iter_batches(self._train, self.config.batch_size),
@@ -244,23 +275,23 @@ class TRAKAttributor(Attributor):
         )
         with torch.no_grad():
             for batch in batches:
-                split = self.task.split_batch(batch)
+                split = ctx.task.split_batch(batch)
                 assert split.labels is not None
-                logits = self.task.outputs(ctx.state, split).to(self.task.working_dtype)
+                logits = ctx.task.outputs(ctx.state, split).to(ctx.task.working_dtype)
                 m = margin(logits, split.labels)
                 parts.append(torch.sigmoid(-m))  # 1 - p_y, since p_y = sigmoid(margin)
         return torch.cat(parts)
 
-    def _fit_member(self, ctx: MemberContext) -> None:
+    def _fit_member(self, ctx: MemberContext[TRAKState]) -> TRAKState:
         if self._dual(ctx):
-            self._fit_dual(ctx)
+            state = TRAKState(inverse=self._fit_dual(ctx))
         else:
-            self._fit_primal(ctx)
+            state = TRAKState(chol=self._fit_primal(ctx))
         q = self._q_weights(ctx)
         # A group's Q is its members' mean 1 - p (its features: the group's summed -margin gradient)
-        ctx.fitted["q"] = q if self._grouping is None else self._grouping.mean_rows(q)
+        return replace(state, q=q if self._grouping is None else self._grouping.mean_rows(q))
 
-    def _dual(self, ctx: MemberContext) -> bool:
+    def _dual(self, ctx: MemberContext[TRAKState]) -> bool:
         cfg = self.config
         if cfg.kernel_form != "auto":
             return cfg.kernel_form == "dual"
@@ -269,7 +300,7 @@ class TRAKAttributor(Attributor):
         _, first = next(self._iter_train_features(ctx))
         return self._n_units < first.shape[1]
 
-    def _fit_dual(self, ctx: MemberContext) -> None:
+    def _fit_dual(self, ctx: MemberContext[TRAKState]) -> GramInverse:
         phi = self._all_train_features(ctx)
         damping = self.config.damping
         if damping is None:  # the mean diagonal of Φ^TΦ is ||Φ||² / d
@@ -282,14 +313,14 @@ class TRAKAttributor(Attributor):
                 "(all train features are zero). Check the model and data, or pass damping=."
             )
         try:
-            ctx.fitted["inverse"] = GramInverse(phi, damping, form="dual")
+            return GramInverse(phi, damping, form="dual")
         except NumericalError as exc:
             raise NumericalError(
                 f"TRAK's dual Gram ΦΦ^T + λI (n_units={phi.shape[0]}, proj_dim={phi.shape[1]}) "
                 f"is not positive definite at λ={damping:.3g}; raise damping or relative_damping."
             ) from exc
 
-    def _fit_primal(self, ctx: MemberContext) -> None:
+    def _fit_primal(self, ctx: MemberContext[TRAKState]) -> torch.Tensor:
         # The d x d kernel is small: factor it in float64 (the float32 Gram's rounding is
         # covered by the default relative damping, even when Φ^TΦ is rank-deficient).
         kernel = _gram(block for _, block in self._iter_train_features(ctx)).double()
@@ -306,18 +337,28 @@ class TRAKAttributor(Attributor):
                 f"positive definite at λ={damping:.3g}; raise damping or relative_damping, or use a "
                 "proj_dim below the number of training examples."
             )
-        ctx.fitted["chol"] = chol
+        return chol
 
-    def _transform_queries(self, ctx: MemberContext, q: torch.Tensor) -> torch.Tensor:
-        if "inverse" in ctx.fitted:
-            return ctx.fitted["inverse"].apply(q.T).T.to(q.dtype)
-        return torch.cholesky_solve(q.T.double(), ctx.fitted["chol"]).T.to(q.dtype)
+    def _transform_queries(self, ctx: MemberContext[TRAKState], q: torch.Tensor) -> torch.Tensor:
+        state = ctx.fitted
+        if state.inverse is not None:
+            return state.inverse.apply(q.T).T.to(q.dtype)
+        assert state.chol is not None  # one of the two forms is fitted
+        return torch.cholesky_solve(q.T.double(), state.chol).T.to(q.dtype)
 
     def _aggregate(self, blocks: list[torch.Tensor], start: int) -> torch.Tensor:
         size = blocks[0].shape[1]
-        q = torch.stack([ctx.fitted["q"][start : start + size] for ctx in self._contexts]).mean(0)
+        q = torch.stack([self._q(ctx)[start : start + size] for ctx in self._contexts]).mean(0)
         return torch.stack(blocks).mean(0) * q
 
-    def _self_scores(self, ctx: MemberContext, train: torch.Tensor, start: int) -> torch.Tensor:
-        q = ctx.fitted["q"][start : start + train.shape[0]]
+    def _self_scores(
+        self, ctx: MemberContext[TRAKState], train: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        q = self._q(ctx)[start : start + train.shape[0]]
         return super()._self_scores(ctx, train, start) * q
+
+    @staticmethod
+    def _q(ctx: MemberContext[TRAKState]) -> torch.Tensor:
+        q = ctx.fitted.q
+        assert q is not None  # set by _fit_member
+        return q

@@ -128,8 +128,25 @@ class UnrolledConfig(MethodConfig):
             )
 
 
+@dataclass(frozen=True)
+class UnrolledState:
+    """The replayed run of one member.
+
+    Attributes:
+        replay: the replay of the member's recipe.
+        saved: the replay states kept every ``segment_steps`` steps, by step.
+        final: the replayed final state.
+        segment_steps: steps per recomputed segment ``K``.
+    """
+
+    replay: Replay
+    saved: dict[int, ReplayState]
+    final: ReplayState
+    segment_steps: int
+
+
 @register("unrolled")
-class UnrolledAttributor(Attributor):
+class UnrolledAttributor(Attributor[UnrolledState]):
     """Exact unrolled attribution: metagradients of the query through the replayed run.
 
     Args:
@@ -207,9 +224,9 @@ class UnrolledAttributor(Attributor):
             )
         return True  # there are no train features: scores come from the reverse pass
 
-    def _fit_member(self, ctx: MemberContext) -> None:
+    def _fit_member(self, ctx: MemberContext[UnrolledState]) -> UnrolledState:
         recipe = self._recipes[ctx.index]
-        replay = Replay(self.task, recipe, self._train)
+        replay = Replay(ctx.task, recipe, self._train)
         steps = recipe.num_steps
         every = self.config.segment_steps or max(1, math.isqrt(max(steps - 1, 0)) + 1)
         final = replay.run(keep_every=every)
@@ -217,22 +234,21 @@ class UnrolledAttributor(Attributor):
         # different trajectory, replayed by the same (now verified) steps.
         self._check_replay(ctx, recipe, replay, final)
         if self.config.weight != 1:
-            final = replay.run(keep_every=every, weights=self._weights())
-        ctx.fitted.update(
-            {"replay": replay, "saved": replay.kept, "final": final, "segment_steps": every}
-        )
+            final = replay.run(keep_every=every, weights=self._weights(ctx.task))
+        return UnrolledState(replay=replay, saved=replay.kept, final=final, segment_steps=every)
 
-    def _weights(self) -> torch.Tensor:
+    def _weights(self, task: Task) -> torch.Tensor:
         """``(n_train,)``: every example's loss weight at the point of differentiation."""
         return torch.full(
-            (self._n_train,),
-            float(self.config.weight),
-            dtype=self.task.dtype,
-            device=self.task.device,
+            (self._n_train,), float(self.config.weight), dtype=task.dtype, device=task.device
         )
 
     def _check_replay(
-        self, ctx: MemberContext, recipe: TrainingRecipe, replay: Replay, final: ReplayState
+        self,
+        ctx: MemberContext[UnrolledState],
+        recipe: TrainingRecipe,
+        replay: Replay,
+        final: ReplayState,
     ) -> None:
         """Refuse a replay whose final weights are not the recorded ones (or the model's)."""
         replayed = replay.state_dict(final)
@@ -276,8 +292,8 @@ class UnrolledAttributor(Attributor):
         distributed.check_same_queries(queries, self.config.batch_size)
         self.task.check_data(queries, self.config.batch_size, "query")
         per_member = []
-        for ctx in self._contexts:
-            with self._member_task(ctx.member):
+        for member_ctx in self._contexts:
+            with self._member_scope(member_ctx) as ctx:
                 per_member.append(self._metagradient_scores(ctx, queries))
         values = self._aggregate(per_member, 0)
         bounds = list(range(0, self._n_train, self.config.batch_size))
@@ -299,24 +315,23 @@ class UnrolledAttributor(Attributor):
             values = torch.cat([v for _, v in self._score_blocks(rows)], 1)
         return values.diagonal().clone()
 
-    def _metagradient_scores(self, ctx: MemberContext, queries: Any) -> torch.Tensor:
+    def _metagradient_scores(self, ctx: MemberContext[UnrolledState], queries: Any) -> torch.Tensor:
         """``(n_query, n_train)`` scores ``-∂f_q/∂w_i`` by checkpointed reverse mode."""
-        replay: Replay = ctx.fitted["replay"]
-        saved: dict[int, ReplayState] = ctx.fitted["saved"]
-        final: ReplayState = ctx.fitted["final"]
-        every: int = ctx.fitted["segment_steps"]
-        dtype = self.task.working_dtype
+        replay, saved = ctx.fitted.replay, ctx.fitted.saved
+        final, every = ctx.fitted.final, ctx.fitted.segment_steps
+        task = ctx.task
+        dtype = task.working_dtype
         chunks = [
-            self._query_adjoint(replay, final, b)
+            self._query_adjoint(task, replay, final, b)
             for b in iter_batches(queries, self.config.batch_size)
         ]
         sizes = [int(c[0].shape[0]) for c in chunks]
-        out = torch.zeros(sum(sizes), self._n_train, dtype=dtype, device=self.task.device)
+        out = torch.zeros(sum(sizes), self._n_train, dtype=dtype, device=task.device)
         offsets = [sum(sizes[:c]) for c in range(len(sizes))]
         for start in sorted(saved, reverse=True):
             stop = min(start + every, replay.recipe.num_steps)
             leaves = [t.detach().requires_grad_(True) for t in saved[start].tensors()]
-            weights = self._weights().requires_grad_(True)
+            weights = self._weights(task).requires_grad_(True)
             with torch.enable_grad():
                 state = saved[start].with_tensors(leaves)
                 for _ in range(start, stop):
@@ -330,16 +345,16 @@ class UnrolledAttributor(Attributor):
                     out[offsets[c] : offsets[c] + sizes[c]] -= grads[-1].to(dtype)
         return out
 
-    def _query_adjoint(self, replay: Replay, final: ReplayState, batch: Any) -> list[torch.Tensor]:
+    def _query_adjoint(
+        self, task: Task, replay: Replay, final: ReplayState, batch: Any
+    ) -> list[torch.Tensor]:
         """``∇f_q`` at the replayed final state for each query of ``batch``, in the layout of
         :meth:`ReplayState.tensors` (zero for the optimizer slots)."""
         params = [p.detach().requires_grad_(True) for p in final.params]
         full = {**replay.frozen, **dict(zip(replay.recipe.params, params))}
         with torch.enable_grad():
-            split = self.task.split_batch(batch)
-            objective = self.task.query_objective_from_outputs(
-                self.task.outputs(full, split), split
-            )
+            split = task.split_batch(batch)
+            objective = task.query_objective_from_outputs(task.outputs(full, split), split)
             q = objective.shape[0]
             eye = torch.eye(q, dtype=objective.dtype, device=objective.device)
             if self.config.query_batching == "vmap":

@@ -1,0 +1,113 @@
+"""What a method sees of one ensemble member: :class:`MemberContext` (DESIGN.md §3, §4).
+
+The shared loop (:mod:`datatrace.methods.loop`) builds one context per member and hands it to
+every hook of a method. It carries the member's *effective* task (its dropout masks or LoRA
+adapter applied while the loop is inside the member's scope), its checkpoints and their
+states, its projector, and the method's own typed state of that member (``fitted``: the
+frozen dataclass the method's ``_prepare_member`` / ``_fit_member`` return). A method never
+swaps or inspects member kinds: what it needs of them is a property here.
+
+This module is the loop's side of the ensemble layer: it is the only part of
+:mod:`datatrace.methods` that knows a member kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Generic, TypeVar
+
+import torch
+
+from datatrace.ensemble import DropoutMember
+from datatrace.projection import Projector
+from datatrace.task import Checkpoint, Member, Task
+
+__all__ = ["MemberContext", "StateT", "check_dropout_masks"]
+
+StateT = TypeVar("StateT")
+"""A method's per-member state: the frozen dataclass its file declares."""
+
+
+@dataclass(frozen=True)
+class MemberContext(Generic[StateT]):
+    """One ensemble member as a method sees it.
+
+    Attributes:
+        index: the member's position in ``members=`` (seeds its projector).
+        member: the member itself (its kind is the loop's business, not the method's).
+        task: the member's effective task: inside the loop's member scope, the task of the
+            masked or adapted model (use it for every gradient, output and layer layout);
+            outside (combining score blocks), the attributor's task.
+        checkpoints: the member's checkpoints, final last (``None``: the task's model).
+        states: the weights at each checkpoint, as the effective task names them.
+        projector: the member's random projection (None without ``projector=``).
+        features: the member's in-memory train feature blocks (the loop fills them; empty
+            when they live in the store or are recomputed).
+        unit_members: while a grouped train batch is featurized, the ``(G, k)`` batch
+            indices of each group's members (None otherwise).
+        batch_indices: while a train batch is featurized, the training-set indices of its
+            examples (None otherwise).
+        scoped: whether the loop is inside the member's scope (``task`` is effective).
+    """
+
+    index: int
+    member: Member
+    task: Task
+    checkpoints: tuple[Checkpoint | None, ...]
+    states: tuple[dict[str, torch.Tensor], ...]
+    projector: Projector | None
+    method_state: StateT | None = None
+    features: list[torch.Tensor] = field(default_factory=list)
+    unit_members: torch.Tensor | None = None
+    batch_indices: torch.Tensor | None = None
+    scoped: bool = False
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The member's final weights."""
+        return self.states[-1]
+
+    @property
+    def fitted(self) -> StateT:
+        """The method's state of this member: what ``_prepare_member`` returned while train
+        features are computed, what ``_fit_member`` returned afterwards."""
+        if self.method_state is None:
+            raise RuntimeError(
+                f"member {self.index} has no method state yet: a hook read ctx.fitted before "
+                "_prepare_member/_fit_member returned one (override _prepare_member to make "
+                "state needed while featurizing)."
+            )
+        return self.method_state
+
+    def with_state(self, state: StateT | None) -> MemberContext[StateT]:
+        """This context holding the method's ``state``."""
+        return replace(self, method_state=state)
+
+    @property
+    def dropout_masked(self) -> bool:
+        """Whether the member's model is seen through fixed dropout masks (a ``dropout``
+        ensemble member): its masks already enter every feature and output."""
+        return isinstance(self.member, DropoutMember)
+
+    @contextmanager
+    def under_dropout_mask(
+        self,
+        index: int,
+        *,
+        seed: int,
+        rate: float | None,
+        layers: tuple[str, ...] | None,
+    ) -> Iterator[MemberContext[StateT]]:
+        """This member seen through dropout mask ``index`` of ``seed`` (what the ``dropout``
+        ensemble's member ``index`` applies), e.g. TRAK's Q-only dropout ensemble."""
+        mask = DropoutMember(index=index, seed=seed, rate=rate, layers=layers)
+        with mask.applied(self.task) as task:
+            yield replace(self, task=task)
+
+
+def check_dropout_masks(seed: int, rate: float | None, layers: tuple[str, ...] | None) -> None:
+    """Raise ``ConfigError`` now (not in ``fit``) for dropout-mask settings that
+    :meth:`MemberContext.under_dropout_mask` would refuse."""
+    DropoutMember(seed=seed, rate=rate, layers=layers)
