@@ -26,7 +26,7 @@ def _case():
 
 
 def _curvature(attr):
-    return attr._contexts[0].fitted["inverse"].curvature
+    return attr._contexts[0].fitted.solve().curvature
 
 
 def _fit(task, train, **kwargs):
@@ -154,7 +154,7 @@ def test_members_draw_their_own_subsets():
     task, train, _ = _case()
     # two members with the same weights: only their subsets (seed + 7919 i) differ
     attr = _fit(task, train, curvature_examples=8, members=[task.model, copy.deepcopy(task.model)])
-    a, b = (ctx.fitted["inverse"].curvature for ctx in attr._contexts)
+    a, b = (ctx.fitted.solve().curvature for ctx in attr._contexts)
     assert not torch.allclose(a.layers[0].a_factor, b.layers[0].a_factor)
 
 
