@@ -809,7 +809,11 @@ def inverse_eigenvalues(layer: KFACLayer, damping: float) -> torch.Tensor:
         NumericalError: some eigenvalue of ``F + λI`` is ~0 (e.g. zero damping, rank-deficient).
     """
     shifted = layer.eigenvalues + damping
-    tol = float(torch.finfo(shifted.dtype).eps) * max(float(shifted.max()), 1e-300)
+    # The eigenvalues come from float64 sums and eigendecompositions (compute_dtype), and
+    # keeping them in float32 rounds each one relative to itself: float64's resolution is
+    # what says whether F + λI is singular. (Float32's refused kronfluence's default 1e-8
+    # on GPT-2's attention layers, where float64 shows that damping scores best.)
+    tol = float(torch.finfo(torch.float64).eps) * max(float(shifted.max()), 1e-300)
     if not bool((shifted > tol).all()):
         raise NumericalError(
             f"K-FAC layer {layer.module!r} is singular with damping {damping}: "

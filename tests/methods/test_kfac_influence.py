@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import datatrace.methods.influence as influence
 from datatrace import ConfigError, ModelError, Task, make_attributor
-from datatrace.errors import StoreError
+from datatrace.errors import NumericalError, StoreError
 from datatrace.kfac import fit_kfac
 from tests.methods.test_scalable_path import LargestTensor
 from tests.models import autograd_loop, classification_data, cnn, mlp, tiny_lm
@@ -229,3 +231,26 @@ def test_bad_settings():
         make_attributor("if-ekfac", task, solver="datainf", damping=1e-3)
     with pytest.raises(ModelError, match=r"4.weight.*module_types"):
         make_attributor("if-ekfac", Task(cnn()))
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_float32_takes_a_tiny_damping_on_a_rank_deficient_layer(kind):
+    """λ far below float32's resolution of the largest eigenvalue is not singular: the
+    eigenvalues come from float64 sums; float32 scores follow float64's (here to 1e-3)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
+    x = torch.randn(40, 6)
+    x[:, 4:] = 0.0  # two dead inputs: the first layer's A factor has zero eigenvalues
+    data, queries = (x, torch.randint(0, 3, (40,))), (x[:5], torch.randint(0, 3, (5,)))
+
+    def scores(m: nn.Module, damping: float, dtype: torch.dtype) -> torch.Tensor:
+        attr = make_attributor(f"if-{kind}", Task(m), damping=damping, fisher="empirical")
+        cast = lambda b: (b[0].to(dtype), b[1])  # noqa: E731
+        return attr.fit(cast(data)).attribute(cast(queries)).values.double()
+
+    single = scores(model, 1e-8, torch.float32)
+    double = scores(copy.deepcopy(model).double(), 1e-8, torch.float64)
+    assert bool(single.isfinite().all())
+    torch.testing.assert_close(single, double, rtol=1e-3, atol=1e-3 * float(double.abs().max()))
+    with pytest.raises(NumericalError, match="singular with damping 0"):
+        scores(model, 0.0, torch.float32)
