@@ -43,6 +43,14 @@ quiet timing of one subset against kronfluence, at 1 and 2 threads::
 
     .venv/bin/python benchmarks/peers/kronfluence_charlm.py --curvature-examples 400,all \
         --json out/kronfluence_charlm_subset.json
+
+``--setting pydoc-gpt2`` runs the same comparison on the transformers GPT-2 of that setting
+(its own cached ground truth, same spec) through ``benchmarks/peers/kronfluence_gpt2_runner.py``,
+which converts GPT-2's ``Conv1D`` layers to the equivalent ``nn.Linear`` for kronfluence;
+both sides track the 8 block projections (ours: ``Task(module_types="layers")``), not the LM
+head tied to the embedding. Both settings also get a row for ours with the README defaults
+(``make_attributor("if-ekfac", task)``: empirical Fisher, heuristic damping) and the bytes
+our fitted EK-FAC state keeps.
 """
 
 from __future__ import annotations
@@ -70,11 +78,14 @@ from benchmarks.peers.peers import compare, setup_peer
 from datatrace import Task, make_attributor
 from datatrace.bench.cache import GroundTruthSpec, default_cache_dir, lds_ground_truth
 from datatrace.bench.groundtruth import SubsetGroundTruth, noise_ceiling
+from datatrace.bench.runner import fitted_bytes
 from datatrace.bench.settings import Setting, get_setting
 from datatrace.errors import NumericalError
 from datatrace.metrics import lds
 
 RUNNER = Path(__file__).resolve().parent / "kronfluence_charlm_runner.py"
+GPT2_RUNNER = Path(__file__).resolve().parent / "kronfluence_gpt2_runner.py"
+README_DEFAULTS = "readme-defaults"  # our row with make_attributor("if-ekfac", task)
 KRONFLUENCE_DAMPING = 1e-8  # kronfluence 1.0.1 ScoreArguments.damping_factor default
 
 
@@ -131,6 +142,39 @@ def trained_model(setting: Setting, tag: str = "charlm") -> nn.Module:
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
     tmp.replace(path)
     return model.eval()
+
+
+def model_side(setting: Setting, model: nn.Module) -> dict[str, Any]:
+    """What differs between the settings: kronfluence's runner, the architecture it rebuilds,
+    our ``module_types`` and the parameters both sides track (kronfluence: every tracked
+    module's weight and bias)."""
+    if setting.name == "pydoc-gpt2":
+        cfg = model.config  # type: ignore[union-attr]
+        keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "bos_token_id")
+        keys += ("eos_token_id", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+        kinds: tuple[str, ...] = ("Conv1D",)  # the block projections; not the tied LM head
+        side = {"runner": GPT2_RUNNER, "arch": {k: getattr(cfg, k) for k in keys}}
+        side.update(module_types="layers", layers=f"{4 * cfg.n_layer} Conv1D")
+    else:
+        kinds = ("Linear",)
+        side = {
+            "runner": RUNNER,
+            "arch": {
+                "vocab_size": len(setting.vocab),  # type: ignore[attr-defined]
+                "max_len": setting.chunk_len,  # type: ignore[attr-defined]
+                "d_model": setting.d_model,  # type: ignore[attr-defined]
+                "n_heads": setting.n_heads,  # type: ignore[attr-defined]
+                "n_layers": setting.n_layers,  # type: ignore[attr-defined]
+            },
+        }
+        side.update(module_types=(nn.Linear,), layers="13 Linear")
+    side["expected"] = {
+        f"{name}.{p}"
+        for name, mod in model.named_modules()
+        if type(mod).__name__ in kinds
+        for p, _ in mod.named_parameters()
+    }
+    return side
 
 
 def ours_ekfac(
@@ -203,6 +247,7 @@ def run_kronfluence(
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--setting", default="pydoc-charlm", choices=["pydoc-charlm", "pydoc-gpt2"])
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
@@ -240,22 +285,18 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()
     py = setup_peer("kronfluence", args.venv_root)
     torch.set_num_threads(thread_counts[0])
-    setting = get_setting("pydoc-charlm")
+    setting = get_setting(args.setting)
     gt = cached_ground_truth(
         setting, GroundTruthSpec(m=args.m, seeds=args.seeds), args.allow_retraining
     )
     n_val = setting.n_val
-    model = trained_model(setting)
+    model = trained_model(setting, tag=args.setting.removeprefix("pydoc-"))
+    side = model_side(setting, model)
     # nn.Module.to works in place: kronfluence gets the untouched float32 weights
     ours_model = copy.deepcopy(model).to(torch.float64) if args.dtype == "float64" else model
     train, q_test = setting.data.train, setting.data.test_queries
-    task = setting.make_task(ours_model, module_types=(nn.Linear,))
-    linear = {
-        f"{name}.{p}"
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear)
-        for p, _ in mod.named_parameters()
-    }
+    task = setting.make_task(ours_model, module_types=side["module_types"])
+    linear = side["expected"]
     if set(task.tracked_params()) != linear:  # kronfluence tracks exactly these
         raise RuntimeError(f"tracked {sorted(task.tracked_params())}, expected {sorted(linear)}")
     n_params = sum(p.numel() for p in task.tracked_params().values())
@@ -295,6 +336,14 @@ def main(argv: list[str] | None = None) -> None:
         chosen[key] = max(fitted, key=lambda d: float(scored[d]))
         # our rows of the LDS table: the heuristic (kronfluence's other damping) and the chosen
         shown[key] = [d for d in dict.fromkeys(["heuristic", chosen[key]]) if d in fitted]
+    # the README defaults (empirical Fisher, heuristic damping), and the bytes EK-FAC keeps
+    attr = make_attributor("if-ekfac", task, batch_size=args.batch_size).fit(train)
+    bytes_stored = fitted_bytes(attr)
+    values = attr.attribute(setting.data.queries("all")).values
+    readme_val = lds(values[:n_val], gt.subsets, gt.targets[:, :n_val]).mean
+    test_scores[README_DEFAULTS, "heuristic"] = values[n_val:]
+    shown[README_DEFAULTS] = ["heuristic"]
+    print(f"[datatrace] README defaults: validation LDS {readme_val:.3f}", flush=True)
 
     # ---- timed runs, ours then kronfluence, at every thread count
     ours: dict[int, dict[str, dict[str, Any]]] = {}
@@ -304,13 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         inputs = Path(tmp) / "inputs.pt"
         with torch.no_grad():
             query_log_prob = setting.measure(model, q_test).detach()
-        arch = {
-            "vocab_size": len(setting.vocab),
-            "max_len": setting.chunk_len,
-            "d_model": setting.d_model,
-            "n_heads": setting.n_heads,
-            "n_layers": setting.n_layers,
-        }
+        arch = side["arch"]
         torch.save(
             {
                 "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -351,7 +394,12 @@ def main(argv: list[str] | None = None) -> None:
             }
             t0 = time.perf_counter()
             peer[threads] = run_kronfluence(
-                py, inputs, Path(tmp) / f"kronfluence-{threads}.pt", spec, args.peer_timeout
+                py,
+                inputs,
+                Path(tmp) / f"kronfluence-{threads}.pt",
+                spec,
+                args.peer_timeout,
+                runner=side["runner"],
             )
             print(f"[kronfluence] {threads} thread(s): {time.perf_counter() - t0:.1f}s", flush=True)
 
@@ -359,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for threads, out in peer.items():
         for kron_damping, kron in out["rows"].items():
-            for key in subsets:
+            for key in shown:
                 for damping in shown[key]:
                     row = {
                         "kronfluence_threads": threads,
@@ -385,6 +433,9 @@ def main(argv: list[str] | None = None) -> None:
         "recipe_hash": setting.recipe_hash(),
         "lds_protocol": {"m": args.m, "seeds": args.seeds, "alpha": 0.5},
         "n_tracked_params": n_params,
+        "tracked_layers": side["layers"],
+        "ours_bytes_stored": bytes_stored,
+        "ours_readme_defaults_val_lds": readme_val,
         "kronfluence": {k: peer[first][k] for k in ("version", "torch", "model_gap_nats")},
         "batch_size": args.batch_size,
         "ours_dtype": args.dtype,
@@ -394,7 +445,10 @@ def main(argv: list[str] | None = None) -> None:
         "random_lds": random_lds.mean,
         "ours_val_lds": val_lds,
         "ours_chosen_damping": chosen,
-        "ours_data_passes": {k: data_passes(ce, setting.n_train) for k, ce in subsets.items()},
+        "ours_data_passes": {
+            **{k: data_passes(ce, setting.n_train) for k, ce in subsets.items()},
+            README_DEFAULTS: data_passes(None, setting.n_train),
+        },
         "comparisons": rows,
         "times": times,
         "load_avg_before": list(load_before),
@@ -413,10 +467,12 @@ def _seconds(run: dict[str, Any]) -> dict[str, float]:
 def print_tables(r: dict[str, Any]) -> None:
     """The two markdown tables of docs/benchmarks.md (LDS and agreement; times)."""
     print(
-        f"\npydoc-charlm: {r['setting']['n_train']} train chunks, {r['setting']['n_test']} test "
+        f"\n{r['setting']['name']}: {r['setting']['n_train']} train chunks, "
+        f"{r['setting']['n_test']} test "
         f"queries, LDS over {r['lds_protocol']['m']} subsets x {r['lds_protocol']['seeds']} "
         f"seeds; noise ceiling {r['noise_ceiling']:.3f}, random scores {r['random_lds']:+.3f}; "
-        f"{r['n_tracked_params']} parameters in 13 Linear layers; ours in {r['ours_dtype']}; "
+        f"{r['n_tracked_params']} parameters in {r['tracked_layers']} layers; ours in "
+        f"{r['ours_dtype']}, fitted EK-FAC state {r['ours_bytes_stored']} bytes; "
         f"damping on validation queries: {r['ours_val_lds']} -> {r['ours_chosen_damping']}\n"
     )
     print(

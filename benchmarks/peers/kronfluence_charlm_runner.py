@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,11 @@ class CharTransformer(nn.Module):
         return self.head(self.ln(h))
 
 
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model's output (a transformers model returns them as ``.logits``)."""
+    return out.logits if hasattr(out, "logits") else out
+
+
 def summed_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Per-chunk summed next-character NLL, ``(B,)`` (position t predicts character t+1)."""
     lp = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -103,10 +109,22 @@ def summed_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ kronfluence
 
 
-def kronfluence_ekfac(data: dict[str, Any], spec: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Timed EK-FAC fit + attribute at ``spec["dampings"][0]``, scores at every damping."""
+def kronfluence_ekfac(
+    data: dict[str, Any],
+    spec: dict[str, Any],
+    work: Path,
+    build_model: Callable[[dict[str, Any]], nn.Module] | None = None,
+    tracked: list[str] | None = None,
+) -> dict[str, Any]:
+    """Timed EK-FAC fit + attribute at ``spec["dampings"][0]``, scores at every damping.
+
+    ``build_model(data)`` rebuilds the model in eval mode (default: the copied
+    ``CharTransformer``); ``tracked`` names the modules kronfluence tracks (default: every
+    ``nn.Linear``).
+    """
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.module.utils import get_tracked_module_names
     from kronfluence.task import Task
 
     train_ids, query_ids = data["train_ids"], data["query_ids"]
@@ -115,7 +133,7 @@ def kronfluence_ekfac(data: dict[str, Any], spec: dict[str, Any], work: Path) ->
     class CharLM(Task):
         def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Any:
             (ids,) = batch
-            logits = model(ids)[:, :-1]
+            logits = logits_of(model(ids))[:, :-1]
             labels = ids[:, 1:]
             if sample:  # true Fisher: one label per position from the model's distribution
                 with torch.no_grad():
@@ -126,15 +144,24 @@ def kronfluence_ekfac(data: dict[str, Any], spec: dict[str, Any], work: Path) ->
 
         def compute_measurement(self, batch: Any, model: nn.Module) -> Any:
             (ids,) = batch
-            return summed_nll(model(ids), ids).sum()
+            return summed_nll(logits_of(model(ids)), ids).sum()
+
+        def get_influence_tracked_modules(self) -> list[str] | None:
+            return tracked
 
     def build() -> nn.Module:
+        if build_model is not None:
+            return build_model(data)
         model = CharTransformer(**data["arch"])
         model.load_state_dict(data["state"])
         return model.eval()
 
     def fit() -> Any:
         model = prepare_model(build(), CharLM())
+        if tracked is not None and sorted(get_tracked_module_names(model)) != sorted(tracked):
+            raise RuntimeError(
+                f"kronfluence tracks {get_tracked_module_names(model)}, not {tracked}"
+            )
         out_dir = Path(tempfile.mkdtemp(dir=work, prefix="kronfluence-"))
         analyzer = Analyzer(
             analysis_name="charlm",
@@ -168,12 +195,14 @@ def kronfluence_ekfac(data: dict[str, Any], spec: dict[str, Any], work: Path) ->
 
     with torch.no_grad():
         gap = float(
-            (summed_nll(build()(query_ids), query_ids) + data["query_log_prob"]).abs().max()
+            (summed_nll(logits_of(build()(query_ids)), query_ids) + data["query_log_prob"])
+            .abs()
+            .max()
         )
     if gap > 1e-3:
         raise RuntimeError(
-            f"the copied CharTransformer disagrees with datatrace's by {gap:.2e} nats on the "
-            "queries; update the copy in this file to match datatrace/bench/settings/charlm.py."
+            f"the rebuilt model disagrees with datatrace's by {gap:.2e} nats on the queries; "
+            "update its copy in this runner to match datatrace/bench/settings/."
         )
 
     dampings = spec["dampings"]

@@ -9,7 +9,7 @@ the target to attribute and how to measure it::
     >>> from datatrace.bench.settings import get_setting, list_settings
     >>> list_settings()  # doctest: +NORMALIZE_WHITESPACE
     ['breast-cancer-mlp', 'digits-cnn', 'digits-lr', 'digits-mlp', 'digits-mlp-dropout',
-     'digits-mlp-short', 'digits-mlp-twostage', 'pydoc-charlm']
+     'digits-mlp-short', 'digits-mlp-twostage', 'pydoc-charlm', 'pydoc-gpt2']
     >>> setting = get_setting("digits-mlp", size="small")      # fields can be overridden
     >>> model = setting.train(seed=0)                           # eval mode, deterministic
     >>> task = setting.make_task(model)                         # loss and target of the setting
@@ -31,6 +31,8 @@ Registered settings (each docstring states the accuracy or loss it reaches):
 - ``digits-cnn``: :class:`DigitsCNN`, small conv net on the 8x8 images.
 - ``breast-cancer-mlp``: :class:`BreastCancerMLP`, tabular.
 - ``pydoc-charlm``: :class:`PydocCharLM`, character-level transformer language model.
+- ``pydoc-gpt2``: :class:`PydocGPT2`, the same data on a Hugging Face GPT-2 built from its
+  config (needs transformers).
 
 Registering your own setting: subclass :class:`Setting` (or :class:`ClassifierSetting`,
 which brings Adam minibatch training of a classifier) as a frozen, keyword-only dataclass,
@@ -77,6 +79,7 @@ as can a function ``(**overrides) -> Setting``.
 from datatrace.bench.settings.base import Evaluation, Setting, SettingData, take
 from datatrace.bench.settings.charlm import CharTransformer, PydocCharLM, pydoc_corpus
 from datatrace.bench.settings.digits import DigitsCNN, DigitsLR, DigitsMLP, DigitsMLPDropout
+from datatrace.bench.settings.gpt2 import PydocGPT2
 from datatrace.bench.settings.registry import get_setting, list_settings, register_setting
 from datatrace.bench.settings.tabular import BreastCancerMLP
 from datatrace.bench.settings.training import ClassifierSetting, fit_minibatch
@@ -92,6 +95,7 @@ __all__ = [
     "DigitsMLPDropout",
     "Evaluation",
     "PydocCharLM",
+    "PydocGPT2",
     "Setting",
     "SettingData",
     "fit_minibatch",

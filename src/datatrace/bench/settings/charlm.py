@@ -122,7 +122,8 @@ class CharTransformer(nn.Module):
 
 
 def _lm_batch_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"])
+    out = model(input_ids=batch["input_ids"])
+    logits = out.logits if hasattr(out, "logits") else out  # a transformers model's output
     vocab = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].reshape(-1, vocab), batch["labels"][:, 1:].reshape(-1))
 
