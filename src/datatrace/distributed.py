@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -293,30 +294,14 @@ def open_store(
     a file system every rank sees. ``overwrite`` clears a stale store (rank 0 does it).
     ``probes`` and ``probe_rtol`` are checked as :class:`Store` does, on every rank.
     """
-    if not is_distributed():
-        return Store(
-            path,
-            config=config,
-            fingerprints=fingerprints,
-            overwrite=overwrite,
-            probes=probes,
-            probe_rtol=probe_rtol,
-        )
-    me = rank()
-    owner = run_collectively(
-        lambda: (
-            Store(
-                path,
-                config=config,
-                fingerprints=fingerprints,
-                overwrite=overwrite,
-                probes=probes,
-                probe_rtol=probe_rtol,
-            )
-            if me == 0
-            else None
-        )
+    # Every rank checks the same config, fingerprints and probes; only how it opens differs.
+    store = functools.partial(
+        Store, path, config=config, fingerprints=fingerprints, probes=probes, probe_rtol=probe_rtol
     )
+    if not is_distributed():
+        return store(overwrite=overwrite)
+    me = rank()
+    owner = run_collectively(lambda: store(overwrite=overwrite) if me == 0 else None)
 
     def join() -> Store:
         if owner is not None:
@@ -327,15 +312,7 @@ def open_store(
                 "processes the store must be on a file system every rank sees (the same path "
                 "on every node)."
             )
-        return Store(
-            path,
-            config=config,
-            fingerprints=fingerprints,
-            create=False,
-            rank=me,
-            probes=probes,
-            probe_rtol=probe_rtol,
-        )
+        return store(create=False, rank=me)
 
     return run_collectively(join)
 

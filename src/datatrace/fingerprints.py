@@ -20,6 +20,15 @@ from datatrace.errors import DataError
 __all__ = ["RowsFingerprint", "fingerprint_batch", "fingerprint_tensors"]
 
 
+def _cpu_tensor(name: str, t: Any) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise DataError(
+            f"cannot fingerprint entry {name!r} of type {type(t).__name__}; every entry must be "
+            "a torch.Tensor (convert labels/ids with torch.as_tensor first)."
+        )
+    return t.detach().to("cpu").contiguous()
+
+
 def fingerprint_tensors(tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> str:
     """SHA-256 hex digest of the names, dtypes, shapes and bytes of ``tensors``.
 
@@ -34,12 +43,7 @@ def fingerprint_tensors(tensors: Mapping[str, torch.Tensor] | Sequence[torch.Ten
         tag = b"sequence"
     h = hashlib.sha256(tag)
     for name, t in items:
-        if not isinstance(t, torch.Tensor):
-            raise DataError(
-                f"cannot fingerprint entry {name!r} of type {type(t).__name__}; every entry must be "
-                "a torch.Tensor (convert labels/ids with torch.as_tensor first)."
-            )
-        t = t.detach().to("cpu").contiguous()
+        t = _cpu_tensor(name, t)
         header = f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|"
         h.update(len(header).to_bytes(8, "little") + header.encode())
         # Reinterpret as raw bytes: works for bfloat16, which .numpy() refuses.
@@ -101,12 +105,7 @@ class RowsFingerprint:
                 f"{sorted(name for name, _ in leaves)}; every batch must have the same structure."
             )
         for name, t in leaves:
-            if not isinstance(t, torch.Tensor):
-                raise DataError(
-                    f"cannot fingerprint entry {name!r} of type {type(t).__name__}; every entry "
-                    "must be a torch.Tensor (convert labels/ids with torch.as_tensor first)."
-                )
-            t = t.detach().to("cpu").contiguous()
+            t = _cpu_tensor(name, t)
             h = self._hashers.setdefault(name, hashlib.sha256(name.encode()))
             kind = (str(t.dtype), tuple(t.shape[1:]))
             if self._shapes.get(name) != kind:  # hashed where it changes (e.g. padding)

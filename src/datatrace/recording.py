@@ -105,11 +105,17 @@ def _learning_rate(optimizer: torch.optim.Optimizer | None, learning_rate: float
             "record() needs the learning rate in force: pass optimizer=opt (its first param "
             "group's lr is read) or learning_rate=."
         )
+    return _one_learning_rate(
+        optimizer, "pass learning_rate= explicitly (a checkpoint carries one learning rate)."
+    )
+
+
+def _one_learning_rate(optimizer: torch.optim.Optimizer, fix: str) -> float:
+    """The learning rate all of ``optimizer``'s parameter groups share; ``fix`` ends the error."""
     lrs = {float(g["lr"]) for g in optimizer.param_groups}
     if len(lrs) != 1:
         raise ConfigError(
-            f"the optimizer's parameter groups use different learning rates {sorted(lrs)}; pass "
-            "learning_rate= explicitly (a checkpoint carries one learning rate)."
+            f"the optimizer's parameter groups use different learning rates {sorted(lrs)}; {fix}"
         )
     return lrs.pop()
 
@@ -428,13 +434,9 @@ class _RunRecord:
                 f"{OptimizerSpec.from_optimizer(optimizer)}, at the start {self.spec}); the replay "
                 "supports a changing learning rate only."
             )
-        lrs = {float(g["lr"]) for g in optimizer.param_groups}
-        if len(lrs) != 1:
-            raise ConfigError(
-                f"the optimizer's parameter groups use different learning rates {sorted(lrs)}; "
-                "the replay needs one learning rate per step."
-            )
-        self.pending.append(lrs.pop())
+        self.pending.append(
+            _one_learning_rate(optimizer, "the replay needs one learning rate per step.")
+        )
 
     def record_step(self, indices: Any, seed: int | None) -> None:
         step = len(self.steps) + 1

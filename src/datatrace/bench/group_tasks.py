@@ -33,6 +33,8 @@ import torch
 from datatrace._progress import progress_bar
 from datatrace.errors import ConfigError, DataError
 from datatrace.group import Grouping
+from datatrace.metrics.lds import _real_cpu64
+from datatrace.metrics.mislabel import _check_fraction
 from datatrace.metrics.removal import _as_float
 from datatrace.scores import Scores
 
@@ -66,15 +68,12 @@ def _grouping(groups: GroupsLike) -> Grouping:
 
 
 def _unit_vector(values: Any, n_groups: int, name: str) -> torch.Tensor:
-    v = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
-    if v.dtype == torch.bool or v.is_complex():
-        raise DataError(f"{name} must hold real numbers; got dtype {v.dtype}.")
+    v = _real_cpu64(values, name)
     if v.shape != (n_groups,):
         raise DataError(
             f"{name} must have shape (n_groups={n_groups},), one value per group; got "
             f"{tuple(v.shape)}."
         )
-    v = v.detach().to("cpu", torch.float64)
     n_bad = int((~torch.isfinite(v)).sum())
     if n_bad:
         raise DataError(f"{name} contain {n_bad} non-finite values; every group needs a value.")
@@ -144,9 +143,7 @@ def group_values(scores: Scores | torch.Tensor) -> torch.Tensor:
             f"scores must be (n_val, n_groups) with at least one query and one group; got "
             f"shape {tuple(v.shape)}."
         )
-    if v.dtype == torch.bool or v.is_complex():
-        raise DataError(f"scores must hold real numbers; got dtype {v.dtype}.")
-    v = v.detach().to("cpu", torch.float64)
+    v = _real_cpu64(v, "scores")
     n_bad = int((~torch.isfinite(v)).sum())
     if n_bad:
         raise DataError(f"scores (shape {tuple(v.shape)}) contain {n_bad} non-finite values.")
@@ -350,10 +347,7 @@ class GroupInspectionResult:
         Raises:
             DataError: If ``fraction`` is not a number in ``[0, 1]``.
         """
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-            raise DataError(f"fraction must be a number in [0, 1]; got {type(fraction).__name__}.")
-        if not 0.0 <= fraction <= 1.0:
-            raise DataError(f"fraction must lie in [0, 1]; got {fraction!r}.")
+        _check_fraction(fraction)
         x = self.fraction_inspected.numpy()
         y = self.fraction_found.numpy()
         return float(np.interp(fraction, x, y))

@@ -56,6 +56,14 @@ _BOOT_CHUNK_ELEMENTS = 1 << 22
 # --------------------------------------------------------------------------------------------
 
 
+def _real_cpu64(x: ArrayLike, name: str) -> torch.Tensor:
+    """``x`` as a float64 CPU tensor; a DataError when it holds bools or complex numbers."""
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    if t.dtype == torch.bool or t.is_complex():
+        raise DataError(f"{name} must hold real numbers; got dtype {t.dtype}.")
+    return t.detach().to("cpu", torch.float64)
+
+
 def _as_float64(x: ArrayLike, name: str) -> torch.Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     if t.dtype == torch.bool or t.is_complex():

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from datatrace.errors import DataError
-from datatrace.metrics.lds import _average_ranks
+from datatrace.metrics.lds import _average_ranks, _real_cpu64
 
 __all__ = ["MislabelResult", "mislabel_detection"]
 
@@ -94,10 +94,7 @@ class MislabelResult:
         Raises:
             DataError: If ``fraction`` is not a number in ``[0, 1]``.
         """
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-            raise DataError(f"fraction must be a number in [0, 1]; got {type(fraction).__name__}.")
-        if not 0.0 <= fraction <= 1.0:
-            raise DataError(f"fraction must lie in [0, 1]; got {fraction!r}.")
+        _check_fraction(fraction)
         position = fraction * self.n_train
         lo = min(math.floor(position), self.n_train)
         hi = min(lo + 1, self.n_train)
@@ -106,16 +103,20 @@ class MislabelResult:
         return float((1.0 - w) * found[lo] + w * found[hi])
 
 
+def _check_fraction(fraction: float) -> None:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise DataError(f"fraction must be a number in [0, 1]; got {type(fraction).__name__}.")
+    if not 0.0 <= fraction <= 1.0:
+        raise DataError(f"fraction must lie in [0, 1]; got {fraction!r}.")
+
+
 def _scores_1d(scores: ScoreLike) -> torch.Tensor:
-    s = scores if isinstance(scores, torch.Tensor) else torch.as_tensor(np.asarray(scores))
-    if s.dtype == torch.bool or s.is_complex():
-        raise DataError(f"scores must hold real numbers; got dtype {s.dtype}.")
+    s = _real_cpu64(scores, "scores")
     if s.ndim != 1:
         raise DataError(
             f"scores must be 1-D (n_train,), one ranking score per training example (e.g. "
             f"`attributor.self_attribute()`); got shape {tuple(s.shape)}."
         )
-    s = s.detach().to("cpu", torch.float64)
     n_bad = int((~torch.isfinite(s)).sum())
     if n_bad:
         raise DataError(

@@ -37,6 +37,7 @@ import torch
 
 from datatrace._progress import progress_bar
 from datatrace.errors import ConfigError, DataError
+from datatrace.metrics.lds import _real_cpu64
 from datatrace.scores import Scores
 
 __all__ = [
@@ -76,9 +77,7 @@ def _values_and_ids(
         raise DataError(
             f"{name} must be a Scores or a 2-D torch.Tensor; got {type(values).__name__}."
         )
-    if v.dtype == torch.bool or v.is_complex():
-        raise DataError(f"{name} must hold real numbers; got dtype {v.dtype}.")
-    v = v.detach().to("cpu", torch.float64)
+    v = _real_cpu64(v, name)
     n_bad = int((~torch.isfinite(v)).sum())
     if n_bad:
         raise DataError(f"{name} (shape {tuple(v.shape)}) contain {n_bad} non-finite values.")
@@ -316,9 +315,7 @@ class PruningResult:
 def _unit_values(values_or_unit_scores: Scores | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = values_or_unit_scores
     if isinstance(x, torch.Tensor) and x.ndim == 1:
-        if x.dtype == torch.bool or x.is_complex():
-            raise DataError(f"unit scores must hold real numbers; got dtype {x.dtype}.")
-        u = x.detach().to("cpu", torch.float64)
+        u = _real_cpu64(x, "unit scores")
         n_bad = int((~torch.isfinite(u)).sum())
         if n_bad:
             raise DataError(

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from datatrace._checks import check_int
-from datatrace.bench.digits import load_digits_split
+from datatrace.bench.digits import load_digits_split, mlp
 from datatrace.bench.settings.base import DType, Setting, SettingData, _check_float
 from datatrace.bench.settings.registry import register_setting
-from datatrace.bench.settings.training import ClassifierSetting
+from datatrace.bench.settings.training import ClassifierSetting, _check_hidden
 from datatrace.data import Batch
 from datatrace.errors import ConfigError, ConvergenceWarning, warn
 from datatrace.task import Checkpoint
@@ -155,9 +155,30 @@ class DigitsLR(Setting):
         return [Checkpoint(state, step=steps, learning_rate=1.0, optimizer="lbfgs")]
 
 
+@dataclass(frozen=True, kw_only=True)
+class _DigitsMLPSetting(ClassifierSetting):
+    """What the digits MLP settings share: flat digits in, 64 -> ``hidden`` -> 10 ReLU MLP."""
+
+    hidden: tuple[int, ...] = (64,)
+    epochs: int = 0
+
+    image_shape: ClassVar = (8, 8)
+
+    def _check(self) -> None:
+        super()._check()
+        _check_digits_sizes(self)
+        _check_hidden(self.hidden)
+
+    def _build_data(self) -> SettingData:
+        return _digits_data(self, image=False)
+
+    def _build_model(self) -> nn.Module:
+        return mlp(64, self.hidden, 10)
+
+
 @register_setting
 @dataclass(frozen=True, kw_only=True)
-class DigitsMLP(ClassifierSetting):
+class DigitsMLP(_DigitsMLPSetting):
     """A ReLU MLP with dropout on digits, trained with Adam.
 
     64 -> ``hidden`` -> 10, each hidden layer followed by ReLU and ``Dropout(dropout)``.
@@ -183,9 +204,7 @@ class DigitsMLP(ClassifierSetting):
     description: str = "ReLU MLP with dropout on sklearn digits (Adam)"
     hidden: tuple[int, ...] = (128, 64)
     dropout: float = 0.1
-    epochs: int = 0
 
-    image_shape: ClassVar = (8, 8)
     presets: ClassVar = {
         "full": {**_PRESETS["full"], "epochs": 30},
         "small": {**_PRESETS["small"], "epochs": 20},
@@ -195,27 +214,11 @@ class DigitsMLP(ClassifierSetting):
 
     def _check(self) -> None:
         super()._check()
-        _check_digits_sizes(self)
-        if not self.hidden or any(
-            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden
-        ):
-            raise ConfigError(
-                f"hidden must be a non-empty tuple of ints >= 1; got {self.hidden!r}."
-            )
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise ConfigError(f"dropout must be a probability in [0, 1); got {self.dropout!r}.")
 
-    def _build_data(self) -> SettingData:
-        return _digits_data(self, image=False)
-
     def _build_model(self) -> nn.Module:
-        layers: list[nn.Module] = []
-        width = 64
-        for h in self.hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(self.dropout)]
-            width = h
-        layers.append(nn.Linear(width, 10))
-        return nn.Sequential(*layers)
+        return mlp(64, self.hidden, 10, dropout=self.dropout)
 
 
 @register_setting

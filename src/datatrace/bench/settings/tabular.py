@@ -8,9 +8,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from datatrace.bench.digits import load_sklearn_dataset, mlp
 from datatrace.bench.settings.base import SettingData
 from datatrace.bench.settings.registry import register_setting
-from datatrace.bench.settings.training import ClassifierSetting
+from datatrace.bench.settings.training import ClassifierSetting, _check_hidden
 from datatrace.errors import ConfigError
 
 __all__ = ["BreastCancerMLP"]
@@ -69,21 +70,10 @@ class BreastCancerMLP(ClassifierSetting):
                 f"n_val + n_test must be at most {_N_ALL - _N_TRAIN} (the held-out tumours); "
                 f"got {self.n_val} + {self.n_test}."
             )
-        if not self.hidden or any(
-            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden
-        ):
-            raise ConfigError(
-                f"hidden must be a non-empty tuple of ints >= 1; got {self.hidden!r}."
-            )
+        _check_hidden(self.hidden)
 
     def _build_data(self) -> SettingData:
-        try:
-            from sklearn.datasets import load_breast_cancer
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ConfigError(
-                "the breast-cancer setting needs scikit-learn: pip install 'datatrace[bench]'"
-            ) from exc
-        data = load_breast_cancer()
+        data = load_sklearn_dataset("breast_cancer", "breast-cancer")
         x = torch.tensor(data.data, dtype=torch.float64)
         y = torch.tensor(data.target, dtype=torch.long)
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
@@ -99,10 +89,4 @@ class BreastCancerMLP(ClassifierSetting):
         )
 
     def _build_model(self) -> nn.Module:
-        layers: list[nn.Module] = []
-        width = 30
-        for h in self.hidden:
-            layers += [nn.Linear(width, h), nn.Tanh()]
-            width = h
-        layers.append(nn.Linear(width, 2))
-        return nn.Sequential(*layers)
+        return mlp(30, self.hidden, 2, activation=nn.Tanh)

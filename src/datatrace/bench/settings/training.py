@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from torch import nn
 from datatrace._checks import check_int
 from datatrace.bench.settings.base import Setting, _check_float, take
 from datatrace.data import Batch, num_examples
+from datatrace.errors import ConfigError
 from datatrace.recording import CheckpointRecorder
 from datatrace.replay import TrainingRecipe
 from datatrace.task import Checkpoint
@@ -93,12 +94,18 @@ def fit_minibatch(
     return trajectory
 
 
+def _check_hidden(hidden: tuple[int, ...]) -> None:
+    if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+        raise ConfigError(f"hidden must be a non-empty tuple of ints >= 1; got {hidden!r}.")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ClassifierSetting(Setting):
     """A classifier trained with Adam on shuffled minibatches of ``(inputs, labels)``.
 
     Subclasses implement :meth:`_build_data` (tuple batches) and :meth:`_build_model`; the
-    loss is the cross-entropy and the target the margin.
+    loss is the cross-entropy and the target the margin. A subclass with another loop
+    overrides :meth:`_loop` only: training, checkpoints and the replay recipe all run it.
 
     Attributes:
         epochs: passes over the training data.
@@ -120,21 +127,16 @@ class ClassifierSetting(Setting):
         _check_float(self.weight_decay, "weight_decay", 0.0, strict=False)
 
     def _fit(self, model: nn.Module, train: Batch, seed: int, record: bool) -> list[Checkpoint]:
-        return self._adam(model, train, seed, self.checkpoints if record else 0)
+        return self._loop(model, train, seed=seed, checkpoints=self.checkpoints if record else 0)
 
     def _fit_recipe(self, model: nn.Module, train: Batch, seed: int) -> TrainingRecipe:
         recorder = CheckpointRecorder()
-        self._adam(model, train, seed, 0, recorder)
+        self._loop(model, train, seed=seed, checkpoints=0, replay=recorder)
         return recorder.recipe(model)
 
-    def _adam(
-        self,
-        model: nn.Module,
-        train: Batch,
-        seed: int,
-        checkpoints: int,
-        replay: CheckpointRecorder | None = None,
-    ) -> list[Checkpoint]:
+    def _loop(self, model: nn.Module, train: Batch, **run: Any) -> list[Checkpoint]:
+        """Train ``model`` in place; ``run`` holds the ``seed``, ``checkpoints`` and ``replay``
+        keywords of :func:`fit_minibatch` (here Adam on the cross-entropy)."""
         return fit_minibatch(
             model,
             train,
@@ -143,7 +145,5 @@ class ClassifierSetting(Setting):
             batch_size=self.batch_size,
             lr=self.lr,
             weight_decay=self.weight_decay,
-            seed=seed,
-            checkpoints=checkpoints,
-            replay=replay,
+            **run,
         )

@@ -22,21 +22,19 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from datatrace._checks import check_int
-from datatrace.bench.settings.base import SettingData, _check_float
-from datatrace.bench.settings.digits import _PRESETS, _check_digits_sizes, _digits_data
+from datatrace.bench.settings.base import _check_float
+from datatrace.bench.settings.digits import _PRESETS, _DigitsMLPSetting
 from datatrace.bench.settings.registry import register_setting
-from datatrace.bench.settings.training import ClassifierSetting
 from datatrace.data import Batch
 from datatrace.errors import ConfigError
 from datatrace.recording import CheckpointRecorder
-from datatrace.replay import TrainingRecipe
 from datatrace.task import Checkpoint
 
 __all__ = ["DigitsMLPShort", "DigitsMLPTwoStage", "fit_sgd_stages", "pretrain_mask"]
@@ -106,46 +104,25 @@ def fit_sgd_stages(
     return [] if recorder is None else recorder.trajectory
 
 
-def _mlp(hidden: tuple[int, ...]) -> nn.Module:
-    layers: list[nn.Module] = []
-    width = 64
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, 10))
-    return nn.Sequential(*layers)
+@dataclass(frozen=True, kw_only=True)
+class _StagedSGDSetting(_DigitsMLPSetting):
+    """What the trajectory settings share: the digits MLP (no dropout) trained by
+    :func:`fit_sgd_stages` over :meth:`_stages`."""
 
+    momentum: float = 0.0
+    lr: float = 0.2
+    weight_decay: float = 0.0
 
-def _check_hidden(hidden: tuple[int, ...]) -> None:
-    if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-        raise ConfigError(f"hidden must be a non-empty tuple of ints >= 1; got {hidden!r}.")
-
-
-class _StagedSGDSetting(ClassifierSetting):
-    """The loop of the trajectory settings: :func:`fit_sgd_stages` over :meth:`_stages`."""
-
-    momentum: float
+    def _check(self) -> None:
+        super()._check()
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            raise ConfigError(f"momentum must be a number in [0, 1); got {self.momentum!r}.")
 
     def _stages(self, train: Batch) -> list[tuple[torch.Tensor, int, float]]:
         """``(indices, epochs, learning rate)`` of each stage."""
         raise NotImplementedError
 
-    def _fit(self, model: nn.Module, train: Batch, seed: int, record: bool) -> list[Checkpoint]:
-        return self._sgd(model, train, seed, self.checkpoints if record else 0)
-
-    def _fit_recipe(self, model: nn.Module, train: Batch, seed: int) -> TrainingRecipe:
-        recorder = CheckpointRecorder()
-        self._sgd(model, train, seed, 0, recorder)
-        return recorder.recipe(model)
-
-    def _sgd(
-        self,
-        model: nn.Module,
-        train: Batch,
-        seed: int,
-        checkpoints: int,
-        replay: CheckpointRecorder | None = None,
-    ) -> list[Checkpoint]:
+    def _loop(self, model: nn.Module, train: Batch, **run: Any) -> list[Checkpoint]:
         return fit_sgd_stages(
             model,
             train,
@@ -153,9 +130,7 @@ class _StagedSGDSetting(ClassifierSetting):
             batch_size=self.batch_size,
             momentum=self.momentum,
             weight_decay=self.weight_decay,
-            seed=seed,
-            checkpoints=checkpoints,
-            replay=replay,
+            **run,
         )
 
 
@@ -186,30 +161,11 @@ class DigitsMLPShort(_StagedSGDSetting):
 
     name: str = "digits-mlp-short"
     description: str = "ReLU MLP on sklearn digits, plain SGD stopped early (not converged)"
-    hidden: tuple[int, ...] = (64,)
-    momentum: float = 0.0
-    epochs: int = 0
-    lr: float = 0.2
-    weight_decay: float = 0.0
 
-    image_shape: ClassVar = (8, 8)
     presets: ClassVar = {
         "full": {**_PRESETS["full"], "epochs": 3},
         "small": {**_PRESETS["small"], "epochs": 15},
     }
-
-    def _check(self) -> None:
-        super()._check()
-        _check_digits_sizes(self)
-        _check_hidden(self.hidden)
-        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            raise ConfigError(f"momentum must be a number in [0, 1); got {self.momentum!r}.")
-
-    def _build_data(self) -> SettingData:
-        return _digits_data(self, image=False)
-
-    def _build_model(self) -> nn.Module:
-        return _mlp(self.hidden)
 
     def _stages(self, train: Batch) -> list[tuple[torch.Tensor, int, float]]:
         return [(torch.arange(train[1].shape[0]), self.epochs, self.lr)]
@@ -262,15 +218,9 @@ class DigitsMLPTwoStage(_StagedSGDSetting):
     description: str = (
         "ReLU MLP on sklearn digits: SGD pretraining on one half, fine-tuning on the other"
     )
-    hidden: tuple[int, ...] = (64,)
-    momentum: float = 0.0
     pretrain_epochs: int = 0
-    epochs: int = 0
-    lr: float = 0.2
     finetune_lr: float = 0.05
-    weight_decay: float = 0.0
 
-    image_shape: ClassVar = (8, 8)
     presets: ClassVar = {
         "full": {**_PRESETS["full"], "pretrain_epochs": 10, "epochs": 3},
         "small": {**_PRESETS["small"], "pretrain_epochs": 20, "epochs": 5},
@@ -278,18 +228,8 @@ class DigitsMLPTwoStage(_StagedSGDSetting):
 
     def _check(self) -> None:
         super()._check()
-        _check_digits_sizes(self)
-        _check_hidden(self.hidden)
-        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            raise ConfigError(f"momentum must be a number in [0, 1); got {self.momentum!r}.")
         check_int("pretrain_epochs", self.pretrain_epochs, 1)
         _check_float(self.finetune_lr, "finetune_lr", 0.0, strict=True)
-
-    def _build_data(self) -> SettingData:
-        return _digits_data(self, image=False)
-
-    def _build_model(self) -> nn.Module:
-        return _mlp(self.hidden)
 
     def stage_indices(self, train: Batch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices of ``train`` (default: the setting's training set) in stage 1 and stage 2."""
