@@ -42,9 +42,9 @@ def _bench(tmp_path, methods, *extra, setting="test-blobs", isolate=False):
 
 
 def _which_method_ids() -> set[str]:
-    """Method ids named in the README's "Which method?" paragraph."""
+    """Method ids named in the README's "Which method?" part (up to "## Two commands")."""
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    paragraph = readme.split("Which method?", 1)[1].split("\n\n", 1)[0]
+    paragraph = readme.split("Which method?", 1)[1].split("## Two commands", 1)[0]
     return {name for name in re.findall(r"`([a-z-]+)`", paragraph) if name in METHODS}
 
 
