@@ -38,13 +38,10 @@ each rank retrains a contiguous slice of the missing subsets, and only rank 0 pr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
-import types as types_module
-import typing
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -52,6 +49,8 @@ from typing import Any
 
 from datatrace import __version__
 from datatrace.bench.benchmark import DEFAULT_GRIDS, DEFAULT_METHODS, DEFAULT_TASKS
+from datatrace.bench.report import print_table
+from datatrace.cli_specs import describe_methods, parse_methods
 from datatrace.errors import ConfigError, DatatraceError
 
 __all__ = [
@@ -66,130 +65,6 @@ __all__ = [
 # Ranks that finish their slice wait for the slowest one in the final barrier: allow long waits
 # (a rank that dies makes torchrun stop the job anyway).
 GROUP_TIMEOUT = timedelta(hours=24)
-
-
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _typed_value(text: str, hint: Any) -> Any:
-    """``text`` read as the setting's declared type (``fisher=true`` stays the string "true").
-
-    Literal choices match as written, then None (``none``/``null``), bool, int, float and str
-    in that order, as far as the type admits them; anything else is read as JSON.
-    """
-    literals: list[Any] = []
-    types: list[Any] = []
-    todo = [hint]
-    while todo:
-        h = todo.pop()
-        origin = typing.get_origin(h)
-        if origin is typing.Literal:
-            literals += list(typing.get_args(h))
-        elif origin in (typing.Union, types_module.UnionType):
-            todo += list(typing.get_args(h))
-        else:
-            types.append(origin or h)
-    if text in [str(v) for v in literals if isinstance(v, str)]:
-        return text
-    if text.lower() in ("none", "null") and type(None) in types:
-        return None
-    if bool in types and text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        if kind in types:
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-    if str in types:
-        return text
-    return _value(text)
-
-
-def _setting_types(method_id: str) -> dict[str, Any]:
-    from datatrace.methods import METHODS
-
-    cls = METHODS[method_id][0]
-    try:
-        return typing.get_type_hints(cls.Config)
-    except Exception:  # an annotation that cannot be resolved: fall back to JSON values
-        return {}
-
-
-def parse_methods(spec: str) -> list[tuple[str, dict[str, Any] | None]]:
-    """``"trak:proj_dim=2048,grad-cos"`` -> ``[("trak", {"proj_dim": 2048}), ("grad-cos", None)]``.
-
-    None means "use the default grid"; unknown ids raise ``ConfigError``.
-    """
-    from datatrace.methods import METHODS
-
-    out: list[tuple[str, dict[str, Any] | None]] = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, *pairs = item.split(":")
-        if name not in METHODS:
-            raise ConfigError(f"unknown method {name!r}; choose from {sorted(METHODS)}.")
-        opts: dict[str, Any] = {}
-        for pair in pairs:
-            if "=" not in pair or not pair.split("=", 1)[0]:
-                raise ConfigError(f"method option {pair!r} of {name!r} must look like key=value.")
-            key, text = pair.split("=", 1)
-            hints = _setting_types(name)
-            opts[key] = _typed_value(text, hints[key]) if key in hints else _value(text)
-        if pairs:
-            _check_method_options(name, opts)
-        out.append((name, opts if pairs else None))
-    if not out:
-        raise ConfigError(
-            f"--methods is empty; give comma-separated ids such as {DEFAULT_METHODS!r}."
-        )
-    return out
-
-
-# what the benchmark runner passes to every attributor itself: not a method option
-RUNNER_OWNED = ("batch_size",)
-
-
-def _check_method_options(method_id: str, opts: dict[str, Any]) -> None:
-    """Refuse unknown or invalid settings of ``method_id`` now, before any training."""
-    from datatrace.methods import METHODS
-
-    cls, defaults = METHODS[method_id]
-    valid = [f.name for f in dataclasses.fields(cls.Config) if f.name not in RUNNER_OWNED]
-    owned = sorted(set(opts) & set(RUNNER_OWNED))
-    if owned:
-        raise ConfigError(
-            f"option {owned[0]}= of {method_id!r} is set by the benchmark runner itself and "
-            f"cannot be given in --methods; {method_id}'s options are {valid}."
-        )
-    unknown = sorted(set(opts) - set(valid))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown} of {method_id!r}; its options are {valid}.")
-    try:
-        cls.Config(**{**defaults, **opts})
-    except DatatraceError as exc:
-        raise ConfigError(f"invalid option of {method_id!r}: {exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"invalid option of {method_id!r} ({', '.join(f'{k}={v!r}' for k, v in opts.items())}): "
-            f"{exc}"
-        ) from exc
-
-
-def describe_methods() -> list[str]:
-    """One line per registered method id: the id, its class's summary, its preset settings."""
-    from datatrace.methods import METHODS
-
-    width = max(map(len, METHODS), default=0)
-    lines = []
-    for method_id, (cls, defaults) in sorted(METHODS.items()):
-        doc = (cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip(".")
-        preset = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
-        lines.append(f"{method_id:{width}s}  {doc}" + (f" ({preset})" if preset else ""))
-    return lines
 
 
 def _cmd_methods(_: argparse.Namespace) -> int:
@@ -367,80 +242,6 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
     if not values or any(v < 1 for v in values) or list(values) != sorted(set(values)):
         raise ConfigError(f"{flag} must be strictly increasing ints >= 1; got {text!r}.")
     return values
-
-
-def _fmt(value: Any, width: int, spec: str = ".3f") -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return f"{'—':>{width}s}"
-    return f"{value:{width}{spec}}"
-
-
-def _mib(value: int | None) -> str:
-    """Bytes in MiB, or in KiB below 1 MiB (a small model's weights would read 0.0M)."""
-    if value is None:
-        return "—"
-    return f"{value / 2**20:.1f}M" if value >= 2**20 else f"{value / 2**10:.1f}K"
-
-
-def print_table(payload: dict[str, Any]) -> None:
-    """Print the benchmark table (one row per method and ensemble, then baselines and notes).
-
-    Cost columns: ``train s`` (every training the row needs), ``fit s`` and ``attr s``,
-    ``serve s`` (their sum), peak memory, member ``weights`` and fitted state ``stored``.
-    """
-    name = payload["setting"]["name"]
-    mislabel = payload.get("mislabel", {}).get("memorised", False)
-    loo = "loo" in payload
-    width = max([14, *(len(r.get("label", r["method"])) for r in payload["rows"])])
-    protocol = payload.get("protocol", "lds-half")
-    print(
-        f"\n{name}: LDS on test queries under protocol {protocol} (hyperparameters chosen on "
-        "validation queries)"
-    )
-    head = f"{'method':{width}s} {'LDS':>7s} {'95% CI':>17s}"
-    if mislabel:
-        head += f" {'mislabel AUROC':>14s}"
-    if loo:
-        head += f" {'LOO r':>6s} {'slope':>6s}"
-    head += (
-        f" {'train s':>8s} {'fit s':>8s} {'attr s':>8s} {'serve s':>8s} {'peak mem':>9s}"
-        f" {'weights':>9s} {'stored':>9s}  setting"
-    )
-    print(head)
-    for r in payload["rows"]:
-        label = r.get("label", r["method"])
-        if "error" in r:
-            print(f"{label:{width}s} failed on every grid point: {r['error'][0]['error']}")
-            continue
-        ci = f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
-        line = f"{label:{width}s} {r['lds']:7.3f} {ci:>17s}"
-        if mislabel:
-            line += f" {_fmt(r.get('mislabel_auroc'), 14)}"
-        if loo:
-            line += f" {_fmt(r.get('loo_pearson'), 6)} {_fmt(r.get('loo_slope'), 6, '.2f')}"
-        line += (
-            f" {r['train_s']:8.2f} {r['fit_s']:8.2f} {r['attribute_s']:8.2f}"
-            f" {r['serve_s']:8.2f} {_mib(r['peak_rss_bytes']):>9s}"
-            f" {_mib(r['weight_bytes']):>9s} {_mib(r['bytes_stored']):>9s}"
-            f"  {json.dumps(r['setting'])}"
-        )
-        print(line)
-    print(f"{'random scores':{width}s} {payload['random_lds']:7.3f}")
-    if payload["noise_ceiling"] is not None:
-        print(f"{'noise ceiling':{width}s} {payload['noise_ceiling']:7.3f}")
-    if mislabel:
-        pad = " " * 25
-        print(f"{'training loss':{width}s}{pad} {payload['mislabel']['training_loss_auroc']:14.3f}")
-    removal = payload.get("removal")
-    if removal:
-        print(
-            f"\nremoval: fraction of {len(removal['queries'])} correctly predicted test queries "
-            f"flipped after removing their top-k proponents (k = {removal['ks']})"
-        )
-        for method, fractions in removal["fraction_flipped"].items():
-            print(f"{method:{width}s} " + " ".join(f"{f:6.2f}" for f in fractions))
-    for note in payload.get("notes", []):
-        print(f"note: {note}")
 
 
 def _check_writable(path: Path) -> None:

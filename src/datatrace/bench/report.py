@@ -39,7 +39,13 @@ from typing import Any
 
 from datatrace.errors import ConfigError
 
-__all__ = ["load_results", "render_table", "update_blocks", "update_file"]
+__all__ = [
+    "load_results",
+    "print_table",
+    "render_table",
+    "update_blocks",
+    "update_file",
+]
 
 BLOCK = re.compile(
     r"(?P<start><!-- bench-table: (?P<path>\S+?)(?P<cost> cost)? -->\n)"
@@ -173,6 +179,80 @@ def update_file(path: str | Path, root: str | Path = ".") -> bool:
     if new != text:
         path.write_text(new)
     return new != text
+
+
+def _fmt(value: Any, width: int, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return f"{'—':>{width}s}"
+    return f"{value:{width}{spec}}"
+
+
+def _mib(value: int | None) -> str:
+    """Bytes in MiB, or in KiB below 1 MiB (a small model's weights would read 0.0M)."""
+    if value is None:
+        return "—"
+    return f"{value / 2**20:.1f}M" if value >= 2**20 else f"{value / 2**10:.1f}K"
+
+
+def print_table(payload: dict[str, Any]) -> None:
+    """Print the benchmark table (one row per method and ensemble, then baselines and notes).
+
+    Cost columns: ``train s`` (every training the row needs), ``fit s`` and ``attr s``,
+    ``serve s`` (their sum), peak memory, member ``weights`` and fitted state ``stored``.
+    """
+    name = payload["setting"]["name"]
+    mislabel = payload.get("mislabel", {}).get("memorised", False)
+    loo = "loo" in payload
+    width = max([14, *(len(r.get("label", r["method"])) for r in payload["rows"])])
+    protocol = payload.get("protocol", "lds-half")
+    print(
+        f"\n{name}: LDS on test queries under protocol {protocol} (hyperparameters chosen on "
+        "validation queries)"
+    )
+    head = f"{'method':{width}s} {'LDS':>7s} {'95% CI':>17s}"
+    if mislabel:
+        head += f" {'mislabel AUROC':>14s}"
+    if loo:
+        head += f" {'LOO r':>6s} {'slope':>6s}"
+    head += (
+        f" {'train s':>8s} {'fit s':>8s} {'attr s':>8s} {'serve s':>8s} {'peak mem':>9s}"
+        f" {'weights':>9s} {'stored':>9s}  setting"
+    )
+    print(head)
+    for r in payload["rows"]:
+        label = r.get("label", r["method"])
+        if "error" in r:
+            print(f"{label:{width}s} failed on every grid point: {r['error'][0]['error']}")
+            continue
+        ci = f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
+        line = f"{label:{width}s} {r['lds']:7.3f} {ci:>17s}"
+        if mislabel:
+            line += f" {_fmt(r.get('mislabel_auroc'), 14)}"
+        if loo:
+            line += f" {_fmt(r.get('loo_pearson'), 6)} {_fmt(r.get('loo_slope'), 6, '.2f')}"
+        line += (
+            f" {r['train_s']:8.2f} {r['fit_s']:8.2f} {r['attribute_s']:8.2f}"
+            f" {r['serve_s']:8.2f} {_mib(r['peak_rss_bytes']):>9s}"
+            f" {_mib(r['weight_bytes']):>9s} {_mib(r['bytes_stored']):>9s}"
+            f"  {json.dumps(r['setting'])}"
+        )
+        print(line)
+    print(f"{'random scores':{width}s} {payload['random_lds']:7.3f}")
+    if payload["noise_ceiling"] is not None:
+        print(f"{'noise ceiling':{width}s} {payload['noise_ceiling']:7.3f}")
+    if mislabel:
+        pad = " " * 25
+        print(f"{'training loss':{width}s}{pad} {payload['mislabel']['training_loss_auroc']:14.3f}")
+    removal = payload.get("removal")
+    if removal:
+        print(
+            f"\nremoval: fraction of {len(removal['queries'])} correctly predicted test queries "
+            f"flipped after removing their top-k proponents (k = {removal['ks']})"
+        )
+        for method, fractions in removal["fraction_flipped"].items():
+            print(f"{method:{width}s} " + " ".join(f"{f:6.2f}" for f in fractions))
+    for note in payload.get("notes", []):
+        print(f"note: {note}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
