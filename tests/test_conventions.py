@@ -22,7 +22,7 @@ PACKAGE = ROOT / "src" / "datatrace"
 
 # Modules whose printed output is the product (the command line's tables and listings, the
 # demo, the maintainers' ground-truth export); everything else logs or warns.
-PRINTING_MODULES = {"cli.py", "demo.py", "bench/shipped.py"}
+PRINTING_MODULES = {"cli.py", "demo.py", "bench/shipped.py", "bench/report.py"}
 
 
 def test_version_agrees_with_the_installed_metadata():
