@@ -44,17 +44,16 @@ from datatrace._progress import progress_bar
 from datatrace.curvature import LinearOperator
 from datatrace.data import iter_batch_range, num_batches, num_examples
 from datatrace.devices import working_dtype
-from datatrace.errors import ConfigError, DataError, ModelError, NumericalError
+from datatrace.errors import ConfigError, DataError, ModelError
 from datatrace.gradients.factored import ParamLayout, factored_modules
 from datatrace.gradients.hooks import _layer_grad, _layer_input, _outer_sum
-from datatrace.solvers import InverseOperator
+from datatrace.solvers import InverseOperator, KFACInverse, Solver
 from datatrace.task import Task, _SplitBatch
 
 __all__ = [
     "Damping",
     "FisherKind",
     "KFACCurvature",
-    "KFACInverse",
     "KFACKind",
     "KFACLayer",
     "Projections",
@@ -67,7 +66,6 @@ __all__ = [
     "fit_ekfac_eigenvalues",
     "fit_kfac",
     "fit_kfac_layers",
-    "inverse_eigenvalues",
     "layer_damping",
 ]
 
@@ -802,23 +800,6 @@ def layer_damping(layers: Sequence[KFACLayer], damping: Damping) -> dict[str, fl
     return {m: float(damping) for m in modules}
 
 
-def inverse_eigenvalues(layer: KFACLayer, damping: float) -> torch.Tensor:
-    """``1 / (Λ + λ)`` of one layer, in its eigenbasis.
-
-    Raises:
-        NumericalError: some eigenvalue of ``F + λI`` is ~0 (e.g. zero damping, rank-deficient).
-    """
-    shifted = layer.eigenvalues + damping
-    tol = float(torch.finfo(shifted.dtype).eps) * max(float(shifted.max()), 1e-300)
-    if not bool((shifted > tol).all()):
-        raise NumericalError(
-            f"K-FAC layer {layer.module!r} is singular with damping {damping}: "
-            f"{int((shifted <= tol).sum())} eigenvalue(s) of F + λI are ~0; increase damping "
-            "(or use 'heuristic')."
-        )
-    return 1.0 / shifted
-
-
 # ----------------------------------------------------------------------------- operator
 class KFACCurvature(LinearOperator):
     """K-FAC / EK-FAC curvature: block-diagonal over layers, Kronecker-factored eigenbases.
@@ -897,9 +878,28 @@ class KFACCurvature(LinearOperator):
         mean eigenvalue) or a ``{module: number}`` dict naming every layer."""
         return layer_damping(self.layers, damping)
 
-    def inverse(self, damping: Damping) -> KFACInverse:
-        """``(F + damping I)⁻¹`` in closed form (per-layer damping, see :meth:`layer_damping`)."""
-        return KFACInverse(self, self.layer_damping(damping))
+    def inverse(
+        self, damping: Damping, solver: Solver | None = None, *, progress: bool | None = False
+    ) -> InverseOperator:
+        """``(F + damping I)⁻¹``: with no ``solver``, in closed form in the eigenbasis
+        (per-layer damping, see :meth:`layer_damping`; a :class:`~datatrace.solvers.KFACInverse`
+        whose damped eigenvalues :func:`datatrace.solvers.inverse_eigenvalues` inverts); with a
+        solver, that solver's inverse of this operator (``damping`` a number).
+        """
+        if solver is None:
+            return KFACInverse(self, self.layer_damping(damping))
+        if not isinstance(damping, (int, float)) or isinstance(damping, bool):
+            raise ConfigError(
+                f"a solver inverts K-FAC with one number as damping; got {damping!r}. Pass a "
+                "number, or no solver for the closed form (which takes 'heuristic' or a dict)."
+            )
+        return solver.prepare(self, float(damping), progress=progress)
+
+    def solve(
+        self, b: torch.Tensor, damping: Damping, solver: Solver | None = None
+    ) -> torch.Tensor:
+        """``(F + damping I)⁻¹ b`` for ``b`` of shape ``(dim,)`` or ``(dim, k)`` (see :meth:`inverse`)."""
+        return self.inverse(damping, solver).apply(b)
 
     # -- persistence --------------------------------------------------------------------------
     FIELDS: ClassVar[tuple[str, ...]] = ("a_factor", "g_factor", "q_a", "q_g", "eigenvalues")
@@ -925,38 +925,3 @@ class KFACCurvature(LinearOperator):
 
     def __repr__(self) -> str:
         return f"KFACCurvature(kind={self.kind!r}, fisher={self.fisher!r}, layers={self.modules})"
-
-
-class KFACInverse(InverseOperator):
-    """``(F + λ_l I)⁻¹`` per layer ``l``: ``Q_G ((Q_Gᵀ M Q_A) / (Λ + λ_l)) Q_Aᵀ``.
-
-    Attributes:
-        layer_damping: ``{module: λ_l}``.
-        damping: the smallest ``λ_l``.
-
-    Example:
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double().eval()
-        >>> data = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
-        >>> inv = fit_kfac(Task(model), data).inverse("heuristic")
-        >>> inv.apply(torch.ones(15, dtype=torch.float64)).shape
-        torch.Size([15])
-    """
-
-    def __init__(self, curvature: KFACCurvature, layer_damping: Mapping[str, float]) -> None:
-        super().__init__(
-            curvature.dim, curvature.dtype, curvature.device, min(layer_damping.values())
-        )
-        self.curvature = curvature
-        self.layer_damping = dict(layer_damping)
-        self._inv = {
-            layer.module: inverse_eigenvalues(layer, self.layer_damping[layer.module])
-            for layer in curvature.layers
-        }
-
-    def apply_matrices(self, mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Apply the inverse to per-layer ``(k, O, I')`` gradient matrices."""
-        return self.curvature.apply_spectral(mats, lambda layer: self._inv[layer.module])
-
-    def _apply(self, b: torch.Tensor) -> torch.Tensor:
-        c = self.curvature
-        return c.from_matrices(self.apply_matrices(c.to_matrices(b.T))).T

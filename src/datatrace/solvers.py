@@ -13,6 +13,11 @@ functions", eq. 2) need inverse-Hessian-vector products. Every solver works on a
   ``x_{t+1} = b + (I - (A + λI)/s) x_t``, result ``x_T / s``.
 - ``arnoldi``: top-``rank`` eigenpairs by Arnoldi iteration (Schioppa, Zablotskaia, Vilar &
   Sokolov 2022, "Scaling up influence functions", Alg. 2), then ``U diag(1/(sigma + λ)) Uᵀ b``.
+- closed-form inverses of operators known by a factorisation: a Gram/kernel's Cholesky
+  factor (:meth:`GramInverse.from_gram`, TRAK), an eigendecomposition (:class:`SpectralInverse`,
+  :class:`DenseSpectrum`, Source's matrix functions) and K-FAC/EK-FAC's per-layer damped
+  eigenvalues (:func:`inverse_eigenvalues`, :class:`KFACInverse`, LoGra). The curvature
+  operators' ``inverse(damping)`` methods are built on these; no method inverts anything itself.
 - ``datainf``: Kwon, Wu, Wu & Zou 2024 ("DataInf: efficiently estimating data influence in
   LoRA-tuned LLMs and diffusion models", eq. 5): the mean of the per-example inverses
   ``(g_i g_iᵀ + λI)⁻¹`` in place of the inverse of the mean, in closed form (Sherman-Morrison).
@@ -23,8 +28,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -32,18 +38,24 @@ from datatrace._progress import progress_bar
 from datatrace.curvature import FisherOperator, LinearOperator, as_columns
 from datatrace.errors import ConfigError, NumericalError
 
+if TYPE_CHECKING:
+    from datatrace.kfac import KFACCurvature, KFACLayer
+
 __all__ = [
     "SOLVERS",
     "ArnoldiSolver",
     "CGInfo",
     "CGSolver",
     "DataInfSolver",
+    "DenseSpectrum",
     "ExplicitSolver",
     "GramInverse",
     "InverseOperator",
+    "KFACInverse",
     "LiSSASolver",
     "Solver",
     "SpectralInverse",
+    "inverse_eigenvalues",
     "make_solver",
 ]
 
@@ -151,6 +163,9 @@ class GramInverse(InverseOperator):
         scale: ``c > 0`` (``1/n`` for the empirical Fisher ``(1/n) GᵀG``).
         form: ``"auto"``, ``"primal"`` or ``"dual"``.
 
+    Attributes:
+        factor: the float64 Cholesky factor of the damped Gram that was factored.
+
     Raises:
         NumericalError: if the damped Gram is not positive definite in float64 (λ far below
             the rounding of ``G``'s products).
@@ -183,22 +198,142 @@ class GramInverse(InverseOperator):
             self._rows = None
             gram = (rows.T @ rows).double() * self.scale
             shift = self.damping
+        self.factor = self._factor(gram, shift)
+
+    def _factor(self, gram: torch.Tensor, shift: float) -> torch.Tensor:
         gram.diagonal().add_(shift)
         chol, info = torch.linalg.cholesky_ex(gram)
         if int(info) != 0:
             raise NumericalError(
                 f"the damped Gram ({self.form}, {gram.shape[0]} x {gram.shape[0]}) is not "
-                f"positive definite at damping={damping:.3g}: the damping is below the rounding "
-                "of the features' products; increase damping."
+                f"positive definite at damping={self.damping:.3g}: the damping is below the "
+                "rounding of the features' products; increase damping."
             )
-        self._chol = chol
+        return chol
+
+    @classmethod
+    def from_gram(cls, gram: torch.Tensor, damping: float) -> GramInverse:
+        """``(K + λI)⁻¹`` of a PSD Gram/kernel ``K`` accumulated elsewhere, ``λ >= 0``.
+
+        The primal form for rows that were streamed and never held (TRAK's kernel ``ΦᵀΦ``):
+        ``K + λI`` is factored by Cholesky in float64 (``K`` is not modified); results come
+        back in ``K``'s dtype. The Cholesky factor is :attr:`factor`.
+
+        Example:
+            >>> GramInverse.from_gram(torch.eye(2), damping=1.0).apply(torch.ones(2))
+            tensor([0.5000, 0.5000])
+        """
+        if not isinstance(gram, torch.Tensor) or gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+            shape = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
+            raise ConfigError(f"GramInverse.from_gram needs a square 2-D Gram; got {shape}.")
+        _check_number("GramInverse damping", damping, strict=False)
+        inv = cls.__new__(cls)
+        InverseOperator.__init__(inv, int(gram.shape[0]), gram.dtype, gram.device, float(damping))
+        inv.form, inv.scale, inv._rows = "primal", 1.0, None
+        inv.factor = inv._factor(gram.to(torch.float64, copy=True), inv.damping)
+        return inv
 
     def _apply(self, b: torch.Tensor) -> torch.Tensor:
         if self._rows is None:
-            return torch.cholesky_solve(b.double(), self._chol).to(self.dtype)
+            return torch.cholesky_solve(b.double(), self.factor).to(self.dtype)
         g = self._rows
-        coef = torch.cholesky_solve((g @ b).double(), self._chol).to(g.dtype)
+        coef = torch.cholesky_solve((g @ b).double(), self.factor).to(g.dtype)
         return ((b.double() - (g.T @ coef).double()) / self.damping).to(self.dtype)
+
+
+def inverse_eigenvalues(eigenvalues: torch.Tensor, damping: float, name: str) -> torch.Tensor:
+    """``1 / (Λ + λ)`` of eigenvalues ``Λ`` of a PSD curvature block (a K-FAC layer ``name``).
+
+    Raises:
+        NumericalError: some eigenvalue of ``F + λI`` is ~0 (e.g. zero damping, rank-deficient).
+
+    Example:
+        >>> inverse_eigenvalues(torch.tensor([1.0, 3.0]), 1.0, "fc")
+        tensor([0.5000, 0.2500])
+    """
+    shifted = eigenvalues + damping
+    tol = float(torch.finfo(shifted.dtype).eps) * max(float(shifted.max()), 1e-300)
+    if not bool((shifted > tol).all()):
+        raise NumericalError(
+            f"K-FAC layer {name!r} is singular with damping {damping}: "
+            f"{int((shifted <= tol).sum())} eigenvalue(s) of F + λI are ~0; increase damping "
+            "(or use 'heuristic')."
+        )
+    return 1.0 / shifted
+
+
+class KFACInverse(InverseOperator):
+    """``(F + λ_l I)⁻¹`` per layer ``l``: ``Q_G ((Q_Gᵀ M Q_A) / (Λ + λ_l)) Q_Aᵀ``.
+
+    Built by :meth:`datatrace.kfac.KFACCurvature.inverse`.
+
+    Attributes:
+        layer_damping: ``{module: λ_l}``.
+        damping: the smallest ``λ_l``.
+
+    Example:
+        >>> from datatrace import Task
+        >>> from datatrace.kfac import fit_kfac
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double().eval()
+        >>> data = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+        >>> inv = fit_kfac(Task(model), data).inverse("heuristic")
+        >>> inv.apply(torch.ones(15, dtype=torch.float64)).shape
+        torch.Size([15])
+    """
+
+    def __init__(self, curvature: KFACCurvature, layer_damping: Mapping[str, float]) -> None:
+        super().__init__(
+            curvature.dim, curvature.dtype, curvature.device, min(layer_damping.values())
+        )
+        self.curvature = curvature
+        self.layer_damping = dict(layer_damping)
+        self._inv = {
+            layer.module: inverse_eigenvalues(
+                layer.eigenvalues, self.layer_damping[layer.module], layer.module
+            )
+            for layer in curvature.layers
+        }
+
+    def apply_matrices(self, mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Apply the inverse to per-layer ``(k, O, I')`` gradient matrices."""
+        return self.curvature.apply_spectral(mats, self._layer_inverse)
+
+    def _layer_inverse(self, layer: KFACLayer) -> torch.Tensor:
+        return self._inv[layer.module]
+
+    def _apply(self, b: torch.Tensor) -> torch.Tensor:
+        c = self.curvature
+        return c.from_matrices(self.apply_matrices(c.to_matrices(b.T))).T
+
+
+class DenseSpectrum:
+    """``Q f(Λ) Qᵀ`` for any function ``f`` of a symmetric matrix's eigenvalues, e.g. its inverse.
+
+    The eigendecomposition is computed and applied in float64 (Source's propagation and
+    response maps of a dense GGN/Hessian); results come back in the input's dtype.
+
+    Args:
+        matrix: ``(dim, dim)`` symmetric matrix (symmetrised as ``(M + Mᵀ)/2``).
+
+    Example:
+        >>> spec = DenseSpectrum(torch.diag(torch.tensor([1.0, 3.0])))
+        >>> spec.apply(torch.ones(1, 2), lambda lam: 1.0 / (lam + 1.0))
+        tensor([[0.5000, 0.2500]])
+    """
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        m = matrix.to(torch.float64)
+        self.eigenvalues, self.eigenvectors = torch.linalg.eigh((m + m.T) / 2)
+
+    def apply(self, v: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``(k, dim)`` rows times ``Q fn(Λ) Qᵀ``."""
+        q = self.eigenvectors
+        rotated = v.to(torch.float64) @ q
+        return ((rotated * fn(self.eigenvalues)) @ q.T).to(v.dtype)
+
+    def inverse(self, damping: float) -> SpectralInverse:
+        """``(M + λI)⁻¹`` on the eigenpairs (float64)."""
+        return SpectralInverse(self.eigenvalues, self.eigenvectors, damping)
 
 
 @dataclass

@@ -53,13 +53,13 @@ from datatrace.kfac import (
     check_damping,
     check_fisher_samples,
     fit_kfac_layers,
-    inverse_eigenvalues,
     layer_damping,
 )
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.methods.per_module import per_module_scores, per_token_scores
 from datatrace.projection import FactoredProjector
 from datatrace.scores import Scores
+from datatrace.solvers import inverse_eigenvalues
 from datatrace.store import fingerprint_batch
 from datatrace.task import Task
 
@@ -241,7 +241,9 @@ class LoGraAttributor(Attributor[LoGraState]):
             return ctx.fitted
         layers = self._curvature(ctx)
         damping = layer_damping(layers, cfg.damping)  # type: ignore[arg-type]
-        inverse = [inverse_eigenvalues(lay, damping[lay.module]) for lay in layers]
+        inverse = [
+            inverse_eigenvalues(lay.eigenvalues, damping[lay.module], lay.module) for lay in layers
+        ]
         return replace(ctx.fitted, layers=layers, inverse=inverse)
 
     def _curvature(self, ctx: MemberContext[LoGraState]) -> list[KFACLayer]:
