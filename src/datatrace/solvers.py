@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 
 from datatrace._progress import progress_bar
-from datatrace.curvature import FisherOperator, LinearOperator, as_columns
+from datatrace.curvature.operators import FisherOperator, LinearOperator, as_columns
 from datatrace.errors import ConfigError, NumericalError
 
 if TYPE_CHECKING:
-    from datatrace.kfac import KFACCurvature, KFACLayer
+    from datatrace.curvature.kfac import KFACCurvature, KFACLayer
 
 __all__ = [
     "SOLVERS",
@@ -265,7 +265,7 @@ def inverse_eigenvalues(eigenvalues: torch.Tensor, damping: float, name: str) ->
 class KFACInverse(InverseOperator):
     """``(F + λ_l I)⁻¹`` per layer ``l``: ``Q_G ((Q_Gᵀ M Q_A) / (Λ + λ_l)) Q_Aᵀ``.
 
-    Built by :meth:`datatrace.kfac.KFACCurvature.inverse`.
+    Built by :meth:`datatrace.curvature.KFACCurvature.inverse`.
 
     Attributes:
         layer_damping: ``{module: λ_l}``.
@@ -273,7 +273,7 @@ class KFACInverse(InverseOperator):
 
     Example:
         >>> from datatrace import Task
-        >>> from datatrace.kfac import fit_kfac
+        >>> from datatrace.curvature import fit_kfac
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double().eval()
         >>> data = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
         >>> inv = fit_kfac(Task(model), data).inverse("heuristic")

@@ -17,10 +17,10 @@ Preconditioning happens in the projected space, block-diagonal over layers:
 
 - ``"identity"``: ``score[q, n] = <D̃_q, D̃_n> / n`` (the influence formula below with
   ``H = I``; grad-dot's inner product divided by ``n``);
-- ``"kfac"`` / ``"ekfac"``: K-FAC / EK-FAC (:func:`datatrace.kfac.fit_kfac_layers`) fitted
+- ``"kfac"`` / ``"ekfac"``: K-FAC / EK-FAC (:func:`datatrace.curvature.fit_kfac_layers`) fitted
   on the projected factors ``P_aᵀ A P_a``, ``P_gᵀ G P_g`` and, for EK-FAC, the projected
   per-sample gradients; ``score[q, n] = <(F̃ + λI)⁻¹ D̃_q, D̃_n> / n`` with ``λ`` per layer
-  as in :mod:`datatrace.kfac` (a number, ``"heuristic"`` or ``{module: λ}``).
+  as in :mod:`datatrace.curvature.kfac` (a number, ``"heuristic"`` or ``{module: λ}``).
 
 Scores are in influence units (leave-one-out scale, positive = proponent; see
 :mod:`datatrace.methods.influence`): with no projection LoGra equals ``grad-dot / n``,
@@ -41,12 +41,7 @@ from typing import Any, Literal
 import torch
 
 from datatrace import distributed
-from datatrace.data import Batch, iter_batches
-from datatrace.errors import ConfigError
-from datatrace.gradients.engine import PerSampleGrads
-from datatrace.gradients.factored import ParamLayout, factored_modules
-from datatrace.gradients.hooks import _outer_sum
-from datatrace.kfac import (
+from datatrace.curvature import (
     KFACCurvature,
     KFACLayer,
     Projections,
@@ -55,6 +50,11 @@ from datatrace.kfac import (
     fit_kfac_layers,
     layer_damping,
 )
+from datatrace.data import Batch, iter_batches
+from datatrace.errors import ConfigError
+from datatrace.gradients.engine import PerSampleGrads
+from datatrace.gradients.factored import ParamLayout, factored_modules
+from datatrace.gradients.hooks import _outer_sum
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.methods.per_module import per_module_scores, per_token_scores
 from datatrace.projection import FactoredProjector

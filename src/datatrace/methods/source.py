@@ -61,16 +61,17 @@ from typing import Any, Literal, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from datatrace.curvature import GGNOperator, HessianOperator
-from datatrace.data import Batch, as_data, num_examples
-from datatrace.errors import AccuracyWarning, ConfigError, DataError, warn
-from datatrace.kfac import (
+from datatrace.curvature import (
+    GGNOperator,
+    HessianOperator,
     KFACCurvature,
     KFACLayer,
     eigen_pass_seed,
     fit_ekfac_eigenvalues,
     fit_kfac,
 )
+from datatrace.data import Batch, as_data, num_examples
+from datatrace.errors import AccuracyWarning, ConfigError, DataError, warn
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.methods.per_module import (
     module_param_spans,
