@@ -162,3 +162,28 @@ def test_dense_operator_and_bad_inputs() -> None:
         FisherOperator(torch.randn(4, 5), blocks=[slice(0, 2)])
     with pytest.raises(ConfigError, match="batch_size"):
         HessianOperator(Task(_mlp()), (torch.randn(2, D_IN), torch.tensor([0, 1])), batch_size=0)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher", "dense", "kernel", "callable"])
+def test_every_operator_inverse_and_solve_equal_linalg_solve(case, kind: str) -> None:
+    from datatrace.curvature import CallableOperator, KernelOperator
+    from datatrace.solvers import CGSolver
+
+    task, data = case
+    fisher = FisherOperator.from_task(task, data)
+    ops: dict[str, LinearOperator] = {
+        "hessian": HessianOperator(task, data),
+        "ggn": GGNOperator(task, data),
+        "fisher": fisher,
+        "dense": DenseOperator(fisher.to_dense()),
+        "kernel": KernelOperator(fisher.grads.T @ fisher.grads),
+        "callable": CallableOperator(fisher.matvec, fisher.dim, fisher.dtype, torch.device("cpu")),
+    }
+    op, damping = ops[kind], 0.5
+    b = torch.randn(op.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    expected = torch.linalg.solve(op.to_dense() + damping * torch.eye(op.dim, dtype=b.dtype), b)
+    torch.testing.assert_close(op.inverse(damping).apply(b), expected, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(op.solve(b[:, 0], damping), expected[:, 0], rtol=1e-8, atol=1e-10)
+    if kind in ("ggn", "fisher", "kernel"):  # PSD: CG through the same method
+        got = op.inverse(damping, CGSolver(max_iter=500, rtol=1e-12)).apply(b)
+        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)

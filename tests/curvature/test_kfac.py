@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from datatrace.curvature import FisherOperator, GGNOperator
+from datatrace.curvature import FisherOperator, GGNOperator, KFACCurvature, fit_kfac
 from datatrace.errors import ConfigError, DataError, ModelError, NumericalError
-from datatrace.kfac import KFACCurvature, fit_kfac
 from datatrace.solvers import CGSolver
 from datatrace.store import Store
 from datatrace.task import Task

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from datatrace import ConfigError, Task, make_attributor
-from datatrace.kfac import _example_generator, eigen_pass_seed, fit_ekfac_eigenvalues, fit_kfac
+from datatrace.curvature import eigen_pass_seed, fit_ekfac_eigenvalues, fit_kfac
+from datatrace.curvature.kfac_labels import _example_generator
 from tests.models import classification_data, mlp
 
 RTOL = 1e-10

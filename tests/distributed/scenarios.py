@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from datatrace import Task, make_attributor
+from datatrace.curvature import fit_kfac
 from datatrace.errors import DataError, StoreError
-from datatrace.kfac import fit_kfac
 from tests.models import classification_data, mlp
 
 N_TRAIN, N_QUERY, BATCH = 21, 5, 4  # 6 batches, the last one short: 3 + 3 on 2 ranks

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import datatrace.kfac as kfac
+import datatrace.curvature.kfac_fit as kfac_fit
 from datatrace import ConfigError, Task, make_attributor
 from datatrace.cli import parse_methods
+from datatrace.curvature import KFACCurvature, curvature_subset, fit_kfac
 from datatrace.errors import StoreError
-from datatrace.kfac import curvature_subset, fit_kfac
 from datatrace.methods.influence import InfluenceConfig
 from tests.models import autograd_loop, classification_data, mlp
 
@@ -36,7 +36,7 @@ def _fit(task, train, **kwargs):
 
 def _assert_same_curvature(a, b, exact: bool) -> None:
     for la, lb in zip(a.layers, b.layers):
-        for f in kfac.KFACCurvature.FIELDS:
+        for f in KFACCurvature.FIELDS:
             x, y = getattr(la, f), getattr(lb, f)
             if exact:
                 assert torch.equal(x, y), f
@@ -112,13 +112,13 @@ def test_subset_curvature_is_kfac_of_those_examples_and_scores_cover_all(
 def test_the_curvature_passes_read_only_the_subset(monkeypatch):
     task, train, _ = _case()
     seen: list[torch.Tensor] = []
-    real = kfac._capture
+    real = kfac_fit._capture
 
     def spy(task_, state, batch, *args, **kwargs):
         seen.append(batch[0])
         return real(task_, state, batch, *args, **kwargs)
 
-    monkeypatch.setattr(kfac, "_capture", spy)
+    monkeypatch.setattr(kfac_fit, "_capture", spy)
     _fit(task, train, curvature_examples=0.25, train_features="recompute", batch_size=4)
     idx = curvature_subset(N_TRAIN, 0.25, 0)
     assert idx is not None and len(idx) == 5

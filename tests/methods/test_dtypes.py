@@ -79,7 +79,7 @@ def test_curvature_kernels_and_solves_are_float32_for_half_models():
     logra = make_attributor("logra", Task(model), proj_dim_in=4, proj_dim_out=4).fit(train)
     assert logra._contexts[0].fitted.layers[0].q_g.dtype == torch.float32
     trak = make_attributor("trak", Task(model), proj_dim=16).fit(train)
-    assert trak._contexts[0].fitted.chol.dtype == torch.float64
+    assert trak._contexts[0].fitted.inverse.factor.dtype == torch.float64
     assert trak._contexts[0].fitted.q.dtype == torch.float32
     assert trak._contexts[0].features[0].dtype == torch.bfloat16  # stored in the model dtype
     op = GGNOperator(Task(model), train)

@@ -10,8 +10,8 @@ from torch import nn
 
 import datatrace.methods.influence as influence
 from datatrace import ConfigError, ModelError, Task, make_attributor
+from datatrace.curvature import fit_kfac
 from datatrace.errors import NumericalError, StoreError
-from datatrace.kfac import fit_kfac
 from tests.methods.test_scalable_path import LargestTensor
 from tests.models import autograd_loop, classification_data, cnn, mlp, tiny_lm
 

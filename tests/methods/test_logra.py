@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from datatrace import ConfigError, ModelError, Task, make_attributor
+from datatrace.curvature import fit_kfac
 from datatrace.gradients.factored import ParamLayout
-from datatrace.kfac import fit_kfac
 from datatrace.projection import FactoredProjector
 from tests.methods.test_kfac_influence import CASES
 from tests.models import autograd_loop, classification_data, cnn, mlp

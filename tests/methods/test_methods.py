@@ -134,10 +134,8 @@ def test_trak_dual_kernel_equals_primal_and_dense_formula():
         runs[form] = trak.fit(train)
         got = runs[form].attribute(queries).values
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
-    assert (
-        runs["auto"]._contexts[0].fitted.inverse is not None
-    )  # auto chose the dual form (20 < 40)
-    assert runs["primal"]._contexts[0].fitted.chol is not None
+    assert runs["auto"]._contexts[0].fitted.inverse.form == "dual"  # auto: dual (20 < 40)
+    assert runs["primal"]._contexts[0].fitted.inverse.form == "primal"
     torch.testing.assert_close(
         runs["dual"].self_attribute(), runs["primal"].self_attribute(), rtol=1e-9, atol=1e-12
     )

@@ -6,7 +6,7 @@ from torch import nn
 from torch.func import functional_call
 
 from datatrace import Checkpoint, ConfigError, DataError, InfluenceAttributor, Task
-from datatrace.kfac import fit_kfac
+from datatrace.curvature import fit_kfac
 from datatrace.methods.source import SourceAttributor, propagation, response
 from tests.models import classification_data, mlp
 

@@ -302,3 +302,39 @@ def test_gram_inverse_and_explicit_forms_refuse_bad_input(case) -> None:
     # a singular undamped Fisher still gets the eigendecomposition's clear error
     with pytest.raises(NumericalError, match="singular"):
         ExplicitSolver().prepare(FisherOperator(g), 0.0)
+
+
+def test_gram_inverse_from_gram_factors_a_kernel_with_zero_damping_and_keeps_it() -> None:
+    gen = torch.Generator().manual_seed(0)
+    phi = torch.randn(12, 4, dtype=torch.float64, generator=gen)
+    kernel = phi.T @ phi
+    before = kernel.clone()
+    b = torch.randn(4, 2, dtype=torch.float64, generator=gen)
+    for damping in (0.0, 0.3):
+        inv = GramInverse.from_gram(kernel, damping)
+        expected = torch.linalg.solve(kernel + damping * torch.eye(4, dtype=b.dtype), b)
+        torch.testing.assert_close(inv.apply(b), expected, rtol=1e-10, atol=1e-12)
+        assert inv.form == "primal" and inv.factor.dtype == torch.float64
+    assert torch.equal(kernel, before)  # factored on a copy
+    with pytest.raises(NumericalError, match="not positive definite"):
+        GramInverse.from_gram(-kernel, 0.0)
+    with pytest.raises(ConfigError):
+        GramInverse.from_gram(phi, 1.0)
+
+
+def test_inverse_eigenvalues_and_dense_spectrum() -> None:
+    from datatrace.solvers import DenseSpectrum, inverse_eigenvalues
+
+    torch.testing.assert_close(
+        inverse_eigenvalues(torch.tensor([[1.0, 3.0]], dtype=torch.float64), 1.0, "fc"),
+        torch.tensor([[0.5, 0.25]], dtype=torch.float64),
+    )
+    with pytest.raises(NumericalError, match="'fc' is singular"):
+        inverse_eigenvalues(torch.tensor([0.0, 3.0]), 0.0, "fc")
+    m = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float32)
+    spec = DenseSpectrum(m)
+    v = torch.tensor([[1.0, 0.0]])
+    got = spec.apply(v, lambda lam: 1.0 / (lam + 1.0))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.linalg.solve(m + torch.eye(2), v.T).T)
+    torch.testing.assert_close(spec.inverse(1.0).apply(v.T.double()).T.float(), got)

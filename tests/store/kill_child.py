@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-import datatrace.kfac as kfac
+import datatrace.curvature.kfac_fit as kfac
 import datatrace.methods.loop as loop
 from datatrace import Task, make_attributor
 from datatrace.store import Store

@@ -9,7 +9,7 @@ reverse of removing it, so
 
 in units of the target's change (leave-one-out scale; positive = proponent). ``H`` is the
 GGN (default), the exact Hessian, the empirical Fisher of the (optionally projected)
-gradients, or K-FAC / EK-FAC (:mod:`datatrace.kfac`; Grosse et al. 2023, "Studying large
+gradients, or K-FAC / EK-FAC (:mod:`datatrace.curvature.kfac`; Grosse et al. 2023, "Studying large
 language model generalization with influence functions", eq. 20-22); any solver in
 :mod:`datatrace.solvers` inverts it, and ``solver="explicit"`` inverts K-FAC/EK-FAC in closed
 form in its Kronecker eigenbasis.
@@ -56,7 +56,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from datatrace import distributed
-from datatrace.curvature import FisherOperator, GGNOperator, HessianOperator, LinearOperator
+from datatrace.curvature import (
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    KFACCurvature,
+    LinearOperator,
+    check_curvature_examples,
+    check_damping,
+    check_fisher_samples,
+    curvature_subset,
+    fit_kfac,
+)
 from datatrace.data import Batch, as_data, iter_batches
 from datatrace.errors import ConfigError, ConvergenceWarning, warn
 from datatrace.gradients import compute_per_sample_grads
@@ -68,14 +79,6 @@ from datatrace.gradients.factored import (
 )
 from datatrace.gradients.hooks import _outer_sum
 from datatrace.group import take_examples
-from datatrace.kfac import (
-    KFACCurvature,
-    check_curvature_examples,
-    check_damping,
-    check_fisher_samples,
-    curvature_subset,
-    fit_kfac,
-)
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.methods.per_module import (
     module_param_spans,
@@ -119,7 +122,7 @@ class InfluenceConfig(MethodConfig):
             Kronecker eigenbasis; the others run on the K-FAC operator.
         curvature: ``"ggn"`` (Gauss-Newton / true Fisher), ``"hessian"`` (exact),
             ``"fisher"`` (empirical Fisher of the train features; works with projections),
-            ``"kfac"`` or ``"ekfac"`` (:mod:`datatrace.kfac`; Linear/Conv2d parameters only).
+            ``"kfac"`` or ``"ekfac"`` (:mod:`datatrace.curvature.kfac`; Linear/Conv2d parameters only).
         damping: λ added to the curvature (of the mean loss), >= 0. With K-FAC/EK-FAC and the
             explicit solver also ``"heuristic"`` (0.1 x each layer's mean eigenvalue) or a
             ``{module: λ}`` dict.
@@ -156,7 +159,7 @@ class InfluenceConfig(MethodConfig):
             (0, 1] a fraction of the training set (rounded, at least 1); None (default) or
             the whole set fits on every example. The subset is a random one seeded by
             ``seed`` (member i: ``seed + 7919 i``), read in training-set order
-            (:func:`datatrace.kfac.curvature_subset`): not the first examples, which are a
+            (:func:`datatrace.curvature.curvature_subset`): not the first examples, which are a
             biased sample of data ordered by class, source or time. Each curvature pass then
             costs that fraction of a full pass (kronfluence's ``covariance_max_examples``
             and ``lambda_max_examples``, which take the first examples).

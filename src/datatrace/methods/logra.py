@@ -17,10 +17,10 @@ Preconditioning happens in the projected space, block-diagonal over layers:
 
 - ``"identity"``: ``score[q, n] = <D̃_q, D̃_n> / n`` (the influence formula below with
   ``H = I``; grad-dot's inner product divided by ``n``);
-- ``"kfac"`` / ``"ekfac"``: K-FAC / EK-FAC (:func:`datatrace.kfac.fit_kfac_layers`) fitted
+- ``"kfac"`` / ``"ekfac"``: K-FAC / EK-FAC (:func:`datatrace.curvature.fit_kfac_layers`) fitted
   on the projected factors ``P_aᵀ A P_a``, ``P_gᵀ G P_g`` and, for EK-FAC, the projected
   per-sample gradients; ``score[q, n] = <(F̃ + λI)⁻¹ D̃_q, D̃_n> / n`` with ``λ`` per layer
-  as in :mod:`datatrace.kfac` (a number, ``"heuristic"`` or ``{module: λ}``).
+  as in :mod:`datatrace.curvature.kfac` (a number, ``"heuristic"`` or ``{module: λ}``).
 
 Scores are in influence units (leave-one-out scale, positive = proponent; see
 :mod:`datatrace.methods.influence`): with no projection LoGra equals ``grad-dot / n``,
@@ -41,25 +41,25 @@ from typing import Any, Literal
 import torch
 
 from datatrace import distributed
-from datatrace.data import Batch, iter_batches
-from datatrace.errors import ConfigError
-from datatrace.gradients.engine import PerSampleGrads
-from datatrace.gradients.factored import ParamLayout, factored_modules
-from datatrace.gradients.hooks import _outer_sum
-from datatrace.kfac import (
+from datatrace.curvature import (
     KFACCurvature,
     KFACLayer,
     Projections,
     check_damping,
     check_fisher_samples,
     fit_kfac_layers,
-    inverse_eigenvalues,
     layer_damping,
 )
+from datatrace.data import Batch, iter_batches
+from datatrace.errors import ConfigError
+from datatrace.gradients.engine import PerSampleGrads
+from datatrace.gradients.factored import ParamLayout, factored_modules
+from datatrace.gradients.hooks import _outer_sum
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.methods.per_module import per_module_scores, per_token_scores
 from datatrace.projection import FactoredProjector
 from datatrace.scores import Scores
+from datatrace.solvers import inverse_eigenvalues
 from datatrace.store import fingerprint_batch
 from datatrace.task import Task
 
@@ -241,7 +241,9 @@ class LoGraAttributor(Attributor[LoGraState]):
             return ctx.fitted
         layers = self._curvature(ctx)
         damping = layer_damping(layers, cfg.damping)  # type: ignore[arg-type]
-        inverse = [inverse_eigenvalues(lay, damping[lay.module]) for lay in layers]
+        inverse = [
+            inverse_eigenvalues(lay.eigenvalues, damping[lay.module], lay.module) for lay in layers
+        ]
         return replace(ctx.fitted, layers=layers, inverse=inverse)
 
     def _curvature(self, ctx: MemberContext[LoGraState]) -> list[KFACLayer]:

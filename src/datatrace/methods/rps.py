@@ -26,9 +26,11 @@ import torch
 from torch import nn
 
 from datatrace._progress import progress_bar
+from datatrace.curvature import CallableOperator
 from datatrace.data import Batch, iter_batches
 from datatrace.errors import ConfigError, ModelError, NumericalError
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.solvers import CGSolver
 from datatrace.task import Task, _SplitBatch
 
 __all__ = ["RepresenterAttributor", "RepresenterConfig"]
@@ -72,10 +74,24 @@ def _final_linear(task: Task, name: str | None) -> tuple[str, nn.Linear]:
     return name, modules[name]
 
 
+def _hessian_operator(g: torch.Tensor, w: torch.Tensor) -> CallableOperator:
+    """Products with the Hessian, given the gradient ``g`` of the objective at ``w`` (built
+    with ``create_graph=True``)."""
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        (hv,) = torch.autograd.grad(g, w, v.reshape(w.shape), retain_graph=True)
+        return hv.reshape(-1)
+
+    return CallableOperator(hvp, w.numel(), w.dtype, w.device)
+
+
 def _newton_polish(
     objective: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, steps: int = 3
 ) -> torch.Tensor:
     """A few Newton-CG steps from L-BFGS's end point, until the gradient is at rounding level.
+
+    Each step solves ``H x = -g`` with :class:`~datatrace.solvers.CGSolver` on the objective's
+    Hessian-vector products (a :class:`~datatrace.curvature.CallableOperator`).
 
     The representer decomposition is exact only at a stationary point. L-BFGS stops once the
     objective stops decreasing in floating point, which can leave a gradient far above
@@ -89,21 +105,10 @@ def _newton_polish(
         g_norm = float(g.detach().norm())
         if g_norm <= 1e3 * torch.finfo(w.dtype).eps * max(1.0, float(w.detach().norm())):
             break
-        x = torch.zeros_like(w)
-        r = -g.detach()
-        p = r.clone()
-        rs = float((r * r).sum())
-        for _ in range(100):  # CG on H x = -g
-            (hp,) = torch.autograd.grad(g, w, p, retain_graph=True)
-            step = rs / float((p * hp).sum())
-            x += step * p
-            r -= step * hp
-            rs_new = float((r * r).sum())
-            if rs_new**0.5 <= 1e-6 * g_norm:
-                break
-            p = r + (rs_new / rs) * p
-            rs = rs_new
-        w = w.detach() + x
+        # CG on H x = -g, to ||r|| <= 1e-6 ||g||; the refit's λ is inside the objective
+        hessian = _hessian_operator(g, w)
+        x = CGSolver(max_iter=100, rtol=1e-6).prepare(hessian, 0.0).apply(-g.detach().reshape(-1))
+        w = w.detach() + x.reshape(w.shape)
     return w.detach()
 
 

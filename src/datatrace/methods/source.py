@@ -56,21 +56,22 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from datatrace.curvature import GGNOperator, HessianOperator
-from datatrace.data import Batch, as_data, num_examples
-from datatrace.errors import AccuracyWarning, ConfigError, DataError, warn
-from datatrace.kfac import (
+from datatrace.curvature import (
+    GGNOperator,
+    HessianOperator,
     KFACCurvature,
     KFACLayer,
     eigen_pass_seed,
     fit_ekfac_eigenvalues,
     fit_kfac,
 )
+from datatrace.data import Batch, as_data, num_examples
+from datatrace.errors import AccuracyWarning, ConfigError, DataError, warn
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.methods.per_module import (
     module_param_spans,
@@ -78,6 +79,7 @@ from datatrace.methods.per_module import (
     per_token_scores,
 )
 from datatrace.scores import Scores
+from datatrace.solvers import DenseSpectrum
 from datatrace.task import Checkpoint
 
 __all__ = ["SourceAttributor", "SourceConfig", "propagation", "response"]
@@ -145,26 +147,16 @@ def response(
 
 
 # ----------------------------------------------------------------------------- curvature
-class _Spectrum:
-    """A segment's curvature known by its eigenbasis: applies ``Q f(Λ) Qᵀ`` to flat rows."""
+class _Spectrum(Protocol):
+    """A segment's curvature known by its eigenbasis: applies ``Q f(Λ) Qᵀ`` to flat rows
+    (:class:`~datatrace.solvers.DenseSpectrum`, or K-FAC's per-layer eigenbases)."""
 
     def apply(self, v: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``(k, dim)`` rows times the matrix function ``fn`` of the curvature."""
-        raise NotImplementedError
+        ...
 
 
-class _DenseSpectrum(_Spectrum):
-    def __init__(self, matrix: torch.Tensor, dtype: torch.dtype) -> None:
-        m = matrix.to(torch.float64)
-        evals, evecs = torch.linalg.eigh((m + m.T) / 2)
-        self.eigenvalues, self.q, self.dtype = evals, evecs, dtype
-
-    def apply(self, v: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        rotated = v.to(torch.float64) @ self.q
-        return ((rotated * fn(self.eigenvalues)) @ self.q.T).to(v.dtype)
-
-
-class _KFACSpectrum(_Spectrum):
+class _KFACSpectrum:
     def __init__(self, curvature: KFACCurvature) -> None:
         self.curvature = curvature
 
@@ -181,14 +173,14 @@ def _dense_spectrum(
     samples: Sequence[tuple[float, Mapping[str, torch.Tensor]]],
     batch_size: int,
     progress: bool | None = False,
-) -> _DenseSpectrum:
+) -> DenseSpectrum:
     total = None
     for w, state in samples:
         op = op_cls(task, data, state=state, batch_size=batch_size)
         m = op.to_dense(progress=progress).to(torch.float64)
         total = w * m if total is None else total + w * m
     assert total is not None
-    return _DenseSpectrum(total, task.working_dtype)
+    return DenseSpectrum(total)
 
 
 def _kfac_spectrum(
@@ -226,13 +218,8 @@ def _kfac_spectrum(
         a = sum(w * f.layers[j].a_factor.to(f64) for (w, _), f in zip(samples, fits))
         g = sum(w * f.layers[j].g_factor.to(f64) for (w, _), f in zip(samples, fits))
         assert isinstance(a, torch.Tensor) and isinstance(g, torch.Tensor)
-        la, qa = torch.linalg.eigh((a + a.T) / 2)
-        lg, qg = torch.linalg.eigh((g + g.T) / 2)
-        evals = lg.clamp_min(0).unsqueeze(1) * la.clamp_min(0).unsqueeze(0)
         layers.append(
-            KFACLayer(
-                first.module, first.weight, first.bias, first.weight_shape, a, g, qa, qg, evals
-            )
+            KFACLayer.from_factors(first.module, first.weight, first.bias, first.weight_shape, a, g)
         )
     if kind == "ekfac":
         corrected = [torch.zeros_like(layer.eigenvalues) for layer in layers]

@@ -27,12 +27,13 @@ import torch
 
 from datatrace import distributed
 from datatrace._progress import progress_bar
+from datatrace.curvature import KernelOperator
 from datatrace.data import Batch, iter_batches
 from datatrace.errors import ConfigError, NumericalError
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.methods.context import check_dropout_masks
 from datatrace.projection import ProjectorKind
-from datatrace.solvers import GramInverse
+from datatrace.solvers import GramInverse, InverseOperator
 from datatrace.task import margin
 
 __all__ = ["TRAKAttributor", "TRAKConfig"]
@@ -155,14 +156,13 @@ class TRAKState:
 
     Attributes:
         q: ``(n_units,)`` output weights ``Q`` (1 for loss features); None while featurizing.
-        chol: Cholesky factor of ``Φ^T Φ + λI`` (primal form), or None.
-        inverse: the dual form's ``(Φ^T Φ + λI)^{-1}`` (:class:`GramInverse`), or None.
+        inverse: ``(Φ^T Φ + λI)^{-1}`` (:class:`~datatrace.solvers.GramInverse`: its
+            ``form`` is ``"primal"`` or ``"dual"``); None while featurizing.
         recorder: ``1 - p`` recorded while featurizing (dropped by ``_fit_member``).
     """
 
     q: torch.Tensor | None = None
-    chol: torch.Tensor | None = None
-    inverse: GramInverse | None = None
+    inverse: InverseOperator | None = None
     recorder: _QRecorder | None = None
 
 
@@ -283,10 +283,8 @@ class TRAKAttributor(Attributor[TRAKState]):
         return torch.cat(parts)
 
     def _fit_member(self, ctx: MemberContext[TRAKState]) -> TRAKState:
-        if self._dual(ctx):
-            state = TRAKState(inverse=self._fit_dual(ctx))
-        else:
-            state = TRAKState(chol=self._fit_primal(ctx))
+        inverse = self._fit_dual(ctx) if self._dual(ctx) else self._fit_primal(ctx)
+        state = TRAKState(inverse=inverse)
         q = self._q_weights(ctx)
         # A group's Q is its members' mean 1 - p (its features: the group's summed -margin gradient)
         return replace(state, q=q if self._grouping is None else self._grouping.mean_rows(q))
@@ -320,31 +318,26 @@ class TRAKAttributor(Attributor[TRAKState]):
                 f"is not positive definite at λ={damping:.3g}; raise damping or relative_damping."
             ) from exc
 
-    def _fit_primal(self, ctx: MemberContext[TRAKState]) -> torch.Tensor:
+    def _fit_primal(self, ctx: MemberContext[TRAKState]) -> InverseOperator:
         # The d x d kernel is small: factor it in float64 (the float32 Gram's rounding is
         # covered by the default relative damping, even when Φ^TΦ is rank-deficient).
         kernel = _gram(block for _, block in self._iter_train_features(ctx)).double()
         damping = self.config.damping
         if damping is None:
             damping = self.config.relative_damping * float(kernel.diagonal().mean())
-        kernel = kernel + damping * torch.eye(
-            kernel.shape[0], dtype=kernel.dtype, device=kernel.device
-        )
-        chol, info = torch.linalg.cholesky_ex(kernel)
-        if int(info) != 0:
+        try:
+            return KernelOperator(kernel).inverse(damping)
+        except NumericalError as exc:
             raise NumericalError(
                 f"TRAK's kernel Φ^TΦ + λI (proj_dim={kernel.shape[0]}, n_train={self._n_train}) is not "
                 f"positive definite at λ={damping:.3g}; raise damping or relative_damping, or use a "
                 "proj_dim below the number of training examples."
-            )
-        return chol
+            ) from exc
 
     def _transform_queries(self, ctx: MemberContext[TRAKState], q: torch.Tensor) -> torch.Tensor:
-        state = ctx.fitted
-        if state.inverse is not None:
-            return state.inverse.apply(q.T).T.to(q.dtype)
-        assert state.chol is not None  # one of the two forms is fitted
-        return torch.cholesky_solve(q.T.double(), state.chol).T.to(q.dtype)
+        inverse = ctx.fitted.inverse
+        assert inverse is not None  # set by _fit_member
+        return inverse.apply(q.T).T.to(q.dtype)
 
     def _aggregate(self, blocks: list[torch.Tensor], start: int) -> torch.Tensor:
         size = blocks[0].shape[1]

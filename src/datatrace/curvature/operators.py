@@ -12,6 +12,13 @@ vector; the solvers in :mod:`datatrace.solvers` invert them.
   Hessian of its loss w.r.t. those outputs. For cross-entropy this is the true Fisher.
 - :class:`FisherOperator`: empirical Fisher ``(1/n) Gᵀ G`` from per-sample gradient rows.
 - :class:`DenseOperator`: a materialised matrix (tests, small models).
+- :class:`KernelOperator`: a materialised PSD Gram/kernel ``ΦᵀΦ`` (TRAK), inverted by Cholesky.
+- :class:`CallableOperator`: any symmetric product function (e.g. the Hessian-vector products
+  of RPS's last-layer refit objective).
+
+Every operator has ``inverse(damping, solver=None)`` returning an
+:class:`~datatrace.solvers.InverseOperator` of ``A + damping I`` and ``solve(b, damping)``;
+the inverses themselves are computed in :mod:`datatrace.solvers` only.
 
 Every vector is flat over the task's tracked parameters in canonical order
 (``task.tracked_names``, each parameter flattened, concatenated).
@@ -20,8 +27,8 @@ Every vector is flat over the task's tracked parameters in canonical order
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
@@ -34,11 +41,16 @@ from datatrace.errors import ConfigError, DataError
 from datatrace.gradients import compute_per_sample_grads
 from datatrace.task import Task, _SplitBatch
 
+if TYPE_CHECKING:
+    from datatrace.solvers import InverseOperator, Solver
+
 __all__ = [
+    "CallableOperator",
     "DenseOperator",
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "KernelOperator",
     "LinearOperator",
     "layer_blocks",
 ]
@@ -83,6 +95,26 @@ class LinearOperator(ABC):
         )
         cols = [self._matmat(eye[:, s : s + chunk_size]) for s in starts]
         return torch.cat(cols, dim=1)
+
+    def inverse(
+        self, damping: float, solver: Solver | None = None, *, progress: bool | None = False
+    ) -> InverseOperator:
+        """``(A + damping I)⁻¹`` as an :class:`~datatrace.solvers.InverseOperator`.
+
+        Args:
+            damping: ``λ >= 0``.
+            solver: any :class:`~datatrace.solvers.Solver`; default
+                :class:`~datatrace.solvers.ExplicitSolver` (exact; materialises ``A`` unless
+                the operator knows a cheaper factorisation).
+            progress: bars over the preparation and solves (docs/conventions.md).
+        """
+        from datatrace.solvers import ExplicitSolver  # solvers act on operators: import late
+
+        return (solver or ExplicitSolver()).prepare(self, damping, progress=progress)
+
+    def solve(self, b: torch.Tensor, damping: float, solver: Solver | None = None) -> torch.Tensor:
+        """``(A + damping I)⁻¹ b`` for ``b`` of shape ``(dim,)`` or ``(dim, k)`` (see :meth:`inverse`)."""
+        return self.inverse(damping, solver).apply(b)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim}, dtype={self.dtype})"
@@ -177,6 +209,57 @@ class DenseOperator(LinearOperator):
 
     def to_dense(self, chunk_size: int = 256, progress: bool | None = False) -> torch.Tensor:
         return self.matrix.clone()
+
+
+class KernelOperator(DenseOperator):
+    """A materialised PSD Gram/kernel ``K = ΦᵀΦ`` (e.g. TRAK's, accumulated over streamed rows).
+
+    With no solver, :meth:`inverse` factors ``K + λI`` by Cholesky in float64
+    (:meth:`datatrace.solvers.GramInverse.from_gram`; ``λ >= 0``), several times cheaper
+    than an eigendecomposition; results come back in ``K``'s dtype.
+
+    Example:
+        >>> op = KernelOperator(torch.eye(2, dtype=torch.float64))
+        >>> op.solve(torch.ones(2, dtype=torch.float64), damping=1.0)
+        tensor([0.5000, 0.5000], dtype=torch.float64)
+    """
+
+    def inverse(
+        self, damping: float, solver: Solver | None = None, *, progress: bool | None = False
+    ) -> InverseOperator:
+        if solver is not None:
+            return super().inverse(damping, solver, progress=progress)
+        from datatrace.solvers import GramInverse
+
+        return GramInverse.from_gram(self.matrix, damping)
+
+
+class CallableOperator(LinearOperator):
+    """A symmetric operator known by a function that multiplies one vector.
+
+    Args:
+        product: maps a ``(dim,)`` vector to the ``(dim,)`` product.
+        dim: the size of the vectors.
+        dtype: their dtype.
+        device: their device.
+
+    Example:
+        >>> op = CallableOperator(lambda v: 2 * v, 3, torch.float64, torch.device("cpu"))
+        >>> op.solve(torch.ones(3, dtype=torch.float64), damping=0.0)
+        tensor([0.5000, 0.5000, 0.5000], dtype=torch.float64)
+    """
+
+    def __init__(
+        self,
+        product: Callable[[torch.Tensor], torch.Tensor],
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.product, self.dim, self.dtype, self.device = product, dim, dtype, device
+
+    def _matmat(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.product(v[:, j]) for j in range(v.shape[1])], 1)
 
 
 class _TaskOperator(LinearOperator):

@@ -1,0 +1,423 @@
+"""K-FAC and EK-FAC curvature of ``nn.Linear`` and ``nn.Conv2d`` layers.
+
+For a layer ``z = W a`` (the bias is a trailing ones column of ``a``) applied at positions
+``t`` (tokens, conv patches), example ``n``'s gradient is ``D_n = sum_t g_{n,t} a_{n,t}^T``
+(``O x I'``) with ``g = d loss / d z``. The curvature block of the layer,
+``F = E_n E_y[vec(D_n) vec(D_n)^T]`` (row-major ``vec``), is approximated by
+
+- **K-FAC** (Martens & Grosse 2015, eq. 1; Grosse & Martens 2016 for conv patches;
+  Eschenhagen et al. 2023 "K-FAC expand" for positions): ``F ≈ G ⊗ A`` with
+  ``A = mean over positions of a aᵀ`` and ``G = (1/n) sum_{n,t} g gᵀ``. With eigenbases
+  ``A = Q_A diag(λ_A) Q_Aᵀ``, ``G = Q_G diag(λ_G) Q_Gᵀ`` its eigenvalues are ``λ_G λ_Aᵀ``.
+- **EK-FAC** (George et al. 2018, eq. 10; Grosse et al. 2023, eq. 20): the same Kronecker
+  eigenbasis with the eigenvalues refitted by a second pass over the data,
+  ``Λ[o, i] = (1/n) sum_n E_y (Q_Gᵀ D_n Q_A)[o, i]²``: the diagonal of ``F`` in that basis,
+  the best Frobenius fit of ``F`` among matrices with this eigenbasis.
+
+``E_y`` is the Fisher kind: ``"true"`` samples one label per example from the model's
+predictive distribution (``fisher_samples=k``: k labels, their contributions averaged; seeded
+per example, so results do not depend on batching; losses ``cross_entropy``, ``mse``, ``lm``), ``"empirical"`` uses the training labels, and
+``"exact"`` takes the expectation in closed form by back-propagating the columns of a square
+root of each example's output Hessian (one backward pass per output dimension: small outputs
+only). With ``"exact"`` the curvature is a block-diagonal approximation of the GGN that
+:class:`datatrace.curvature.GGNOperator` computes exactly.
+
+Padding: when a batch carries an ``attention_mask`` whose shape matches a layer's positions,
+``A`` averages over unmasked positions only. Parameters outside Linear/Conv2d layers (norms,
+embeddings) are refused with the list of them: select the layers with ``Task(params=...)`` or
+``Task(module_types=(nn.Linear, nn.Conv2d))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+
+from datatrace.curvature.operators import LinearOperator
+from datatrace.devices import working_dtype
+from datatrace.errors import ConfigError
+from datatrace.gradients.factored import ParamLayout, factored_modules
+from datatrace.task import Task
+
+if TYPE_CHECKING:
+    from datatrace.solvers import InverseOperator, Solver
+
+__all__ = [
+    "Damping",
+    "FisherKind",
+    "KFACCurvature",
+    "KFACKind",
+    "KFACLayer",
+    "Projections",
+    "check_curvature_examples",
+    "check_damping",
+    "check_fisher_samples",
+    "compute_dtype",
+    "curvature_subset",
+    "eigen_pass_seed",
+    "layer_damping",
+]
+
+KFACKind = Literal["kfac", "ekfac"]
+FisherKind = Literal["true", "empirical", "exact"]
+Damping = float | Literal["heuristic"] | Mapping[str, float]
+# per layer (P_a (I', k_in), P_g (O, k_out)); None keeps that side unprojected
+Projections = Sequence[tuple[torch.Tensor | None, torch.Tensor | None]]
+HEURISTIC_DAMPING = 0.1  # damping="heuristic": 0.1 x the mean eigenvalue of each layer
+# EK-FAC's eigenvalue pass draws its own labels (fisher="true"): seed + this offset.
+EIGEN_SEED_OFFSET = 1_000_003
+
+
+def eigen_pass_seed(seed: int) -> int:
+    """Label seed of EK-FAC's eigenvalue-correction pass for bases fitted with ``seed``.
+
+    With a sampled (true) Fisher, reusing the labels that estimated the factors makes the
+    corrected eigenvalues fit the same samples that chose the eigenbasis: large eigenvalues
+    come out too large and small ones too small, so the inverse over-weights the small
+    directions. Fresh labels remove that bias (digits MLP, true Fisher, heuristic damping:
+    test LDS 0.357 -> 0.406, mean of 4 seeds; docs/benchmarks.md).
+    """
+    return seed + EIGEN_SEED_OFFSET
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the per-batch products of the K-FAC passes for a task of ``dtype``.
+
+    A float64 task computes in float64; any other (float32, half) in float32, as other EK-FAC
+    implementations do: the per-batch products are where the flops are, and float32 halves
+    their cost. Running sums over batches, eigendecompositions and inverses stay in float64;
+    the fitted layers are kept in the task's working dtype
+    (:func:`datatrace.devices.working_dtype`, the same rule): never in half precision.
+    """
+    return working_dtype(dtype)
+
+
+MAX_EXACT_OUTPUTS = 4096  # fisher="exact": one backward pass per output dimension
+
+
+@dataclass
+class KFACLayer:
+    """The factored curvature of one layer (see the module docstring).
+
+    Attributes:
+        module: the module's name.
+        weight: tracked weight parameter name, or None.
+        bias: tracked bias parameter name, or None.
+        weight_shape: shape of the weight.
+        a_factor: ``(I', I')`` input covariance ``A``.
+        g_factor: ``(O, O)`` output-gradient covariance ``G``.
+        q_a: ``(I', I')`` eigenvectors of ``A`` (columns).
+        q_g: ``(O, O)`` eigenvectors of ``G`` (columns).
+        eigenvalues: ``(O, I')`` eigenvalues in the basis ``q_g ⊗ q_a``: ``λ_G λ_Aᵀ`` for
+            K-FAC, the corrected ``Λ`` for EK-FAC.
+    """
+
+    module: str
+    weight: str | None
+    bias: str | None
+    weight_shape: tuple[int, ...]
+    a_factor: torch.Tensor
+    g_factor: torch.Tensor
+    q_a: torch.Tensor
+    q_g: torch.Tensor
+    eigenvalues: torch.Tensor
+
+    def __post_init__(self) -> None:
+        # eigh returns column-major eigenvectors; the store writes row-major arrays. One
+        # layout everywhere keeps a reloaded curvature bit-identical to the fitted one (BLAS
+        # sums in a layout-dependent order).
+        for f in ("a_factor", "g_factor", "q_a", "q_g", "eigenvalues"):
+            setattr(self, f, getattr(self, f).contiguous())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(O, I')`` of the layer's gradient matrices."""
+        return int(self.q_g.shape[0]), int(self.q_a.shape[0])
+
+    @property
+    def params(self) -> list[str]:
+        """Tracked parameter names of the layer (weight first)."""
+        return [n for n in (self.weight, self.bias) if n is not None]
+
+    @classmethod
+    def from_factors(
+        cls,
+        module: str,
+        weight: str | None,
+        bias: str | None,
+        weight_shape: tuple[int, ...],
+        a_factor: torch.Tensor,
+        g_factor: torch.Tensor,
+    ) -> KFACLayer:
+        """Eigendecompose ``A`` and ``G`` (in float64) into a K-FAC layer (``Λ = λ_G λ_Aᵀ``).
+
+        Example:
+            >>> layer = KFACLayer.from_factors("fc", "fc.weight", None, (2, 2),
+            ...                                torch.eye(2), torch.diag(torch.tensor([1.0, 3.0])))
+            >>> layer.eigenvalues
+            tensor([[1., 1.],
+                    [3., 3.]], dtype=torch.float64)
+        """
+        a, g = a_factor.to(torch.float64), g_factor.to(torch.float64)
+        la, qa = torch.linalg.eigh((a + a.T) / 2)
+        lg, qg = torch.linalg.eigh((g + g.T) / 2)
+        # the factors are PSD: rounding may leave eigenvalues at -1e-17
+        evals = lg.clamp_min(0).unsqueeze(1) * la.clamp_min(0).unsqueeze(0)
+        return cls(module, weight, bias, weight_shape, a, g, qa, qg, evals)
+
+    def rotate(self, mats: torch.Tensor) -> torch.Tensor:
+        """``Q_Gᵀ M Q_A`` for ``(k, O, I')`` matrices."""
+        return self.q_g.T @ mats @ self.q_a
+
+    def unrotate(self, mats: torch.Tensor) -> torch.Tensor:
+        """``Q_G M Q_Aᵀ`` for ``(k, O, I')`` matrices."""
+        return self.q_g @ mats @ self.q_a.T
+
+
+def _check_choice(label: str, value: Any, options: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in options:
+        raise ConfigError(f"{label} must be one of {list(options)}; got {value!r}.")
+
+
+def check_damping(damping: Any, modules: Sequence[str] | None = None) -> None:
+    """Validate a damping: a number >= 0, ``"heuristic"`` or ``{module: number >= 0}``."""
+    if isinstance(damping, str):
+        if damping != "heuristic":
+            raise ConfigError(
+                f"damping must be a number >= 0, 'heuristic' or a dict {{module: number}}; got "
+                f"{damping!r}."
+            )
+        return
+    if isinstance(damping, Mapping):
+        for k, v in damping.items():
+            check_damping(v)
+            if isinstance(v, str):
+                raise ConfigError(f"per-layer damping of {k!r} must be a number; got {v!r}.")
+        if modules is not None:
+            missing = [m for m in modules if m not in damping]
+            extra = [k for k in damping if k not in modules]
+            if missing or extra:
+                raise ConfigError(
+                    f"per-layer damping must name every K-FAC layer {list(modules)}; missing "
+                    f"{missing}, unknown {extra}."
+                )
+        return
+    ok = isinstance(damping, (int, float)) and not isinstance(damping, bool)
+    if not (ok and 0 <= damping < float("inf")):
+        raise ConfigError(f"damping must be a finite number >= 0; got {damping!r}.")
+
+
+def check_fisher_samples(fisher_samples: Any, fisher: str) -> None:
+    """Validate ``fisher_samples``: an integer >= 1, above 1 only with ``fisher="true"``."""
+    ok = isinstance(fisher_samples, int) and not isinstance(fisher_samples, bool)
+    if not ok or fisher_samples < 1:
+        raise ConfigError(f"fisher_samples must be an integer >= 1; got {fisher_samples!r}.")
+    if fisher_samples > 1 and fisher != "true":
+        raise ConfigError(
+            f"fisher_samples={fisher_samples} samples labels, which only fisher='true' does; "
+            f"got fisher={fisher!r}; pass fisher='true' with it."
+        )
+
+
+def check_curvature_examples(curvature_examples: Any) -> None:
+    """Validate ``curvature_examples``: None, an integer >= 1 (a count) or a float in (0, 1]
+    (a fraction of the training set)."""
+    value = curvature_examples
+    if value is None:
+        return
+    expected = "None, an integer >= 1 (a count) or a float in (0, 1] (a fraction)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"curvature_examples must be {expected}; got {value!r}.")
+    if isinstance(value, int) and value < 1:
+        raise ConfigError(f"curvature_examples must be {expected}; got {value!r}.")
+    if isinstance(value, float) and not 0 < value <= 1:
+        whole = value > 1 and value.is_integer()  # inf and nan are neither
+        hint = f"; pass the integer {int(value)} for a count" if whole else ""
+        raise ConfigError(f"curvature_examples must be {expected}; got the float {value!r}{hint}.")
+
+
+def curvature_subset(
+    n_train: int, curvature_examples: int | float | None, seed: int
+) -> torch.Tensor | None:
+    """Training-set indices of the examples that fit the curvature (None: all of them).
+
+    ``curvature_examples`` is a count or a fraction of ``n_train`` (rounded to the nearest
+    count, at least 1; see :func:`check_curvature_examples`). The examples are the first
+    ``m`` of a random permutation seeded by ``seed``, returned sorted (the passes read them in
+    training-set order); so subsets of one seed are nested as ``m`` grows. A random subset
+    rather than the first ``m``: training data is often ordered (by class, source, time), and
+    its first examples are then a biased sample. Selecting every example returns None, so the
+    curvature is the one fitted without the setting, bit for bit.
+
+    Raises:
+        ConfigError: a count above ``n_train``.
+
+    Example:
+        >>> curvature_subset(10, 0.3, seed=0).tolist()
+        [1, 4, 7]
+        >>> curvature_subset(10, 10, seed=0) is None
+        True
+    """
+    check_curvature_examples(curvature_examples)
+    if curvature_examples is None:
+        return None
+    if isinstance(curvature_examples, float):
+        m = max(1, round(curvature_examples * n_train))
+    else:
+        m = curvature_examples
+        if m > n_train:
+            raise ConfigError(
+                f"curvature_examples={m} exceeds the {n_train} training examples; pass at most "
+                f"{n_train}, a fraction in (0, 1], or None (every example)."
+            )
+    if m >= n_train:
+        return None
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    return perm[:m].sort().values
+
+
+def layer_damping(layers: Sequence[KFACLayer], damping: Damping) -> dict[str, float]:
+    """``{module: λ}``: a number for all, ``"heuristic"`` (0.1 x each layer's mean eigenvalue)
+    or a ``{module: number}`` dict naming every layer."""
+    modules = [layer.module for layer in layers]
+    check_damping(damping, modules)
+    if isinstance(damping, Mapping):
+        return {m: float(damping[m]) for m in modules}
+    if damping == "heuristic":
+        return {
+            layer.module: HEURISTIC_DAMPING * float(layer.eigenvalues.mean()) for layer in layers
+        }
+    return {m: float(damping) for m in modules}
+
+
+# ----------------------------------------------------------------------------- operator
+class KFACCurvature(LinearOperator):
+    """K-FAC / EK-FAC curvature: block-diagonal over layers, Kronecker-factored eigenbases.
+
+    A :class:`~datatrace.curvature.LinearOperator` over the task's tracked parameters (flat,
+    canonical order), so every solver and influence function accepts it; :meth:`inverse`
+    applies ``(F + damping I)⁻¹`` in closed form in the eigenbasis. Build it with
+    :func:`fit_kfac`, or from factors computed elsewhere (e.g. averaged over checkpoints).
+
+    Args:
+        task: the task whose tracked parameters the layers cover (each exactly once).
+        layers: one :class:`KFACLayer` per layer.
+        kind: ``"kfac"`` or ``"ekfac"`` (recorded; the eigenvalues decide the matrix).
+        fisher: the Fisher kind the factors were fitted with (recorded).
+
+    Example:
+        >>> from datatrace.curvature import fit_kfac
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double().eval()
+        >>> data = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+        >>> curv = fit_kfac(Task(model), data)
+        >>> v = torch.randn(curv.dim, dtype=torch.float64)
+        >>> x = curv.inverse(1e-2).apply(v)
+        >>> torch.allclose(curv.matvec(x) + 1e-2 * x, v)
+        True
+    """
+
+    def __init__(
+        self, task: Task, layers: Sequence[KFACLayer], *, kind: str = "ekfac", fisher: str = "true"
+    ) -> None:
+        self.task, self.layers, self.kind, self.fisher = task, list(layers), kind, fisher
+        self.layout = ParamLayout(task)
+        if [layer.module for layer in self.layers] != self.layout.modules:
+            raise ConfigError(
+                f"KFACCurvature needs one layer per K-FAC module of the task, in order "
+                f"{self.layout.modules}; got {[layer.module for layer in self.layers]}."
+            )
+        self.dim = self.layout.dim
+        self.dtype = task.working_dtype
+        self.device = task.device
+        self.blocks = self.layout.blocks
+
+    @property
+    def modules(self) -> list[str]:
+        """Layer (module) names, in order."""
+        return self.layout.modules
+
+    def to_matrices(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """Split ``(k, dim)`` flat rows into per-layer ``(k, O, I')`` gradient matrices."""
+        return self.layout.to_matrices(v)
+
+    def from_matrices(self, mats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`to_matrices`."""
+        return self.layout.from_matrices(mats)
+
+    # -- spectral functions -------------------------------------------------------------------
+    def apply_spectral(
+        self, mats: Sequence[torch.Tensor], fn: Callable[[KFACLayer], torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """``Q (fn(layer) ⊙ Qᵀ M) `` per layer: any function of the eigenvalues, e.g. an inverse.
+
+        Args:
+            mats: per-layer ``(k, O, I')`` matrices.
+            fn: maps a layer to ``(O, I')`` multipliers in its eigenbasis.
+        """
+        return [layer.unrotate(fn(layer) * layer.rotate(m)) for layer, m in zip(self.layers, mats)]
+
+    def _matmat(self, v: torch.Tensor) -> torch.Tensor:
+        mats = self.apply_spectral(self.to_matrices(v.T), lambda layer: layer.eigenvalues)
+        return self.from_matrices(mats).T
+
+    def matrix(self) -> torch.Tensor:
+        """The dense ``(dim, dim)`` approximate curvature (small models)."""
+        return self.to_dense()
+
+    def layer_damping(self, damping: Damping) -> dict[str, float]:
+        """Per-layer damping values: a number for all, ``"heuristic"`` (0.1 x each layer's
+        mean eigenvalue) or a ``{module: number}`` dict naming every layer."""
+        return layer_damping(self.layers, damping)
+
+    def inverse(
+        self, damping: Damping, solver: Solver | None = None, *, progress: bool | None = False
+    ) -> InverseOperator:
+        """``(F + damping I)⁻¹``: with no ``solver``, in closed form in the eigenbasis
+        (per-layer damping, see :meth:`layer_damping`; a :class:`~datatrace.solvers.KFACInverse`
+        whose damped eigenvalues :func:`datatrace.solvers.inverse_eigenvalues` inverts); with a
+        solver, that solver's inverse of this operator (``damping`` a number).
+        """
+        if solver is None:
+            from datatrace.solvers import KFACInverse  # solvers import operators: import late
+
+            return KFACInverse(self, self.layer_damping(damping))
+        if not isinstance(damping, (int, float)) or isinstance(damping, bool):
+            raise ConfigError(
+                f"a solver inverts K-FAC with one number as damping; got {damping!r}. Pass a "
+                "number, or no solver for the closed form (which takes 'heuristic' or a dict)."
+            )
+        return solver.prepare(self, float(damping), progress=progress)
+
+    def solve(
+        self, b: torch.Tensor, damping: Damping, solver: Solver | None = None
+    ) -> torch.Tensor:
+        """``(F + damping I)⁻¹ b`` for ``b`` of shape ``(dim,)`` or ``(dim, k)`` (see :meth:`inverse`)."""
+        return self.inverse(damping, solver).apply(b)
+
+    # -- persistence --------------------------------------------------------------------------
+    FIELDS: ClassVar[tuple[str, ...]] = ("a_factor", "g_factor", "q_a", "q_g", "eigenvalues")
+
+    def to_arrays(self) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` of every fitted array (for :class:`datatrace.store.Store`)."""
+        return {
+            f"L{j}-{f}": getattr(lay, f) for j, lay in enumerate(self.layers) for f in self.FIELDS
+        }
+
+    @classmethod
+    def from_arrays(
+        cls, task: Task, arrays: Mapping[str, torch.Tensor], *, kind: str, fisher: str
+    ) -> KFACCurvature:
+        """Rebuild from :meth:`to_arrays` output for the same task."""
+        mods = dict(task.model.named_modules())
+        layers = []
+        for j, (mname, (w, b)) in enumerate(factored_modules(task).items()):
+            vals = {f: arrays[f"L{j}-{f}"].to(task.device, task.working_dtype) for f in cls.FIELDS}
+            shape = tuple(mods[mname].weight.shape)
+            layers.append(KFACLayer(mname, w, b, shape, **vals))
+        return cls(task, layers, kind=kind, fisher=fisher)
+
+    def __repr__(self) -> str:
+        return f"KFACCurvature(kind={self.kind!r}, fisher={self.fisher!r}, layers={self.modules})"
