@@ -183,6 +183,7 @@ def ours_ekfac(
     batch_size: int,
     seed: int = 0,
     curvature_examples: int | float | None = None,
+    train_features: str = "auto",
 ) -> Any:
     """Our EK-FAC influence matched to kronfluence's defaults (true Fisher, one label)."""
     return make_attributor(
@@ -194,6 +195,7 @@ def ours_ekfac(
         batch_size=batch_size,
         seed=seed,
         curvature_examples=curvature_examples,
+        train_features=train_features,
     )
 
 
@@ -203,9 +205,17 @@ def fit_ours(
     damping: float | str,
     batch_size: int,
     curvature_examples: int | float | None,
+    train_features: str = "auto",
 ) -> Any:
     """:func:`ours_ekfac` fitted on ``train`` (what the timed runs time, with ``attribute``)."""
-    return ours_ekfac(task, damping, batch_size, curvature_examples=curvature_examples).fit(train)
+    attr = ours_ekfac(
+        task,
+        damping,
+        batch_size,
+        curvature_examples=curvature_examples,
+        train_features=train_features,
+    )
+    return attr.fit(train)
 
 
 def parse_curvature_examples(text: str) -> int | float | None:
@@ -270,6 +280,13 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated curvature_examples values of ours: counts (400), fractions "
         "(0.1) or 'all'; each gets its own damping choice, LDS rows and timed runs",
     )
+    ap.add_argument(
+        "--train-features",
+        default="auto",
+        choices=["auto", "factored", "recompute"],
+        help="ours: keep the training factors (factored; auto within its budget) or recompute "
+        "them when scoring (recompute: nothing per example is kept)",
+    )
     ap.add_argument("--m", type=int, default=20, help="LDS subsets of the cached ground truth")
     ap.add_argument("--seeds", type=int, default=2, help="retrainings per subset")
     ap.add_argument("--allow-retraining", action="store_true")
@@ -319,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         val_lds[key] = {}
         for damping in grid:
             try:
-                attr = ours_ekfac(task, damping, args.batch_size, curvature_examples=ce).fit(train)
+                attr = fit_ours(task, train, damping, args.batch_size, ce, args.train_features)
             except NumericalError as exc:  # e.g. 1e-8 is below float32 resolution: refused
                 val_lds[key][str(damping)] = f"refused: {exc}"
                 print(f"[datatrace] curvature {key}, damping {damping}: {exc}", flush=True)
@@ -372,7 +389,13 @@ def main(argv: list[str] | None = None) -> None:
             for key, ce in subsets.items():
                 t0 = time.perf_counter()
                 fit = functools.partial(
-                    fit_ours, task, train, parse_damping(chosen[key]), args.batch_size, ce
+                    fit_ours,
+                    task,
+                    train,
+                    parse_damping(chosen[key]),
+                    args.batch_size,
+                    ce,
+                    args.train_features,
                 )
                 ours[threads][key] = timed(
                     fit,
@@ -404,6 +427,20 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[kronfluence] {threads} thread(s): {time.perf_counter() - t0:.1f}s", flush=True)
 
     first = thread_counts[0]
+    # what the timed configuration keeps after fit (curvature, and factors unless recomputed)
+    timed_bytes = {
+        key: fitted_bytes(
+            fit_ours(
+                task,
+                train,
+                parse_damping(chosen[key]),
+                args.batch_size,
+                ce,
+                args.train_features,
+            )
+        )
+        for key, ce in subsets.items()
+    }
     rows = []
     for threads, out in peer.items():
         for kron_damping, kron in out["rows"].items():
@@ -445,6 +482,8 @@ def main(argv: list[str] | None = None) -> None:
         "random_lds": random_lds.mean,
         "ours_val_lds": val_lds,
         "ours_chosen_damping": chosen,
+        "ours_train_features": args.train_features,
+        "ours_timed_bytes": timed_bytes,
         "ours_data_passes": {
             **{k: data_passes(ce, setting.n_train) for k, ce in subsets.items()},
             README_DEFAULTS: data_passes(None, setting.n_train),

@@ -42,10 +42,14 @@ __all__ = [
     "FactorCodec",
     "LayerSlot",
     "ParamLayout",
+    "contract_low_rank",
+    "contract_preconditioned",
     "covers_tracked",
     "factored_modules",
+    "pack_low_rank",
     "pairs_factors",
     "stores_factors",
+    "unpack_low_rank",
 ]
 
 Rule = Callable[[int, int, int], bool]  # (T, O, I') -> keep the layer's factors?
@@ -368,3 +372,64 @@ def _layer_sq_norms(part: LayerPart) -> torch.Tensor:
     if a.shape[1] == 1:
         return a[:, 0].square().sum(1) * g[:, 0].square().sum(1)
     return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+
+
+# ---------------------------------------------------------- preconditioned-query contractions
+def contract_preconditioned(p: torch.Tensor, part: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``sum_t g_tᵀ P_q a_t`` (or ``<P_q, D_n>``) for ``P`` (k, O, I'): ``(k, B)``.
+
+    Two equivalent orders: ``(P a) · g`` holds a ``(k, O, B, T)`` intermediate (chunked over
+    queries), forming the block's gradients holds ``(B, O, I')`` and is one matrix product.
+    The first is taken while ``k T < I'`` (fewer queries than inputs), the second otherwise.
+    """
+    k, o, i = p.shape
+    if len(part) == 1:
+        return p.reshape(k, -1) @ part[0].reshape(part[0].shape[0], -1).T
+    a, g = part
+    b, t = a.shape[0], a.shape[1]
+    if k * t >= i:
+        return p.reshape(k, -1) @ _outer_sum(g, a).reshape(b, -1).T
+    out = p.new_empty(k, b)
+    step = max(1, _CHUNK // max(1, o * b * t))
+    g_obt = g.permute(2, 0, 1)
+    for s in range(0, k, step):
+        pa = (p[s : s + step].reshape(-1, i) @ a.reshape(b * t, i).T).reshape(-1, o, b, t)
+        out[s : s + step] = (pa * g_obt).sum((1, 3))
+    return out
+
+
+def contract_low_rank(
+    left: torch.Tensor, right: torch.Tensor, part: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """As :func:`contract_preconditioned` for ``P = L R`` with ``L`` (k, O, r), ``R`` (k, r, I')."""
+    if len(part) == 1:
+        return contract_preconditioned(left @ right, part)
+    a, g = part
+    gl = torch.einsum("bto,kor->kbtr", g, left)
+    ra = torch.einsum("bti,kri->kbtr", a, right)
+    return (gl * ra).sum((2, 3))
+
+
+def pack_low_rank(layout: ParamLayout, pre: torch.Tensor, rank: int) -> torch.Tensor:
+    """Rows ``[L_1, R_1, ..., L_L, R_L]`` of each layer's truncated SVD ``P ≈ L R``."""
+    parts = []
+    for p in layout.to_matrices(pre):
+        u, sv, vh = torch.linalg.svd(p, full_matrices=False)
+        r = min(rank, sv.shape[1])
+        parts += [(u[:, :, :r] * sv[:, None, :r]).flatten(1), vh[:, :r, :].flatten(1)]
+    return torch.cat(parts, 1)
+
+
+def unpack_low_rank(
+    layout: ParamLayout, packed: torch.Tensor, rank: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(L, R)`` pairs of each layer packed by :func:`pack_low_rank`."""
+    k, pos, out = packed.shape[0], 0, []
+    for slot in layout.slots:
+        o, i = slot.out_features, slot.in_width
+        r = min(rank, o, i)
+        left = packed[:, pos : pos + o * r].reshape(k, o, r)
+        right = packed[:, pos + o * r : pos + r * (o + i)].reshape(k, r, i)
+        out.append((left, right))
+        pos += r * (o + i)
+    return out

@@ -49,8 +49,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -62,9 +62,7 @@ from datatrace.curvature import (
     HessianOperator,
     KFACCurvature,
     LinearOperator,
-    check_curvature_examples,
     check_damping,
-    check_fisher_samples,
     curvature_subset,
     fit_kfac,
 )
@@ -74,23 +72,26 @@ from datatrace.gradients import compute_per_sample_grads
 from datatrace.gradients.factored import (
     FactorCodec,
     ParamLayout,
+    contract_low_rank,
+    contract_preconditioned,
     covers_tracked,
     factored_modules,
+    pack_low_rank,
+    unpack_low_rank,
 )
 from datatrace.gradients.hooks import _outer_sum
 from datatrace.group import take_examples
-from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.methods.base import Attributor, MemberContext, register
+from datatrace.methods.influence_config import KFAC_KINDS, InfluenceConfig
 from datatrace.methods.per_module import (
     module_param_spans,
     per_module_scores,
     per_token_scores,
 )
 from datatrace.scores import Scores
-from datatrace.solvers import SOLVERS, InverseOperator, make_solver
+from datatrace.solvers import InverseOperator, make_solver
 from datatrace.store import fingerprint_batch
 from datatrace.task import Member, Task
-
-KFAC_KINDS = ("kfac", "ekfac")
 
 TRAIN_FEATURE_BUDGET = 2 * 2**30
 """Bytes of factored train features (all members) above which ``train_features="auto"``
@@ -110,172 +111,6 @@ __all__ = [
     "InfluenceAttributor",
     "InfluenceConfig",
 ]
-
-
-@dataclass(frozen=True)
-class InfluenceConfig(MethodConfig):
-    """Influence-function settings.
-
-    Attributes:
-        solver: inverse solver id: ``"explicit"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``,
-            ``"datainf"``. With K-FAC/EK-FAC, ``"explicit"`` is the closed-form inverse in the
-            Kronecker eigenbasis; the others run on the K-FAC operator.
-        curvature: ``"ggn"`` (Gauss-Newton / true Fisher), ``"hessian"`` (exact),
-            ``"fisher"`` (empirical Fisher of the train features; works with projections),
-            ``"kfac"`` or ``"ekfac"`` (:mod:`datatrace.curvature.kfac`; Linear/Conv2d parameters only).
-        damping: λ added to the curvature (of the mean loss), >= 0. With K-FAC/EK-FAC and the
-            explicit solver also ``"heuristic"`` (0.1 x each layer's mean eigenvalue) or a
-            ``{module: λ}`` dict.
-        solver_options: keyword arguments of the solver (e.g. ``{"max_iter": 200}``).
-        fisher: K-FAC/EK-FAC only: ``"empirical"`` (training labels; the default: the
-            benchmark's choice on the digits settings, deterministic and one backward pass),
-            ``"true"`` (labels sampled from the model, seeded by ``seed``; kronfluence's
-            default) or ``"exact"`` (closed-form expectation; small outputs).
-        train_features: how training gradients reach the scores (all give the same
-            scores; only the cost differs):
-
-            - ``"factored"``: each example's layer inputs and output gradients, computed in
-              ``fit``, kept (in memory or in the store) and contracted with preconditioned
-              queries; needs every tracked parameter in a Linear/Conv2d layer and no groups.
-            - ``"gradients"``: flattened per-sample (or per-group) gradients, kept.
-            - ``"recompute"``: nothing kept; each scoring call recomputes the training
-              gradients batch by batch, as layer factors (flattened gradients with
-              ``groups=``, ``engine="functional"`` or parameters outside Linear/Conv2d
-              layers). Not with ``curvature="fisher"``, which is built from kept gradients.
-            - ``"auto"`` (default): with K-FAC/EK-FAC (no groups, hook engine) layer factors,
-              kept when ``n_members x n_train x row bytes <= TRAIN_FEATURE_BUDGET`` (2 GiB)
-              and recomputed otherwise, where a row is the stored row of the first training
-              example (per layer ``T (I' + O)`` numbers, or ``O I'`` where that is smaller,
-              in ``feature_dtype``); otherwise kept gradients. Keeping costs memory or disk
-              once; recomputing costs one gradient pass per scoring call.
-        query_rank: factored path only (``"factored"``, ``"recompute"`` or ``"auto"`` with
-            K-FAC/EK-FAC): rank of the truncated SVD of each layer's preconditioned query
-            gradient (None: exact).
-        fisher_samples: K-FAC/EK-FAC with ``fisher="true"``: labels sampled per example,
-            their Fisher contributions averaged (less sampling noise).
-        curvature_examples: K-FAC/EK-FAC only: the training examples that fit the curvature
-            (the covariance and eigenvalue passes touch only them; scores still cover every
-            training example). An integer is a count (at most ``n_train``), a float in
-            (0, 1] a fraction of the training set (rounded, at least 1); None (default) or
-            the whole set fits on every example. The subset is a random one seeded by
-            ``seed`` (member i: ``seed + 7919 i``), read in training-set order
-            (:func:`datatrace.curvature.curvature_subset`): not the first examples, which are a
-            biased sample of data ordered by class, source or time. Each curvature pass then
-            costs that fraction of a full pass (kronfluence's ``covariance_max_examples``
-            and ``lambda_max_examples``, which take the first examples).
-    """
-
-    solver: str = "cg"
-    curvature: Literal["ggn", "hessian", "fisher", "kfac", "ekfac"] = "ggn"
-    damping: float | str | dict[str, float] = 1e-3
-    solver_options: dict[str, Any] = field(default_factory=dict)
-    fisher: Literal["true", "empirical", "exact"] = "empirical"
-    train_features: Literal["auto", "factored", "gradients", "recompute"] = "auto"
-    query_rank: int | None = None
-    fisher_samples: int = 1
-    curvature_examples: int | float | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.solver not in SOLVERS:
-            raise ConfigError(f"unknown solver {self.solver!r}; choose one of {sorted(SOLVERS)}.")
-        if self.curvature not in ("ggn", "hessian", "fisher", *KFAC_KINDS):
-            raise ConfigError(
-                f"curvature must be 'ggn', 'hessian', 'fisher', 'kfac' or 'ekfac'; got "
-                f"{self.curvature!r}."
-            )
-        check_damping(self.damping)
-        if not isinstance(self.damping, (int, float)) and not (
-            self.curvature in KFAC_KINDS and self.solver == "explicit"
-        ):
-            raise ConfigError(
-                f"damping={self.damping!r} (per layer) needs curvature='kfac' or 'ekfac' with "
-                f"solver='explicit'; got curvature={self.curvature!r}, solver={self.solver!r}. "
-                "Pass a number."
-            )
-        if self.fisher not in ("true", "empirical", "exact"):
-            raise ConfigError(
-                f"fisher must be 'true', 'empirical' or 'exact'; got {self.fisher!r}."
-            )
-        check_fisher_samples(self.fisher_samples, self.fisher)
-        if self.fisher_samples > 1 and self.curvature not in KFAC_KINDS:
-            raise ConfigError(
-                f"fisher_samples={self.fisher_samples} applies to curvature='kfac'/'ekfac' only; "
-                f"got curvature={self.curvature!r}."
-            )
-        check_curvature_examples(self.curvature_examples)
-        if self.curvature_examples is not None and self.curvature not in KFAC_KINDS:
-            raise ConfigError(
-                f"curvature_examples={self.curvature_examples!r} applies to curvature='kfac'/"
-                f"'ekfac' only; got curvature={self.curvature!r}."
-            )
-        if self.fisher != "empirical" and self.curvature not in KFAC_KINDS:
-            raise ConfigError(
-                f"fisher={self.fisher!r} applies to curvature='kfac'/'ekfac' only; got "
-                f"curvature={self.curvature!r} (use curvature='ggn' for the exact true Fisher, "
-                "'fisher' for the empirical one)."
-            )
-        if self.curvature != "fisher" and self.projector != "none":
-            raise ConfigError(
-                f"curvature={self.curvature!r} acts on the full parameter space, but projector="
-                f"{self.projector!r}; use projector='none', or curvature='fisher' with a projection."
-            )
-        if self.solver == "datainf" and self.curvature != "fisher":
-            raise ConfigError(
-                f"the DataInf solver inverts the empirical Fisher of per-sample gradients; got "
-                f"curvature={self.curvature!r}. Set curvature='fisher'."
-            )
-        if self.train_features not in ("auto", "factored", "gradients", "recompute"):
-            raise ConfigError(
-                f"train_features must be 'auto', 'factored', 'gradients' or 'recompute'; got "
-                f"{self.train_features!r}."
-            )
-        if self.train_features == "recompute" and self.curvature == "fisher":
-            raise ConfigError(
-                "train_features='recompute' keeps no training gradients, but curvature='fisher' "
-                "is built from them; use train_features='gradients' (or 'auto'), or another "
-                "curvature."
-            )
-        if self.train_features == "factored" and (
-            self.curvature == "fisher" or self.engine == "functional"
-        ):
-            raise ConfigError(
-                f"train_features='factored' contracts hook factors with preconditioned queries; "
-                f"it needs curvature != 'fisher' and engine != 'functional' (got curvature="
-                f"{self.curvature!r}, engine={self.engine!r}). Use train_features='gradients'."
-            )
-        if self.query_rank is not None:
-            if isinstance(self.query_rank, bool) or not isinstance(self.query_rank, int):
-                raise ConfigError(
-                    f"query_rank must be None or an integer >= 1; got {self.query_rank!r}."
-                )
-            if self.query_rank < 1:
-                raise ConfigError(
-                    f"query_rank must be None or an integer >= 1; got {self.query_rank!r}."
-                )
-            if not self.factored:
-                raise ConfigError(
-                    f"query_rank={self.query_rank} compresses the factored training-score path; "
-                    "set train_features='factored' or 'recompute' (with curvature 'kfac'/'ekfac' "
-                    "the default 'auto' is factored)."
-                )
-
-    def to_json(self) -> dict[str, Any]:
-        out = super().to_json()
-        if out["curvature_examples"] is None:
-            # left out at its default, so stores written before the setting existed still match
-            del out["curvature_examples"]
-        return out
-
-    @property
-    def factored(self) -> bool:
-        """Whether training scores use layer factors (before ``groups=`` and the task's
-        layers are known: :class:`InfluenceAttributor` may still fall back to gradients)."""
-        if self.train_features == "auto":
-            return self.curvature in KFAC_KINDS and self.engine != "functional"
-        if self.train_features == "recompute":
-            return self.engine != "functional"
-        return self.train_features == "factored"
 
 
 @dataclass(frozen=True)
@@ -545,7 +380,7 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         inverse = ctx.fitted.solve()
         out = inverse.apply(q.T).T / self._n_train
         if self._factored and self.config.query_rank is not None:
-            out = _pack_low_rank(ctx.fitted.factors(), out, self.config.query_rank)
+            out = pack_low_rank(ctx.fitted.factors(), out, self.config.query_rank)
         info = getattr(inverse, "info", None)
         if info is not None and not info.converged:
             warn(
@@ -576,7 +411,7 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         layout = ctx.fitted.factors()
         rank = self.config.query_rank
         split = (
-            (_unpack_low_rank(layout, q, rank), None)
+            (unpack_low_rank(layout, q, rank), None)
             if rank is not None
             else (None, [m.contiguous() for m in layout.to_matrices(q)])
         )
@@ -598,10 +433,10 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         total = q.new_zeros(q.shape[0], train.shape[0])
         for j, part in enumerate(FactorCodec(ctx.fitted.factors()).decode(train)):
             if full is not None:
-                total += _contract(full[j], part)
+                total += contract_preconditioned(full[j], part)
             else:
                 assert queries is not None
-                total += _contract_low_rank(*queries[j], part)
+                total += contract_low_rank(*queries[j], part)
         return total
 
     def _self_scores(
@@ -690,7 +525,7 @@ class InfluenceAttributor(Attributor[InfluenceState]):
                         f"token; the layers have {sorted(lengths)} positions per example."
                     )
                 mats = None if rank is not None else layout.to_matrices(q)
-                low = _unpack_low_rank(layout, q, rank) if rank is not None else None
+                low = unpack_low_rank(layout, q, rank) if rank is not None else None
                 part = None
                 for j, m in enumerate(layout.modules):
                     f = by_module[m]
@@ -733,65 +568,3 @@ def _examples(data: Any, indices: torch.Tensor, batch_size: int) -> Any:
 
 def _gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
-
-
-_CHUNK = 1 << 24  # elements of the (queries, O, B, T) intermediate per step
-
-
-def _contract(p: torch.Tensor, part: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """``sum_t g_tᵀ P_q a_t`` (or ``<P_q, D_n>``) for ``P`` (k, O, I'): ``(k, B)``.
-
-    Two equivalent orders: ``(P a) · g`` holds a ``(k, O, B, T)`` intermediate (chunked over
-    queries), forming the block's gradients holds ``(B, O, I')`` and is one matrix product.
-    The first is taken while ``k T < I'`` (fewer queries than inputs), the second otherwise.
-    """
-    k, o, i = p.shape
-    if len(part) == 1:
-        return p.reshape(k, -1) @ part[0].reshape(part[0].shape[0], -1).T
-    a, g = part
-    b, t = a.shape[0], a.shape[1]
-    if k * t >= i:
-        return p.reshape(k, -1) @ _outer_sum(g, a).reshape(b, -1).T
-    out = p.new_empty(k, b)
-    step = max(1, _CHUNK // max(1, o * b * t))
-    g_obt = g.permute(2, 0, 1)
-    for s in range(0, k, step):
-        pa = (p[s : s + step].reshape(-1, i) @ a.reshape(b * t, i).T).reshape(-1, o, b, t)
-        out[s : s + step] = (pa * g_obt).sum((1, 3))
-    return out
-
-
-def _contract_low_rank(
-    left: torch.Tensor, right: torch.Tensor, part: tuple[torch.Tensor, ...]
-) -> torch.Tensor:
-    """As :func:`_contract` for ``P = L R`` with ``L`` (k, O, r), ``R`` (k, r, I')."""
-    if len(part) == 1:
-        return _contract(left @ right, part)
-    a, g = part
-    gl = torch.einsum("bto,kor->kbtr", g, left)
-    ra = torch.einsum("bti,kri->kbtr", a, right)
-    return (gl * ra).sum((2, 3))
-
-
-def _pack_low_rank(layout: ParamLayout, pre: torch.Tensor, rank: int) -> torch.Tensor:
-    """Rows ``[L_1, R_1, ..., L_L, R_L]`` of each layer's truncated SVD ``P ≈ L R``."""
-    parts = []
-    for p in layout.to_matrices(pre):
-        u, sv, vh = torch.linalg.svd(p, full_matrices=False)
-        r = min(rank, sv.shape[1])
-        parts += [(u[:, :, :r] * sv[:, None, :r]).flatten(1), vh[:, :r, :].flatten(1)]
-    return torch.cat(parts, 1)
-
-
-def _unpack_low_rank(
-    layout: ParamLayout, packed: torch.Tensor, rank: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    k, pos, out = packed.shape[0], 0, []
-    for slot in layout.slots:
-        o, i = slot.out_features, slot.in_width
-        r = min(rank, o, i)
-        left = packed[:, pos : pos + o * r].reshape(k, o, r)
-        right = packed[:, pos + o * r : pos + r * (o + i)].reshape(k, r, i)
-        out.append((left, right))
-        pos += r * (o + i)
-    return out

@@ -56,7 +56,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -64,11 +64,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from datatrace.curvature import (
     GGNOperator,
     HessianOperator,
-    KFACCurvature,
-    KFACLayer,
-    eigen_pass_seed,
-    fit_ekfac_eigenvalues,
-    fit_kfac,
 )
 from datatrace.data import Batch, as_data, num_examples
 from datatrace.errors import AccuracyWarning, ConfigError, DataError, warn
@@ -78,170 +73,20 @@ from datatrace.methods.per_module import (
     per_module_scores,
     per_token_scores,
 )
+from datatrace.methods.source_spectra import (
+    Spectrum,
+    dense_spectrum,
+    kfac_spectrum,
+    propagation,
+    response,
+)
 from datatrace.scores import Scores
-from datatrace.solvers import DenseSpectrum
 from datatrace.task import Checkpoint
 
 __all__ = ["SourceAttributor", "SourceConfig", "propagation", "response"]
 
 Curvature = Literal["ekfac", "kfac", "ggn", "hessian"]
 _SGD_KINDS = ("sgd", "sgd-momentum", "sgdm")
-
-
-# ----------------------------------------------------------------------------- spectral maps
-def _log_propagation(
-    sigma: torch.Tensor, schedule: Sequence[tuple[float, int]], unroll: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log|P|, sign P)`` of the propagation over a segment's ``(η, steps)`` schedule."""
-    if unroll == "exp":
-        total = sum(lr * k for lr, k in schedule)
-        return -sigma * total, torch.ones_like(sigma)
-    log_p = torch.zeros_like(sigma)
-    sign = torch.ones_like(sigma)
-    for lr, k in schedule:
-        base = 1.0 - lr * sigma
-        # log1p keeps digits when η σ is tiny (log(1 - 1e-10) would lose half of them)
-        log_base = torch.where(base > 0, torch.log1p(-lr * sigma), torch.log(base.abs()))
-        log_p = log_p + k * log_base
-        if k % 2 == 1:
-            sign = sign * torch.sign(base)
-    return log_p, sign
-
-
-def propagation(
-    sigma: torch.Tensor, schedule: Sequence[tuple[float, int]], unroll: str = "exp"
-) -> torch.Tensor:
-    """``P(σ)``: how a segment carries a parameter perturbation forward, per eigenvalue.
-
-    Args:
-        sigma: eigenvalues (damping included).
-        schedule: the segment's ``(learning rate, steps)`` pairs.
-        unroll: ``"exp"`` for ``exp(-σ Σ η_k)``, ``"sgd"`` for ``Π_k (1 - η_k σ)``.
-
-    Example:
-        >>> propagation(torch.tensor([0.0, 1.0], dtype=torch.float64), [(0.1, 10)]).tolist()
-        [1.0, 0.36787944117144233]
-    """
-    log_p, sign = _log_propagation(sigma.to(torch.float64), schedule, unroll)
-    return (sign * torch.exp(log_p)).to(sigma.dtype)
-
-
-def response(
-    sigma: torch.Tensor, schedule: Sequence[tuple[float, int]], unroll: str = "exp"
-) -> torch.Tensor:
-    """``R(σ) = (1 - P(σ)) / σ``, with its limit ``Σ η_k`` at ``σ = 0``, per eigenvalue.
-
-    Computed as ``-expm1(log P) / σ`` in float64, so it stays accurate for tiny ``σ η K``.
-
-    Example:
-        >>> sigma = torch.tensor([0.0, 1e-12, 1e3], dtype=torch.float64)
-        >>> response(sigma, [(0.1, 10)]).tolist()
-        [1.0, 0.9999999999995, 0.001]
-    """
-    s = sigma.to(torch.float64)
-    total = sum(lr * k for lr, k in schedule)
-    log_p, sign = _log_propagation(s, schedule, unroll)
-    one_minus_p = torch.where(sign > 0, -torch.expm1(log_p), 1.0 - sign * torch.exp(log_p))
-    safe = torch.where(s == 0, torch.ones_like(s), s)
-    return torch.where(s == 0, torch.full_like(s, total), one_minus_p / safe).to(sigma.dtype)
-
-
-# ----------------------------------------------------------------------------- curvature
-class _Spectrum(Protocol):
-    """A segment's curvature known by its eigenbasis: applies ``Q f(Λ) Qᵀ`` to flat rows
-    (:class:`~datatrace.solvers.DenseSpectrum`, or K-FAC's per-layer eigenbases)."""
-
-    def apply(self, v: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``(k, dim)`` rows times the matrix function ``fn`` of the curvature."""
-        ...
-
-
-class _KFACSpectrum:
-    def __init__(self, curvature: KFACCurvature) -> None:
-        self.curvature = curvature
-
-    def apply(self, v: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        c = self.curvature
-        mats = c.apply_spectral(c.to_matrices(v), lambda layer: fn(layer.eigenvalues))
-        return c.from_matrices(mats)
-
-
-def _dense_spectrum(
-    op_cls: type,
-    task: Any,
-    data: Any,
-    samples: Sequence[tuple[float, Mapping[str, torch.Tensor]]],
-    batch_size: int,
-    progress: bool | None = False,
-) -> DenseSpectrum:
-    total = None
-    for w, state in samples:
-        op = op_cls(task, data, state=state, batch_size=batch_size)
-        m = op.to_dense(progress=progress).to(torch.float64)
-        total = w * m if total is None else total + w * m
-    assert total is not None
-    return DenseSpectrum(total)
-
-
-def _kfac_spectrum(
-    task: Any,
-    data: Any,
-    samples: Sequence[tuple[float, Mapping[str, torch.Tensor]]],
-    kind: str,
-    fisher: str,
-    batch_size: int,
-    seed: int,
-    progress: bool | None = False,
-) -> _KFACSpectrum:
-    """K-FAC/EK-FAC averaged over ``samples`` in one shared eigenbasis (paper, App. D.2)."""
-    f64 = torch.float64
-    # One sample: kfac's own fit is the answer. Several: fit K-FAC factors at each, then
-    # average them, eigendecompose and (EK-FAC) correct the eigenvalues in the shared basis.
-    single = len(samples) == 1
-    fits = [
-        fit_kfac(
-            task,
-            data,
-            state=state,
-            kind=kind if single else "kfac",  # type: ignore[arg-type]
-            fisher=fisher,  # type: ignore[arg-type]
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-        )
-        for _, state in samples
-    ]
-    if single:
-        return _KFACSpectrum(fits[0])
-    layers = []
-    for j, first in enumerate(fits[0].layers):
-        a = sum(w * f.layers[j].a_factor.to(f64) for (w, _), f in zip(samples, fits))
-        g = sum(w * f.layers[j].g_factor.to(f64) for (w, _), f in zip(samples, fits))
-        assert isinstance(a, torch.Tensor) and isinstance(g, torch.Tensor)
-        layers.append(
-            KFACLayer.from_factors(first.module, first.weight, first.bias, first.weight_shape, a, g)
-        )
-    if kind == "ekfac":
-        corrected = [torch.zeros_like(layer.eigenvalues) for layer in layers]
-        for w, state in samples:
-            lams = fit_ekfac_eigenvalues(
-                task,
-                data,
-                layers,
-                state=state,
-                fisher=fisher,  # type: ignore[arg-type]
-                batch_size=batch_size,
-                seed=eigen_pass_seed(seed),
-                progress=progress,
-            )
-            for acc, lam in zip(corrected, lams):
-                acc += w * lam
-        for layer, acc in zip(layers, corrected):
-            layer.eigenvalues = acc
-    for layer in layers:
-        for name in ("a_factor", "g_factor", "q_a", "q_g", "eigenvalues"):
-            setattr(layer, name, getattr(layer, name).to(task.working_dtype))
-    return _KFACSpectrum(KFACCurvature(task, layers, kind=kind, fisher=fisher))
 
 
 # ----------------------------------------------------------------------------- config
@@ -345,12 +190,12 @@ class SourceState:
     """
 
     segments: list[_Segment]
-    spectra: list[_Spectrum] | None = None
+    spectra: list[Spectrum] | None = None
     masks: torch.Tensor | None = None
     counts: list[int] | None = None
     full: bool = True
 
-    def fitted_parts(self) -> tuple[list[_Spectrum], torch.Tensor, list[int]]:
+    def fitted_parts(self) -> tuple[list[Spectrum], torch.Tensor, list[int]]:
         """``(spectra, masks, counts)``, set by ``_fit_member``."""
         assert self.spectra is not None and self.masks is not None and self.counts is not None
         return self.spectra, self.masks, self.counts
@@ -542,17 +387,17 @@ class SourceAttributor(Attributor[SourceState]):
         cfg = self.config
         segments = ctx.fitted.segments
         masks, counts = [], []
-        spectra: list[_Spectrum] = []
+        spectra: list[Spectrum] = []
         for seg in segments:
             data = self._train if seg.indices is None else _take(self._train, seg.indices)
-            spectrum: _Spectrum
+            spectrum: Spectrum
             if cfg.curvature in ("ggn", "hessian"):
                 op_cls = GGNOperator if cfg.curvature == "ggn" else HessianOperator
-                spectrum = _dense_spectrum(
+                spectrum = dense_spectrum(
                     op_cls, ctx.task, data, seg.samples, cfg.batch_size, cfg.progress
                 )
             else:
-                spectrum = _kfac_spectrum(
+                spectrum = kfac_spectrum(
                     ctx.task,
                     data,
                     seg.samples,

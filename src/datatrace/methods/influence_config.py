@@ -1,0 +1,185 @@
+"""The settings of influence functions (:class:`InfluenceConfig`) and the rules between them.
+
+Kept apart from :mod:`datatrace.methods.influence` (the attributor) so that a setting's
+meaning and its validation read in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from datatrace.curvature import check_curvature_examples, check_damping, check_fisher_samples
+from datatrace.errors import ConfigError
+from datatrace.methods.config import MethodConfig
+from datatrace.solvers import SOLVERS
+
+__all__ = ["KFAC_KINDS", "InfluenceConfig"]
+
+KFAC_KINDS = ("kfac", "ekfac")
+
+
+@dataclass(frozen=True)
+class InfluenceConfig(MethodConfig):
+    """Influence-function settings.
+
+    Attributes:
+        solver: inverse solver id: ``"explicit"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``,
+            ``"datainf"``. With K-FAC/EK-FAC, ``"explicit"`` is the closed-form inverse in the
+            Kronecker eigenbasis; the others run on the K-FAC operator.
+        curvature: ``"ggn"`` (Gauss-Newton / true Fisher), ``"hessian"`` (exact),
+            ``"fisher"`` (empirical Fisher of the train features; works with projections),
+            ``"kfac"`` or ``"ekfac"`` (:mod:`datatrace.curvature.kfac`; Linear/Conv2d parameters only).
+        damping: λ added to the curvature (of the mean loss), >= 0. With K-FAC/EK-FAC and the
+            explicit solver also ``"heuristic"`` (0.1 x each layer's mean eigenvalue) or a
+            ``{module: λ}`` dict.
+        solver_options: keyword arguments of the solver (e.g. ``{"max_iter": 200}``).
+        fisher: K-FAC/EK-FAC only: ``"empirical"`` (training labels; the default: the
+            benchmark's choice on the digits settings, deterministic and one backward pass),
+            ``"true"`` (labels sampled from the model, seeded by ``seed``; kronfluence's
+            default) or ``"exact"`` (closed-form expectation; small outputs).
+        train_features: how training gradients reach the scores (all give the same
+            scores; only the cost differs):
+
+            - ``"factored"``: each example's layer inputs and output gradients, computed in
+              ``fit``, kept (in memory or in the store) and contracted with preconditioned
+              queries; needs every tracked parameter in a Linear/Conv2d layer and no groups.
+            - ``"gradients"``: flattened per-sample (or per-group) gradients, kept.
+            - ``"recompute"``: nothing kept; each scoring call recomputes the training
+              gradients batch by batch, as layer factors (flattened gradients with
+              ``groups=``, ``engine="functional"`` or parameters outside Linear/Conv2d
+              layers). Not with ``curvature="fisher"``, which is built from kept gradients.
+            - ``"auto"`` (default): with K-FAC/EK-FAC (no groups, hook engine) layer factors,
+              kept when ``n_members x n_train x row bytes <= TRAIN_FEATURE_BUDGET`` (2 GiB)
+              and recomputed otherwise, where a row is the stored row of the first training
+              example (per layer ``T (I' + O)`` numbers, or ``O I'`` where that is smaller,
+              in ``feature_dtype``); otherwise kept gradients. Keeping costs memory or disk
+              once; recomputing costs one gradient pass per scoring call.
+        query_rank: factored path only (``"factored"``, ``"recompute"`` or ``"auto"`` with
+            K-FAC/EK-FAC): rank of the truncated SVD of each layer's preconditioned query
+            gradient (None: exact).
+        fisher_samples: K-FAC/EK-FAC with ``fisher="true"``: labels sampled per example,
+            their Fisher contributions averaged (less sampling noise).
+        curvature_examples: K-FAC/EK-FAC only: the training examples that fit the curvature
+            (the covariance and eigenvalue passes touch only them; scores still cover every
+            training example). An integer is a count (at most ``n_train``), a float in
+            (0, 1] a fraction of the training set (rounded, at least 1); None (default) or
+            the whole set fits on every example. The subset is a random one seeded by
+            ``seed`` (member i: ``seed + 7919 i``), read in training-set order
+            (:func:`datatrace.curvature.curvature_subset`): not the first examples, which are a
+            biased sample of data ordered by class, source or time. Each curvature pass then
+            costs that fraction of a full pass (kronfluence's ``covariance_max_examples``
+            and ``lambda_max_examples``, which take the first examples).
+    """
+
+    solver: str = "cg"
+    curvature: Literal["ggn", "hessian", "fisher", "kfac", "ekfac"] = "ggn"
+    damping: float | str | dict[str, float] = 1e-3
+    solver_options: dict[str, Any] = field(default_factory=dict)
+    fisher: Literal["true", "empirical", "exact"] = "empirical"
+    train_features: Literal["auto", "factored", "gradients", "recompute"] = "auto"
+    query_rank: int | None = None
+    fisher_samples: int = 1
+    curvature_examples: int | float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"unknown solver {self.solver!r}; choose one of {sorted(SOLVERS)}.")
+        if self.curvature not in ("ggn", "hessian", "fisher", *KFAC_KINDS):
+            raise ConfigError(
+                f"curvature must be 'ggn', 'hessian', 'fisher', 'kfac' or 'ekfac'; got "
+                f"{self.curvature!r}."
+            )
+        check_damping(self.damping)
+        if not isinstance(self.damping, (int, float)) and not (
+            self.curvature in KFAC_KINDS and self.solver == "explicit"
+        ):
+            raise ConfigError(
+                f"damping={self.damping!r} (per layer) needs curvature='kfac' or 'ekfac' with "
+                f"solver='explicit'; got curvature={self.curvature!r}, solver={self.solver!r}. "
+                "Pass a number."
+            )
+        if self.fisher not in ("true", "empirical", "exact"):
+            raise ConfigError(
+                f"fisher must be 'true', 'empirical' or 'exact'; got {self.fisher!r}."
+            )
+        check_fisher_samples(self.fisher_samples, self.fisher)
+        if self.fisher_samples > 1 and self.curvature not in KFAC_KINDS:
+            raise ConfigError(
+                f"fisher_samples={self.fisher_samples} applies to curvature='kfac'/'ekfac' only; "
+                f"got curvature={self.curvature!r}."
+            )
+        check_curvature_examples(self.curvature_examples)
+        if self.curvature_examples is not None and self.curvature not in KFAC_KINDS:
+            raise ConfigError(
+                f"curvature_examples={self.curvature_examples!r} applies to curvature='kfac'/"
+                f"'ekfac' only; got curvature={self.curvature!r}."
+            )
+        if self.fisher != "empirical" and self.curvature not in KFAC_KINDS:
+            raise ConfigError(
+                f"fisher={self.fisher!r} applies to curvature='kfac'/'ekfac' only; got "
+                f"curvature={self.curvature!r} (use curvature='ggn' for the exact true Fisher, "
+                "'fisher' for the empirical one)."
+            )
+        if self.curvature != "fisher" and self.projector != "none":
+            raise ConfigError(
+                f"curvature={self.curvature!r} acts on the full parameter space, but projector="
+                f"{self.projector!r}; use projector='none', or curvature='fisher' with a projection."
+            )
+        if self.solver == "datainf" and self.curvature != "fisher":
+            raise ConfigError(
+                f"the DataInf solver inverts the empirical Fisher of per-sample gradients; got "
+                f"curvature={self.curvature!r}. Set curvature='fisher'."
+            )
+        if self.train_features not in ("auto", "factored", "gradients", "recompute"):
+            raise ConfigError(
+                f"train_features must be 'auto', 'factored', 'gradients' or 'recompute'; got "
+                f"{self.train_features!r}."
+            )
+        if self.train_features == "recompute" and self.curvature == "fisher":
+            raise ConfigError(
+                "train_features='recompute' keeps no training gradients, but curvature='fisher' "
+                "is built from them; use train_features='gradients' (or 'auto'), or another "
+                "curvature."
+            )
+        if self.train_features == "factored" and (
+            self.curvature == "fisher" or self.engine == "functional"
+        ):
+            raise ConfigError(
+                f"train_features='factored' contracts hook factors with preconditioned queries; "
+                f"it needs curvature != 'fisher' and engine != 'functional' (got curvature="
+                f"{self.curvature!r}, engine={self.engine!r}). Use train_features='gradients'."
+            )
+        if self.query_rank is not None:
+            if isinstance(self.query_rank, bool) or not isinstance(self.query_rank, int):
+                raise ConfigError(
+                    f"query_rank must be None or an integer >= 1; got {self.query_rank!r}."
+                )
+            if self.query_rank < 1:
+                raise ConfigError(
+                    f"query_rank must be None or an integer >= 1; got {self.query_rank!r}."
+                )
+            if not self.factored:
+                raise ConfigError(
+                    f"query_rank={self.query_rank} compresses the factored training-score path; "
+                    "set train_features='factored' or 'recompute' (with curvature 'kfac'/'ekfac' "
+                    "the default 'auto' is factored)."
+                )
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        if out["curvature_examples"] is None:
+            # left out at its default, so stores written before the setting existed still match
+            del out["curvature_examples"]
+        return out
+
+    @property
+    def factored(self) -> bool:
+        """Whether training scores use layer factors (before ``groups=`` and the task's
+        layers are known: :class:`InfluenceAttributor` may still fall back to gradients)."""
+        if self.train_features == "auto":
+            return self.curvature in KFAC_KINDS and self.engine != "functional"
+        if self.train_features == "recompute":
+            return self.engine != "functional"
+        return self.train_features == "factored"
