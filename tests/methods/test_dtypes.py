@@ -129,7 +129,7 @@ def test_feature_dtype_store_round_trip(method, tmp_path):
     first = attributor("bfloat16").fit(train)
     assert first.store is not None
     shards = [first.store.read_shard("train-m0", i) for i in first.store.shard_indices("train-m0")]
-    assert len(shards) == 1 and {s.dtype for s in shards} == {torch.bfloat16}  # 40 rows < 128 MiB
+    assert len(shards) == 1 and {s.dtype for s in shards} == {torch.bfloat16}  # 40 rows < 64 MiB
     assert first.store.config["config"]["feature_dtype"] == "bfloat16"
     expected = first.attribute(queries).values
     resumed = attributor(torch.bfloat16)  # reuses every shard: nothing recomputed

@@ -104,7 +104,7 @@ class Attributor(SharedLoop[StateT]):
         members: ensemble members (DESIGN.md §4); default: the task's model.
         store: a store directory for features and fitted state (resumable).
         shard_bytes: target bytes of one store shard of train features (default
-            :data:`datatrace.store.SHARD_BYTES`, 128 MiB): the loop packs the features of
+            :data:`datatrace.store.SHARD_BYTES`, 64 MiB): the loop packs the features of
             consecutive training examples, computed ``batch_size`` at a time, into shards of
             this size, so the shard layout does not depend on the batch size. A killed ``fit``
             resumes from its last complete shard. Not a method setting: changing it reuses

@@ -15,6 +15,7 @@ import bisect
 import hashlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -235,22 +236,31 @@ class SharedLoop(MethodHooks[StateT]):
             unit="shard",
         )
         reused = 0
-        for s in it:
-            first, stop = s * rows, min(n, (s + 1) * rows)
-            if store.has_shard(kind, s):  # complete: still ours if its examples are the same
-                fp = RowsFingerprint()
-                for _, offset, batch in self._train_batches_between(offsets, first, stop):
-                    fp.update(_rows_of(batch, max(first, offset) - offset, stop - offset))
-                if store.has_shard(kind, s, fp.hexdigest()):
-                    reused += 1
-                    continue
-            fp, parts = RowsFingerprint(), []
-            for j, offset, batch in self._train_batches_between(offsets, first, stop):
-                a, b = max(first, offset) - offset, stop - offset  # rows of this shard
-                fp.update(_rows_of(batch, a, b))
-                parts.append(features(j, offset, batch)[a:b])
-            block = parts[0] if len(parts) == 1 else torch.cat(parts)
-            store.write_shard(kind, s, block, fp.hexdigest())
+        # Each shard is written by one background thread while the next is featurized: at
+        # most one write in flight, in shard order, each waited for before the next starts
+        # (a write's error surfaces there, or when the pool closes, before fit returns).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="datatrace-store") as pool:
+            writing: Future[None] | None = None
+            for s in it:
+                first, stop = s * rows, min(n, (s + 1) * rows)
+                if store.has_shard(kind, s):  # complete: still ours if its examples are the same
+                    fp = RowsFingerprint()
+                    for _, offset, batch in self._train_batches_between(offsets, first, stop):
+                        fp.update(_rows_of(batch, max(first, offset) - offset, stop - offset))
+                    if store.has_shard(kind, s, fp.hexdigest()):
+                        reused += 1
+                        continue
+                fp, parts = RowsFingerprint(), []
+                for j, offset, batch in self._train_batches_between(offsets, first, stop):
+                    a, b = max(first, offset) - offset, stop - offset  # rows of this shard
+                    fp.update(_rows_of(batch, a, b))
+                    parts.append(features(j, offset, batch)[a:b])
+                block = parts[0] if len(parts) == 1 else torch.cat(parts)
+                if writing is not None:
+                    writing.result()
+                writing = pool.submit(store.write_shard, kind, s, block, fp.hexdigest())
+            if writing is not None:
+                writing.result()
         if reused:
             _log.info(
                 "%s: member %d: %d of %d train feature shards reused from the store at %s",
