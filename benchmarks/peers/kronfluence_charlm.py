@@ -2,65 +2,28 @@
 
     .venv/bin/python benchmarks/peers/kronfluence_charlm.py --json out/kronfluence_charlm.json
 
-Same model, data and ground truth as the ``datatrace bench --setting pydoc-charlm --m 20
---seeds 2`` table: the registered setting (4,000 training chunks of 64 characters, 100
-validation and 300 test queries, target = a chunk's summed next-character log-likelihood),
-its seed-0 model from ``setting.train_trajectory(seed=0)`` (what the bench attributes; its
-state is cached in ``benchmarks.peers.digits.CACHE``) and the cached LDS ground truth
-(``lds_ground_truth``, 20 half-subsets x 2 seeds). The script refuses to run when that
-ground truth is not cached (``--allow-retraining`` retrains it, 12+ minutes).
-
-kronfluence 1.0.1 runs in its own throw-away virtualenv (``/tmp/peer-kronfluence``, created
-by ``peers.setup_peer`` when missing; never a datatrace dependency) through
-``benchmarks/peers/kronfluence_charlm_runner.py``, which rebuilds the transformer without datatrace.
-Both sides track exactly the 13 ``nn.Linear`` layers (attention q/k/v/o, MLP, LM head;
-weights and biases, 106k parameters; kronfluence tracks every Linear, ours uses
-``Task(module_types=(nn.Linear,))``) with EK-FAC on the true Fisher, one sampled label per
-predicted character (kronfluence's default ``FactorArguments``; ours ``fisher="true",
-fisher_samples=1``). Damping: kronfluence's default ``damping_factor=1e-8`` (absolute, on
-the Fisher of the summed per-chunk loss averaged over chunks, which is the scale of ours;
-ours refuses 1e-8 on the float32 model, where it is below the resolution of the largest
-eigenvalues, and takes it with ``--dtype float64``), the ``heuristic`` 0.1 x each layer's
-mean eigenvalue on both (``damping_factor=None`` for kronfluence) and, for ours, the damping
-chosen on the validation queries from ``--damping-grid`` (DESIGN.md §9). Only the chosen
-damping is timed (the cost does not depend on it); kronfluence is timed at 1e-8 and scored
-at ``None`` on the same factors.
-
-Reported on the 300 test queries: LDS with its 95% bootstrap interval for both, the paired
-bootstrap interval of ours - kronfluence (``beats`` / ``not_worse``), the per-query and flat
-Spearman correlation of the two score matrices, and fit + attribute seconds (median of
-warm runs, ``--repeats`` after ``--warmup``) at every ``--threads`` count, ours and then
-kronfluence back to back. The runner does not seed kronfluence's label sampling, so the
-table lists the LDS of its run at every thread count.
-
-``--curvature-examples 400,800,all`` repeats our side (damping choice, LDS rows, timed runs)
-for each value of ``InfluenceConfig.curvature_examples``: K-FAC/EK-FAC fitted on that many
-training chunks (a seeded random subset; a float in (0, 1] is a fraction, ``all`` every
-chunk, the default), scores still over all 4,000. Each value's fit + attribute reads the
-training set ``1 + 2 f`` times (covariance and eigenvalue passes over the fraction ``f``,
-one scoring pass over all; ``all``: 3, as kronfluence); the table prints that count. The
-quiet timing of one subset against kronfluence, at 1 and 2 threads::
-
-    .venv/bin/python benchmarks/peers/kronfluence_charlm.py --curvature-examples 400,all \
-        --json out/kronfluence_charlm_subset.json
-
-``--setting pydoc-gpt2`` runs the same comparison on the transformers GPT-2 of that setting
-(its own cached ground truth, same spec) through ``benchmarks/peers/kronfluence_gpt2_runner.py``,
-which converts GPT-2's ``Conv1D`` layers to the equivalent ``nn.Linear`` for kronfluence;
-both sides track the 8 block projections (ours: ``Task(module_types="layers")``), not the LM
-head tied to the embedding. Both settings also get a row for ours with the README defaults
-(``make_attributor("if-ekfac", task)``: empirical Fisher, heuristic damping) and the bytes
-our fitted EK-FAC state keeps.
+The registered setting's data, its seed-0 model (``common.seed0_model``) and its cached LDS
+ground truth (``--m`` x ``--seeds``; ``--allow-retraining`` retrains it, 12+ minutes).
+kronfluence 1.0.1 runs in its own venv (``/tmp/peer-kronfluence``) through
+``peer_runner.py``, which rebuilds the model without datatrace. Both sides track the same
+layers (pydoc-charlm: the 13 ``nn.Linear``; ``--setting pydoc-gpt2``: the 8 block
+projections, kronfluence on ``Conv1D`` converted to ``nn.Linear``) with EK-FAC on the true
+Fisher, one sampled label per predicted token (ours ``fisher="true", fisher_samples=1``).
+Damping: kronfluence at its default 1e-8 and its heuristic (``None``); ours chosen on the
+validation queries from ``--damping-grid`` (DESIGN.md §9) for every ``--curvature-examples``
+value (counts, fractions or ``all``), plus a row with the README defaults. Reported on the
+test queries: LDS [95% CI] of both, the paired interval of ours - kronfluence, Spearman, and
+fit + attribute seconds (medians of ``--repeats`` warm runs after ``--warmup``) at every
+``--threads`` count, ours then kronfluence back to back, with the passes over the training
+set (``1 + 2 f`` for a curvature fraction ``f``). Details: docs/peers.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,150 +35,28 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.peers.digits import CACHE
-from benchmarks.peers.peer_runner import timed
-from benchmarks.peers.peers import compare, setup_peer
-from datatrace import Task, make_attributor
-from datatrace.bench.cache import GroundTruthSpec, default_cache_dir, lds_ground_truth
-from datatrace.bench.groundtruth import SubsetGroundTruth, noise_ceiling
+from benchmarks.peers.common import (
+    cached_ground_truth,
+    compare,
+    kronfluence_ekfac,
+    seed0_model,
+    setup_peer,
+)
+from benchmarks.peers.runner import timed
+from datatrace import make_attributor
+from datatrace.bench.cache import GroundTruthSpec
+from datatrace.bench.groundtruth import noise_ceiling
 from datatrace.bench.runner import fitted_bytes
 from datatrace.bench.settings import Setting, get_setting
 from datatrace.errors import NumericalError
 from datatrace.metrics import lds
 
-RUNNER = Path(__file__).resolve().parent / "kronfluence_charlm_runner.py"
-GPT2_RUNNER = Path(__file__).resolve().parent / "kronfluence_gpt2_runner.py"
 README_DEFAULTS = "readme-defaults"  # our row with make_attributor("if-ekfac", task)
 KRONFLUENCE_DAMPING = 1e-8  # kronfluence 1.0.1 ScoreArguments.damping_factor default
 
 
 def parse_damping(text: str) -> float | str:
     return text if text == "heuristic" else float(text)
-
-
-def cached_ground_truth(
-    setting: Setting, spec: GroundTruthSpec, allow_retraining: bool
-) -> SubsetGroundTruth:
-    """The bench's LDS ground truth; exits instead of retraining unless allowed."""
-    # the store lds_ground_truth reads (datatrace.bench.cache: NAME-HASH-lds-SPEC)
-    path = default_cache_dir() / f"{setting.name}-{setting.recipe_hash()}-lds-{spec.key()}"
-    manifest = path / "manifest.json"
-    shards = json.loads(manifest.read_text())["shards"] if manifest.exists() else {}
-    done = {(kind, str(i)) for kind, entries in shards.items() for i in entries}
-    journal = path / "journal.jsonl"  # shards finished since the manifest was last rewritten
-    for line in journal.read_text().splitlines() if journal.exists() else []:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line: that shard is not complete
-            continue
-        key = (rec["kind"], str(rec["index"]))
-        if rec.get("entry") is None:  # a shard withdrawn
-            done.discard(key)
-        else:
-            done.add(key)
-    complete = sum(1 for kind, _ in done if kind in {f"seed{s}" for s in range(spec.seeds)})
-    if complete < spec.m * spec.seeds and not allow_retraining:
-        sys.exit(
-            f"{path} holds {complete} of the {spec.m * spec.seeds} retrainings of the ground "
-            f"truth; run `datatrace groundtruth --setting {setting.name} --m {spec.m} --seeds "
-            f"{spec.seeds}` first (minutes for digits, 12+ for pydoc-charlm) or pass "
-            "--allow-retraining."
-        )
-    return lds_ground_truth(setting, spec, workers=2, progress=True)
-
-
-def trained_model(setting: Setting, tag: str = "charlm") -> nn.Module:
-    """The bench's seed-0 model (``setting.train_trajectory(seed=0)``), state cached on disk.
-
-    The state is kept as ``CACHE / "TAG-seed0-RECIPEHASH.pt"`` (``benchmarks.peers.digits.CACHE``).
-    """
-    path = CACHE / f"{tag}-seed0-{setting.recipe_hash()}.pt"
-    model = setting.build_model(0)
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
-    t0 = time.perf_counter()
-    model, _ = setting.train_trajectory(seed=0)
-    print(f"trained the seed-0 model in {time.perf_counter() - t0:.1f}s", flush=True)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(path)
-    return model.eval()
-
-
-def model_side(setting: Setting, model: nn.Module) -> dict[str, Any]:
-    """What differs between the settings: kronfluence's runner, the architecture it rebuilds,
-    our ``module_types`` and the parameters both sides track (kronfluence: every tracked
-    module's weight and bias)."""
-    if setting.name == "pydoc-gpt2":
-        cfg = model.config  # type: ignore[union-attr]
-        keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "bos_token_id")
-        keys += ("eos_token_id", "resid_pdrop", "embd_pdrop", "attn_pdrop")
-        kinds: tuple[str, ...] = ("Conv1D",)  # the block projections; not the tied LM head
-        side = {"runner": GPT2_RUNNER, "arch": {k: getattr(cfg, k) for k in keys}}
-        side.update(module_types="layers", layers=f"{4 * cfg.n_layer} Conv1D")
-    else:
-        kinds = ("Linear",)
-        side = {
-            "runner": RUNNER,
-            "arch": {
-                "vocab_size": len(setting.vocab),  # type: ignore[attr-defined]
-                "max_len": setting.chunk_len,  # type: ignore[attr-defined]
-                "d_model": setting.d_model,  # type: ignore[attr-defined]
-                "n_heads": setting.n_heads,  # type: ignore[attr-defined]
-                "n_layers": setting.n_layers,  # type: ignore[attr-defined]
-            },
-        }
-        side.update(module_types=(nn.Linear,), layers="13 Linear")
-    side["expected"] = {
-        f"{name}.{p}"
-        for name, mod in model.named_modules()
-        if type(mod).__name__ in kinds
-        for p, _ in mod.named_parameters()
-    }
-    return side
-
-
-def ours_ekfac(
-    task: Task,
-    damping: float | str,
-    batch_size: int,
-    seed: int = 0,
-    curvature_examples: int | float | None = None,
-    train_features: str = "auto",
-) -> Any:
-    """Our EK-FAC influence matched to kronfluence's defaults (true Fisher, one label)."""
-    return make_attributor(
-        "if-ekfac",
-        task,
-        damping=damping,
-        fisher="true",
-        fisher_samples=1,
-        batch_size=batch_size,
-        seed=seed,
-        curvature_examples=curvature_examples,
-        train_features=train_features,
-    )
-
-
-def fit_ours(
-    task: Task,
-    train: Any,
-    damping: float | str,
-    batch_size: int,
-    curvature_examples: int | float | None,
-    train_features: str = "auto",
-) -> Any:
-    """:func:`ours_ekfac` fitted on ``train`` (what the timed runs time, with ``attribute``)."""
-    attr = ours_ekfac(
-        task,
-        damping,
-        batch_size,
-        curvature_examples=curvature_examples,
-        train_features=train_features,
-    )
-    return attr.fit(train)
 
 
 def parse_curvature_examples(text: str) -> int | float | None:
@@ -236,23 +77,44 @@ def data_passes(curvature_examples: int | float | None, n_train: int) -> float:
     return 1 + 2 * min(m, n_train) / n_train
 
 
-def run_kronfluence(
-    py: Path,
-    inputs: Path,
-    out: Path,
-    spec: dict[str, Any],
-    timeout: float,
-    runner: Path = RUNNER,
-) -> dict[str, Any]:
-    """Run a kronfluence runner script in the peer venv ``py``; its saved result."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [str(py), str(runner), "--inputs", str(inputs), "--out", str(out)]
-    cmd += ["--spec", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    sys.stdout.write(proc.stdout)
-    if proc.returncode != 0 or not out.exists():
-        raise RuntimeError(f"kronfluence runner failed (exit {proc.returncode}):\n{proc.stderr}")
-    return torch.load(out, weights_only=True)
+def model_side(setting: Setting, model: nn.Module) -> dict[str, Any]:
+    """What differs between the settings: the model the runner rebuilds, our ``module_types``
+    and the parameters both sides track (kronfluence: every tracked module's)."""
+    if setting.name == "pydoc-gpt2":
+        cfg = model.config  # type: ignore[union-attr]
+        keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "bos_token_id")
+        keys += ("eos_token_id", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+        kinds: tuple[str, ...] = ("Conv1D",)  # the block projections; not the tied LM head
+        side = {"model": "gpt2", "arch": {k: getattr(cfg, k) for k in keys}}
+        side.update(module_types="layers", layers=f"{4 * cfg.n_layer} Conv1D")
+    else:
+        kinds = ("Linear",)
+        keys = ("chunk_len", "d_model", "n_heads", "n_layers")
+        arch = {k.replace("chunk_len", "max_len"): getattr(setting, k) for k in keys}
+        side = {"model": "charlm", "arch": {"vocab_size": len(setting.vocab), **arch}}  # type: ignore[attr-defined]
+        side.update(module_types=(nn.Linear,), layers="13 Linear")
+    side["expected"] = {
+        f"{name}.{p}"
+        for name, mod in model.named_modules()
+        if type(mod).__name__ in kinds
+        for p, _ in mod.named_parameters()
+    }
+    return side
+
+
+def fit_ours(task: Any, train: Any, damping: float | str, args: Any, ce: int | float | None) -> Any:
+    """Our EK-FAC influence matched to kronfluence's defaults (true Fisher, one label), fit."""
+    return make_attributor(
+        "if-ekfac",
+        task,
+        damping=damping,
+        fisher="true",
+        fisher_samples=1,
+        batch_size=args.batch_size,
+        seed=0,
+        curvature_examples=ce,
+        train_features=args.train_features,
+    ).fit(train)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -307,18 +169,18 @@ def main(argv: list[str] | None = None) -> None:
         setting, GroundTruthSpec(m=args.m, seeds=args.seeds), args.allow_retraining
     )
     n_val = setting.n_val
-    model = trained_model(setting, tag=args.setting.removeprefix("pydoc-"))
+    model = seed0_model(setting)
     side = model_side(setting, model)
     # nn.Module.to works in place: kronfluence gets the untouched float32 weights
     ours_model = copy.deepcopy(model).to(torch.float64) if args.dtype == "float64" else model
     train, q_test = setting.data.train, setting.data.test_queries
     task = setting.make_task(ours_model, module_types=side["module_types"])
-    linear = side["expected"]
-    if set(task.tracked_params()) != linear:  # kronfluence tracks exactly these
-        raise RuntimeError(f"tracked {sorted(task.tracked_params())}, expected {sorted(linear)}")
+    if set(task.tracked_params()) != side["expected"]:  # kronfluence tracks exactly these
+        raise RuntimeError(
+            f"tracked {sorted(task.tracked_params())}, expected {sorted(side['expected'])}"
+        )
     n_params = sum(p.numel() for p in task.tracked_params().values())
     test_targets = gt.targets[:, n_val:]
-    ceiling = noise_ceiling(gt.per_seed[:, :, n_val:])
     g = torch.Generator().manual_seed(0)
     random_lds = lds(
         torch.randn(setting.n_test, setting.n_train, generator=g, dtype=torch.float64),
@@ -326,38 +188,43 @@ def main(argv: list[str] | None = None) -> None:
         test_targets,
     )
 
+    def val_lds(values: torch.Tensor) -> float:
+        return lds(values[:n_val], gt.subsets, gt.targets[:, :n_val]).mean
+
     # ---- our damping, chosen on the validation queries (test scores kept for the table),
     # for every curvature subset
-    val_lds: dict[str, dict[str, float | str]] = {}
+    scored: dict[str, dict[str, float | str]] = {}
     test_scores: dict[tuple[str, str], torch.Tensor] = {}
     chosen: dict[str, str] = {}
     shown: dict[str, list[str]] = {}
     for key, ce in subsets.items():
-        val_lds[key] = {}
+        scored[key] = {}
         for damping in grid:
             try:
-                attr = fit_ours(task, train, damping, args.batch_size, ce, args.train_features)
+                attr = fit_ours(task, train, damping, args, ce)
             except NumericalError as exc:  # e.g. 1e-8 is below float32 resolution: refused
-                val_lds[key][str(damping)] = f"refused: {exc}"
+                scored[key][str(damping)] = f"refused: {exc}"
                 print(f"[datatrace] curvature {key}, damping {damping}: {exc}", flush=True)
                 continue
             values = attr.attribute(setting.data.queries("all")).values
-            v = lds(values[:n_val], gt.subsets, gt.targets[:, :n_val]).mean
-            val_lds[key][str(damping)], test_scores[key, str(damping)] = v, values[n_val:]
+            scored[key][str(damping)], test_scores[key, str(damping)] = (
+                val_lds(values),
+                values[n_val:],
+            )
             print(
-                f"[datatrace] curvature {key}, damping {damping}: validation LDS {v:.3f}",
+                f"[datatrace] curvature {key}, damping {damping}: validation LDS "
+                f"{scored[key][str(damping)]:.3f}",
                 flush=True,
             )
         fitted = [d for (k, d) in test_scores if k == key]
-        scored = val_lds[key]
-        chosen[key] = max(fitted, key=lambda d: float(scored[d]))
+        chosen[key] = max(fitted, key=lambda d: float(scored[key][d]))
         # our rows of the LDS table: the heuristic (kronfluence's other damping) and the chosen
         shown[key] = [d for d in dict.fromkeys(["heuristic", chosen[key]]) if d in fitted]
     # the README defaults (empirical Fisher, heuristic damping), and the bytes EK-FAC keeps
     attr = make_attributor("if-ekfac", task, batch_size=args.batch_size).fit(train)
     bytes_stored = fitted_bytes(attr)
     values = attr.attribute(setting.data.queries("all")).values
-    readme_val = lds(values[:n_val], gt.subsets, gt.targets[:, :n_val]).mean
+    readme_val = val_lds(values)
     test_scores[README_DEFAULTS, "heuristic"] = values[n_val:]
     shown[README_DEFAULTS] = ["heuristic"]
     print(f"[datatrace] README defaults: validation LDS {readme_val:.3f}", flush=True)
@@ -370,17 +237,10 @@ def main(argv: list[str] | None = None) -> None:
         inputs = Path(tmp) / "inputs.pt"
         with torch.no_grad():
             query_log_prob = setting.measure(model, q_test).detach()
-        arch = side["arch"]
-        torch.save(
-            {
-                "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                "arch": arch,
-                "train_ids": train["input_ids"],
-                "query_ids": q_test["input_ids"],
-                "query_log_prob": query_log_prob,
-            },
-            inputs,
-        )
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        data = {"model": side["model"], "arch": side["arch"], "members": [state]}
+        data.update(train_ids=train["input_ids"], query_ids=q_test["input_ids"])
+        torch.save({**data, "query_check": query_log_prob, "check_atol": 1e-3}, inputs)
         for threads in thread_counts:
             torch.set_num_threads(threads)
             loads[threads] = list(os.getloadavg())
@@ -388,17 +248,9 @@ def main(argv: list[str] | None = None) -> None:
             ours[threads] = {}
             for key, ce in subsets.items():
                 t0 = time.perf_counter()
-                fit = functools.partial(
-                    fit_ours,
-                    task,
-                    train,
-                    parse_damping(chosen[key]),
-                    args.batch_size,
-                    ce,
-                    args.train_features,
-                )
+                damping = parse_damping(chosen[key])
                 ours[threads][key] = timed(
-                    fit,
+                    lambda: fit_ours(task, train, damping, args, ce),  # noqa: B023
                     lambda attr: attr.attribute(q_test).values,
                     args.repeats,
                     args.warmup,
@@ -408,37 +260,17 @@ def main(argv: list[str] | None = None) -> None:
                     f"{time.perf_counter() - t0:.1f}s",
                     flush=True,
                 )
-            spec = {
-                "threads": threads,
-                "batch_size": args.batch_size,
-                "dampings": [KRONFLUENCE_DAMPING, None],
-                "repeats": args.repeats,
-                "warmup": args.warmup,
-            }
-            t0 = time.perf_counter()
-            peer[threads] = run_kronfluence(
-                py,
-                inputs,
-                Path(tmp) / f"kronfluence-{threads}.pt",
-                spec,
-                args.peer_timeout,
-                runner=side["runner"],
-            )
-            print(f"[kronfluence] {threads} thread(s): {time.perf_counter() - t0:.1f}s", flush=True)
+            spec = {"threads": threads, "batch_size": args.batch_size, "repeats": args.repeats}
+            spec.update(warmup=args.warmup, dampings=[KRONFLUENCE_DAMPING, None])
+            out = kronfluence_ekfac(py, inputs, spec, args.peer_timeout, f"{threads} thread(s)")
+            (run,) = out["results"]["if-ekfac"]
+            out["rows"] = {repr(KRONFLUENCE_DAMPING): run, **run["more"]}
+            peer[threads] = out
 
     first = thread_counts[0]
     # what the timed configuration keeps after fit (curvature, and factors unless recomputed)
     timed_bytes = {
-        key: fitted_bytes(
-            fit_ours(
-                task,
-                train,
-                parse_damping(chosen[key]),
-                args.batch_size,
-                ce,
-                args.train_features,
-            )
-        )
+        key: fitted_bytes(fit_ours(task, train, parse_damping(chosen[key]), args, ce))
         for key, ce in subsets.items()
     }
     rows = []
@@ -473,14 +305,18 @@ def main(argv: list[str] | None = None) -> None:
         "tracked_layers": side["layers"],
         "ours_bytes_stored": bytes_stored,
         "ours_readme_defaults_val_lds": readme_val,
-        "kronfluence": {k: peer[first][k] for k in ("version", "torch", "model_gap_nats")},
+        "kronfluence": {
+            "version": peer[first]["version"],
+            "torch": peer[first]["torch"],
+            "model_gap_nats": peer[first]["model_gap"],
+        },
         "batch_size": args.batch_size,
         "ours_dtype": args.dtype,
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "noise_ceiling": ceiling.mean,
+        "noise_ceiling": noise_ceiling(gt.per_seed[:, :, n_val:]).mean,
         "random_lds": random_lds.mean,
-        "ours_val_lds": val_lds,
+        "ours_val_lds": scored,
         "ours_chosen_damping": chosen,
         "ours_train_features": args.train_features,
         "ours_timed_bytes": timed_bytes,
@@ -504,7 +340,7 @@ def _seconds(run: dict[str, Any]) -> dict[str, float]:
 
 
 def print_tables(r: dict[str, Any]) -> None:
-    """The two markdown tables of docs/benchmarks.md (LDS and agreement; times)."""
+    """The two markdown tables of docs/peers.md (LDS and agreement; times)."""
     print(
         f"\n{r['setting']['name']}: {r['setting']['n_train']} train chunks, "
         f"{r['setting']['n_test']} test "

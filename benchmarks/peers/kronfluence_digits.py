@@ -2,40 +2,19 @@
 
     .venv/bin/python benchmarks/peers/kronfluence_digits.py --threads 1 --json out/kronfluence_digits.json
 
-For every ``--settings`` entry (registered digits-family settings; default ``digits-mlp``,
-``digits-cnn``, ``digits-mlp-short``, ``digits-mlp-twostage``) the bench's own pieces: the
-seed-0 model ``setting.train_trajectory(seed=0)`` (state cached in ``benchmarks.peers.digits.CACHE``),
-its test queries, its target (the margin; ``setting.make_task``) and its cached LDS ground
-truth (``--m`` subsets x ``--gt-seeds`` retrainings; the script exits when it is not cached
-unless ``--allow-retraining``). On the test queries it scores
-
-- ours, true Fisher: ``make_attributor("if-ekfac", setting.make_task(model),
-  damping="heuristic", fisher="true")`` -- kronfluence's estimator (one label per example,
-  sampled from label seed ``seed``; the library default until the defaults became the
-  benchmark's choice, ``fisher="empirical"``); label seeds ``--label-seeds``;
-- ours, exact: the same with ``fisher="exact"`` (closed-form expectation over the classes;
-  deterministic);
-- kronfluence 1.0.1, EK-FAC with its defaults (``FactorArguments(strategy="ekfac")``: true
-  Fisher, one ``torch.multinomial`` label per example, unseeded) and ``damping_factor=None``
-  (its 0.1 x mean-eigenvalue heuristic per module, the rule of ours' ``"heuristic"``),
-  measurement ``-margin`` (positive score = training on the example raises the query's margin,
-  ours' sign), ``--kfx-runs`` independent fits.
-
-Both track the same parameters: every weight and bias of the model's ``nn.Linear`` and
-``nn.Conv2d`` layers (kronfluence's default; the script checks that ``make_task`` tracks
-exactly these). kronfluence runs in its own virtualenv (``/tmp/peer-kronfluence``, created by
-``peers.setup_peer`` when missing) through ``benchmarks/peers/kronfluence_digits_runner.py``, which
-rebuilds the ``nn.Sequential`` model from a layer description without datatrace and refuses
-to score unless its query logits equal ours (atol 1e-5).
-
-Reported per setting: LDS [95% bootstrap CI] of every run, the mean over label seeds / runs,
-the paired-bootstrap 95% interval (DESIGN.md §9) of ours (seed 0) - kronfluence (run 1), of
-the per-query LDS averaged over the seeds minus that averaged over kronfluence's runs, and
-of the same difference with the label draws resampled too (:func:`draws_bootstrap`: a single
-draw's LDS is random on both sides, which resampling queries alone does not see), each
-with the verdict (``better``: lower end > 0; ``not worse``: upper end >= 0), the noise
-ceiling and the random-score baseline of the bench. Times (one fit + attribute each, no
-warm-up) are indicative only.
+For every ``--settings`` entry (registered digits-family settings) the bench's own pieces:
+the seed-0 model (``common.seed0_model``), its test queries, its target (the margin;
+``setting.make_task``, which must track exactly the Linear/Conv2d weights and biases
+kronfluence tracks) and its cached LDS ground truth (``--m`` x ``--gt-seeds``; the script
+exits when it is not cached unless ``--allow-retraining``). On the test queries it scores
+ours with the README's call and ``fisher="true"`` (kronfluence's estimator: one label per
+example, label seeds ``--label-seeds``), with ``fisher="exact"`` and with the library
+defaults (empirical Fisher), and ``--kfx-runs`` kronfluence EK-FAC fits with its defaults
+(true Fisher, unseeded labels, ``damping_factor=None``: the rule of ours' ``"heuristic"``)
+through ``peer_runner.py`` in kronfluence's venv. Reported per setting: LDS [95% CI] of
+every run, paired intervals of ours - kronfluence on single draws, on the means over draws
+(queries resampled) and with the draws resampled too (:func:`draws_bootstrap`), the noise
+ceiling and random baseline of the bench. Times (one fit + attribute each) are indicative.
 """
 
 from __future__ import annotations
@@ -46,7 +25,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,206 +33,106 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.peers.kronfluence_charlm import cached_ground_truth, run_kronfluence, trained_model
-from benchmarks.peers.peers import compare, setup_peer
-from datatrace import Task, make_attributor
+from benchmarks.peers.common import (
+    cached_ground_truth,
+    compare,
+    describe,
+    kronfluence_ekfac,
+    load_line,
+    seed0_model,
+    setup_peer,
+    verdict,
+)
+from datatrace import make_attributor
 from datatrace.bench.cache import GroundTruthSpec
-from datatrace.bench.groundtruth import SubsetGroundTruth, noise_ceiling
-from datatrace.bench.settings import Setting, get_setting
+from datatrace.bench.groundtruth import noise_ceiling
+from datatrace.bench.settings import get_setting
 from datatrace.metrics import LDSResult, lds, paired_bootstrap
 
-RUNNER = Path(__file__).resolve().parent / "kronfluence_digits_runner.py"
 DEFAULT_SETTINGS = "digits-mlp,digits-cnn,digits-mlp-short,digits-mlp-twostage"
 
 
-def describe_layer(module: nn.Module) -> dict[str, Any]:
-    """The constructor arguments of one child of an ``nn.Sequential``, for the runner."""
-    if isinstance(module, nn.Linear):
-        return {
-            "type": "Linear",
-            "in_features": module.in_features,
-            "out_features": module.out_features,
-            "bias": module.bias is not None,
-        }
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or module.dilation != (1, 1) or module.padding_mode != "zeros":
-            raise ValueError(f"{module} has groups/dilation/padding_mode the runner lacks")
-        return {
-            "type": "Conv2d",
-            "in_channels": module.in_channels,
-            "out_channels": module.out_channels,
-            "kernel_size": list(module.kernel_size),
-            "stride": list(module.stride),
-            "padding": list(module.padding),  # type: ignore[arg-type]
-            "bias": module.bias is not None,
-        }
-    if isinstance(module, nn.Dropout):
-        return {"type": "Dropout", "p": module.p}
-    if isinstance(module, nn.MaxPool2d):
-        return {"type": "MaxPool2d", "kernel_size": module.kernel_size, "stride": module.stride}
-    if type(module) in (nn.ReLU, nn.Flatten):
-        if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) != (1, -1):
-            raise ValueError(f"{module}: the runner builds nn.Flatten() only")
-        return {"type": type(module).__name__}
-    raise ValueError(f"the runner cannot rebuild {type(module).__name__}; add it to both files")
-
-
-def describe(model: nn.Module) -> list[dict[str, Any]]:
-    if not isinstance(model, nn.Sequential):
-        raise ValueError(f"the runner rebuilds nn.Sequential models; got {type(model).__name__}")
-    return [describe_layer(m) for m in model]
-
-
-def layer_params(model: nn.Module) -> set[str]:
-    """Names of the Linear/Conv2d weights and biases: what kronfluence tracks by default."""
-    return {
-        f"{name}.{p}"
-        for name, mod in model.named_modules()
-        if isinstance(mod, (nn.Linear, nn.Conv2d))
-        for p, _ in mod.named_parameters()
-    }
-
-
-def timed_scores(make: Any, train: Any, queries: Any) -> tuple[torch.Tensor, float]:
-    t0 = time.perf_counter()
-    values = make().fit(train).attribute(queries).values.detach()
-    return values, time.perf_counter() - t0
-
-
-@dataclass
-class Bench:
-    """The bench's pieces of one setting: seed-0 model, task, data and test ground truth."""
-
-    setting: Setting
-    model: nn.Module
-    task: Task
-    gt: SubsetGroundTruth
-    targets: torch.Tensor  # (m, n_test) subset targets of the test queries
-    ceiling: float
-    random: float
-
-    def lds(self, scores: torch.Tensor) -> LDSResult:
-        return lds(scores, self.gt.subsets, self.targets)
-
-
-def bench_pieces(name: str, args: argparse.Namespace) -> Bench:
-    """Model, task and cached test ground truth of setting ``name`` as the bench has them."""
-    setting: Setting = get_setting(name)
-    spec = GroundTruthSpec(m=args.m, seeds=args.gt_seeds)
-    gt = cached_ground_truth(setting, spec, args.allow_retraining)
+def run_setting(name: str, args: argparse.Namespace, py: Path) -> dict[str, Any]:
+    setting = get_setting(name)
+    gt = cached_ground_truth(
+        setting, GroundTruthSpec(m=args.m, seeds=args.gt_seeds), args.allow_retraining
+    )
     n_val = setting.n_val
     targets = gt.targets[:, n_val:]
     # the bench's random baseline (datatrace.bench.benchmark): the same generator and draw
     g = torch.Generator().manual_seed(0)
     random_lds = lds(
-        torch.randn(gt.targets.shape[1], setting.n_train, generator=g)[n_val:],
-        gt.subsets,
-        targets,
+        torch.randn(gt.targets.shape[1], setting.n_train, generator=g)[n_val:], gt.subsets, targets
     )
-    model = trained_model(setting, tag=setting.name)
+    model = seed0_model(setting)
     task = setting.make_task(model)
-    if set(task.tracked_params()) != layer_params(model):
+    layers = {
+        f"{m}.{p}"
+        for m, mod in model.named_modules()
+        if isinstance(mod, (nn.Linear, nn.Conv2d))
+        for p, _ in mod.named_parameters()
+    }
+    if set(task.tracked_params()) != layers:
         raise RuntimeError(
-            f"{name}: make_task tracks {sorted(task.tracked_params())}, kronfluence the "
-            f"Linear/Conv2d parameters {sorted(layer_params(model))}"
+            f"{name}: make_task tracks {sorted(task.tracked_params())}, kronfluence {sorted(layers)}"
         )
-    ceiling = noise_ceiling(gt.per_seed[:, :, n_val:]).mean
-    return Bench(setting, model, task, gt, targets, ceiling, random_lds.mean)
-
-
-def kronfluence_runs(
-    py: Path, bench: Bench, args: argparse.Namespace, factors: bool = False
-) -> dict[str, Any]:
-    """``args.kfx_runs`` kronfluence EK-FAC fits + scores of the test queries (the runner)."""
-    model, (x_train, y_train) = bench.model, bench.setting.data.train
-    x_query, y_query = bench.setting.data.test_queries
-    with tempfile.TemporaryDirectory(prefix="datatrace-kfx-digits-") as tmp:
-        inputs = Path(tmp) / "inputs.pt"
-        with torch.no_grad():
-            logits = model(x_query).detach().clone()
-        torch.save(
-            {
-                "layers": describe(model),
-                "dtype": str(bench.setting.torch_dtype).removeprefix("torch."),
-                "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                "x_train": x_train,
-                "y_train": y_train,
-                "x_query": x_query,
-                "y_query": y_query,
-                "query_logits": logits,
-            },
-            inputs,
-        )
-        runner_spec = {
-            "threads": args.threads,
-            "batch_size": args.batch_size,
-            "runs": args.kfx_runs,
-            "damping": None,
-            "strategy": "ekfac",
-            "factors": factors,
-        }
-        t0 = time.perf_counter()
-        kron = run_kronfluence(
-            py, inputs, Path(tmp) / "kronfluence.pt", runner_spec, args.peer_timeout, RUNNER
-        )
-        print(f"[kronfluence] {bench.setting.name}: {time.perf_counter() - t0:.1f}s", flush=True)
-    return kron
-
-
-def run_setting(name: str, args: argparse.Namespace, py: Path) -> dict[str, Any]:
-    bench = bench_pieces(name, args)
-    setting, task, gt, targets = bench.setting, bench.task, bench.gt, bench.targets
     train, queries = setting.data.train, setting.data.test_queries
 
     ours: dict[str, dict[str, Any]] = {}
-    for seed in args.label_seeds:
-        extra = {} if seed == 0 else {"seed": seed}
-        values, secs = timed_scores(
-            lambda extra=extra: make_attributor(
-                "if-ekfac", task, damping="heuristic", fisher="true", **extra
-            ),
-            train,
-            queries,
-        )
-        ours[f"readme-seed{seed}"] = {"scores": values, "total_s": secs}
-        print(f"[datatrace] {name} README seed {seed}: {secs:.1f}s", flush=True)
-    values, secs = timed_scores(
-        lambda: make_attributor("if-ekfac", task, damping="heuristic", fisher="exact"),
-        train,
-        queries,
-    )
-    ours["exact"] = {"scores": values, "total_s": secs}
-    print(f"[datatrace] {name} fisher exact: {secs:.1f}s", flush=True)
-    # the library's defaults today: make_attributor("if-ekfac", task) (empirical Fisher,
-    # heuristic damping; deterministic)
-    values, secs = timed_scores(lambda: make_attributor("if-ekfac", task), train, queries)
-    ours["defaults"] = {"scores": values, "total_s": secs}
-    print(f"[datatrace] {name} defaults: {secs:.1f}s", flush=True)
-    kron = kronfluence_runs(py, bench, args)
+    calls = {
+        f"readme-seed{s}": {"fisher": "true", **({"seed": s} if s else {})}
+        for s in args.label_seeds
+    }
+    calls.update({"exact": {"fisher": "exact"}, "defaults": {}})
+    for key, options in calls.items():
+        if key != "defaults":  # the library's defaults: empirical Fisher, heuristic damping
+            options = {"damping": "heuristic", **options}
+        t0 = time.perf_counter()
+        values = make_attributor("if-ekfac", task, **options).fit(train).attribute(queries).values
+        ours[key] = {"scores": values.detach(), "total_s": time.perf_counter() - t0}
+        print(f"[datatrace] {name} {key}: {ours[key]['total_s']:.1f}s", flush=True)
 
-    ours_lds = {k: bench.lds(v["scores"]) for k, v in ours.items()}
-    kron_lds = [bench.lds(r["scores"]) for r in kron["runs"]]
+    with tempfile.TemporaryDirectory(prefix="datatrace-kfx-digits-") as tmp:
+        with torch.no_grad():
+            logits = model(queries[0]).detach().clone()
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        data = {"model": "sequential", "layers": describe(model), "members": [state]}
+        data.update(
+            dtype=str(setting.torch_dtype).removeprefix("torch."),
+            x_train=train[0],
+            y_train=train[1],
+        )
+        data.update(x_query=queries[0], y_query=queries[1], query_check=logits, check_atol=1e-5)
+        torch.save(data, Path(tmp) / "inputs.pt")
+        spec = {"threads": args.threads, "batch_size": args.batch_size, "runs": args.kfx_runs}
+        spec.update(repeats=1, warmup=0, dampings=[None])
+        kron = kronfluence_ekfac(py, Path(tmp) / "inputs.pt", spec, args.peer_timeout, name)
+    runs = kron["results"]["if-ekfac"]
+
+    ours_lds = {k: lds(v["scores"], gt.subsets, targets) for k, v in ours.items()}
+    kron_lds = [lds(r["scores"], gt.subsets, targets) for r in runs]
     readme = [ours_lds[f"readme-seed{s}"] for s in args.label_seeds]
 
     def mean_per_query(results: list[LDSResult]) -> torch.Tensor:
         return torch.stack([r.per_query for r in results]).mean(0)
 
-    def verdict(low: float, high: float) -> str:
-        return "better" if low > 0 else ("not worse" if high >= 0 else "worse")
+    def interval(lo: float, hi: float) -> dict[str, Any]:
+        return {"lds_diff_ci": [lo, hi], "verdict": verdict(lo, hi)}
 
-    first = kron["runs"][0]["scores"]
+    first = runs[0]["scores"]
     seed0 = ours[f"readme-seed{args.label_seeds[0]}"]["scores"]
-    lo, hi = paired_bootstrap(mean_per_query(readme), mean_per_query(kron_lds))
-    d_lo, d_hi = draws_bootstrap(readme, kron_lds)
-    c_lo, c_hi = paired_bootstrap(ours_lds["defaults"].per_query, mean_per_query(kron_lds))
     return {
         "setting": setting.to_json(),
         "recipe_hash": setting.recipe_hash(),
-        "noise_ceiling": bench.ceiling,
-        "random_lds": bench.random,
+        "noise_ceiling": noise_ceiling(gt.per_seed[:, :, n_val:]).mean,
+        "random_lds": random_lds.mean,
         "n_train": setting.n_train,
         "n_test": setting.n_test,
-        "kronfluence": {k: kron[k] for k in ("version", "torch", "logit_gap")},
+        "kronfluence": {
+            "version": kron["version"],
+            "torch": kron["torch"],
+            "logit_gap": kron["model_gap"],
+        },
         "lds": {
             **{k: _lds_json(r) for k, r in ours_lds.items()},
             **{f"kronfluence-run{i + 1}": _lds_json(r) for i, r in enumerate(kron_lds)},
@@ -264,15 +142,16 @@ def run_setting(name: str, args: argparse.Namespace, py: Path) -> dict[str, Any]
         "readme_seed0_vs_run1": compare(seed0, first, gt.subsets, targets),
         "exact_vs_run1": compare(ours["exact"]["scores"], first, gt.subsets, targets),
         "defaults_vs_run1": compare(ours["defaults"]["scores"], first, gt.subsets, targets),
-        "defaults_vs_mean": {"lds_diff_ci": [c_lo, c_hi], "verdict": verdict(c_lo, c_hi)},
-        "readme_mean_vs_mean": {"lds_diff_ci": [lo, hi], "verdict": verdict(lo, hi)},
-        "readme_mean_vs_mean_draws": {
-            "lds_diff_ci": [d_lo, d_hi],
-            "verdict": verdict(d_lo, d_hi),
-        },
+        "defaults_vs_mean": interval(
+            *paired_bootstrap(ours_lds["defaults"].per_query, mean_per_query(kron_lds))
+        ),
+        "readme_mean_vs_mean": interval(
+            *paired_bootstrap(mean_per_query(readme), mean_per_query(kron_lds))
+        ),
+        "readme_mean_vs_mean_draws": interval(*draws_bootstrap(readme, kron_lds)),
         "seconds": {
             **{k: v["total_s"] for k, v in ours.items()},
-            **{f"kronfluence-run{i + 1}": r["total_s"] for i, r in enumerate(kron["runs"])},
+            **{f"kronfluence-run{i + 1}": r["total_s"] for i, r in enumerate(runs)},
         },
     }
 
@@ -309,8 +188,13 @@ def _fmt(entry: dict[str, Any]) -> str:
     return f"{entry['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _cmp(c: dict[str, Any]) -> str:
+    lo, hi = c["lds_diff_ci"]
+    return f"[{lo:+.3f}, {hi:+.3f}] {c['verdict']}"
+
+
 def print_table(results: list[dict[str, Any]], label_seeds: list[int], runs: int) -> None:
-    """The markdown table of docs/benchmarks.md (one row per setting)."""
+    """The markdown tables of docs/peers.md (one row per setting)."""
     print(
         "\n| setting | noise ceiling / random | ours README, seed 0 [95% CI] | ours README, "
         "other seeds; mean | ours fisher exact [95% CI] | kronfluence run 1 [95% CI] | "
@@ -319,23 +203,17 @@ def print_table(results: list[dict[str, Any]], label_seeds: list[int], runs: int
         "exact − kronfluence run 1, 95% CI |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-
-    def cmp(c: dict[str, Any]) -> str:
-        lo, hi = c["lds_diff_ci"]
-        return f"[{lo:+.3f}, {hi:+.3f}] {c['verdict']}"
-
     for r in results:
         seeds = [r["lds"][f"readme-seed{s}"]["mean"] for s in label_seeds]
         kron = [r["lds"][f"kronfluence-run{i + 1}"]["mean"] for i in range(runs)]
-
         print(
             f"| {r['setting']['name']} | {r['noise_ceiling']:.3f} / {r['random_lds']:+.3f} | "
             f"{_fmt(r['lds'][f'readme-seed{label_seeds[0]}'])} | "
             f"{', '.join(f'{x:.3f}' for x in seeds[1:])}; **{r['readme_mean']:.3f}** | "
             f"{_fmt(r['lds']['exact'])} | {_fmt(r['lds']['kronfluence-run1'])} | "
             f"{', '.join(f'{x:.3f}' for x in kron[1:])}; **{r['kronfluence_mean']:.3f}** | "
-            f"{cmp(r['readme_seed0_vs_run1'])} | {cmp(r['readme_mean_vs_mean'])} | "
-            f"{cmp(r['readme_mean_vs_mean_draws'])} | {cmp(r['exact_vs_run1'])} |"
+            f"{_cmp(r['readme_seed0_vs_run1'])} | {_cmp(r['readme_mean_vs_mean'])} | "
+            f"{_cmp(r['readme_mean_vs_mean_draws'])} | {_cmp(r['exact_vs_run1'])} |"
         )
     print(
         "\n| setting | ours with the library defaults (empirical Fisher, heuristic) [95% CI] | "
@@ -345,8 +223,8 @@ def print_table(results: list[dict[str, Any]], label_seeds: list[int], runs: int
     for r in results:
         print(
             f"| {r['setting']['name']} | {_fmt(r['lds']['defaults'])} | "
-            f"{r['kronfluence_mean']:.3f} | {cmp(r['defaults_vs_run1'])} | "
-            f"{cmp(r['defaults_vs_mean'])} |"
+            f"{r['kronfluence_mean']:.3f} | {_cmp(r['defaults_vs_run1'])} | "
+            f"{_cmp(r['defaults_vs_mean'])} |"
         )
 
 
@@ -365,35 +243,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, default=None, help="write results as JSON here")
     args = ap.parse_args(argv)
     args.label_seeds = [int(s) for s in args.label_seeds.split(",") if s]
-    names = [s for s in args.settings.split(",") if s]
 
     load_before = os.getloadavg()
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     py = setup_peer("kronfluence", args.venv_root)
-    results = [run_setting(name, args, py) for name in names]
+    results = [run_setting(name, args, py) for name in args.settings.split(",") if name]
     print_table(results, args.label_seeds, args.kfx_runs)
     wall = time.perf_counter() - t_start
     load_after = os.getloadavg()
-    print(
-        f"\nwall time {wall:.0f}s; load average (1/5/15 min) before "
-        f"{'/'.join(f'{x:.1f}' for x in load_before)}, after "
-        f"{'/'.join(f'{x:.1f}' for x in load_after)} on {os.cpu_count()} cores; "
-        f"{args.threads} thread(s)"
-    )
+    print(load_line(wall, load_before, load_after) + f"; {args.threads} thread(s)")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "command": " ".join(
-                ["python", "benchmarks/peers/kronfluence_digits.py", *(argv or sys.argv[1:])]
-            ),
-            "results": results,
-            "wall_s": wall,
-            "load_avg_before": list(load_before),
-            "load_avg_after": list(load_after),
-            "threads": args.threads,
-        }
-        args.json.write_text(json.dumps(payload, indent=1))
+        command = ["python", "benchmarks/peers/kronfluence_digits.py", *(argv or sys.argv[1:])]
+        payload = {"command": " ".join(command), "results": results, "wall_s": wall}
+        payload.update(load_avg_before=list(load_before), load_avg_after=list(load_after))
+        args.json.write_text(json.dumps({**payload, "threads": args.threads}, indent=1))
 
 
 if __name__ == "__main__":
