@@ -95,7 +95,7 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
     """The layers of an ``nn.Sequential``, for ``runner.build_sequential`` to rebuild."""
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"the runner rebuilds nn.Sequential models; got {type(model).__name__}")
-    layers = []
+    layers: list[dict[str, Any]] = []
     for m in model:
         if isinstance(m, nn.Linear):
             layers.append(

@@ -81,17 +81,25 @@ def model_side(setting: Setting, model: nn.Module) -> dict[str, Any]:
     """What differs between the settings: the model the runner rebuilds, our ``module_types``
     and the parameters both sides track (kronfluence: every tracked module's)."""
     if setting.name == "pydoc-gpt2":
-        cfg = model.config  # type: ignore[union-attr]
-        keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "bos_token_id")
+        cfg: Any = model.config
+        keys: tuple[str, ...] = (
+            "vocab_size",
+            "n_positions",
+            "n_embd",
+            "n_layer",
+            "n_head",
+            "bos_token_id",
+        )
         keys += ("eos_token_id", "resid_pdrop", "embd_pdrop", "attn_pdrop")
         kinds: tuple[str, ...] = ("Conv1D",)  # the block projections; not the tied LM head
-        side = {"model": "gpt2", "arch": {k: getattr(cfg, k) for k in keys}}
+        side: dict[str, Any] = {"model": "gpt2", "arch": {k: getattr(cfg, k) for k in keys}}
         side.update(module_types="layers", layers=f"{4 * cfg.n_layer} Conv1D")
     else:
         kinds = ("Linear",)
         keys = ("chunk_len", "d_model", "n_heads", "n_layers")
         arch = {k.replace("chunk_len", "max_len"): getattr(setting, k) for k in keys}
-        side = {"model": "charlm", "arch": {"vocab_size": len(setting.vocab), **arch}}  # type: ignore[attr-defined]
+        vocab = len(setting.vocab)  # type: ignore[attr-defined]
+        side = {"model": "charlm", "arch": {"vocab_size": vocab, **arch}}
         side.update(module_types=(nn.Linear,), layers="13 Linear")
     side["expected"] = {
         f"{name}.{p}"
@@ -104,57 +112,34 @@ def model_side(setting: Setting, model: nn.Module) -> dict[str, Any]:
 
 def fit_ours(task: Any, train: Any, damping: float | str, args: Any, ce: int | float | None) -> Any:
     """Our EK-FAC influence matched to kronfluence's defaults (true Fisher, one label), fit."""
-    return make_attributor(
-        "if-ekfac",
-        task,
-        damping=damping,
-        fisher="true",
-        fisher_samples=1,
-        batch_size=args.batch_size,
-        seed=0,
-        curvature_examples=ce,
-        train_features=args.train_features,
-    ).fit(train)
+    options = {"fisher": "true", "fisher_samples": 1, "batch_size": args.batch_size, "seed": 0}
+    options.update(curvature_examples=ce, train_features=args.train_features)
+    return make_attributor("if-ekfac", task, damping=damping, **options).fit(train)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--setting", default="pydoc-charlm", choices=["pydoc-charlm", "pydoc-gpt2"])
-    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
-    ap.add_argument("--batch-size", type=int, default=64, help="chunks per batch (both)")
-    ap.add_argument(
-        "--damping-grid",
-        default="1e-8,1e-4,1e-3,1e-2,1e-1,heuristic",
-        help="our dampings tried on the validation queries (numbers or 'heuristic')",
-    )
-    ap.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "float64"],
-        help="our model's dtype (float64 admits dampings below float32 resolution, e.g. 1e-8); "
-        "kronfluence always runs the float32 model",
-    )
-    ap.add_argument(
-        "--curvature-examples",
-        default="all",
-        help="comma-separated curvature_examples values of ours: counts (400), fractions "
-        "(0.1) or 'all'; each gets its own damping choice, LDS rows and timed runs",
-    )
-    ap.add_argument(
-        "--train-features",
-        default="auto",
-        choices=["auto", "factored", "recompute"],
-        help="ours: keep the training factors (factored; auto within its budget) or recompute "
-        "them when scoring (recompute: nothing per example is kept)",
-    )
-    ap.add_argument("--m", type=int, default=20, help="LDS subsets of the cached ground truth")
-    ap.add_argument("--seeds", type=int, default=2, help="retrainings per subset")
-    ap.add_argument("--allow-retraining", action="store_true")
-    ap.add_argument("--venv-root", type=Path, default=Path(tempfile.gettempdir()))
-    ap.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds per runner")
-    ap.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+    add = ap.add_argument
+    add("--setting", default="pydoc-charlm", choices=["pydoc-charlm", "pydoc-gpt2"])
+    add("--threads", default="1,2", help="comma-separated torch thread counts")
+    add("--repeats", type=int, default=3, help="timed runs (median)")
+    add("--warmup", type=int, default=1, help="untimed runs before them")
+    add("--batch-size", type=int, default=64, help="chunks per batch (both)")
+    add("--damping-grid", default="1e-8,1e-4,1e-3,1e-2,1e-1,heuristic",
+        help="our dampings tried on the validation queries (numbers or 'heuristic')")  # fmt: skip
+    add("--dtype", default="float32", choices=["float32", "float64"], help="our model's dtype "
+        "(float64 admits dampings below float32 resolution); kronfluence runs float32")  # fmt: skip
+    add("--curvature-examples", default="all", help="comma-separated curvature_examples of "
+        "ours: counts (400), fractions (0.1) or 'all'; each gets its own damping choice, LDS "
+        "rows and timed runs")  # fmt: skip
+    add("--train-features", default="auto", choices=["auto", "factored", "recompute"],
+        help="ours: keep the training factors or recompute them when scoring")  # fmt: skip
+    add("--m", type=int, default=20, help="LDS subsets of the cached ground truth")
+    add("--seeds", type=int, default=2, help="retrainings per subset")
+    add("--allow-retraining", action="store_true")
+    add("--venv-root", type=Path, default=Path(tempfile.gettempdir()))
+    add("--peer-timeout", type=float, default=3600.0, help="seconds per runner")
+    add("--json", type=Path, default=None, help="write results as JSON here")
     args = ap.parse_args(argv)
     thread_counts = [int(t) for t in args.threads.split(",") if t]
     grid = [parse_damping(t) for t in args.damping_grid.split(",") if t]

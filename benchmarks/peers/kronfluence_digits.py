@@ -96,7 +96,8 @@ def run_setting(name: str, args: argparse.Namespace, py: Path) -> dict[str, Any]
         with torch.no_grad():
             logits = model(queries[0]).detach().clone()
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        data = {"model": "sequential", "layers": describe(model), "members": [state]}
+        data: dict[str, Any] = {"model": "sequential", "layers": describe(model)}
+        data["members"] = [state]
         data.update(
             dtype=str(setting.torch_dtype).removeprefix("torch."),
             x_train=train[0],

@@ -246,9 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     random_lds = lds(random_scores, gt.subsets, targets)
     models = [setting.train(seed=k) for k in range(args.members)]
     sds = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
-    model0 = models[0]
-    lam_last = last_layer_damping(model0, *train, rel=1e-3)
-    last = [f"{len(model0) - 1}.{p}" for p, _ in model0[-1].named_parameters()]  # type: ignore[arg-type]
+    model0: Any = models[0]
+    lam_last = last_layer_damping(model0, train[0], train[1], rel=1e-3)
+    last = [f"{len(model0) - 1}.{p}" for p, _ in model0[-1].named_parameters()]
 
     spec = {
         "proj_dim": args.proj_dim,
@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         slow = key in SLOW
         t0 = time.perf_counter()
         reps, warm = (args.slow_repeats, 0) if slow else (args.repeats, args.warmup)
-        ours[key] = run_ours(*table[key], train, q_test, reps, warm)
+        method_id, task, opts = table[key]
+        ours[key] = run_ours(method_id, task, opts, train, q_test, reps, warm)
         print(f"[datatrace] {key}: {time.perf_counter() - t0:.1f}s", flush=True)
     # Projection-noise reference: the same TRAK with another projection seed.
     other_seed: dict[str, torch.Tensor] = {}
@@ -378,8 +379,8 @@ def main(argv: list[str] | None = None) -> None:
         if "lds_ours_other_seed" in r:
             extra += f"; LDS of ours with projection seed 1: {r['lds_ours_other_seed']:.3f}"
         print(f"- {r['method']} vs {r['peer']}: {extra}")
-    for key, rho in peer_vs_peer.items():
-        print(f"- {key}: traker vs dattri Spearman (per query) {rho:.3f}")
+    for key, agreement in peer_vs_peer.items():
+        print(f"- {key}: traker vs dattri Spearman (per query) {agreement:.3f}")
     for r in rows:
         if r["ours_warnings"]:
             print(f"- datatrace {r['method']} warned: {r['ours_warnings']}")
