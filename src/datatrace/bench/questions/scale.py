@@ -43,7 +43,6 @@ from datatrace.errors import ConfigError
 __all__ = ["ScaleConfig", "StoreFitConfig", "StoreWriteConfig", "scale", "store_fit", "store_write"]
 
 N_QUERY, TOPK = 100, 10
-R3 = {"relative_damping": 1e-3}  # factored features of a 10-way output layer are rank-deficient
 
 
 @dataclass(frozen=True)
@@ -54,10 +53,22 @@ class _Job:
     queries: Callable[[int], Any]  # n_train -> queries
     n_train: int
     goal_gib: int
-    # config -> (method id, settings, runs on dense_n examples)
-    configs: dict[str, tuple[str, dict[str, Any], bool]]
+    configs: dict[str, tuple[str, dict[str, Any]]]  # config -> (method id, settings)
+    dense: tuple[str, ...] = ()  # configs that run on dense_n examples
     attribute: bool = False
     task: tuple[tuple[str, Any], ...] = ()
+
+
+def _trak(projector: str, proj_dim: int, batch_size: int, damped: bool = True) -> tuple[str, Any]:
+    # relative damping 1e-3 where the kernel is singular: factored features of a 10-way output
+    # layer have rank <= 9 x k_in, and a dense run on fewer examples than proj_dim rank <= n
+    damping = {"relative_damping": 1e-3} if damped else {}
+    return "trak", {
+        "projector": projector,
+        "proj_dim": proj_dim,
+        **damping,
+        "batch_size": batch_size,
+    }
 
 
 def _random_gpt2(_: int) -> torch.nn.Module:
@@ -74,22 +85,11 @@ JOBS = {
         50_000,
         4,
         {
-            "trak-factored": (
-                "trak",
-                {"projector": "factored", "proj_dim": 1024, **R3, "batch_size": 1024},
-                False,
-            ),
-            "trak-sjlt": (
-                "trak",
-                {"projector": "sjlt", "proj_dim": 4096, "batch_size": 1024},
-                False,
-            ),
-            "trak-rademacher": (
-                "trak",
-                {"projector": "rademacher", "proj_dim": 2048, **R3, "batch_size": 512},
-                True,
-            ),
+            "trak-factored": _trak("factored", 1024, 1024),
+            "trak-sjlt": _trak("sjlt", 4096, 1024, damped=False),
+            "trak-rademacher": _trak("rademacher", 2048, 512),
         },
+        dense=("trak-rademacher",),
         attribute=True,
     ),
     "million": _Job(
@@ -100,16 +100,11 @@ JOBS = {
         1_000_000,
         8,
         {
-            "grad-dot": ("grad-dot", {"batch_size": 8192}, False),
-            "trak-factored": (
-                "trak",
-                {"projector": "factored", "proj_dim": 256, **R3, "batch_size": 8192},
-                False,
-            ),
+            "grad-dot": ("grad-dot", {"batch_size": 8192}),
+            "trak-factored": _trak("factored", 256, 8192),
             "if-ekfac": (
                 "if-ekfac",
                 {"damping": "heuristic", "fisher": "empirical", "batch_size": 8192},
-                False,
             ),
         },
     ),
@@ -120,14 +115,7 @@ JOBS = {
         lambda n: pydoc_sequences(N_QUERY, n),
         100_000,
         8,
-        {
-            "trak-factored": (
-                "trak",
-                {"projector": "factored", "proj_dim": 256, **R3, "batch_size": 512},
-                False,
-            ),
-            "logra": ("logra", {"batch_size": 512}, False),
-        },
+        {"trak-factored": _trak("factored", 256, 512), "logra": ("logra", {"batch_size": 512})},
         task=(("loss", "lm"), ("target", "log_prob"), ("module_types", "layers")),
     ),
 }
@@ -174,7 +162,7 @@ def _featurize(
 
     torch.set_num_threads(threads)
     job = JOBS[job_name]
-    method, settings, _ = job.configs[config]
+    method, settings = job.configs[config]
     model = job.build()
     model.load_state_dict(state)
     model.eval()
@@ -229,7 +217,7 @@ def scale(config: ScaleConfig) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="datatrace-scale-") as tmp:
         for name in configs:
-            n_run = config.dense_n if job.configs[name][2] else n
+            n_run = config.dense_n if name in job.dense else n
             store = Path(tmp) / f"store-{name}"
             threads = torch.get_num_threads()
             r = run_isolated(_featurize, config.job, name, n_run, state, store, threads)
@@ -278,7 +266,7 @@ def store_fit(config: StoreFitConfig) -> dict[str, Any]:
 
     job = JOBS["million"]
     model, train = job.model(config.n_train), job.train(config.n_train)
-    method, settings, _ = job.configs[config.config]
+    method, settings = job.configs[config.config]
     task = _task(job, method, model)
     settings = {**settings, "batch_size": config.batch_size}
     print(
