@@ -12,24 +12,14 @@ pair back to back; also prints the largest difference of the results.
 
 from __future__ import annotations
 
-import statistics
-import sys
-import time
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from datatrace.bench.questions.harness import median_time
 
-
-def _median_s(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+_median_s = partial(median_time, repeats=3, warmup=0)
 
 
 def main() -> None:

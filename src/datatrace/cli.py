@@ -1,4 +1,4 @@
-"""The ``datatrace`` command: ``methods``, ``settings``, ``groundtruth`` and ``bench``.
+"""The ``datatrace`` command: ``methods``, ``settings``, ``questions``, ``groundtruth`` and ``bench``.
 
     datatrace --version                     # also: python -m datatrace ...
     datatrace methods                       # method ids, one line each
@@ -8,6 +8,7 @@
     datatrace groundtruth --setting digits-mlp-short --protocol fixed-seed-drop:0.01 --m 100
     datatrace bench --setting digits-mlp --methods grad-cos,trak:proj_dim=1024 --json out/bench.json
     datatrace bench --methods trak,grad-cos --ensembles independent:4,dropout:4,lora:4
+    datatrace bench --question scale:job=million --threads 1 --json out/scale_million.json
 
 ``--protocol`` chooses the ground truth (:mod:`datatrace.bench.protocols`): ``lds-half``
 (the default: ``--m`` random subsets of fraction ``--alpha``, ``--seeds`` retrainings each)
@@ -23,6 +24,9 @@ chosen on the validation queries, unless options are given (``method:key=value:k
 ``--ensembles`` runs every method once more per ensemble (``kind:K[:key=value...]``; see
 :mod:`datatrace.bench.ensembles`), with the cost of the whole ensemble: training seconds of
 every training it needs, serving seconds (fit + attribute) and member weight bytes.
+``--question NAME[:key=value...]`` runs one of the registered speed, scale, store, group and
+precision questions instead (:mod:`datatrace.bench.questions`; ``datatrace questions`` lists
+them with their options): it prints its table, and ``--json`` gets what it measured.
 
 Output: the results (tables, listings) are the product and go to stdout; errors go to stderr
 as ``datatrace: error: ...``; progress bars to stderr (``--quiet`` or ``DATATRACE_PROGRESS=0``
@@ -50,7 +54,7 @@ from typing import Any
 from datatrace import __version__
 from datatrace.bench.benchmark import DEFAULT_GRIDS, DEFAULT_METHODS, DEFAULT_TASKS
 from datatrace.bench.report import print_table
-from datatrace.cli_specs import describe_methods, parse_methods
+from datatrace.cli_specs import describe_methods, parse_methods, parse_question
 from datatrace.errors import ConfigError, DatatraceError
 
 __all__ = [
@@ -79,6 +83,13 @@ def _cmd_settings(_: argparse.Namespace) -> int:
         setting = get_setting(name)
         doc = (type(setting).__doc__ or "").strip().splitlines()[0]
         print(f"{name:20s} {setting.n_train:6d} train  {doc}")
+    return 0
+
+
+def _cmd_questions(_: argparse.Namespace) -> int:
+    from datatrace.bench.questions import describe_questions
+
+    print("\n".join(describe_questions()))
     return 0
 
 
@@ -167,6 +178,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from datatrace.bench.ensembles import parse_ensembles
     from datatrace.bench.mislabel import MislabelSpec
 
+    if args.question is not None:
+        return _question(args)
     methods = parse_methods(args.methods)
     ensembles = parse_ensembles(args.ensembles)
     tasks = parse_tasks(args.tasks)
@@ -191,7 +204,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         cache_dir=args.cache,
         workers=args.workers,
         isolate=not args.in_process,
-        threads=args.threads,
+        threads=1 if args.threads is None else args.threads,
         progress=not args.quiet,
     )
     outcome = run_benchmark(config)
@@ -203,6 +216,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         written = _plots(setting, outcome, args.out)
         if written:
             print(f"plots written to {args.out}: {', '.join(written)}")
+    return 0
+
+
+def _question(args: argparse.Namespace) -> int:
+    import torch
+
+    from datatrace.bench.questions import QUESTIONS
+
+    name, config = parse_question(args.question)
+    if args.json is not None:
+        _check_writable_file(args.json, "--json")
+    threads = QUESTIONS[name].threads if args.threads is None else args.threads
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"--threads must be an integer >= 1; got {threads}.")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        result = QUESTIONS[name].run(config)
+    finally:
+        torch.set_num_threads(previous)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
     return 0
 
 
@@ -278,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list method ids, one line each").set_defaults(fn=_cmd_methods)
     sub.add_parser("settings", help="list registered settings").set_defaults(fn=_cmd_settings)
+    sub.add_parser(
+        "questions", help="list the questions of `datatrace bench --question`, with options"
+    ).set_defaults(fn=_cmd_questions)
     for name, fn, help_text in (
         ("groundtruth", _cmd_groundtruth, "build (or reuse) the LDS ground truth of a setting"),
         ("bench", _cmd_bench, "LDS and cost of every method on a setting"),
@@ -323,9 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--threads",
             type=int,
-            default=1,
+            default=1 if name == "groundtruth" else None,
             help="torch threads of the run and of each method's or retraining's process "
-            "(default 1: on a shared machine more threads per process spin-wait on each other)",
+            "(default 1: on a shared machine more threads per process spin-wait on each other; "
+            "with --question, the question's default, else torch's)",
         )
         if name == "groundtruth":
             p.add_argument(
@@ -361,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "independent:4,dropout:4,lora:4",
             )
             p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+            p.add_argument(
+                "--question",
+                default=None,
+                help="run this registered question instead of the LDS table, as "
+                "NAME[:key=value...] (e.g. scale:job=million, speed-grads:repeats=5; list "
+                "options comma-separated); `datatrace questions` lists them. Other options "
+                "than --threads and --json do not apply to it",
+            )
             p.add_argument("--out", type=Path, default=None, help="output directory")
             p.add_argument(
                 "--tasks",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types as types_module
 import typing
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from datatrace.bench.benchmark import DEFAULT_METHODS
 from datatrace.errors import ConfigError, DatatraceError
 
-__all__ = ["RUNNER_OWNED", "describe_methods", "parse_methods"]
+__all__ = ["RUNNER_OWNED", "describe_methods", "parse_methods", "parse_question"]
 
 
 def _value(text: str) -> Any:
@@ -141,3 +142,41 @@ def describe_methods() -> list[str]:
         preset = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
         lines.append(f"{method_id:{width}s}  {doc}" + (f" ({preset})" if preset else ""))
     return lines
+
+
+def parse_question(spec: str) -> tuple[str, Any]:
+    """``"scale:job=million:configs=grad-dot,if-ekfac"`` -> ``("scale", ScaleConfig(...))``.
+
+    Options are split at each ``:`` that starts a ``key=`` (a value may hold ``:``, as in
+    ``device=cuda:0``); a list option takes comma-separated values.
+    """
+    from datatrace.bench.questions import QUESTIONS
+
+    name, *pairs = re.split(r":(?=[A-Za-z_][\w-]*=)", spec.strip())
+    if ":" in name:
+        raise ConfigError(f"question options {name.split(':', 1)[1]!r} must look like key=value.")
+    if name not in QUESTIONS:
+        raise ConfigError(
+            f"unknown question {name!r}; choose from {sorted(QUESTIONS)} (`datatrace questions` "
+            "lists them with their options)."
+        )
+    hints = typing.get_type_hints(QUESTIONS[name].config)
+    opts: dict[str, Any] = {}
+    for pair in pairs:
+        key, text = pair.split("=", 1)
+        key = key.replace("-", "_")
+        if key not in hints:
+            raise ConfigError(
+                f"unknown option {key!r} of question {name!r}; its options are {list(hints)}."
+            )
+        hint = hints[key]
+        if typing.get_origin(hint) is tuple:
+            hint = typing.get_args(hint)[0]
+            opts[key] = tuple(_typed_value(t, hint) for t in text.split(",") if t)
+        else:
+            opts[key] = _typed_value(text, hint)
+        values = opts[key] if isinstance(opts[key], tuple) else (opts[key],)
+        free_text = hint is str or typing.get_origin(hint) is typing.Literal
+        if not free_text and any(isinstance(v, str) for v in values):
+            raise ConfigError(f"option {key} of question {name!r} takes {hint}; got {text!r}.")
+    return name, QUESTIONS[name].config(**opts)
