@@ -170,11 +170,26 @@ class KFACLayer:
 
     def rotate(self, mats: torch.Tensor) -> torch.Tensor:
         """``Q_Gᵀ M Q_A`` for ``(k, O, I')`` matrices."""
-        return self.q_g.T @ mats @ self.q_a
+        return _sandwich(self.q_g.T, mats, self.q_a)
 
     def unrotate(self, mats: torch.Tensor) -> torch.Tensor:
         """``Q_G M Q_Aᵀ`` for ``(k, O, I')`` matrices."""
-        return self.q_g @ mats @ self.q_a.T
+        return _sandwich(self.q_g, mats, self.q_a.T)
+
+
+def _sandwich(left: torch.Tensor, mats: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``left @ M @ right`` for ``(k, O, I)`` matrices ``M``, as two large matrix products.
+
+    ``left @ mats`` would broadcast ``left`` into ``k`` small products (a batched product
+    about 2x slower on a CPU core for GPT-2's layers and 300 queries); stacking the ``k``
+    matrices side by side makes it one ``(O, O) x (O, k I)`` product. The result is a
+    ``(k, O, I)`` view of ``(O, k, I)`` storage.
+    """
+    k, o, i = mats.shape
+    out_o, out_i = left.shape[0], right.shape[1]
+    x = mats.reshape(k * o, i) @ right
+    x = left @ x.view(k, o, out_i).transpose(0, 1).reshape(o, k * out_i)
+    return x.view(out_o, k, out_i).transpose(0, 1)
 
 
 def _check_choice(label: str, value: Any, options: Sequence[str]) -> None:

@@ -167,6 +167,9 @@ class ParamLayout:
         tiled = all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
         # contiguous per-layer slices in order, for block-diagonal solvers
         self.blocks = [slice(*b) for b in bounds] if contiguous and tiled else None
+        # the layers' slices cover every column (no tracked parameter outside them)
+        self._covers = self.blocks is not None and bool(bounds) and bounds[0][0] == 0
+        self._covers = self._covers and bounds[-1][1] == pos
 
     @property
     def modules(self) -> list[str]:
@@ -191,7 +194,8 @@ class ParamLayout:
     def from_matrices(self, mats: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-layer ``(k, O, I')`` matrices to ``(k, dim)`` flat rows."""
         k = mats[0].shape[0]
-        out = mats[0].new_zeros(k, self.dim)
+        # every column is written when the layers tile the parameters: no zero fill then
+        out = mats[0].new_empty(k, self.dim) if self._covers else mats[0].new_zeros(k, self.dim)
         for slot, m in zip(self.slots, mats):
             if slot.weight_slice is not None:
                 w = m[:, :, : slot.in_width - (slot.bias is not None)]

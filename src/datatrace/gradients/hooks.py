@@ -122,7 +122,7 @@ def _outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``sum_t g[:, t, :, None] * a[:, t, None, :]``: ``(B, O, I)`` from ``(B, T, O)``, ``(B, T, I)``."""
     if g.shape[1] == 1:  # one position (MLPs): a broadcast product, about 2x faster than bmm
         return g[:, 0, :, None] * a[:, 0, None, :]
-    return torch.einsum("bto,bti->boi", g, a)
+    return torch.bmm(g.transpose(1, 2), a)  # a strided operand, no permuted copy of g
 
 
 def _is_supported(module: nn.Module) -> bool:

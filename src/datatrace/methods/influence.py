@@ -90,6 +90,7 @@ from datatrace.methods.per_module import (
 )
 from datatrace.scores import Scores
 from datatrace.solvers import InverseOperator, make_solver
+from datatrace.solvers.inverses import KFACInverse
 from datatrace.store import fingerprint_batch
 from datatrace.task import Member, Task
 
@@ -197,6 +198,7 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         self._solver = make_solver(self.config.solver, **self.config.solver_options)
         # member index -> (preconditioned query block, its per-layer split): see _query_matrices
         self._query_cache: dict[int, tuple[torch.Tensor, Any]] = {}
+        self._scoring = False  # inside _score_blocks: _transform_queries fills _query_cache
         cfg = self.config
         if cfg.train_features == "factored" and self._groups_arg is not None:
             raise ConfigError(
@@ -378,7 +380,18 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         self, ctx: MemberContext[InfluenceState], q: torch.Tensor
     ) -> torch.Tensor:
         inverse = ctx.fitted.solve()
-        out = inverse.apply(q.T).T / self._n_train
+        if self._factored and isinstance(inverse, KFACInverse):
+            # per layer, never the flat (dim, k) transpose; within _score_blocks the matrices
+            # are kept for _combine
+            layout = ctx.fitted.factors()
+            mats = [m.div_(self._n_train) for m in inverse.apply_matrices(layout.to_matrices(q))]
+            out = layout.from_matrices(mats)
+            if self.config.query_rank is None:
+                if self._scoring:
+                    self._query_cache[ctx.index] = (out, (None, [m.contiguous() for m in mats]))
+                return out
+        else:
+            out = inverse.apply(q.T).T / self._n_train
         if self._factored and self.config.query_rank is not None:
             out = pack_low_rank(ctx.fitted.factors(), out, self.config.query_rank)
         info = getattr(inverse, "info", None)
@@ -394,9 +407,11 @@ class InfluenceAttributor(Attributor[InfluenceState]):
     def _score_blocks(
         self, queries: Any, local: bool = False
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._scoring = True
         try:
             yield from super()._score_blocks(queries, local)
         finally:  # the per-layer query split lives for one attribute call
+            self._scoring = False
             self._query_cache.clear()
 
     # ------------------------------------------------------------------ factored path
