@@ -1,8 +1,9 @@
-"""What the peer drivers share: peer virtualenvs, the runner call, the bench's cached pieces
-(seed-0 model, LDS ground truth) and the paired comparison of two score matrices."""
+"""What the peer drivers share: peer venvs, the runner call, the bench's cached seed-0 model
+and LDS ground truth, the paired comparison of two score matrices, tables and JSON."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -16,7 +17,6 @@ import torch
 from torch import nn
 
 from datatrace.bench.cache import GroundTruthSpec, _store_path, default_cache_dir, lds_ground_truth
-from datatrace.bench.groundtruth import SubsetGroundTruth
 from datatrace.bench.settings import Setting
 from datatrace.errors import StoreError
 from datatrace.metrics import lds, paired_bootstrap, spearman, spearman_batched
@@ -29,10 +29,8 @@ TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]  # unpinned torch pulls a 
 
 
 def setup_peer(name: str, root: Path, version: str | None = None) -> Path:
-    """``root/peer-NAME/bin/python``: a venv with pinned torch + the peer, made when missing.
-
-    Idempotent: an existing venv whose interpreter can import the peer is reused.
-    """
+    """``root/peer-NAME/bin/python``: a venv with pinned torch + the peer, made unless one
+    that imports the peer is there."""
     py = root / f"peer-{name}" / "bin" / "python"
     module = "trak" if name == "traker" else name
     if py.exists() and subprocess.run([py, "-c", f"import {module}"]).returncode == 0:
@@ -54,13 +52,8 @@ def run_peer(
     cmd = [str(py), str(RUNNER), "--peer", name, "--inputs", str(inputs), "--out", str(out)]
     out.unlink(missing_ok=True)
     try:
-        proc = subprocess.run(
-            [*cmd, "--spec", json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-        )
+        proc = subprocess.run([*cmd, "--spec", json.dumps(spec)], capture_output=True, text=True,
+                              env=env, timeout=timeout)  # fmt: skip
     except subprocess.TimeoutExpired:
         return {"failed": f"timed out after {timeout:.0f}s"}
     sys.stdout.write(proc.stdout)
@@ -75,68 +68,29 @@ def run_peer(
     return partial
 
 
-def kronfluence_ekfac(
-    py: Path, inputs: Path, spec: dict[str, Any], timeout: float, label: str
-) -> dict[str, Any]:
-    """kronfluence EK-FAC runs (``spec["runs"]``) on ``inputs``; raises when any failed."""
-    t0 = time.perf_counter()
-    out = run_peer(
-        "kronfluence", py, inputs, inputs.with_name("kronfluence.pt"),
-        {"methods": ["if-ekfac"], **spec}, timeout,
-    )  # fmt: skip
-    problem = out.get("failed") or out.get("crashed") or out["errors"].get("if-ekfac")
-    if problem:
-        raise RuntimeError(f"kronfluence runner failed: {problem}")
-    print(f"[kronfluence] {label}: {time.perf_counter() - t0:.1f}s", flush=True)
-    return out
-
-
 def describe(model: nn.Module) -> list[dict[str, Any]]:
-    """The layers of an ``nn.Sequential``, for ``runner.build_sequential`` to rebuild."""
+    """The layers of an ``nn.Sequential`` of ``torch.nn`` layers, as their types and constructor
+    arguments, for ``peer_runner.build_sequential`` to rebuild."""
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"the runner rebuilds nn.Sequential models; got {type(model).__name__}")
     layers: list[dict[str, Any]] = []
     for m in model:
-        if isinstance(m, nn.Linear):
-            layers.append(
-                {
-                    "in_features": m.in_features,
-                    "out_features": m.out_features,
-                    "bias": m.bias is not None,
-                }
-            )
-        elif isinstance(m, nn.Conv2d):
-            if m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros":
-                raise ValueError(f"{m} has groups/dilation/padding_mode the runner lacks")
-            keys = ("in_channels", "out_channels", "kernel_size", "stride", "padding")
-            layers.append({k: getattr(m, k) for k in keys} | {"bias": m.bias is not None})
-        elif isinstance(m, nn.Dropout):
-            layers.append({"p": m.p})
-        elif isinstance(m, nn.MaxPool2d):
-            layers.append({"kernel_size": m.kernel_size, "stride": m.stride})
-        elif type(m) is nn.Flatten and (m.start_dim, m.end_dim) != (1, -1):
-            raise ValueError(f"{m}: the runner builds nn.Flatten() only")
-        elif type(m) not in (nn.ReLU, nn.Flatten):
-            raise ValueError(f"the runner cannot rebuild {type(m).__name__}; add it to both files")
-        else:
-            layers.append({})
-        layers[-1]["type"] = type(m).__name__
+        if getattr(nn, type(m).__name__, None) is not type(m) or list(m.children()):
+            raise ValueError(f"the runner rebuilds torch.nn layers without children; got {m}")
+        names = [k for k in inspect.signature(type(m)).parameters if k not in ("device", "dtype")]
+        layers.append({"type": type(m).__name__, **{k: getattr(m, k) for k in names}})
+        if "bias" in names:
+            layers[-1]["bias"] = m.bias is not None
     return layers
 
 
-def cached_ground_truth(
-    setting: Setting, spec: GroundTruthSpec, allow_retraining: bool
-) -> SubsetGroundTruth:
+def cached_ground_truth(setting: Setting, spec: GroundTruthSpec, allow_retraining: bool) -> Any:
     """The bench's LDS ground truth (``lds_ground_truth``); exits instead of retraining it
     unless allowed."""
     config = {"setting": setting.to_json(), "spec": spec.__dict__}
     try:
-        store = Store(
-            _store_path(default_cache_dir(), setting, spec),
-            config=config,
-            fingerprints={"recipe": setting.recipe_hash()},
-            create=False,
-        )
+        store = Store(_store_path(default_cache_dir(), setting, spec), config=config,
+                      fingerprints={"recipe": setting.recipe_hash()}, create=False)  # fmt: skip
         done = sum(store.has_shard(f"seed{s}", j) for j in range(spec.m) for s in range(spec.seeds))
         store.close()
     except StoreError:
@@ -163,9 +117,7 @@ def seed0_model(setting: Setting) -> nn.Module:
     model, _ = setting.train_trajectory(seed=0)
     print(f"trained the seed-0 model in {time.perf_counter() - t0:.1f}s", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {k: v.detach().clone() for k, v in model.state_dict().items()}, path.with_suffix(".tmp")
-    )
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path.with_suffix(".tmp"))  # fmt: skip
     path.with_suffix(".tmp").replace(path)
     return model.eval()
 
@@ -175,34 +127,48 @@ def verdict(low: float, high: float) -> str:
     return "better" if low > 0 else ("not worse" if high >= 0 else "worse")
 
 
-def compare(
-    ours: torch.Tensor, peer: torch.Tensor, subsets: torch.Tensor, targets: torch.Tensor
-) -> dict[str, Any]:
+def compare(ours: torch.Tensor, peer: torch.Tensor, subsets: torch.Tensor,
+            targets: torch.Tensor) -> dict[str, Any]:  # fmt: skip
     """Agreement (Spearman, scale) and LDS of two ``(n_query, n_train)`` score matrices, with
     the paired-bootstrap interval of LDS ours - peer."""
     a, b = ours.double(), peer.double()
     scale = float((a * b).sum() / (a * a).sum())  # least-squares c in peer ~ c * ours
     lo_o, lo_p = lds(a, subsets, targets), lds(b, subsets, targets)
     low, high = paired_bootstrap(lo_o, lo_p)
-    return {
-        "spearman_per_query": float(spearman_batched(a, b, dim=1).nanmean()),
-        "spearman_flat": spearman(a.flatten(), b.flatten()),
-        "scale_peer_over_ours": scale,
-        "rel_err_after_scale": float((b - scale * a).norm() / b.norm()),
-        "lds_ours": lo_o.mean,
-        "lds_ours_ci": list(lo_o.bootstrap_ci()),
-        "lds_peer": lo_p.mean,
-        "lds_peer_ci": list(lo_p.bootstrap_ci()),
-        "lds_diff_ci": [low, high],
-        "verdict": verdict(low, high),
-    }
+    return dict(
+        spearman_per_query=float(spearman_batched(a, b, dim=1).nanmean()),
+        spearman_flat=spearman(a.flatten(), b.flatten()), scale_peer_over_ours=scale,
+        rel_err_after_scale=float((b - scale * a).norm() / b.norm()),
+        lds_ours=lo_o.mean, lds_ours_ci=list(lo_o.bootstrap_ci()),
+        lds_peer=lo_p.mean, lds_peer_ci=list(lo_p.bootstrap_ci()),
+        lds_diff_ci=[low, high], verdict=verdict(low, high),
+    )  # fmt: skip
 
 
 def load_line(wall: float, before: tuple[float, ...], after: tuple[float, ...]) -> str:
-    def fmt(load: tuple[float, ...]) -> str:
-        return "/".join(f"{x:.1f}" for x in load)
+    before_, after_ = ("/".join(f"{x:.1f}" for x in load) for load in (before, after))
+    return (f"\nwall time {wall:.0f}s; load average (1/5/15 min) before {before_}, after "
+            f"{after_} on {os.cpu_count()} cores")  # fmt: skip
 
-    return (
-        f"\nwall time {wall:.0f}s; load average (1/5/15 min) before {fmt(before)}, after "
-        f"{fmt(after)} on {os.cpu_count()} cores"
-    )
+
+def fmt_ci(mean: float, ci: list[float]) -> str:
+    return f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def fmt_diff(c: dict[str, Any]) -> str:
+    """A paired interval of ours - peer and its verdict (``compare``'s fields)."""
+    lo, hi = c["lds_diff_ci"]
+    return f"[{lo:+.3f}, {hi:+.3f}] {c['verdict']}"
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A markdown table (docs/peers.md's tables are these, edited)."""
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def write_json(path: Path | None, result: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1, default=str))
