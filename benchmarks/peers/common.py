@@ -63,9 +63,7 @@ def run_peer(
     message = f"{why}: {proc.stderr.strip()[-2000:]}"
     if not out.exists():
         return {"failed": message}
-    partial = torch.load(out, weights_only=True)
-    partial["crashed"] = message
-    return partial
+    return {**torch.load(out, weights_only=True), "crashed": message}
 
 
 def describe(model: nn.Module) -> list[dict[str, Any]]:
@@ -117,7 +115,8 @@ def seed0_model(setting: Setting) -> nn.Module:
     model, _ = setting.train_trajectory(seed=0)
     print(f"trained the seed-0 model in {time.perf_counter() - t0:.1f}s", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path.with_suffix(".tmp"))  # fmt: skip
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save(state, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
     return model.eval()
 

@@ -71,56 +71,6 @@ def build_sequential(layers: list[dict[str, Any]]) -> nn.Sequential:
     return nn.Sequential(*(getattr(nn, s["type"])(**kw) for s, kw in zip(layers, kwargs)))
 
 
-# Copied from datatrace/bench/settings/charlm.py (same module names, so the state dict loads;
-# model_gap compares this copy's log-likelihoods with the driver's before anything is scored).
-class _Block(nn.Module):
-    """Pre-LayerNorm transformer block: causal self-attention and a GELU MLP."""
-
-    def __init__(self, d_model: int, n_heads: int) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.ln1 = nn.LayerNorm(d_model)
-        self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model) for _ in range(4))
-        self.ln2 = nn.LayerNorm(d_model)
-        self.fc = nn.Linear(d_model, 4 * d_model)
-        self.proj = nn.Linear(4 * d_model, d_model)
-
-    def forward(self, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        b, t, d = h.shape
-        x = self.ln1(h)
-
-        def heads(z: torch.Tensor) -> torch.Tensor:
-            return z.reshape(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
-
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        att = q @ k.transpose(-2, -1) / math.sqrt(d // self.n_heads)
-        att = att.masked_fill(~keep, torch.finfo(att.dtype).min).softmax(-1)
-        h = h + self.o((att @ v).transpose(1, 2).reshape(b, t, d))
-        return h + self.proj(F.gelu(self.fc(self.ln2(h))))
-
-
-class CharTransformer(nn.Module):
-    """The setting's causal character transformer (token + position embeddings, blocks, head)."""
-
-    def __init__(self, vocab_size: int, max_len: int, d_model: int, n_heads: int,
-                 n_layers: int) -> None:  # fmt: skip
-        super().__init__()
-        self.tok = nn.Embedding(vocab_size, d_model)
-        self.pos = nn.Embedding(max_len, d_model)
-        self.blocks = nn.ModuleList(_Block(d_model, n_heads) for _ in range(n_layers))
-        self.ln = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        t = input_ids.shape[1]
-        h = self.tok(input_ids) + self.pos(torch.arange(t, device=input_ids.device))
-        keep = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
-        keep = keep.expand(input_ids.shape[0], 1, t, t)
-        for block in self.blocks:
-            h = block(h, keep)
-        return self.head(self.ln(h))
-
-
 def gpt2_with_linear(arch: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
     """GPT-2 with every ``Conv1D`` replaced by the equal ``nn.Linear`` (weight transposed), as
     kronfluence tracks Linear/Conv2d only (its own GPT-2 example converts the same way)."""
@@ -145,12 +95,17 @@ def gpt2_with_linear(arch: dict[str, Any], state: dict[str, torch.Tensor]) -> nn
 
 def build_model(data: dict[str, Any], member: int = 0) -> nn.Module:
     """Member ``member`` of ``data["model"]`` (sequential, charlm, gpt2), in eval mode. Building
-    draws initial weights from the global generator, which kronfluence's labels then follow."""
+    draws initial weights from the global generator, which kronfluence's labels then follow;
+    ``model_gap`` checks the rebuilt model's outputs against the driver's."""
     state = data["members"][member]
     if data["model"] == "gpt2":
         return gpt2_with_linear(data["arch"], state).eval()
-    if data["model"] == "charlm":
-        model: nn.Module = CharTransformer(**data["arch"])
+    if data["model"] == "charlm":  # the setting's own classes, as source: torch only
+        scope: dict[str, Any] = {"torch": torch, "nn": nn, "F": F, "math": math}
+        scope["ConfigError"] = ValueError  # raised for d_model % n_heads != 0 only
+        source = f"from __future__ import annotations\n{data['source']}"
+        exec(compile(source, "charlm", "exec"), scope)
+        model: nn.Module = scope["CharTransformer"](**data["arch"])
     else:
         model = build_sequential(data["layers"]).to(getattr(torch, data["dtype"]))
     model.load_state_dict(state)
@@ -169,7 +124,7 @@ def model_gap(data: dict[str, Any]) -> float:
     gap = float((out - data["query_check"]).abs().max())
     if not gap <= data["check_atol"]:
         raise RuntimeError(f"the rebuilt model's query outputs differ from datatrace's by "
-                           f"{gap:.2e} (> {data['check_atol']}); update the copy in peer_runner.py")  # fmt: skip
+                           f"{gap:.2e} (> {data['check_atol']}); update peer_runner.build_model")  # fmt: skip
     return gap
 
 

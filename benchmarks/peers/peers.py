@@ -23,15 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.peers.common import (
-    compare,
-    describe,
-    load_line,
-    print_table,
-    run_peer,
-    setup_peer,
-    write_json,
-)
+from benchmarks.peers import common
 from benchmarks.peers.peer_runner import SLOW, timed
 from datatrace import Task, make_attributor
 from datatrace.bench.cache import default_cache_dir
@@ -83,34 +75,25 @@ def last_layer_damping(model: Any, x: torch.Tensor, y: torch.Tensor, rel: float)
 def ours_methods(model: Any, sds: list[dict[str, torch.Tensor]], args: Any, lam_last: float,
                  last: list[str]) -> dict[str, tuple[str, Task, dict[str, Any]]]:  # fmt: skip
     """Our side of every row: (method id, task, options), matched to the peers."""
-    full = Task(model, target="margin")
-    common = {"batch_size": args.batch_size, "members": sds[:1]}
+    full, one = Task(model, target="margin"), {"batch_size": args.batch_size, "members": sds[:1]}
     # relative_damping 1e-4: near the peers' plain inverse (the library default is 1.0)
     trak = {"projector": args.trak_projector, "proj_dim": args.trak_proj_dim or args.proj_dim,
             "relative_damping": args.trak_relative_damping, "batch_size": args.batch_size}  # fmt: skip
     # "cg": dattri's algorithm (same Hessian, damping and CG steps); "ekfac"/"kfac": our
     # closed-form influence instead (another estimator: compare LDS and time)
-    if_cg = ("if-cg", full, {"curvature": "hessian", "damping": args.damping, **common,
-                             "solver_options": {"max_iter": args.cg_iter}})  # fmt: skip
+    if_cg = ("if-cg", {"curvature": "hessian", "damping": args.damping,
+                       "solver_options": {"max_iter": args.cg_iter}})  # fmt: skip
     if args.if_cg_ours != "cg":
-        if_cg = (
-            f"if-{args.if_cg_ours}",
-            full,
-            {"damping": "heuristic", "fisher": "true", **common},
-        )
-    last_task = Task(model, target="margin", params=last)
+        if_cg = (f"if-{args.if_cg_ours}", {"damping": "heuristic", "fisher": "true"})
     return {
         "trak-1": ("trak", full, {**trak, "members": sds[:1]}),
         "trak-5": ("trak", full, {**trak, "members": sds[:5]}),
-        "trak-last-exact": (
-            "trak",
-            last_task,
-            {"projector": "none", "damping": lam_last, **common},
-        ),
-        "grad-dot": ("grad-dot", full, common),
-        "grad-cos": ("grad-cos", full, common),
-        "if-cg": if_cg,
-    }
+        "trak-last-exact": ("trak", Task(model, target="margin", params=last),
+                            {"projector": "none", "damping": lam_last, **one}),
+        "grad-dot": ("grad-dot", full, one),
+        "grad-cos": ("grad-cos", full, one),
+        "if-cg": (if_cg[0], full, {**if_cg[1], **one}),
+    }  # fmt: skip
 
 
 def run_ours(method: str, task: Task, opts: dict[str, Any], train: Any, queries: Any, reps: int,
@@ -157,7 +140,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.peers = [p for p in args.peers.split(",") if p]
     args.methods = [m for m in args.methods.split(",") if m]
-    bad = [p for p in args.peers if p not in PEER_METHODS] + [m for m in args.methods if m not in METHODS]  # fmt: skip
+    bad = [p for p in args.peers if p not in PEER_METHODS]
+    bad += [m for m in args.methods if m not in METHODS]
     if bad:
         ap.error(f"unknown {bad}; peers are {sorted(PEER_METHODS)}, methods {METHODS}")
     return args
@@ -170,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     pythons, problems, ours, peer_out = {}, {}, {}, {}
     for p in args.peers:
         try:
-            pythons[p] = setup_peer(p, args.venv_root)
+            pythons[p] = common.setup_peer(p, args.venv_root)
         except Exception as exc:  # CalledProcessError, OSError
             problems[p] = f"setup failed: {exc}"
             print(f"{p}: {problems[p]}", flush=True)
@@ -211,12 +195,12 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="datatrace-peers-") as tmp:
         inputs = Path(tmp) / "inputs.pt"
-        data = {"model": "sequential", "layers": describe(model0), "dtype": "float32"}
+        data = {"model": "sequential", "layers": common.describe(model0), "dtype": "float32"}
         data.update(x_train=train[0], y_train=train[1], x_query=q_test[0], y_query=q_test[1])
         torch.save({**data, "members": sds}, inputs)
         for p, py in pythons.items():
             t0, todo = time.perf_counter(), [m for m in methods if m in PEER_METHODS[p]]
-            peer_out[p] = run_peer(p, py, inputs, Path(tmp) / f"{p}.pt",
+            peer_out[p] = common.run_peer(p, py, inputs, Path(tmp) / f"{p}.pt",
                                    {**spec, "methods": todo}, args.peer_timeout)  # fmt: skip
             print(f"[{p}] total {time.perf_counter() - t0:.1f}s", flush=True)
 
@@ -228,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         for key in [k for k in methods if k in out.get("results", {}) and k in ours]:
             mine, theirs = ours[key], out["results"][key][0]
             row = {"method": key, "peer": f"{p} {out['version']}"}
-            row.update(compare(mine["scores"], theirs["scores"], gt.subsets, targets))
+            row.update(common.compare(mine["scores"], theirs["scores"], gt.subsets, targets))
             if key in other_seed:
                 rho = spearman_batched(mine["scores"].double(), other_seed[key].double(), dim=1)
                 row["spearman_ours_other_seed"] = float(rho.mean())
@@ -248,15 +232,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ndigits MLP 64-128-64-10, {setting.n_train} train, {setting.n_test} test queries, "
           f"LDS over {M} subsets (alpha=0.5); noise ceiling {ceiling.mean:.3f}, random scores "
           f"{random_lds.mean:+.3f}; CPU, {args.threads} threads\n")  # fmt: skip
-    print_table(["method", "peer", "Spearman ours vs peer (per query / flat)", "ours vs ours, "
-                 "other proj. seed", "rel. L2 diff", "LDS ours", "LDS peer", "ours - peer LDS, "
-                 "95% CI", "time ours (s)", "time peer (s)", "peer / ours"],
-                [[r["method"], r["peer"], f"{r['spearman_per_query']:.3f} / {r['spearman_flat']:.3f}",
-                  f"{r['spearman_ours_other_seed']:.3f}" if "spearman_ours_other_seed" in r else "-",
-                  f"{r['rel_err_after_scale']:.1e}", f"{r['lds_ours']:.3f}", f"{r['lds_peer']:.3f}",
-                  f"[{r['lds_diff_ci'][0]:+.3f}, {r['lds_diff_ci'][1]:+.3f}] {r['verdict']}",
-                  f"{r['time_ours_s']:.2f}", f"{r['time_peer_s']:.2f}",
-                  f"{r['time_peer_s'] / r['time_ours_s']:.1f}x"] for r in rows])  # fmt: skip
+    header = ["method", "peer", "Spearman ours vs peer (per query / flat)", "ours vs ours, other "
+              "proj. seed", "rel. L2 diff", "LDS ours", "LDS peer", "ours - peer LDS, 95% CI",
+              "time ours (s)", "time peer (s)", "peer / ours"]  # fmt: skip
+    common.print_table(header, [
+        [r["method"], r["peer"], f"{r['spearman_per_query']:.3f} / {r['spearman_flat']:.3f}",
+         f"{r['spearman_ours_other_seed']:.3f}" if "spearman_ours_other_seed" in r else "-",
+         f"{r['rel_err_after_scale']:.1e}", f"{r['lds_ours']:.3f}", f"{r['lds_peer']:.3f}",
+         common.fmt_diff(r), f"{r['time_ours_s']:.2f}", f"{r['time_peer_s']:.2f}",
+         f"{r['time_peer_s'] / r['time_ours_s']:.1f}x"] for r in rows])  # fmt: skip
     print()
     if args.trak_projector != "gaussian" or args.if_cg_ours != "cg":  # docs/peers.md
         print("- NOTE: another projector or if-cg estimator than the peers': compare LDS, time")
@@ -272,10 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in problems.items():
         print(f"- PROBLEM {k}: {v.splitlines()[0] if v else v}")
     wall, load_after = time.perf_counter() - t_start, os.getloadavg()
-    print(load_line(wall, load_before, load_after))
+    print(common.load_line(wall, load_before, load_after))
     versions = {p: {"version": o.get("version"), "torch": o.get("torch")}
                 for p, o in peer_out.items() if "failed" not in o}  # fmt: skip
-    write_json(args.json, {
+    common.write_json(args.json, {
         "command": " ".join(["python", "benchmarks/peers/peers.py", *(argv or sys.argv[1:])]),
         "settings": vars(args), "setting": setting.to_json(), "spec": spec,
         "versions": {"datatrace_torch": torch.__version__, **versions},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import os
 import sys
 import tempfile
@@ -145,16 +146,16 @@ def run_lm(args: Any, py: Path, load_before: tuple[float, ...]) -> dict[str, Any
         inputs: dict[str, Any] = {"model": "gpt2", "arch": arch}
         layers = f"{4 * arch['n_layer']} Conv1D"
     else:
-        setting, gt, model, task = prepare("pydoc-charlm", args, ("Linear",), module_types=(torch.nn.Linear,))  # fmt: skip
+        linear = (torch.nn.Linear,)  # the 13 nn.Linear layers
+        setting, gt, model, task = prepare("pydoc-charlm", args, ("Linear",), module_types=linear)
         arch = {"vocab_size": len(setting.vocab), "max_len": setting.chunk_len}
         arch |= {k: getattr(setting, k) for k in ("d_model", "n_heads", "n_layers")}
-        inputs, layers = {"model": "charlm", "arch": arch}, "13 Linear"
+        # the runner builds the model from our classes' source (it cannot import datatrace)
+        source = "".join(inspect.getsource(type(m)) for m in (model.blocks[0], model))
+        inputs, layers = {"model": "charlm", "arch": arch, "source": source}, "13 Linear"
     n_val, n_train = setting.n_val, setting.n_train
-    train, q_test, q_all = (
-        setting.data.train,
-        setting.data.test_queries,
-        setting.data.queries("all"),
-    )
+    train, q_test = setting.data.train, setting.data.test_queries
+    q_all = setting.data.queries("all")  # validation, then test
     test_targets = gt.targets[:, n_val:]
     g = torch.Generator().manual_seed(0)
     random_lds = lds(torch.randn(setting.n_test, n_train, generator=g, dtype=torch.float64),
@@ -183,7 +184,8 @@ def run_lm(args: Any, py: Path, load_before: tuple[float, ...]) -> dict[str, Any
                 print(f"[datatrace] curvature {key}, damping {damping}: {exc}", flush=True)
                 continue
             values = attr.attribute(q_all).values
-            scored[key][str(damping)], test_scores[key, str(damping)] = val_lds(values), values[n_val:]  # fmt: skip
+            scored[key][str(damping)] = val_lds(values)
+            test_scores[key, str(damping)] = values[n_val:]
             print(f"[datatrace] curvature {key}, damping {damping}: validation LDS "
                   f"{scored[key][str(damping)]:.3f}", flush=True)  # fmt: skip
         fitted = [d for (k, d) in test_scores if k == key]
@@ -314,7 +316,8 @@ def run_digits(name: str, args: Any, py: Path) -> dict[str, Any]:
                   y_train=train[1], x_query=queries[0], y_query=queries[1], query_check=logits,
                   check_atol=1e-5)  # fmt: skip
     spec = {"threads": args.threads[0], "batch_size": args.batch_size, "runs": args.kfx_runs}
-    kron = kronfluence(py, inputs, {**spec, "repeats": 1, "warmup": 0, "dampings": [None]}, args, name)  # fmt: skip
+    spec.update(repeats=1, warmup=0, dampings=[None])
+    kron = kronfluence(py, inputs, spec, args, name)
     runs = kron["runs"]
     ours_lds = {k: lds(v["scores"], gt.subsets, targets) for k, v in ours.items()}
     kron_lds = [lds(r["scores"], gt.subsets, targets) for r in runs]
