@@ -193,6 +193,9 @@ class SharedLoop(MethodHooks[StateT]):
         self, ctx: MemberContext[StateT], offset: int, batch: Batch
     ) -> torch.Tensor:
         """The rows of one per-example shard: train features of the batch at ``offset``."""
+        whole = self._fitted_train_features(ctx)
+        if whole is not None:
+            return self._to_feature_dtype(whole[offset : offset + batch_size_of(batch)])
         try:
             indices: torch.Tensor | None = torch.arange(offset, offset + batch_size_of(batch))
         except DataError:  # a batch whose size cannot be read: no indices
@@ -200,6 +203,10 @@ class SharedLoop(MethodHooks[StateT]):
         return self._unit_train_features(replace(ctx, batch_indices=indices), batch)
 
     def _featurize_train(self, ctx: MemberContext[StateT], train: Any) -> None:
+        whole = self._fitted_train_features(ctx)
+        if whole is not None and self.store is None:  # one block, on every rank
+            ctx.features[:] = [self._to_feature_dtype(whole)]
+            return
         if self._grouping is not None:
             self._featurize_train_groups(ctx, train, self._grouping)
             return
@@ -395,6 +402,9 @@ class SharedLoop(MethodHooks[StateT]):
         batches: Sequence[Batch],
     ) -> torch.Tensor:
         """The rows of one group shard: features of groups ``lo:hi``, partial sums added."""
+        whole = self._fitted_train_features(ctx)
+        if whole is not None:
+            return self._to_feature_dtype(whole[lo:hi])
         feats: torch.Tensor | None = None
         for idx, batch in zip(index_batches, batches):
             present, local = torch.unique(grouping.labels[idx], return_inverse=True)
