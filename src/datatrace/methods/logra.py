@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -54,6 +54,7 @@ from datatrace.gradients.engine import PerSampleGrads
 from datatrace.gradients.factored import ParamLayout, factored_modules
 from datatrace.gradients.hooks import _outer_sum
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.methods.config import Applies, no_projection
 from datatrace.methods.per_module import per_module_scores, per_token_scores
 from datatrace.projection import FactoredProjector
 from datatrace.scores import Scores
@@ -99,6 +100,24 @@ class LoGraConfig(MethodConfig):
     fisher: Literal["true", "empirical", "exact"] = "empirical"
     fisher_samples: int = 1
 
+    # settings that only some configurations read (MethodConfig.APPLIES)
+    APPLIES: ClassVar[Mapping[str, Applies]] = {
+        **MethodConfig.APPLIES,
+        **no_projection(
+            "LoGra projects each layer itself; set proj_dim_in and proj_dim_out instead"
+        ),
+        "fisher": Applies(
+            lambda c: c.preconditioner != "identity",
+            "preconditioner='kfac' or 'ekfac'",
+            on=("preconditioner",),
+        ),
+        "fisher_samples": Applies(
+            lambda c: c.preconditioner != "identity",
+            "preconditioner='kfac' or 'ekfac'",
+            on=("preconditioner",),
+        ),
+    }
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_dim("proj_dim_in", self.proj_dim_in)
@@ -114,11 +133,6 @@ class LoGraConfig(MethodConfig):
                 f"fisher must be 'true', 'empirical' or 'exact'; got {self.fisher!r}."
             )
         check_fisher_samples(self.fisher_samples, self.fisher)
-        if self.projector != "none":
-            raise ConfigError(
-                f"LoGra projects each layer itself (proj_dim_in, proj_dim_out); got projector="
-                f"{self.projector!r}. Leave projector='none'."
-            )
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ into training sequences. Cost: one forward pass per example and a convex refit o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -30,6 +30,7 @@ from datatrace.curvature import CallableOperator
 from datatrace.data import Batch, iter_batches
 from datatrace.errors import ConfigError, ModelError, NumericalError
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.methods.config import Applies, no_projection, unused
 from datatrace.solvers import CGSolver
 from datatrace.task import Task, _SplitBatch
 
@@ -49,6 +50,14 @@ class RepresenterConfig(MethodConfig):
     layer: str | None = None
     damping: float = 0.1  # the benchmark's choice on digits-mlp and digits-cnn
     max_iter: int = 500
+
+    # shared settings this method never reads (MethodConfig.APPLIES)
+    APPLIES: ClassVar[Mapping[str, Applies]] = {
+        **MethodConfig.APPLIES,
+        **no_projection("its features are the final layer's inputs, not gradients"),
+        "engine": unused("it takes no per-sample gradients (a forward pass and a refit)"),
+        "seed": unused("it samples nothing (the refit is deterministic)"),
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
