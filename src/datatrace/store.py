@@ -496,6 +496,58 @@ class Store:
 
         return self._read_file(entry, mmap, retract)
 
+    def cached(
+        self,
+        prefix: str,
+        names: Sequence[str],
+        fit: Callable[[], Mapping[str, torch.Tensor]],
+    ) -> dict[str, torch.Tensor]:
+        """Fitted arrays ``prefix + name`` for every name: read when all are complete, else
+        ``fit()`` (written here, then returned).
+
+        One call for every piece of fitted state a method keeps (curvature factors, a refit
+        layer): a run killed between two writes finds some arrays missing and fits again.
+        Only rank 0 writes (it owns the arrays, :class:`Store`); the other ranks of a
+        distributed job fit the same arrays and keep them in memory. Reads are not memory
+        mapped (fitted state is small and used whole).
+
+        Args:
+            prefix: what keys this state: the method, member and data it was fitted on
+                (e.g. ``"kfac-v2-m0-3fa2...-"``); part of every array's name.
+            names: the arrays ``fit`` returns, in the order they are written.
+            fit: computes ``{name: tensor}`` for exactly ``names``.
+
+        Returns:
+            ``{name: tensor}`` in the order of ``names``: the stored arrays (on the CPU, in
+            their recorded dtype) or ``fit``'s own tensors.
+
+        Raises:
+            StoreError: ``fit`` returned other names, or a stored array is corrupt (it is then
+                marked incomplete, so the next run fits again).
+
+        Example:
+            >>> import tempfile, torch
+            >>> s = Store(tempfile.mkdtemp(), config={}, fingerprints={})
+            >>> fit = lambda: {"inverse": torch.eye(2)}
+            >>> s.cached("m0-", ["inverse"], fit)["inverse"].shape  # fitted, written
+            torch.Size([2, 2])
+            >>> s.cached("m0-", ["inverse"], lambda: {})["inverse"].shape  # read back
+            torch.Size([2, 2])
+        """
+        names = list(names)
+        if names and all(self.has_array(prefix + n) for n in names):
+            return {n: self.read_array(prefix + n, mmap=False) for n in names}
+        arrays = dict(fit())
+        if sorted(arrays) != sorted(names):
+            raise StoreError(
+                f"the fit of store arrays {prefix!r}* returned {sorted(arrays)}, but "
+                f"{sorted(names)} were declared; return exactly the declared names."
+            )
+        if self.rank == 0:  # rank 0 owns the arrays
+            for n in names:
+                self.write_array(prefix + n, arrays[n])
+        return {n: arrays[n] for n in names}
+
     def nbytes(self) -> int:
         """Total size in bytes of the complete shard and array files."""
         entries = [*self._manifest["arrays"].values()]

@@ -116,25 +116,24 @@ def test_store_resume_after_kill(method_id, data, tmp_path, monkeypatch):
     ref = build(method_id, batch_size=4).fit(train).attribute(queries).values
     one = {"batch_size": 4, "shard_bytes": 1}  # a shard per example: batch 0 fills 4 of them
     attr = build(method_id, store=tmp_path / "store", **one)
-    original = type(attr)._train_features
+    # the loop's per-batch featurization (rps's rows come from its refit, the others' from
+    # _train_features): killed at the second batch
+    original = type(attr)._batch_train_features
     calls = {"n": 0}
 
-    def dying(self, ctx, batch):
+    def dying(self, ctx, offset, batch):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt("killed")
-        return original(self, ctx, batch)
+        return original(self, ctx, offset, batch)
 
-    monkeypatch.setattr(type(attr), "_train_features", dying)
-    if method_id != "rps":  # rps featurizes with one refit, not per shard
-        with pytest.raises(KeyboardInterrupt):
-            attr.fit(train)
-        calls["n"] = 10
-        resumed = build(method_id, store=tmp_path / "store", **one).fit(train)
-        # 3 batches of 4: the first one's shards survived the kill, so 2 are recomputed.
-        assert calls["n"] == 12
-    else:
-        resumed = build(method_id, store=tmp_path / "store", **one).fit(train)
+    monkeypatch.setattr(type(attr), "_batch_train_features", dying)
+    with pytest.raises(KeyboardInterrupt):
+        attr.fit(train)
+    calls["n"] = 10
+    resumed = build(method_id, store=tmp_path / "store", **one).fit(train)
+    # 3 batches of 4: the first one's shards survived the kill, so 2 are recomputed.
+    assert calls["n"] == 12
     torch.testing.assert_close(resumed.attribute(queries).values, ref, rtol=1e-10, atol=1e-12)
 
 

@@ -204,7 +204,10 @@ def test_bad_values_are_refused_naming_the_value(value, match):
 
 def test_other_curvatures_and_too_many_examples_are_refused():
     task, train, _ = _case()
-    with pytest.raises(ConfigError, match="curvature='kfac'/'ekfac' only; got curvature='ggn'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"curvature_examples=10 applies only with curvature='kfac' or 'ekfac'; got curvature='ggn'",
+    ):
         make_attributor("if-cg", task, curvature_examples=10)
     attr = make_attributor("if-ekfac", task, curvature_examples=N_TRAIN + 1)
     with pytest.raises(ConfigError, match=f"curvature_examples=21 exceeds the {N_TRAIN} training"):

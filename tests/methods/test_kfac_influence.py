@@ -215,7 +215,7 @@ def test_bad_settings():
         make_attributor("if-ekfac", task, damping={"0": 1.0})
     with pytest.raises(ConfigError, match="fisher"):
         make_attributor("if-ekfac", task, fisher="sampled")
-    with pytest.raises(ConfigError, match="applies to curvature"):
+    with pytest.raises(ConfigError, match="fisher='true' applies only with curvature"):
         make_attributor("if-cg", task, fisher="true")
     with pytest.raises(ConfigError, match="query_rank"):
         make_attributor("if-ekfac", task, query_rank=0)

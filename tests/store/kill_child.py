@@ -9,7 +9,7 @@ Kill points (``n`` counts from 1 within the process), taken by test-only hooks i
 - ``shard-write:n``: in the middle of writing the n-th shard's temporary file (half of it).
 - ``journal:n``: after the n-th shard's file is renamed into place, before its journal line.
 - ``kfac:n``: before the n-th batch of the K-FAC passes (covariances, then EK-FAC eigenvalues).
-- ``array:n``: after the n-th array of fitted state (a K-FAC factor) is written.
+- ``array:n``: after the n-th array of fitted state (a K-FAC factor, rps's refit) is written.
 - ``read:n``: at the n-th shard read of the scoring after ``fit`` (``topk`` streams shards).
 
 Every completed shard and array is appended to LOG (fsynced) before any kill that follows it,
@@ -39,6 +39,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "grad-dot": {},
     "trak": {"proj_dim": 8},
     "if-ekfac": {"damping": 1e-2},
+    "rps": {"max_iter": 50},
 }
 
 

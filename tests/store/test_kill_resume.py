@@ -8,10 +8,10 @@ compares with an uninterrupted run (``torch.equal``). The shards the killed run 
 are read from its log and from the store's manifest and journal (they must agree); the
 resumed run must write none of them again and leave their files untouched (mtimes).
 
-Shards have 3 rows and batches 5 examples, so shard boundaries cut batches. Curvature (the
-K-FAC covariance and eigenvalue passes, then its arrays) is resumable as a whole: a run
-killed inside the passes, or between two arrays, recomputes the curvature from the stored
-shards. No scoring call (``attribute``, ``topk``, ``self_attribute``) writes to the store; a
+Shards have 3 rows and batches 5 examples, so shard boundaries cut batches. Fitted state
+(the K-FAC covariance and eigenvalue passes, then its arrays; rps's refit, done before its
+shards) is resumable as a whole: a run killed inside the passes, or between two arrays,
+fits it again (K-FAC from the stored shards). No scoring call (``attribute``, ``topk``, ``self_attribute``) writes to the store; a
 kill during the streaming ``topk`` is tested to leave it whole.
 """
 
@@ -45,6 +45,8 @@ CASES = [
     ("if-ekfac", f"kfac:{2}", "K-FAC covariance pass"),
     ("if-ekfac", f"kfac:{BATCHES + 3}", "EK-FAC eigenvalue pass"),
     ("if-ekfac", "array:3", "between curvature arrays"),
+    ("rps", "shard:4", "featurization, between shards (rows of the refit)"),
+    ("rps", "array:2", "between refit arrays, before featurization"),
 ]
 
 _REFERENCE: dict[str, dict[str, torch.Tensor]] = {}
@@ -93,6 +95,8 @@ def test_killed_fit_resumes_to_the_uninterrupted_result(tmp_path, method, kill, 
     assert stored_shards(store) == completed  # the store lists exactly the completed shards
     if kill.startswith(("shard:", "shard-write", "journal")):
         assert 0 < len(completed) < SHARDS
+    elif method == "rps" and kill.startswith("array"):  # rps refits before featurizing
+        assert completed == set()
     else:  # killed after featurization
         assert completed == set(range(SHARDS))
     mtimes = {i: (store / f"shard-train-m0-{i:06d}.npy").stat().st_mtime_ns for i in completed}

@@ -323,3 +323,46 @@ def test_clear_removes_only_store_files(tmp_path: Path) -> None:
     Store.clear(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert make_store(tmp_path).shard_indices("features") == []
+
+
+def test_cached_fits_once_then_reads_every_array(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def fit() -> dict[str, torch.Tensor]:
+        calls.append(1)
+        return {"b": torch.full((2,), 2.0), "a": torch.eye(3, dtype=torch.float64)}
+
+    first = make_store(tmp_path).cached("m0-", ["a", "b"], fit)
+    assert list(first) == ["a", "b"] and len(calls) == 1  # in the declared order
+    again = make_store(tmp_path).cached("m0-", ["a", "b"], fit)
+    assert len(calls) == 1  # read back, not fitted
+    assert all(torch.equal(first[n], again[n]) and first[n].dtype == again[n].dtype for n in "ab")
+    assert sorted(manifest(tmp_path)["arrays"]) == ["m0-a", "m0-b"]  # the names keep the prefix
+    # another prefix (other data, another member) is other state
+    make_store(tmp_path).cached("m1-", ["a", "b"], fit)
+    assert len(calls) == 2
+
+
+def test_cached_fits_again_when_an_array_is_missing(tmp_path: Path) -> None:
+    """A run killed between two array writes left one: the state is fitted whole again."""
+    make_store(tmp_path).write_array("m0-a", torch.zeros(3))
+    got = make_store(tmp_path).cached(
+        "m0-", ["a", "b"], lambda: {"a": torch.ones(3), "b": torch.ones(1)}
+    )
+    assert torch.equal(got["a"], torch.ones(3))
+    assert torch.equal(make_store(tmp_path).read_array("m0-a"), torch.ones(3))
+
+
+def test_cached_refuses_undeclared_names_and_writes_nothing(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    with pytest.raises(StoreError, match=r"returned \['a', 'c'\], but \['a', 'b'\] were declared"):
+        store.cached("m0-", ["a", "b"], lambda: {"a": torch.ones(1), "c": torch.ones(1)})
+    assert manifest(tmp_path)["arrays"] == {}
+
+
+def test_cached_on_a_shard_writing_rank_keeps_its_fit_in_memory(tmp_path: Path) -> None:
+    make_store(tmp_path)  # rank 0 made it
+    other = make_store(tmp_path, create=False, rank=1)
+    got = other.cached("m0-", ["a"], lambda: {"a": torch.ones(2)})
+    assert torch.equal(got["a"], torch.ones(2))
+    assert manifest(tmp_path)["arrays"] == {}  # rank 0 owns the arrays

@@ -233,24 +233,29 @@ def mislabel_ground_truth(
         },
         fingerprints={"recipe": recipe},
     )
-    if store.has_array("accuracy"):
-        flipped = store.read_array("flipped", mmap=False)
-        labels = store.read_array("labels", mmap=False)
-        accuracy = store.read_array("accuracy", mmap=False)
+    trained: list[tuple[torch.nn.Module, list[Checkpoint]]] = []  # when trained here
+
+    def fit() -> dict[str, torch.Tensor]:
+        _, clean = setting.data.train
+        labels, flipped = flip_labels(clean, _n_classes(setting), spec.p, spec.seed)
         variant = with_train_labels(setting.replace(**setting.memorise), labels)
-        return MislabelGroundTruth(variant, flipped, labels, float(accuracy[0]), float(accuracy[1]))
-    _, clean = setting.data.train
-    labels, flipped = flip_labels(clean, _n_classes(setting), spec.p, spec.seed)
+        model, trajectory = variant.train_trajectory(seed=0)
+        with torch.no_grad():
+            hit = model(variant.data.train[0]).argmax(-1) == labels
+        accuracy = torch.tensor(
+            [float(hit.double().mean()), float(hit[flipped].double().mean())], dtype=torch.float64
+        )
+        trained.append((model, trajectory))
+        return {"flipped": flipped, "labels": labels, "accuracy": accuracy}
+
+    arrays = store.cached("", ["flipped", "labels", "accuracy"], fit)
+    flipped, labels, accuracy = arrays["flipped"], arrays["labels"], arrays["accuracy"]
     variant = with_train_labels(setting.replace(**setting.memorise), labels)
-    model, trajectory = variant.train_trajectory(seed=0)
-    with torch.no_grad():
-        hit = model(variant.data.train[0]).argmax(-1) == labels
-    accuracy = torch.tensor(
-        [float(hit.double().mean()), float(hit[flipped].double().mean())], dtype=torch.float64
-    )
-    store.write_array("flipped", flipped)
-    store.write_array("labels", labels)
-    store.write_array("accuracy", accuracy)  # written last: its presence marks completion
     return MislabelGroundTruth(
-        variant, flipped, labels, float(accuracy[0]), float(accuracy[1]), (model, trajectory)
+        variant,
+        flipped,
+        labels,
+        float(accuracy[0]),
+        float(accuracy[1]),
+        trained[0] if trained else None,
     )

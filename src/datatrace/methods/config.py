@@ -1,20 +1,86 @@
-"""Settings every method shares (:class:`MethodConfig`; STYLE.md "API")."""
+"""Settings every method shares (:class:`MethodConfig`; STYLE.md "API"), and the one rule
+for settings a method ignores (:class:`Applies`).
+
+A setting that a method reads only in some configurations (``proj_dim`` without a projector,
+``fisher`` with a curvature that is not K-FAC) or never (``engine`` for a method that takes no
+gradients) is declared once in its config class's ``APPLIES`` table. Passing such a setting
+where it would be ignored raises a ``ConfigError`` naming it, what decides, and the fix;
+leaving it at its default is always accepted. The check runs after a config's own
+``__post_init__`` validation, so a malformed value is still reported as such first.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from datatrace.devices import check_feature_dtype
 from datatrace.errors import ConfigError
 from datatrace.projection import ProjectorKind
 
-__all__ = ["RESULT_NEUTRAL", "MethodConfig"]
+__all__ = ["RESULT_NEUTRAL", "Applies", "MethodConfig", "no_projection", "unused"]
 
 # settings that do not change results: left out of a store's config, so changing them reuses it
 RESULT_NEUTRAL = ("batch_size", "progress")
+
+
+@dataclass(frozen=True)
+class Applies:
+    """When a setting is read, for the check that refuses it where it would be ignored.
+
+    Attributes:
+        when: true for the configurations that read the setting.
+        needs: what they have, completing "applies only with ...".
+        on: the settings ``when`` reads, quoted in the error with their values.
+        hint: more advice for the error (e.g. the setting that does what was meant).
+
+    Example:
+        >>> rule = Applies(lambda c: c.projector != "none", "a projector", on=("projector",))
+        >>> rule.when(MethodConfig(projector="gaussian"))
+        True
+    """
+
+    when: Callable[[Any], bool]
+    needs: str
+    on: tuple[str, ...] = ()
+    hint: str = ""
+
+
+def unused(reason: str) -> Applies:
+    """A setting the method never reads (``reason`` says why)."""
+    return Applies(lambda config: False, reason)
+
+
+def no_projection(reason: str) -> dict[str, Applies]:
+    """``APPLIES`` entries of a method that takes no random projection (``reason``)."""
+    return {"projector": unused(reason), "proj_dim": unused(reason)}
+
+
+def _check_applies(config: MethodConfig) -> None:
+    """Raise ``ConfigError`` for a setting given a non-default value where it is ignored."""
+    defaults = {
+        f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(config)
+    }
+    for name, rule in type(config).APPLIES.items():
+        value = getattr(config, name)
+        if value == defaults[name] or rule.when(config):
+            continue
+        hint = f" {rule.hint}" if rule.hint else ""
+        if not rule.on:
+            raise ConfigError(
+                f"{type(config).__name__} does not use {name}: {rule.needs}; got {name}="
+                f"{value!r}. Drop {name}=.{hint}"
+            )
+        got = ", ".join(f"{n}={getattr(config, n)!r}" for n in rule.on)
+        raise ConfigError(
+            f"{name}={value!r} applies only with {rule.needs}; got {got}. Drop {name}=, or "
+            f"use {rule.needs}.{hint}"
+        )
 
 
 @dataclass(frozen=True)
@@ -27,7 +93,8 @@ class MethodConfig:
             for the rest), ``"hooks"`` or ``"functional"``.
         projector: random projection of gradients: ``"none"``, ``"gaussian"``,
             ``"rademacher"``, ``"sjlt"`` or ``"factored"`` (per-layer, LoGra-style).
-        proj_dim: projected dimension (for ``"factored"``: features per layer, a perfect square).
+        proj_dim: projected dimension (for ``"factored"``: features per layer, a perfect square);
+            only with a projector (``APPLIES``).
         seed: seed of the projections (combined with the member index).
         progress: progress bars on the long phases (featurization, curvature passes, solver
             iterations, scoring, self-influence): True, False, or None (default) to show
@@ -49,6 +116,33 @@ class MethodConfig:
     progress: bool | None = field(default=None, compare=False)
     feature_dtype: Literal["float16", "bfloat16", "float32", "float64"] | None = None
 
+    # Settings read only in some configurations (see the module docstring); a subclass
+    # extends it: ``APPLIES = {**MethodConfig.APPLIES, "fisher": Applies(...)}``.
+    APPLIES: ClassVar[Mapping[str, Applies]] = {
+        "proj_dim": Applies(
+            lambda c: c.projector != "none",
+            "a projector",
+            on=("projector",),
+            hint="(projector='gaussian', 'rademacher', 'sjlt' or 'factored'.)",
+        ),
+    }
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # every config class's own __post_init__ is followed by the APPLIES check, run once
+        # by the outermost one (after all of a subclass's validation)
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None:
+            return
+
+        @functools.wraps(own)
+        def post_init(self: MethodConfig) -> None:
+            own(self)
+            if type(self).__post_init__ is post_init:
+                _check_applies(self)
+
+        cls.__post_init__ = post_init  # type: ignore[method-assign]
+
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be an integer >= 1; got {self.batch_size!r}.")
@@ -67,6 +161,8 @@ class MethodConfig:
             raise ConfigError(f"progress must be True, False or None; got {self.progress!r}.")
         # frozen: store the normalised name (a torch.dtype is not JSON)
         object.__setattr__(self, "feature_dtype", check_feature_dtype(self.feature_dtype))
+        if type(self).__post_init__ is MethodConfig.__post_init__:  # no subclass validation
+            _check_applies(self)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able settings; ``type(self)(**to_json())`` rebuilds an equal config.

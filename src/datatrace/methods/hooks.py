@@ -92,6 +92,17 @@ class MethodHooks(ABC, Generic[StateT]):
             ctx.task, batch, ctx.unit_members, state=state, which=which, engine=self.config.engine
         )
 
+    def _fitted_train_features(self, ctx: MemberContext[StateT]) -> torch.Tensor | None:
+        """``(n_units, d)`` train features of every unit at once, when the member's state
+        already holds them (default: None, featurized batch by batch).
+
+        For a method whose per-train-set work yields all features together (rps: its refit
+        of the last layer on the whole training set). The loop keeps them as it keeps any
+        features: one block in memory, or store shards of ``shard_bytes`` (written, reused
+        and resumed like every method's), in ``feature_dtype``.
+        """
+        return None
+
     def _finish_train_features(
         self, ctx: MemberContext[StateT], features: torch.Tensor
     ) -> torch.Tensor:

@@ -47,7 +47,6 @@ Cost: one per-sample gradient per example plus the solver's curvature products p
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -55,7 +54,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from datatrace import distributed
 from datatrace.curvature import (
     FisherOperator,
     GGNOperator,
@@ -66,7 +64,7 @@ from datatrace.curvature import (
     curvature_subset,
     fit_kfac,
 )
-from datatrace.data import Batch, as_data, iter_batches
+from datatrace.data import Batch, as_data
 from datatrace.errors import ConfigError, ConvergenceWarning, warn
 from datatrace.gradients import compute_per_sample_grads
 from datatrace.gradients.factored import (
@@ -91,7 +89,6 @@ from datatrace.methods.per_module import (
 from datatrace.scores import Scores
 from datatrace.solvers import InverseOperator, make_solver
 from datatrace.solvers.inverses import KFACInverse
-from datatrace.store import fingerprint_batch
 from datatrace.task import Member, Task
 
 TRAIN_FEATURE_BUDGET = 2 * 2**30
@@ -325,40 +322,35 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         cfg = self.config
         seed = cfg.seed + 7919 * ctx.index  # member 0 samples as the plain method does
         subset = curvature_subset(self._n_train, cfg.curvature_examples, seed)
-        prefix = ""
-        if self.store is not None:
-            h = hashlib.sha256()
-            for batch in iter_batches(self._train, cfg.batch_size):
-                h.update(fingerprint_batch(batch).encode())
-            if subset is not None:  # factors of another subset are not these
-                h.update(b"curvature-subset:" + subset.numpy().astype("<i8").tobytes())
-            # "v2": eigenvalues from a fresh-label pass (factors stored before that are not reused)
-            prefix = f"kfac-v2-m{ctx.index}-{h.hexdigest()[:16]}-"
-            names = [
-                f"L{j}-{f}"
-                for j in range(len(factored_modules(ctx.task)))
-                for f in KFACCurvature.FIELDS
-            ]
-            if all(self.store.has_array(prefix + n) for n in names):
-                arrays = {n: self.store.read_array(prefix + n, mmap=False) for n in names}
-                return KFACCurvature.from_arrays(
-                    ctx.task, arrays, kind=cfg.curvature, fisher=cfg.fisher
-                )
-        curv = fit_kfac(
-            ctx.task,
-            self._train if subset is None else _examples(self._train, subset, cfg.batch_size),
-            state=ctx.state,
-            kind=cfg.curvature,  # type: ignore[arg-type]
-            fisher=cfg.fisher,
-            batch_size=cfg.batch_size,
-            seed=seed,
-            fisher_samples=cfg.fisher_samples,
-            progress=cfg.progress,
+        # factors of another subset are not these
+        salt = (
+            b"" if subset is None else b"curvature-subset:" + subset.numpy().astype("<i8").tobytes()
         )
-        if self.store is not None and distributed.rank() == 0:  # rank 0 owns the arrays
-            for name, t in curv.to_arrays().items():
-                self.store.write_array(prefix + name, t)
-        return curv
+        names = [
+            f"L{j}-{f}"
+            for j in range(len(factored_modules(ctx.task)))
+            for f in KFACCurvature.FIELDS
+        ]
+
+        def fit() -> dict[str, torch.Tensor]:
+            train = (
+                self._train if subset is None else _examples(self._train, subset, cfg.batch_size)
+            )
+            return fit_kfac(
+                ctx.task,
+                train,
+                state=ctx.state,
+                kind=cfg.curvature,  # type: ignore[arg-type]
+                fisher=cfg.fisher,
+                batch_size=cfg.batch_size,
+                seed=seed,
+                fisher_samples=cfg.fisher_samples,
+                progress=cfg.progress,
+            ).to_arrays()
+
+        # "v2": eigenvalues from a fresh-label pass (factors stored before that are not reused)
+        arrays = self._cached_arrays(ctx, "kfac-v2", names, fit, salt)
+        return KFACCurvature.from_arrays(ctx.task, arrays, kind=cfg.curvature, fisher=cfg.fisher)
 
     def _prepare_member(self, ctx: MemberContext[InfluenceState]) -> InfluenceState:
         return InfluenceState(layout=ParamLayout(ctx.task) if self._factored else None)

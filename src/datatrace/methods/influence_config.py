@@ -6,17 +6,25 @@ meaning and its validation read in one place.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from datatrace.curvature import check_curvature_examples, check_damping, check_fisher_samples
 from datatrace.errors import ConfigError
-from datatrace.methods.config import MethodConfig
+from datatrace.methods.config import Applies, MethodConfig
 from datatrace.solvers import SOLVERS
 
 __all__ = ["KFAC_KINDS", "InfluenceConfig"]
 
 KFAC_KINDS = ("kfac", "ekfac")
+
+
+def _kfac(config: InfluenceConfig) -> bool:
+    return config.curvature in KFAC_KINDS
+
+
+_KFAC = "curvature='kfac' or 'ekfac'"
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,32 @@ class InfluenceConfig(MethodConfig):
     fisher_samples: int = 1
     curvature_examples: int | float | None = None
 
+    # settings that only some curvatures or feature paths read (MethodConfig.APPLIES)
+    APPLIES: ClassVar[Mapping[str, Applies]] = {
+        **MethodConfig.APPLIES,
+        "fisher": Applies(
+            _kfac,
+            _KFAC,
+            on=("curvature",),
+            hint="(curvature='ggn' is the exact true Fisher, 'fisher' the empirical one.)",
+        ),
+        "fisher_samples": Applies(_kfac, _KFAC, on=("curvature",)),
+        "curvature_examples": Applies(_kfac, _KFAC, on=("curvature",)),
+        "projector": Applies(
+            lambda c: c.curvature == "fisher",
+            "curvature='fisher'",
+            on=("curvature",),
+            hint="(The other curvatures act on the full parameter space.)",
+        ),
+        "query_rank": Applies(
+            lambda c: c.factored,
+            "the factored training-score path",
+            on=("train_features", "curvature", "engine"),
+            hint="(train_features='factored' or 'recompute', or 'auto' with curvature='kfac' "
+            "or 'ekfac'.)",
+        ),
+    }
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.solver not in SOLVERS:
@@ -105,28 +139,7 @@ class InfluenceConfig(MethodConfig):
                 f"fisher must be 'true', 'empirical' or 'exact'; got {self.fisher!r}."
             )
         check_fisher_samples(self.fisher_samples, self.fisher)
-        if self.fisher_samples > 1 and self.curvature not in KFAC_KINDS:
-            raise ConfigError(
-                f"fisher_samples={self.fisher_samples} applies to curvature='kfac'/'ekfac' only; "
-                f"got curvature={self.curvature!r}."
-            )
         check_curvature_examples(self.curvature_examples)
-        if self.curvature_examples is not None and self.curvature not in KFAC_KINDS:
-            raise ConfigError(
-                f"curvature_examples={self.curvature_examples!r} applies to curvature='kfac'/"
-                f"'ekfac' only; got curvature={self.curvature!r}."
-            )
-        if self.fisher != "empirical" and self.curvature not in KFAC_KINDS:
-            raise ConfigError(
-                f"fisher={self.fisher!r} applies to curvature='kfac'/'ekfac' only; got "
-                f"curvature={self.curvature!r} (use curvature='ggn' for the exact true Fisher, "
-                "'fisher' for the empirical one)."
-            )
-        if self.curvature != "fisher" and self.projector != "none":
-            raise ConfigError(
-                f"curvature={self.curvature!r} acts on the full parameter space, but projector="
-                f"{self.projector!r}; use projector='none', or curvature='fisher' with a projection."
-            )
         if self.solver == "datainf" and self.curvature != "fisher":
             raise ConfigError(
                 f"the DataInf solver inverts the empirical Fisher of per-sample gradients; got "
@@ -159,12 +172,6 @@ class InfluenceConfig(MethodConfig):
             if self.query_rank < 1:
                 raise ConfigError(
                     f"query_rank must be None or an integer >= 1; got {self.query_rank!r}."
-                )
-            if not self.factored:
-                raise ConfigError(
-                    f"query_rank={self.query_rank} compresses the factored training-score path; "
-                    "set train_features='factored' or 'recompute' (with curvature 'kfac'/'ekfac' "
-                    "the default 'auto' is factored)."
                 )
 
     def to_json(self) -> dict[str, Any]:

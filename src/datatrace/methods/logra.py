@@ -33,14 +33,12 @@ the curvature, ``O(k_in² + k_out²)`` memory per layer for it.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from datatrace import distributed
 from datatrace.curvature import (
     KFACCurvature,
     KFACLayer,
@@ -50,17 +48,17 @@ from datatrace.curvature import (
     fit_kfac_layers,
     layer_damping,
 )
-from datatrace.data import Batch, iter_batches
+from datatrace.data import Batch
 from datatrace.errors import ConfigError
 from datatrace.gradients.engine import PerSampleGrads
 from datatrace.gradients.factored import ParamLayout, factored_modules
 from datatrace.gradients.hooks import _outer_sum
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.methods.config import Applies, no_projection
 from datatrace.methods.per_module import per_module_scores, per_token_scores
 from datatrace.projection import FactoredProjector
 from datatrace.scores import Scores
 from datatrace.solvers import inverse_eigenvalues
-from datatrace.store import fingerprint_batch
 from datatrace.task import Task
 
 __all__ = ["LoGraAttributor", "LoGraConfig"]
@@ -102,6 +100,24 @@ class LoGraConfig(MethodConfig):
     fisher: Literal["true", "empirical", "exact"] = "empirical"
     fisher_samples: int = 1
 
+    # settings that only some configurations read (MethodConfig.APPLIES)
+    APPLIES: ClassVar[Mapping[str, Applies]] = {
+        **MethodConfig.APPLIES,
+        **no_projection(
+            "LoGra projects each layer itself; set proj_dim_in and proj_dim_out instead"
+        ),
+        "fisher": Applies(
+            lambda c: c.preconditioner != "identity",
+            "preconditioner='kfac' or 'ekfac'",
+            on=("preconditioner",),
+        ),
+        "fisher_samples": Applies(
+            lambda c: c.preconditioner != "identity",
+            "preconditioner='kfac' or 'ekfac'",
+            on=("preconditioner",),
+        ),
+    }
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_dim("proj_dim_in", self.proj_dim_in)
@@ -117,11 +133,6 @@ class LoGraConfig(MethodConfig):
                 f"fisher must be 'true', 'empirical' or 'exact'; got {self.fisher!r}."
             )
         check_fisher_samples(self.fisher_samples, self.fisher)
-        if self.projector != "none":
-            raise ConfigError(
-                f"LoGra projects each layer itself (proj_dim_in, proj_dim_out); got projector="
-                f"{self.projector!r}. Leave projector='none'."
-            )
 
 
 @dataclass(frozen=True)
@@ -250,43 +261,38 @@ class LoGraAttributor(Attributor[LoGraState]):
         """Fit K-FAC/EK-FAC of the projected factors, or reload it from the store."""
         cfg = self.config
         task = ctx.task
-        names, prefix = [], ""
         modules = factored_modules(task)
-        if self.store is not None:
-            h = hashlib.sha256()
-            for batch in iter_batches(self._train, cfg.batch_size):
-                h.update(fingerprint_batch(batch).encode())
-            prefix = f"logra-m{ctx.index}-{h.hexdigest()[:16]}-"
-            names = [f"L{j}-{f}" for j in range(len(modules)) for f in KFACCurvature.FIELDS]
-            if all(self.store.has_array(prefix + n) for n in names):
-                layers = []
-                for j, ((mname, (w, b)), shape) in enumerate(
-                    zip(modules.items(), self._layer_shapes(task))
-                ):
-                    vals = {
-                        f: self.store.read_array(prefix + f"L{j}-{f}", mmap=False).to(
-                            task.device, task.working_dtype
-                        )
-                        for f in KFACCurvature.FIELDS
-                    }
-                    layers.append(KFACLayer(mname, w, b, shape, **vals))
-                return layers
-        layers = fit_kfac_layers(
-            task,
-            self._train,
-            state=ctx.state,
-            kind=cfg.preconditioner,  # type: ignore[arg-type]
-            fisher=cfg.fisher,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed + 7919 * ctx.index,  # as influence's K-FAC: member 0 uses seed
-            projections=ctx.fitted.projections,
-            fisher_samples=cfg.fisher_samples,
-            progress=cfg.progress,
-        )
-        if self.store is not None and distributed.rank() == 0:  # rank 0 owns the arrays
-            for j, lay in enumerate(layers):
-                for f in KFACCurvature.FIELDS:
-                    self.store.write_array(prefix + f"L{j}-{f}", getattr(lay, f))
+        names = [f"L{j}-{f}" for j in range(len(modules)) for f in KFACCurvature.FIELDS]
+
+        def fit() -> dict[str, torch.Tensor]:
+            layers = fit_kfac_layers(
+                task,
+                self._train,
+                state=ctx.state,
+                kind=cfg.preconditioner,  # type: ignore[arg-type]
+                fisher=cfg.fisher,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed + 7919 * ctx.index,  # as influence's K-FAC: member 0 uses seed
+                projections=ctx.fitted.projections,
+                fisher_samples=cfg.fisher_samples,
+                progress=cfg.progress,
+            )
+            return {
+                f"L{j}-{f}": getattr(lay, f)
+                for j, lay in enumerate(layers)
+                for f in KFACCurvature.FIELDS
+            }
+
+        arrays = self._cached_arrays(ctx, "logra", names, fit)
+        layers = []
+        for j, ((mname, (w, b)), shape) in enumerate(
+            zip(modules.items(), self._layer_shapes(task))
+        ):
+            vals = {
+                f: arrays[f"L{j}-{f}"].to(task.device, task.working_dtype)
+                for f in KFACCurvature.FIELDS
+            }
+            layers.append(KFACLayer(mname, w, b, shape, **vals))
         return layers
 
     def _split(self, task: Task, rows: torch.Tensor) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -102,6 +102,32 @@ class SharedLoop(MethodHooks[StateT]):
             # kept outside the scope: the attributor's task (a LoRA member's copy is dropped)
             self._contexts.append(ctx.with_state(fitted))
 
+    def _cached_arrays(
+        self,
+        ctx: MemberContext[StateT],
+        tag: str,
+        names: Sequence[str],
+        fit: Callable[[], Mapping[str, torch.Tensor]],
+        salt: bytes = b"",
+    ) -> dict[str, torch.Tensor]:
+        """A member's fitted arrays (curvature factors, a refit layer), through the store.
+
+        Without a store ``fit()``; with one, :meth:`Store.cached` under the key
+        ``"{tag}-m{member}-{digest}-"``, where the digest hashes the training batches and
+        ``salt`` (whatever else the arrays depend on that the store's config and
+        fingerprints do not name, e.g. a curvature subset), so arrays fitted on other data
+        are never read back. Returns ``{name: tensor}`` in the order of ``names``; stored
+        arrays come back on the CPU in their recorded dtype.
+        """
+        if self.store is None:
+            arrays = fit()
+            return {n: arrays[n] for n in names}
+        h = hashlib.sha256()
+        for batch in iter_batches(self._train, self.config.batch_size):
+            h.update(fingerprint_batch(batch).encode())
+        h.update(salt)
+        return self.store.cached(f"{tag}-m{ctx.index}-{h.hexdigest()[:16]}-", names, fit)
+
     def _check_fitted(self) -> None:
         if not self._contexts or self._device is None:
             raise NotFittedError(
@@ -167,6 +193,9 @@ class SharedLoop(MethodHooks[StateT]):
         self, ctx: MemberContext[StateT], offset: int, batch: Batch
     ) -> torch.Tensor:
         """The rows of one per-example shard: train features of the batch at ``offset``."""
+        whole = self._fitted_train_features(ctx)
+        if whole is not None:
+            return self._to_feature_dtype(whole[offset : offset + batch_size_of(batch)])
         try:
             indices: torch.Tensor | None = torch.arange(offset, offset + batch_size_of(batch))
         except DataError:  # a batch whose size cannot be read: no indices
@@ -174,6 +203,10 @@ class SharedLoop(MethodHooks[StateT]):
         return self._unit_train_features(replace(ctx, batch_indices=indices), batch)
 
     def _featurize_train(self, ctx: MemberContext[StateT], train: Any) -> None:
+        whole = self._fitted_train_features(ctx)
+        if whole is not None and self.store is None:  # one block, on every rank
+            ctx.features[:] = [self._to_feature_dtype(whole)]
+            return
         if self._grouping is not None:
             self._featurize_train_groups(ctx, train, self._grouping)
             return
@@ -369,6 +402,9 @@ class SharedLoop(MethodHooks[StateT]):
         batches: Sequence[Batch],
     ) -> torch.Tensor:
         """The rows of one group shard: features of groups ``lo:hi``, partial sums added."""
+        whole = self._fitted_train_features(ctx)
+        if whole is not None:
+            return self._to_feature_dtype(whole[lo:hi])
         feats: torch.Tensor | None = None
         for idx, batch in zip(index_batches, batches):
             present, local = torch.unique(grouping.labels[idx], return_inverse=True)

@@ -18,9 +18,9 @@ into training sequences. Cost: one forward pass per example and a convex refit o
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from datatrace.curvature import CallableOperator
 from datatrace.data import Batch, iter_batches
 from datatrace.errors import ConfigError, ModelError, NumericalError
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.methods.config import Applies, no_projection, unused
 from datatrace.solvers import CGSolver
 from datatrace.task import Task, _SplitBatch
 
@@ -49,6 +50,14 @@ class RepresenterConfig(MethodConfig):
     layer: str | None = None
     damping: float = 0.1  # the benchmark's choice on digits-mlp and digits-cnn
     max_iter: int = 500
+
+    # shared settings this method never reads (MethodConfig.APPLIES)
+    APPLIES: ClassVar[Mapping[str, Applies]] = {
+        **MethodConfig.APPLIES,
+        **no_projection("its features are the final layer's inputs, not gradients"),
+        "engine": unused("it takes no per-sample gradients (a forward pass and a refit)"),
+        "seed": unused("it samples nothing (the refit is deterministic)"),
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -121,12 +130,18 @@ class RepresenterState:
         alpha: ``(n_train, T, C)`` representer values ``α``.
         feats: ``(n_train, T, d + 1)`` final-layer inputs of the training examples.
         selectors: ``(n_train, T, C)`` label (next-token) selectors of the training examples.
+        units: ``(n_units, C (d + 1))`` train features ``Σ_t α_{i,t} ⊗ f_{i,t}`` (group sums
+            with ``groups=``), handed to the loop while it featurizes (None afterwards: the
+            loop keeps them, in memory or in the store).
     """
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ("weight", "alpha", "feats", "selectors")
 
     weight: torch.Tensor
     alpha: torch.Tensor
     feats: torch.Tensor
     selectors: torch.Tensor
+    units: torch.Tensor | None = None
 
 
 @register("rps")
@@ -219,7 +234,20 @@ class RepresenterAttributor(Attributor[RepresenterState]):
         return torch.cat(feats), splits
 
     def _prepare_member(self, ctx: MemberContext[RepresenterState]) -> RepresenterState:
-        """The refit of the last layer: what the train features are made of."""
+        """The refit of the last layer (read from the store when it holds it), and the train
+        features it makes."""
+        arrays = self._cached_arrays(ctx, "rps", RepresenterState.ARRAYS, lambda: self._refit(ctx))
+        state = RepresenterState(**{k: v.to(ctx.task.device) for k, v in arrays.items()})
+        # Train feature Σ_t α_{i,t} ⊗ f_{i,t}; a query's feature Σ_t e_{y_t} ⊗ f_{q,t} picks
+        # Σ_{s,t} α_{i,s,y_t} <f_{i,s}, f_{q,t}>.
+        units = torch.einsum("ntc,ntd->ncd", state.alpha, state.feats)
+        units = units.reshape(state.feats.shape[0], -1)
+        if self._grouping is not None:  # the decomposition is additive: a group's share is a sum
+            units = self._grouping.sum_rows(units)
+        return replace(state, units=units)
+
+    def _refit(self, ctx: MemberContext[RepresenterState]) -> dict[str, torch.Tensor]:
+        """Refit the last layer on the training set: :attr:`RepresenterState.ARRAYS`."""
         task = ctx.task
         feats, splits = self._collect(ctx, self._train)
         name, _ = _final_linear(task, self.config.layer)
@@ -277,19 +305,13 @@ class RepresenterAttributor(Attributor[RepresenterState]):
                 for a, s in zip(torch.split(alpha, sizes), splits)
             ]
         )
-        return RepresenterState(weight=w, alpha=alpha, feats=feats, selectors=selectors)
+        return {"weight": w, "alpha": alpha, "feats": feats, "selectors": selectors}
 
-    def _featurize_train(self, ctx: MemberContext[RepresenterState], train: Any) -> None:
-        alpha, feats = ctx.fitted.alpha, ctx.fitted.feats
-        # Train feature Σ_t α_{i,t} ⊗ f_{i,t}; a query's feature Σ_t e_{y_t} ⊗ f_{q,t} picks
-        # Σ_{s,t} α_{i,s,y_t} <f_{i,s}, f_{q,t}>.
-        units = torch.einsum("ntc,ntd->ncd", alpha, feats).reshape(feats.shape[0], -1)
-        if self._grouping is not None:  # the decomposition is additive: a group's share is a sum
-            units = self._grouping.sum_rows(units)
-        ctx.features[:] = [self._to_feature_dtype(units)]
+    def _fitted_train_features(self, ctx: MemberContext[RepresenterState]) -> torch.Tensor | None:
+        return ctx.fitted.units
 
     def _fit_member(self, ctx: MemberContext[RepresenterState]) -> RepresenterState:
-        return ctx.fitted  # the refit was the per-train-set work
+        return replace(ctx.fitted, units=None)  # the refit was the per-train-set work
 
     def _query_features(self, ctx: MemberContext[RepresenterState], batch: Batch) -> torch.Tensor:
         f, split = self._representations(ctx.task, ctx.state, batch)

@@ -56,7 +56,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -68,6 +68,7 @@ from datatrace.curvature import (
 from datatrace.data import Batch, as_data, num_examples
 from datatrace.errors import AccuracyWarning, ConfigError, DataError, warn
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.methods.config import Applies, no_projection
 from datatrace.methods.per_module import (
     module_param_spans,
     per_module_scores,
@@ -120,6 +121,17 @@ class SourceConfig(MethodConfig):
     fast: bool = False
     horizon: float | None = None
 
+    # settings that only some configurations read (MethodConfig.APPLIES)
+    APPLIES: ClassVar[Mapping[str, Applies]] = {
+        **MethodConfig.APPLIES,
+        **no_projection("Source applies matrix functions of the curvature in parameter space"),
+        "fisher": Applies(
+            lambda c: c.curvature in ("kfac", "ekfac"),
+            "curvature='kfac' or 'ekfac'",
+            on=("curvature",),
+        ),
+    }
+
     def __post_init__(self) -> None:
         super().__post_init__()
         choices: dict[str, tuple[str, ...]] = {
@@ -149,11 +161,6 @@ class SourceConfig(MethodConfig):
             _is_number(self.horizon) and 0 < self.horizon < math.inf
         ):
             raise ConfigError(f"horizon must be a finite number > 0 or None; got {self.horizon!r}.")
-        if self.projector != "none":
-            raise ConfigError(
-                f"Source applies matrix functions of the curvature in parameter space; got "
-                f"projector={self.projector!r}. Use projector='none'."
-            )
 
 
 def _is_number(x: Any) -> bool:

@@ -19,9 +19,9 @@ with fewer units than features (groups) an ``n_units x n_units`` one (``kernel_f
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -31,6 +31,7 @@ from datatrace.curvature import KernelOperator
 from datatrace.data import Batch, iter_batches
 from datatrace.errors import ConfigError, NumericalError
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.methods.config import Applies
 from datatrace.methods.context import check_dropout_masks
 from datatrace.projection import ProjectorKind
 from datatrace.solvers import GramInverse, InverseOperator
@@ -78,6 +79,19 @@ class TRAKConfig(MethodConfig):
     q_dropout_rate: float | None = None
     q_dropout_layers: tuple[str, ...] | None = None
     kernel_form: Literal["auto", "primal", "dual"] = "auto"
+
+    # settings that only some configurations read (MethodConfig.APPLIES)
+    APPLIES: ClassVar[Mapping[str, Applies]] = {
+        **MethodConfig.APPLIES,
+        "relative_damping": Applies(
+            lambda c: c.damping is None,
+            "damping=None",
+            on=("damping",),
+            hint="(relative_damping sets λ as a multiple of the kernel's mean diagonal.)",
+        ),
+        "q_dropout_rate": Applies(lambda c: c.q_dropout > 0, "q_dropout >= 1", on=("q_dropout",)),
+        "q_dropout_layers": Applies(lambda c: c.q_dropout > 0, "q_dropout >= 1", on=("q_dropout",)),
+    }
 
     @property
     def undamped(self) -> bool:

@@ -48,9 +48,9 @@ each) per query chunk.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -64,6 +64,7 @@ from datatrace.methods.base import (
     finite_or_raise,
     register,
 )
+from datatrace.methods.config import Applies, no_projection, unused
 from datatrace.replay import Replay, ReplayState, TrainingRecipe
 from datatrace.task import Member, Task
 
@@ -97,6 +98,15 @@ class UnrolledConfig(MethodConfig):
     query_batching: Literal["vmap", "loop"] = "vmap"
     weight: float = 1.0
 
+    # shared settings this method never reads (MethodConfig.APPLIES)
+    APPLIES: ClassVar[Mapping[str, Applies]] = {
+        **MethodConfig.APPLIES,
+        **no_projection("it differentiates the replayed run exactly and projects nothing"),
+        "engine": unused("it differentiates the replayed run, with no per-sample gradients"),
+        "seed": unused("it samples nothing (the recipe holds every step's seed)"),
+        "feature_dtype": unused("it keeps no train features"),
+    }
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.segment_steps is not None and (
@@ -120,11 +130,6 @@ class UnrolledConfig(MethodConfig):
                 f"weight must be a finite number >= 0 (the loss weight of every example at "
                 f"which the metagradient is taken: 1 the recorded run, 0.5 the centre of "
                 f"half-subset ablations); got {w!r}."
-            )
-        if self.projector != "none":
-            raise ConfigError(
-                f"unrolled differentiates the replayed run exactly and projects nothing; got "
-                f"projector={self.projector!r}. Use projector='none'."
             )
 
 
