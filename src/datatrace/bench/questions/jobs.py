@@ -40,21 +40,16 @@ def trained_mlp(d_in: int, hidden: tuple[int, ...], n: int, batch_size: int) -> 
     return model.eval()
 
 
-def tiny_gpt2() -> nn.Module:
-    """A 2-layer GPT-2 (``n_embd=64``, 4 heads, byte vocabulary, ``Conv1D`` layers, default
-    SDPA attention), random weights drawn from the global generator."""
+def tiny_gpt2(**sizes: int) -> nn.Module:
+    """A GPT-2 (``Conv1D`` layers, default SDPA attention), random weights drawn from the global
+    generator: 2 layers, ``n_embd=64``, 4 heads and a byte vocabulary, unless ``sizes`` (fields
+    of ``GPT2Config``) say otherwise (benchmarks/gpu_check.py builds a 1-layer one)."""
     import transformers
 
-    cfg = transformers.GPT2Config(
-        vocab_size=256,
-        n_positions=SEQ,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
+    sizes = {"vocab_size": 256, "n_positions": SEQ, "n_embd": 64, "n_layer": 2, "n_head": 4} | sizes
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(**sizes, bos_token_id=0, eos_token_id=0)
     )
-    return transformers.GPT2LMHeadModel(cfg)
 
 
 def pydoc_sequences(n: int, offset: int) -> dict[str, torch.Tensor]:

@@ -137,12 +137,14 @@ class ScaleConfig(QuestionConfig):
         configs: the job's configs to run, comma-separated (default: all of the job's).
         n_train: training examples (default: the job's, 50,000, 1,000,000 or 100,000).
         dense_n: examples of the ``mlp1m`` job's dense-projection config.
+        device: the attributors' device (``cuda``: also the peak GPU memory, in the JSON).
     """
 
     job: Literal["mlp1m", "million", "gpt2"] = "mlp1m"
     configs: tuple[str, ...] = ()
     n_train: int | None = None
     dense_n: int = 1024
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -155,7 +157,13 @@ class ScaleConfig(QuestionConfig):
 
 
 def _featurize(
-    job_name: str, config: str, n: int, state: dict[str, torch.Tensor], store: Path, threads: int
+    job_name: str,
+    config: str,
+    n: int,
+    state: dict[str, torch.Tensor],
+    store: Path,
+    threads: int,
+    device: str,
 ) -> dict[str, Any]:
     """One config in its own process: fit through the store, top-k (and attribute)."""
     from datatrace import make_attributor
@@ -169,7 +177,7 @@ def _featurize(
     task = _task(job, method, model)
     train, queries = job.train(n), job.queries(n)
     rss_data = peak_rss_mib()
-    attributor = make_attributor(method, task, store=store, **settings)
+    attributor = make_attributor(method, task, store=store, device=device, **settings)
     t_fit, _ = timed(attributor.fit, train)
     rss_fit = peak_rss_mib()
     t_topk, top = timed(attributor.topk, queries, TOPK)
@@ -179,6 +187,8 @@ def _featurize(
         t_attr, scores = timed(attributor.attribute, queries)
         assert tuple(scores.values.shape) == (N_QUERY, n)
         row["attribute_s"] = t_attr
+    if device.startswith("cuda"):  # the peak RSS below is the host's
+        row |= {"device": device, "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
     assert attributor.store is not None
     return row | {
         "settings": settings,
@@ -220,7 +230,9 @@ def scale(config: ScaleConfig) -> list[dict[str, Any]]:
             n_run = config.dense_n if name in job.dense else n
             store = Path(tmp) / f"store-{name}"
             threads = torch.get_num_threads()
-            r = run_isolated(_featurize, config.job, name, n_run, state, store, threads)
+            r = run_isolated(
+                _featurize, config.job, name, n_run, state, store, threads, config.device
+            )
             rows.append({"config": name, **r})
             if "error" in r:
                 print(f"| {name} | failed: {r['error']} |", flush=True)
