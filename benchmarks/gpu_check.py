@@ -29,9 +29,8 @@ from datatrace import Task, make_attributor
 from datatrace.bench.questions.jobs import tiny_gpt2
 from datatrace.devices import resolve_device
 from datatrace.metrics.lds import spearman_batched
-from tests.models import TinyLM, mlp
+from tests.models import TinyLM, mlp, rounded_data
 
-METHODS = ("grad-dot", "trak", "if-ekfac", "logra")
 OPTIONS: dict[str, dict[str, Any]] = {
     "grad-dot": {},
     "trak": {"proj_dim": 32},
@@ -43,11 +42,6 @@ RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
 MIN_SPEARMAN_HALF = 0.99  # bf16 vs float32, per query; >= 0.998 on the CPU (test_dtypes.py)
 
 
-def _mlp_data(n: int, seed: int, dtype: torch.dtype) -> Any:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g).to(dtype), torch.randint(0, 3, (n,), generator=g)
-
-
 def _lm_data(n: int, seed: int, dtype: torch.dtype) -> Any:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 13, (n, 7), generator=g)
@@ -56,34 +50,24 @@ def _lm_data(n: int, seed: int, dtype: torch.dtype) -> Any:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
+_gpt2 = partial(tiny_gpt2, vocab_size=13, n_positions=8, n_embd=16, n_layer=1, n_head=2)
 # (model builder, data builder, Task keyword arguments)
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[..., Any], dict[str, Any]]] = {
-    "mlp": (partial(mlp, hidden=16), _mlp_data, {}),
+    "mlp": (partial(mlp, hidden=16), rounded_data, {}),
     "lm": (partial(TinyLM, vocab=13), _lm_data, {"loss": "lm", "module_types": (nn.Linear,)}),
-    "gpt2": (  # Conv1D layers, default SDPA attention; needs transformers
-        partial(tiny_gpt2, vocab_size=13, n_positions=8, n_embd=16, n_layer=1, n_head=2),
-        _lm_data,
-        {"loss": "lm", "module_types": "layers"},
-    ),
+    "gpt2": (_gpt2, _lm_data, {"loss": "lm", "module_types": "layers"}),  # Conv1D, SDPA
 }
 
 
 def _scores(
-    model_name: str,
-    method: str,
-    dtype: torch.dtype,
-    device: torch.device,
-    store: str | None = None,
-    **extra: Any,
+    model_name: str, method: str, dtype: torch.dtype, device: torch.device, **options: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores, self-influence)`` with the model built on the CPU and CPU data."""
     build, data, task_options = MODELS[model_name]
     torch.manual_seed(0)
     # rounded through dtype first: float32 and bfloat16 runs then share their weights
     task = Task(build().to(dtype).eval(), **task_options)
-    attr = make_attributor(
-        method, task, batch_size=8, device=device, store=store, **OPTIONS[method], **extra
-    )
+    attr = make_attributor(method, task, batch_size=8, device=device, **OPTIONS[method], **options)
     attr.fit(data(24, 1, dtype))
     return attr.attribute(data(5, 2, dtype)).values, attr.self_attribute()
 
@@ -120,10 +104,10 @@ def _checks(device: torch.device, model_name: str, method: str) -> Iterator[tupl
     # stores are device-independent: reread on the device, and reused by a CPU attributor
     for feature_dtype in (None, "bfloat16"):
         with tempfile.TemporaryDirectory() as d:
-            kw = {"feature_dtype": feature_dtype}
-            first, _ = _scores(model_name, method, torch.float64, device, d, **kw)
-            again, _ = _scores(model_name, method, torch.float64, device, d, **kw)
-            on_cpu, _ = _scores(model_name, method, torch.float64, cpu, d, **kw)
+            kw = {"store": d, "feature_dtype": feature_dtype}
+            first, _ = _scores(model_name, method, torch.float64, device, **kw)
+            again, _ = _scores(model_name, method, torch.float64, device, **kw)
+            on_cpu, _ = _scores(model_name, method, torch.float64, cpu, **kw)
         ok_cpu, worst = _close(first, on_cpu, RTOL[torch.float64])
         equal = bool(torch.equal(first, again))
         check = f"store from {device.type}, features {feature_dtype or 'float64'}"
@@ -133,19 +117,15 @@ def _checks(device: torch.device, model_name: str, method: str) -> Iterator[tupl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="device to compare with the CPU")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated ids")
-    parser.add_argument(
-        "--models", default=",".join(MODELS), help="mlp, lm, gpt2 (comma-separated)"
-    )
+    parser.add_argument("--methods", default=",".join(OPTIONS), help="comma-separated ids")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)  # ConfigError (naming the fix) without CUDA
     assert device is not None
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        print(f"torch {torch.__version__} on {torch.cuda.get_device_name(device)}")
-    else:
-        print(f"torch {torch.__version__} on {device} (compared with the CPU)")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else f"{device} (compared with the CPU)"
+    print(f"torch {torch.__version__} on {name}")
     failures = 0
     print(f"{'model':5s} {'method':9s} {'check':44s} {'measured':40s} result")
     for model_name in filter(None, args.models.split(",")):
@@ -156,10 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows = [("runs", f"{type(exc).__name__}: {exc}"[:200], False)]
             for check, measured, ok in rows:
                 failures += not ok
-                print(
-                    f"{model_name:5s} {method:9s} {check:44s} {measured:40s} "
-                    f"{'ok' if ok else 'FAIL'}"
-                )
+                result = "ok" if ok else "FAIL"
+                print(f"{model_name:5s} {method:9s} {check:44s} {measured:40s} {result}")
     print(f"{failures} failed check(s)" if failures else "all checks passed")
     return 1 if failures else 0
 
