@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -46,10 +48,9 @@ def tiny_gpt2(**sizes: int) -> nn.Module:
     of ``GPT2Config``) say otherwise (benchmarks/gpu_check.py builds a 1-layer one)."""
     import transformers
 
-    sizes = {"vocab_size": 256, "n_positions": SEQ, "n_embd": 64, "n_layer": 2, "n_head": 4} | sizes
-    return transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(**sizes, bos_token_id=0, eos_token_id=0)
-    )
+    config: dict[str, Any] = {"vocab_size": 256, "n_positions": SEQ, "n_embd": 64, "n_layer": 2}
+    config |= {"n_head": 4, **sizes, "bos_token_id": 0, "eos_token_id": 0}
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
 
 
 def pydoc_sequences(n: int, offset: int) -> dict[str, torch.Tensor]:
