@@ -114,8 +114,8 @@ def markdown_row(cells: Iterable[Any]) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Iterable[Any]] = ()) -> str:
-    """A markdown table: the header, its ``|---|`` rule and ``rows`` (the header alone where the
-    rows are printed as they come)."""
+    """A markdown table: the header, its ``|---|`` rule and ``rows`` (none: the header alone,
+    for rows printed as they come)."""
     return "\n".join([markdown_row(header), "|" + "---|" * len(header), *map(markdown_row, rows)])
 
 
