@@ -81,6 +81,15 @@ def classification_data(
     return x, y
 
 
+def rounded_data(
+    n: int, seed: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` float32 inputs of 6 features cast to ``dtype`` (a half model's inputs are rounded
+    the same way) and labels of 3 classes: the half-precision tests and benchmarks/gpu_check.py."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g).to(dtype), torch.randint(0, 3, (n,), generator=g)
+
+
 def autograd_loop(model: nn.Module, fn, xs, ys, names: list[str] | None = None) -> torch.Tensor:
     """Reference per-sample gradients: one backward per example."""
     params = dict(model.named_parameters())

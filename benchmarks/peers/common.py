@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from datatrace._io import atomic_write
 from datatrace.bench.cache import GroundTruthSpec, _store_path, default_cache_dir, lds_ground_truth
+from datatrace.bench.report import markdown_table
 from datatrace.bench.settings import Setting
 from datatrace.errors import StoreError
 from datatrace.metrics import lds, paired_bootstrap, spearman, spearman_batched
@@ -116,8 +118,7 @@ def seed0_model(setting: Setting) -> nn.Module:
     print(f"trained the seed-0 model in {time.perf_counter() - t0:.1f}s", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    torch.save(state, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    atomic_write(path, lambda f: torch.save(state, f))
     return model.eval()
 
 
@@ -162,9 +163,7 @@ def fmt_diff(c: dict[str, Any]) -> str:
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
     """A markdown table (docs/peers.md's tables are these, edited)."""
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(markdown_table(header, rows))
 
 
 def write_json(path: Path | None, result: dict[str, Any]) -> None:

@@ -2,10 +2,8 @@
 
     python benchmarks/peers/peers.py --json out/peers.json
 
-TRAK (1 and 5 members; last layer, no projection), Grad-Dot, Grad-Cos and IF-CG: Spearman of
-ours with the peer, LDS of both with the paired interval of ours - peer, median warm fit +
-attribute times. Each peer runs in its own venv (``--setup-only`` builds them) through
-``peer_runner.py``. Details: docs/peers.md.
+TRAK, Grad-Dot, Grad-Cos and IF-CG, each peer in its own venv through ``peer_runner.py``: what
+is compared, the flags and every published command are in docs/peers.md.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.peers import common
 from benchmarks.peers.peer_runner import SLOW, timed
 from datatrace import Task, make_attributor
+from datatrace._io import atomic_write
 from datatrace.bench.cache import default_cache_dir
 from datatrace.bench.groundtruth import SubsetGroundTruth, noise_ceiling, subset_ground_truth
 from datatrace.bench.settings import Setting, get_setting
@@ -55,8 +54,7 @@ def legacy_ground_truth(setting: Setting) -> SubsetGroundTruth:
     gt = subset_ground_truth(lambda indices, seed: setting.train(indices, seed=SEED_OFFSET + seed),
                              measure, setting.n_train, M, 0.5, SEEDS, 0)  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(vars(gt), path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    atomic_write(path, lambda f: torch.save(vars(gt), f))
     return gt
 
 

@@ -3,11 +3,8 @@
     python benchmarks/peers/vs_kronfluence.py --setting pydoc-gpt2 --json out/kfx_gpt2.json
     python benchmarks/peers/vs_kronfluence.py --setting digits-mlp,digits-cnn --json out/kfx.json
 
-Language models (pydoc-charlm, pydoc-gpt2): our damping chosen on validation queries for every
-``--curvature-examples`` value against kronfluence at 1e-8 and its heuristic, timed at every
-``--threads`` count. Digits settings: our README call per ``--label-seeds`` seed, the exact
-Fisher and the library defaults against ``--kfx-runs`` kronfluence fits. Details in
-docs/peers.md. (Not ``kronfluence.py``: that would shadow the package in ``peer_runner.py``.)
+What each family of settings compares, and every published command: docs/peers.md, "EK-FAC
+next to kronfluence". (Not ``kronfluence.py``: that would shadow the package in the runner.)
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ def test_parse_question_reads_options_by_their_declared_type():
     assert config == ScaleConfig(job="million", configs=("grad-dot", "if-ekfac"), n_train=300)
     _, config = parse_question("group-speed:sizes=4,16:skip_kmeans_cost=true:setting=a:b")
     assert config == GroupSpeedConfig(sizes=(4, 16), skip_kmeans_cost=True, setting="a:b")
+    assert parse_question("scale:device=cuda:1")[1].device == "cuda:1"
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from datatrace.errors import ConfigError, NumericalError, StoreError
 from datatrace.methods.base import MethodConfig
 from datatrace.methods.trak import TRAKConfig
 from datatrace.metrics.lds import spearman_batched
+from tests.models import rounded_data as _data
 
 # K-FAC methods with the empirical Fisher: labels sampled from bf16 and float32 logits
 # differ now and then, which is sampling noise rather than precision.
@@ -39,11 +40,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype).eval()
-
-
-def _data(n: int, seed: int, dtype: torch.dtype = torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g).to(dtype), torch.randint(0, 3, (n,), generator=g)
 
 
 def _scores(method: str, model: nn.Module, dtype: torch.dtype, **extra) -> torch.Tensor:

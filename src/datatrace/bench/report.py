@@ -33,7 +33,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ from datatrace.errors import ConfigError
 
 __all__ = [
     "load_results",
+    "markdown_row",
+    "markdown_table",
     "print_table",
     "render_table",
     "update_blocks",
@@ -106,6 +108,17 @@ def _options(chosen: dict[str, Any] | None) -> str:
     return ", ".join(f"{k} {'—' if v is None else v}" for k, v in flat.items())
 
 
+def markdown_row(cells: Iterable[Any]) -> str:
+    """``| a | b |``: one row of a markdown table."""
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Iterable[Any]] = ()) -> str:
+    """A markdown table: the header, its ``|---|`` rule and ``rows`` (none: the header alone,
+    for rows printed as they come)."""
+    return "\n".join([markdown_row(header), "|" + "---|" * len(header), *map(markdown_row, rows)])
+
+
 def render_table(payload: dict[str, Any], *, cost: bool = False) -> str:
     """The markdown table of one bench run (see the module docstring for the columns)."""
     rows = [r for r in payload["rows"] if "error" not in r]
@@ -115,7 +128,7 @@ def render_table(payload: dict[str, Any], *, cost: bool = False) -> str:
     head = ["method", "setting (chosen on val)", "test LDS", "95% CI"]
     head += ["mislabel AUROC"] * mislabel + ["LOO Pearson"] * loo
     head += ["fit s", "attr s", "peak mem"] * cost + ["stored"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [markdown_table(head)]
     rows.sort(key=lambda r: -r["lds"])
     best = rows[0]["lds"] if rows else None
     for r in rows:
@@ -138,18 +151,16 @@ def render_table(payload: dict[str, Any], *, cost: bool = False) -> str:
                 _size(r.get("peak_rss_bytes")),
             ]
         cells.append(_size(r.get("bytes_stored")))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     blank = [DASH] * (len(head) - 3)
-    lines.append(
-        "| " + " | ".join(["random scores", DASH, f"{payload['random_lds']:.3f}", *blank]) + " |"
-    )
+    lines.append(markdown_row(["random scores", DASH, f"{payload['random_lds']:.3f}", *blank]))
     if payload.get("noise_ceiling") is not None:
         ceiling = f"{payload['noise_ceiling']:.3f}"
-        lines.append("| " + " | ".join(["noise ceiling", DASH, ceiling, *blank]) + " |")
+        lines.append(markdown_row(["noise ceiling", DASH, ceiling, *blank]))
     if mislabel:
         auroc = _num(payload["mislabel"].get("training_loss_auroc"))
         cells = ["training loss", DASH, DASH, DASH, auroc] + [DASH] * (len(head) - 5)
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     for r in failed:
         lines.append(f"\n{r.get('label') or r['method']} failed on every grid point.")
     return "\n".join(lines)

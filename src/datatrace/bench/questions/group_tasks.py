@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from datatrace.bench.questions.harness import QuestionConfig
+from datatrace.bench.questions.harness import QuestionConfig, timed
 
 __all__ = ["GroupTasksConfig", "group_tasks"]
 
@@ -77,9 +76,7 @@ def _prune(config: GroupTasksConfig) -> dict[str, Any]:
     for size in (1, 16):
         grouper = make_grouper("random", group_size=size, seed=0)
         attr = make_attributor(config.method, task, groups=grouper)
-        t0 = time.perf_counter()
-        values = group_values(attr.fit(train).attribute(val))
-        secs = time.perf_counter() - t0
+        secs, values = timed(lambda: group_values(attr.fit(train).attribute(val)))  # noqa: B023
         assert attr.grouping is not None
         r = group_pruning_curve(values, attr.grouping, config.fractions, retrain, evaluate)
         rand = [
@@ -97,21 +94,11 @@ def _prune(config: GroupTasksConfig) -> dict[str, Any]:
     return out
 
 
-def _summary(areas: list[float], at10: list[float], at20: list[float]) -> dict[str, float]:
-    return {
-        "area": round(statistics.fmean(areas), 4),
-        "found@10%": round(statistics.fmean(at10), 4),
-        "found@20%": round(statistics.fmean(at20), 4),
-    }
-
-
 def _curves(curves: list[Any]) -> dict[str, float]:
     """Area and fraction found at 10% and 20% inspected, averaged over ``curves``."""
-    return _summary(
-        [c.area for c in curves],
-        [c.found_at(0.1) for c in curves],
-        [c.found_at(0.2) for c in curves],
-    )
+    summary = {"area": [c.area for c in curves]}
+    summary |= {f"found@{p}%": [c.found_at(p / 100) for c in curves] for p in (10, 20)}
+    return {key: round(statistics.fmean(values), 4) for key, values in summary.items()}
 
 
 def _mislabel(config: GroupTasksConfig) -> dict[str, Any]:
@@ -140,9 +127,7 @@ def _mislabel(config: GroupTasksConfig) -> dict[str, Any]:
         row: dict[str, Any] = {}
         for method in ("grad-dot", "trak"):
             attr = make_attributor(method, task, groups=grouping)
-            t0 = time.perf_counter()
-            self_inf = attr.fit((x, y)).self_attribute()
-            secs = time.perf_counter() - t0
+            secs, self_inf = timed(lambda: attr.fit((x, y)).self_attribute())  # noqa: B023
             curve = group_inspection_curve(self_inf, grouping, gt.flipped)
             row[f"self-influence {method}"] = _curves([curve]) | {"seconds": round(secs, 2)}
         summed = sum_per_group(loss, grouping)

@@ -137,24 +137,18 @@ def _proj(kind: str, k: int | None = None) -> dict[str, Any]:
     return {"projector": kind} if k is None else {"projector": kind, "proj_dim": k}
 
 
+def _named(kind: str, k: int | None = None) -> tuple[str, dict[str, Any]]:
+    return kind, _proj(kind, k)
+
+
 def _digits_job(setting_name: str) -> _GroupJob:
     from datatrace.bench.settings import get_setting
 
     setting = get_setting(setting_name)
-    trak = [
-        ("rademacher", _proj("rademacher", 2048)),
-        ("sjlt", _proj("sjlt", 2048)),
-        ("factored", _proj("factored", 256)),
-    ]
-    influence = [
-        ("rademacher", _proj("rademacher", 1024)),
-        ("sjlt", _proj("sjlt", 1024)),
-        ("factored", _proj("factored", 256)),
-    ]
     configs = {
-        "trak": trak,
-        "influence": influence,
-        "grad-dot": [("none", _proj("none")), ("sjlt", _proj("sjlt", 2048))],
+        "trak": [_named("rademacher", 2048), _named("sjlt", 2048), _named("factored", 256)],
+        "influence": [_named("rademacher", 1024), _named("sjlt", 1024), _named("factored", 256)],
+        "grad-dot": [_named("none"), _named("sjlt", 2048)],
     }
     train, queries = setting.data.train, setting.data.test_queries
     return _GroupJob(setting.name, setting.train(seed=0), train, queries, False, 256, configs)
@@ -168,7 +162,7 @@ def _large_job(n_train: int, factored_dims: tuple[int, ...]) -> _GroupJob:
     factored = [
         ("factored" if k == 1024 else f"factored-{k}", _proj("factored", k)) for k in factored_dims
     ]
-    sjlt = [("sjlt", _proj("sjlt", 4096))]
+    sjlt = [_named("sjlt", 4096)]
     configs = {"trak": factored + sjlt, "influence": factored + sjlt, "grad-dot": sjlt}
     name = f"synthetic-{n_train}-mlp1M"
     return _GroupJob(
@@ -264,18 +258,11 @@ def group_speed(config: GroupSpeedConfig) -> dict[str, Any]:
                     _timed_run(build, tuple(t[:256] for t in train), job.queries, None, None)
                 r = _timed_run(build, train, job.queries, grouping, store)
                 cost = kmeans_s[k] if k else 0.0
-                r.update(
-                    job=job.name,
-                    n_train=n,
-                    method=method,
-                    projector=proj_name,
-                    settings=settings,
-                    group_size=k,
-                    grouping_s_kmeans_grad=cost,
-                    grouping_s_random=groupings[k].seconds if k else 0.0,
-                    end_to_end_s=r["fit_s"] + r["attribute_s"] + cost,
-                    threads=torch.get_num_threads(),
-                )
+                r.update(job=job.name, n_train=n, method=method, projector=proj_name)
+                r.update(settings=settings, group_size=k, grouping_s_kmeans_grad=cost)
+                r.update(grouping_s_random=groupings[k].seconds if k else 0.0)
+                r.update(end_to_end_s=r["fit_s"] + r["attribute_s"] + cost)
+                r.update(threads=torch.get_num_threads())
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     floor = median_time(lambda: _forward_backward(job), repeats=3)
@@ -388,17 +375,10 @@ def group_lds(config: GroupLDSConfig) -> dict[str, Any]:
         res = lds_of_groups(trak(grouping), gt)
         summed = lds_of_groups(grouping.sum_rows(per_sample.T).T, gt)  # per-sample, summed
         per_query[grouper, k] = per_query.get((grouper, k), 0) + res.per_query / len(seeds)
-        row = {
-            "grouper": grouper,
-            "group_size": k,
-            "grouping_seed": seed,
-            "max_group": int(grouping.sizes().max()),
-            "n_groups": grouping.n_groups,
-            "grouping_s": grouping.seconds,
-            "lds_group_trak": res.mean,
-            "lds_per_sample_trak_summed": summed.mean,
-            "ground_truth_s": t_gt,
-        }
+        row = {"grouper": grouper, "group_size": k, "grouping_seed": seed}
+        row |= {"max_group": int(grouping.sizes().max()), "n_groups": grouping.n_groups}
+        row |= {"grouping_s": grouping.seconds, "lds_group_trak": res.mean}
+        row |= {"lds_per_sample_trak_summed": summed.mean, "ground_truth_s": t_gt}
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
     for (grouper, k), pq in per_query.items():

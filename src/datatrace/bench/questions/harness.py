@@ -11,6 +11,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
 
+import torch
+
 from datatrace.bench.runner import _peak_rss
 from datatrace.errors import ConfigError
 
@@ -37,10 +39,17 @@ class QuestionConfig:
                 )
 
 
+def _wait_for_gpu() -> None:
+    if torch.cuda.is_initialized():  # kernels run asynchronously: time them to their end
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:
-    """Wall seconds of ``fn(*args, **kwargs)`` and its result."""
+    """Wall seconds of ``fn(*args, **kwargs)`` (CUDA work included) and its result."""
+    _wait_for_gpu()
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
+    _wait_for_gpu()
     return time.perf_counter() - t0, out
 
 

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -40,21 +42,15 @@ def trained_mlp(d_in: int, hidden: tuple[int, ...], n: int, batch_size: int) -> 
     return model.eval()
 
 
-def tiny_gpt2() -> nn.Module:
-    """A 2-layer GPT-2 (``n_embd=64``, 4 heads, byte vocabulary, ``Conv1D`` layers, default
-    SDPA attention), random weights drawn from the global generator."""
+def tiny_gpt2(**sizes: int) -> nn.Module:
+    """A GPT-2 (``Conv1D`` layers, default SDPA attention), random weights drawn from the global
+    generator: 2 layers, ``n_embd=64``, 4 heads and a byte vocabulary, unless ``sizes`` (fields
+    of ``GPT2Config``) say otherwise (benchmarks/gpu_check.py builds a 1-layer one)."""
     import transformers
 
-    cfg = transformers.GPT2Config(
-        vocab_size=256,
-        n_positions=SEQ,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(cfg)
+    config: dict[str, Any] = {"vocab_size": 256, "n_positions": SEQ, "n_embd": 64, "n_layer": 2}
+    config |= {"n_head": 4, **sizes, "bos_token_id": 0, "eos_token_id": 0}
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
 
 
 def pydoc_sequences(n: int, offset: int) -> dict[str, torch.Tensor]:

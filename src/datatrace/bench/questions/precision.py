@@ -68,15 +68,7 @@ def half_precision(config: HalfPrecisionConfig) -> list[dict[str, Any]]:
                     err = float(diff.norm() / ref.norm())
                     worst = float((diff.norm(dim=1) / ref.norm(dim=1)).max())  # per query
                     kind = str(half).removeprefix("torch.")
-                    rows.append(
-                        {
-                            "setting": name,
-                            "method": method,
-                            "weights": kind,
-                            "compute": label,
-                            "relative_error": err,
-                            "worst_query": worst,
-                        }
-                    )
+                    row = {"setting": name, "method": method, "weights": kind, "compute": label}
+                    rows.append(row | {"relative_error": err, "worst_query": worst})
                     print(f"| {name} | {method} | {kind} | {label} | {err:.4f} | {worst:.3f} |")
     return rows

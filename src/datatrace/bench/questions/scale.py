@@ -62,13 +62,9 @@ class _Job:
 def _trak(projector: str, proj_dim: int, batch_size: int, damped: bool = True) -> tuple[str, Any]:
     # relative damping 1e-3 where the kernel is singular: factored features of a 10-way output
     # layer have rank <= 9 x k_in, and a dense run on fewer examples than proj_dim rank <= n
-    damping = {"relative_damping": 1e-3} if damped else {}
-    return "trak", {
-        "projector": projector,
-        "proj_dim": proj_dim,
-        **damping,
-        "batch_size": batch_size,
-    }
+    settings = {"projector": projector, "proj_dim": proj_dim}
+    settings |= {"relative_damping": 1e-3} if damped else {}
+    return "trak", settings | {"batch_size": batch_size}
 
 
 def _random_gpt2(_: int) -> torch.nn.Module:
@@ -137,12 +133,14 @@ class ScaleConfig(QuestionConfig):
         configs: the job's configs to run, comma-separated (default: all of the job's).
         n_train: training examples (default: the job's, 50,000, 1,000,000 or 100,000).
         dense_n: examples of the ``mlp1m`` job's dense-projection config.
+        device: the attributors' device (``cuda``: also the peak GPU memory, in the JSON).
     """
 
     job: Literal["mlp1m", "million", "gpt2"] = "mlp1m"
     configs: tuple[str, ...] = ()
     n_train: int | None = None
     dense_n: int = 1024
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -155,46 +153,38 @@ class ScaleConfig(QuestionConfig):
 
 
 def _featurize(
-    job_name: str, config: str, n: int, state: dict[str, torch.Tensor], store: Path, threads: int
+    spec: ScaleConfig, name: str, n: int, state: dict[str, torch.Tensor], store: Path, threads: int
 ) -> dict[str, Any]:
     """One config in its own process: fit through the store, top-k (and attribute)."""
     from datatrace import make_attributor
 
     torch.set_num_threads(threads)
-    job = JOBS[job_name]
-    method, settings = job.configs[config]
+    job = JOBS[spec.job]
+    method, settings = job.configs[name]
     model = job.build()
     model.load_state_dict(state)
     model.eval()
     task = _task(job, method, model)
     train, queries = job.train(n), job.queries(n)
     rss_data = peak_rss_mib()
-    attributor = make_attributor(method, task, store=store, **settings)
+    attributor = make_attributor(method, task, store=store, device=spec.device, **settings)
     t_fit, _ = timed(attributor.fit, train)
     rss_fit = peak_rss_mib()
     t_topk, top = timed(attributor.topk, queries, TOPK)
     assert tuple(top.proponent_ids.shape) == (N_QUERY, TOPK)
-    row: dict[str, Any] = {"job": job_name, "config": config, "method": method}
+    row: dict[str, Any] = {"job": spec.job, "config": name, "method": method}
     if job.attribute:
         t_attr, scores = timed(attributor.attribute, queries)
         assert tuple(scores.values.shape) == (N_QUERY, n)
         row["attribute_s"] = t_attr
+    if spec.device.startswith("cuda"):  # the peak RSS below is the host's
+        row |= {"device": spec.device, "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20}
     assert attributor.store is not None
-    return row | {
-        "settings": settings,
-        "n_train": n,
-        "n_params": task.num_tracked,
-        "fit_s": t_fit,
-        "train_per_s": n / t_fit,
-        "topk_s": t_topk,
-        "scores_per_s": N_QUERY * n / t_topk,
-        "store_bytes": attributor.store.nbytes(),
-        "peak_rss_mib_after_data": rss_data,
-        "peak_rss_mib_after_fit": rss_fit,
-        "peak_rss_mib": peak_rss_mib(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
+    row |= {"settings": settings, "n_train": n, "n_params": task.num_tracked, "fit_s": t_fit}
+    row |= {"train_per_s": n / t_fit, "topk_s": t_topk, "scores_per_s": N_QUERY * n / t_topk}
+    row |= {"store_bytes": attributor.store.nbytes(), "peak_rss_mib_after_data": rss_data}
+    row |= {"peak_rss_mib_after_fit": rss_fit, "peak_rss_mib": peak_rss_mib()}
+    return row | {"threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def scale(config: ScaleConfig) -> list[dict[str, Any]]:
@@ -220,7 +210,7 @@ def scale(config: ScaleConfig) -> list[dict[str, Any]]:
             n_run = config.dense_n if name in job.dense else n
             store = Path(tmp) / f"store-{name}"
             threads = torch.get_num_threads()
-            r = run_isolated(_featurize, config.job, name, n_run, state, store, threads)
+            r = run_isolated(_featurize, config, name, n_run, state, store, threads)
             rows.append({"config": name, **r})
             if "error" in r:
                 print(f"| {name} | failed: {r['error']} |", flush=True)
