@@ -94,7 +94,7 @@ def _checks(device: torch.device, model_name: str, method: str) -> Iterator[tupl
         yield check, f"scores {worst_s:.1e}, self {worst_self:.1e}", ok_on and ok_s and ok_self
     # the empirical Fisher: labels sampled from bf16 and float32 logits differ now and then,
     # which is sampling noise, not precision (the LM's if-ekfac gave 0.969 with the true one)
-    kw = {"fisher": "empirical"} if method in ("if-ekfac", "logra") else {}
+    kw: dict[str, Any] = {"fisher": "empirical"} if method in ("if-ekfac", "logra") else {}
     half, _ = _scores(model_name, method, torch.bfloat16, device, **kw)
     single, _ = _scores(model_name, method, torch.float32, device, **kw)
     rho = float(spearman_batched(half.T.cpu(), single.T.cpu()).min())
