@@ -1,15 +1,7 @@
 """Sharded on-disk arrays with a manifest: nothing lost, nothing stale (DESIGN.md §5).
 
-A store is one directory::
-
-    <path>/
-        manifest.json              format_version, config, fingerprints, probes, shards, arrays
-        journal.jsonl              shards completed since the manifest was last rewritten
-        journal-rank<r>.jsonl      the same, of rank r > 0 of a distributed job
-        shard-<kind>-<index>.npy   one block of a streamed quantity (e.g. train features)
-        array-<name>.npy           fitted state (e.g. a kernel inverse)
-        writer.lock, writer.json   the writer's OS lock and who holds it (:mod:`store_lock`)
-        .tmp-datatrace-*.part      a write in progress; removed by the next writer
+A store is one directory of ``.npy`` shards and arrays, a manifest and journals (layout
+in docs/store.md, "On disk").
 
 Every file is written under a temporary name in the same directory, flushed, fsynced and
 renamed with ``os.replace``. A completed shard is then recorded by appending one fsynced JSON
@@ -21,36 +13,8 @@ recomputed), so a killed job resumes from its last complete shard and never read
 file. Reopening a store under a different ``format_version``, ``config``, ``fingerprints``
 or ``probes`` raises ``StoreError`` naming what differs.
 
-Integrity. Every entry records its file's size, an xxh3-128 checksum of its bytes, its shape
-and dtype. :meth:`Store.has_shard` checks the entry and the file's size (a missing, empty or
-truncated shard is not complete, so the featurization loop recomputes it); every read
-verifies the checksum, shape and dtype (about 0.02 s per 200 MB), and a file that fails is
-refused with a ``StoreError`` naming it and marked incomplete, so that the next run
-recomputes just that file. A manifest that is not valid JSON or holds a malformed entry is
-refused (it is only ever replaced atomically, so that is damage, not a killed write). File
-names are derived from the entry's kind and index (never taken from the manifest), are
-plain names inside the directory, and are opened without following symlinks.
-
-Ownership. :meth:`Store.clear` and ``overwrite=True`` delete only what a store wrote: the
-files its manifest and journals list, its journals, temporaries and lock files, and the
-manifest itself; a ``manifest.json`` that is not a datatrace manifest is refused, not
-deleted.
-
-Arrays are NumPy ``.npy`` files, never unpickled; bfloat16 is stored as its 16-bit pattern
-and the dtype is taken from the manifest.
-
-Concurrency. One process writes to a store at a time: opening takes the writer lock
-(:class:`~datatrace.store_lock.WriterLock`), and only its holder cleans temporaries, folds
-journals or writes. A store opened while another process holds the lock is a reader: it sees
-the last complete state, and its first write is refused with a ``StoreError`` naming the
-holder. :meth:`Store.close` gives the lock back (reads go on; a later write takes it again).
-Within a distributed job (:mod:`datatrace.distributed`) rank 0 holds the lock and owns the
-manifest and the arrays; a store opened with ``rank=r > 0`` writes shards only (each rank its
-own shard indices), each recorded in that rank's own journal, so no two processes ever append
-to or replace the same file. After a barrier rank 0 folds every journal into the manifest
-(:meth:`Store.merge_journals`) and the others re-read it (:meth:`Store.reload`). Shard indices
-are global, so a store written by any number of ranks has one layout and resumes under any
-other.
+Integrity (checksums), ownership (what ``clear`` deletes), the array format and
+concurrency (the writer lock, distributed ranks): docs/store.md, "On disk".
 """
 
 from __future__ import annotations
@@ -106,14 +70,8 @@ __all__ = [
     "rows_per_shard",
 ]
 
-# Target size of one shard of train features (the loop packs rows until it is reached). The
-# rule: large enough that the fixed cost of a shard (two fsyncs, a rename, a journal line:
-# ~1-5 ms) stays under 1% of writing its bytes, and few files even at 10^6 examples; small
-# enough that the buffer the loop fills (one shard) and the work a kill loses (one shard,
-# seconds of featurization) stay small; and small enough that the last shard's write, which
-# the loop cannot overlap with featurizing the next (it writes in a background thread), is a
-# small part of a fit (64 MiB: store fit 1.17x in memory on the 200k job, 128 MiB: 1.32x).
-# Override per attributor (``shard_bytes=``) or here.
+# Target size of one shard of train features (the loop packs rows until it is reached; the
+# rule behind 64 MiB is in docs/store.md). Override per attributor (``shard_bytes=``) or here.
 SHARD_BYTES = 64 * 2**20
 
 
