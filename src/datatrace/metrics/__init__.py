@@ -1,6 +1,7 @@
 """Efficacy metrics for attributions, checked against retraining (DESIGN.md §3, §9).
 
-The linear datamodeling score follows TRAK (Park et al., 2023).
+The linear datamodeling score follows TRAK (Park et al., 2023). Pruning and mislabel
+detection take ``groups=`` for group units; singleton groups equal the per-example result.
 """
 
 from datatrace.metrics.lds import (
@@ -21,6 +22,7 @@ from datatrace.metrics.removal import (
     PruningResult,
     brittleness_curve,
     pruning_curve,
+    random_example_pruning_curve,
     random_pruning_curve,
     top_proponents,
 )
@@ -40,6 +42,7 @@ __all__ = [
     "not_worse",
     "paired_bootstrap",
     "pruning_curve",
+    "random_example_pruning_curve",
     "random_pruning_curve",
     "spearman",
     "spearman_batched",

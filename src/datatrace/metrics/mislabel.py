@@ -22,6 +22,12 @@ Ties are handled deterministically, so a result never depends on the order of th
   example: the expectation over a random order of the tied examples. At the ends of tie
   blocks the curve is exact; in between it is linear.
 
+**Groups** (Ley et al., 2024, "Generalized Group Data Attribution"): with ``groups=`` the
+scores are one per group (group self-influence, or ``grouping.sum_rows`` of the training
+loss) and inspecting a group inspects all its examples: every example takes its group's
+score, so a group is a tie block and everything above applies on the training examples.
+Singleton groups give exactly the per-example result. ``area`` summarises the curve.
+
 Everything is pure torch (scikit-learn is only a test dependency).
 """
 
@@ -30,13 +36,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import torch
 
 from datatrace.errors import DataError
 from datatrace.metrics.lds import _average_ranks, _real_cpu64
+from datatrace.metrics.removal import _group_labels
+
+if TYPE_CHECKING:
+    from datatrace.metrics.removal import GroupsLike
 
 __all__ = ["MislabelResult", "mislabel_detection"]
 
@@ -73,6 +83,15 @@ class MislabelResult:
     fraction_found: torch.Tensor
     n_flipped: int
     n_train: int
+
+    @property
+    def area(self) -> float:
+        """Trapezoidal area under ``fraction_found`` against ``fraction_inspected``.
+
+        About 0.5 for a random order, ``1 - base_rate / 2`` for a perfect one.
+        """
+        x, y = self.fraction_inspected, self.fraction_found
+        return float(((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2).sum())
 
     @property
     def base_rate(self) -> float:
@@ -140,13 +159,18 @@ def _mask_1d(flipped: MaskLike, n_train: int) -> torch.Tensor:
     return f.detach().to("cpu")
 
 
-def mislabel_detection(scores: ScoreLike, flipped: MaskLike) -> MislabelResult:
+def mislabel_detection(
+    scores: ScoreLike, flipped: MaskLike, *, groups: GroupsLike | None = None
+) -> MislabelResult:
     """Score how well ``scores`` ranks the flipped training labels first.
 
     Args:
         scores: ``(n_train,)`` ranking score, higher = more suspicious, e.g. self-influence
-            (``attributor.self_attribute()``) or the training loss (the trivial baseline).
+            (``attributor.self_attribute()``) or the training loss (the trivial baseline);
+            ``(n_groups,)`` with ``groups``.
         flipped: ``(n_train,)`` bool, True where the label was flipped.
+        groups: A ``Grouping`` or ``(n_train,)`` group ids (scores in ascending id order):
+            each group is inspected whole (module docstring).
 
     Returns:
         A ``MislabelResult`` with AUROC, AUPRC and the fraction-found curve; ties are
@@ -160,8 +184,13 @@ def mislabel_detection(scores: ScoreLike, flipped: MaskLike) -> MislabelResult:
         >>> r = mislabel_detection([3.0, 2.0, 1.0], [True, False, False])
         >>> r.auroc, r.auprc, r.fraction_found.tolist()
         (1.0, 1.0, [0.0, 1.0, 1.0, 1.0])
+        >>> r = mislabel_detection([0.1, 3.0], [False, False, True, False], groups=[0, 0, 1, 1])
+        >>> r.fraction_found.tolist(), r.area
+        ([0.0, 0.5, 1.0, 1.0, 1.0], 0.75)
     """
     s = _scores_1d(scores)
+    if groups is not None:
+        s = s[_group_labels(groups, len(s), "scores")[0]]  # every example takes its group's
     n = int(s.shape[0])
     f = _mask_1d(flipped, n)
     n_pos = int(f.sum())

@@ -15,7 +15,14 @@ with fewer removals. The curve reports, per ``k``, the fraction of queries that 
 Generalization Influence", ICLR): a unit's value is its total attribution to a validation
 set, ``sum_q values[q, i]`` (DESIGN.md §1: positive = training on it helps). Drop the
 lowest-valued fraction of the units, retrain on the rest and evaluate; a good attribution
-keeps accuracy up longer than dropping units at random (``random_pruning_curve``).
+keeps accuracy up longer than dropping units at random (``random_pruning_curve``, or
+``random_example_pruning_curve`` for exactly as many examples as another curve kept).
+
+**Groups** (Ley et al., 2024, "Generalized Group Data Attribution"): with ``groups=``, the
+values are one per group (``attributor.attribute(val)`` with ``groups=``), fractions count
+training *examples*, and whole groups are dropped, lowest value first, while at most
+``round(fraction * n_train)`` examples go; ``retrain_fn`` gets the kept example indices.
+Singleton groups give exactly the per-example result.
 
 Ties are broken deterministically by position: among equal scores the lower column index is
 the stronger proponent (brittleness) and is dropped first (pruning). Indices passed to the
@@ -30,7 +37,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import numpy as np
 import torch
@@ -40,16 +47,21 @@ from datatrace.errors import ConfigError, DataError
 from datatrace.metrics.lds import _real_cpu64
 from datatrace.scores import Scores
 
+if TYPE_CHECKING:  # metrics sit below group (DESIGN.md §3): a Grouping is only duck-typed
+    from datatrace.group import Grouping
+
 __all__ = [
     "BrittlenessResult",
     "PruningResult",
     "brittleness_curve",
     "pruning_curve",
+    "random_example_pruning_curve",
     "random_pruning_curve",
     "top_proponents",
 ]
 
 M = TypeVar("M")
+GroupsLike: TypeAlias = "Grouping | torch.Tensor | Sequence[int] | np.ndarray"
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,15 +135,40 @@ def _check_fractions(fractions: Sequence[float] | torch.Tensor) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _n_dropped(fraction: float, n_units: int) -> int:
+def _n_dropped(fraction: float, n_units: int, what: str = "units") -> int:
     # Round half up, not floor: 0.29 * 100 is 28.999999999999996 in floating point.
     n_drop = math.floor(fraction * n_units + 0.5)
     if n_drop >= n_units:
         raise ConfigError(
-            f"pruning fraction {fraction!r} of {n_units} units drops {n_drop} and keeps none; "
+            f"pruning fraction {fraction!r} of {n_units} {what} drops {n_drop} and keeps none; "
             f"use fractions below {(n_units - 0.5) / n_units:.6g}."
         )
     return n_drop
+
+
+def _group_labels(groups: GroupsLike, n_units: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(labels, ids)`` of a ``Grouping`` or of ``(n_train,)`` group ids, for ``n_units`` values.
+
+    ``labels[i]`` is example i's group index, ``ids`` the group ids in ascending order (as
+    ``Grouping.from_ids`` relabels them), which is the order the values must follow.
+    """
+    labels = getattr(groups, "labels", None)
+    if isinstance(labels, torch.Tensor):  # a datatrace.group.Grouping, validated when built
+        ids = groups.ids  # type: ignore[union-attr]
+    else:
+        t = groups if isinstance(groups, torch.Tensor) else torch.as_tensor(np.asarray(groups))
+        bad = t.is_floating_point() or t.is_complex() or t.dtype == torch.bool
+        if bad or t.ndim != 1 or t.numel() == 0 or int(t.min()) < 0:
+            raise DataError(
+                f"groups must be a Grouping or (n_train,) non-negative integer group ids; got "
+                f"dtype {t.dtype} and shape {tuple(t.shape)}."
+            )
+        ids, labels = torch.unique(t.detach().cpu().long(), sorted=True, return_inverse=True)
+    if ids.numel() != n_units:
+        raise DataError(
+            f"{name} must have one value per group (n_groups={ids.numel()}); got {n_units}."
+        )
+    return labels.detach().cpu().long(), ids.detach().cpu().long()
 
 
 def _as_bool(x: Any, where: str) -> bool:
@@ -298,18 +335,21 @@ class PruningResult:
             the y axis).
         unit_values: ``(n_units,)`` float64 value of every unit that the ranking used
             (the total attribution, or the random draw of ``random_pruning_curve``).
+        kept: per fraction, the 1-D int64 ids passed to ``retrain_fn`` (unit ids, or
+            training indices with ``groups=``), ascending.
 
     Example:
         >>> r = pruning_curve(torch.tensor([0.3, -0.2, 0.1, 0.5]), [0.0, 0.5],
         ...                   lambda kept: kept.tolist(), lambda kept: float(len(kept)))
-        >>> r.n_kept.tolist(), r.accuracy.tolist()
-        ([4, 2], [4.0, 2.0])
+        >>> r.n_kept.tolist(), r.accuracy.tolist(), r.kept[1].tolist()
+        ([4, 2], [4.0, 2.0], [0, 3])
     """
 
     fractions: torch.Tensor
     n_kept: torch.Tensor
     accuracy: torch.Tensor
     unit_values: torch.Tensor
+    kept: tuple[torch.Tensor, ...]
 
 
 def _unit_values(values_or_unit_scores: Scores | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,26 +378,36 @@ def _unit_values(values_or_unit_scores: Scores | torch.Tensor) -> tuple[torch.Te
 def _prune(
     unit_values: torch.Tensor,
     unit_ids: torch.Tensor,
-    fractions: Sequence[float] | torch.Tensor,
-    retrain_fn: Callable[[torch.Tensor], M],
-    evaluate_fn: Callable[[M], Any],
+    fractions: torch.Tensor,
+    n_drop: list[int],
+    fns: tuple[Callable[[torch.Tensor], M], Callable[[M], Any]],
     progress: bool,
     desc: str,
+    labels: torch.Tensor | None = None,
 ) -> PruningResult:
-    n = int(unit_values.shape[0])
-    fr = _check_fractions(fractions)
-    n_drop = [_n_dropped(f, n) for f in fr.tolist()]
+    """Retrain without the ``n_drop[j]`` lowest-valued units (examples, with ``labels``)."""
+    retrain_fn, evaluate_fn = fns
     order = torch.sort(unit_values, stable=True).indices  # lowest value (dropped) first
+    kept_sets = []
+    for d in n_drop:
+        if labels is None:
+            kept_sets.append(unit_ids[torch.sort(order[d:]).values])
+            continue
+        # Whole groups, lowest value first, for as long as at most d examples are dropped.
+        sizes = torch.bincount(labels, minlength=len(order))[order]
+        gone = torch.zeros(len(order), dtype=torch.bool)
+        gone[order[: int((torch.cumsum(sizes, 0) <= d).sum())]] = True
+        kept_sets.append((~gone[labels]).nonzero().flatten())
     accuracy = torch.empty(len(n_drop), dtype=torch.float64)
-    for j, d in enumerate(progress_bar(n_drop, desc=desc, enabled=progress)):
-        kept = unit_ids[torch.sort(order[d:]).values]
-        model = retrain_fn(kept)
-        accuracy[j] = _as_float(evaluate_fn(model), f"at fraction {float(fr[j])!r}")
+    for j, kept in enumerate(progress_bar(kept_sets, desc=desc, enabled=progress)):
+        model = retrain_fn(kept.clone())
+        accuracy[j] = _as_float(evaluate_fn(model), f"at fraction {float(fractions[j])!r}")
     return PruningResult(
-        fractions=fr,
-        n_kept=n - torch.tensor(n_drop, dtype=torch.int64),
+        fractions=fractions,
+        n_kept=torch.tensor([len(k) for k in kept_sets], dtype=torch.int64),
         accuracy=accuracy,
         unit_values=unit_values,
+        kept=tuple(kept_sets),
     )
 
 
@@ -367,6 +417,8 @@ def pruning_curve(
     retrain_fn: Callable[[torch.Tensor], M],
     evaluate_fn: Callable[[M], Any],
     progress: bool = False,
+    *,
+    groups: GroupsLike | None = None,
 ) -> PruningResult:
     """Accuracy after dropping the lowest-valued fraction of the units and retraining.
 
@@ -384,17 +436,39 @@ def pruning_curve(
             unit ids to train on, ascending.
         evaluate_fn: ``evaluate_fn(model) -> float``, e.g. test accuracy.
         progress: Show a tqdm progress bar over the retrainings.
+        groups: A ``Grouping`` or ``(n_train,)`` group ids when the units are groups (in
+            ascending id order): fractions then count training examples, whole groups go
+            while at most ``round(p * n_train)`` examples are dropped, and ``kept`` holds
+            training indices (module docstring).
 
     Returns:
         A ``PruningResult``.
 
     Raises:
-        DataError: On a wrong shape or non-finite values, or if ``evaluate_fn`` returns a
-            non-number or a non-finite number.
+        DataError: On a wrong shape or non-finite values, values that are not one per
+            group, or if ``evaluate_fn`` returns a non-number or a non-finite number.
         ConfigError: On empty, non-increasing or out-of-range ``fractions``.
+
+    Example:
+        >>> r = pruning_curve(torch.tensor([0.5, -1.0, 2.0]), [0.5], lambda kept: kept,
+        ...                   lambda kept: 0.0, groups=[0, 0, 1, 1, 2, 2])
+        >>> r.kept[0].tolist()
+        [0, 1, 4, 5]
     """
     u, ids = _unit_values(values_or_unit_scores)
-    return _prune(u, ids, fractions, retrain_fn, evaluate_fn, progress, "pruning retraining")
+    fr = _check_fractions(fractions)
+    fns = (retrain_fn, evaluate_fn)
+    if groups is None:
+        n_drop = [_n_dropped(f, len(u)) for f in fr.tolist()]
+        return _prune(u, ids, fr, n_drop, fns, progress, "pruning retraining")
+    labels, group_ids = _group_labels(groups, len(u), "values_or_unit_scores")
+    if isinstance(values_or_unit_scores, Scores) and not torch.equal(ids, group_ids):
+        raise DataError(
+            f"the scores' unit_ids {ids[:5].tolist()}... are not the groups' ids "
+            f"{group_ids[:5].tolist()}...; attribute with the same groups."
+        )
+    n_drop = [_n_dropped(f, len(labels), "training examples") for f in fr.tolist()]
+    return _prune(u, ids, fr, n_drop, fns, progress, "group pruning retraining", labels)
 
 
 def random_pruning_curve(
@@ -436,12 +510,60 @@ def random_pruning_curve(
         raise ConfigError(f"n_units must be a positive int; got {n_units!r}.")
     gen = torch.Generator().manual_seed(seed)
     u = torch.rand(int(n_units), generator=gen, dtype=torch.float64)
-    return _prune(
-        u,
-        torch.arange(int(n_units)),
-        fractions,
-        retrain_fn,
-        evaluate_fn,
-        progress,
-        "random pruning retraining",
-    )
+    fr = _check_fractions(fractions)
+    n_drop = [_n_dropped(f, int(n_units)) for f in fr.tolist()]
+    fns = (retrain_fn, evaluate_fn)
+    return _prune(u, torch.arange(int(n_units)), fr, n_drop, fns, progress, "random pruning")
+
+
+def random_example_pruning_curve(
+    n_train: int,
+    n_kept: Sequence[int] | torch.Tensor,
+    retrain_fn: Callable[[torch.Tensor], M],
+    evaluate_fn: Callable[[M], Any],
+    seed: int = 0,
+    progress: bool = False,
+) -> PruningResult:
+    """Random baseline with given counts: keep ``n_kept[j]`` examples of one seeded order.
+
+    Pass another ``PruningResult``'s ``n_kept`` (e.g. a curve with ``groups=``) to remove
+    exactly as many examples at random. The kept sets are nested prefixes of
+    ``torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))``.
+
+    Args:
+        n_train: Number of training examples.
+        n_kept: Examples to keep per point, each in ``[1, n_train]``.
+        retrain_fn: As in ``pruning_curve``.
+        evaluate_fn: As in ``pruning_curve``.
+        seed: Seed of the random order.
+        progress: Show a tqdm progress bar over the retrainings.
+
+    Returns:
+        A ``PruningResult`` whose ``fractions`` are ``(n_train - n_kept) / n_train``.
+
+    Raises:
+        ConfigError: If ``n_train < 1`` or a count is outside ``[1, n_train]``.
+
+    Example:
+        >>> r = random_example_pruning_curve(10, [10, 4], lambda kept: kept,
+        ...                                  lambda kept: float(len(kept)))
+        >>> r.accuracy.tolist()
+        [10.0, 4.0]
+    """
+    if isinstance(n_train, bool) or not isinstance(n_train, (int, np.integer)) or n_train < 1:
+        raise ConfigError(f"n_train must be a positive int; got {n_train!r}.")
+    n = int(n_train)
+    counts = n_kept.tolist() if isinstance(n_kept, torch.Tensor) else list(n_kept)
+    if not counts:
+        raise ConfigError("n_kept must name at least one count; got none.")
+    for c in counts:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 1 <= c <= n:
+            raise ConfigError(f"n_kept entries must be ints in [1, n_train={n}]; got {c!r}.")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    # Values that rank perm[0] highest, so dropping the lowest n - c keeps perm[:c].
+    u = torch.empty(n, dtype=torch.float64)
+    u[perm] = torch.arange(n - 1, -1, -1, dtype=torch.float64)
+    n_drop = [n - int(c) for c in counts]
+    fr = torch.tensor(n_drop, dtype=torch.float64) / n
+    fns = (retrain_fn, evaluate_fn)
+    return _prune(u, torch.arange(n), fr, n_drop, fns, progress, "random example pruning")
