@@ -11,7 +11,7 @@ random group order (mean of 50 orders) and the training loss summed per group. T
 groups use ``group_seed`` 1: with seed 0 they share ``torch.randperm(n, seed 0)`` with the
 label flips, and the 10% flips fill the first groups. Reported: area under
 fraction-of-flips-found vs fraction-inspected, and the fraction found after inspecting 10% and
-20% of the training examples. Functions: :mod:`datatrace.bench.group_tasks`.
+20% of the training examples. Metrics: :mod:`datatrace.metrics` with ``groups=``.
 """
 
 from __future__ import annotations
@@ -54,13 +54,9 @@ class GroupTasksConfig(QuestionConfig):
 
 def _prune(config: GroupTasksConfig) -> dict[str, Any]:
     from datatrace import make_attributor
-    from datatrace.bench.group_tasks import (
-        group_pruning_curve,
-        group_values,
-        random_example_pruning_curve,
-    )
     from datatrace.bench.settings import get_setting
     from datatrace.group import make_grouper
+    from datatrace.metrics import pruning_curve, random_example_pruning_curve
 
     setting = get_setting(config.setting)
     task = setting.make_task(setting.train(seed=0))
@@ -76,9 +72,10 @@ def _prune(config: GroupTasksConfig) -> dict[str, Any]:
     for size in (1, 16):
         grouper = make_grouper("random", group_size=size, seed=0)
         attr = make_attributor(config.method, task, groups=grouper)
-        secs, values = timed(lambda: group_values(attr.fit(train).attribute(val)))  # noqa: B023
+        secs, scores = timed(lambda: attr.fit(train).attribute(val))  # noqa: B023
         assert attr.grouping is not None
-        r = group_pruning_curve(values, attr.grouping, config.fractions, retrain, evaluate)
+        dropped = [1.0 - f for f in config.fractions]
+        r = pruning_curve(scores, dropped, retrain, evaluate, groups=attr.grouping)
         rand = [
             random_example_pruning_curve(setting.n_train, r.n_kept, retrain, evaluate, seed=s)
             for s in range(config.random_seeds)
@@ -101,16 +98,17 @@ def _curves(curves: list[Any]) -> dict[str, float]:
     return {key: round(statistics.fmean(values), 4) for key, values in summary.items()}
 
 
+def _uniform(n: int, seed: int) -> torch.Tensor:
+    """Random group scores: a seeded random inspection order."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 def _mislabel(config: GroupTasksConfig) -> dict[str, Any]:
     from datatrace import make_attributor
-    from datatrace.bench.group_tasks import (
-        group_inspection_curve,
-        random_group_inspection_curve,
-        sum_per_group,
-    )
     from datatrace.bench.mislabel import mislabel_ground_truth
     from datatrace.bench.settings import get_setting
     from datatrace.group import make_grouper
+    from datatrace.metrics import mislabel_detection
 
     gt = mislabel_ground_truth(get_setting(config.setting))
     print(gt.note(), flush=True)
@@ -128,11 +126,14 @@ def _mislabel(config: GroupTasksConfig) -> dict[str, Any]:
         for method in ("grad-dot", "trak"):
             attr = make_attributor(method, task, groups=grouping)
             secs, self_inf = timed(lambda: attr.fit((x, y)).self_attribute())  # noqa: B023
-            curve = group_inspection_curve(self_inf, grouping, gt.flipped)
+            curve = mislabel_detection(self_inf, gt.flipped, groups=grouping)
             row[f"self-influence {method}"] = _curves([curve]) | {"seconds": round(secs, 2)}
-        summed = sum_per_group(loss, grouping)
-        row["training loss"] = _curves([group_inspection_curve(summed, grouping, gt.flipped)])
-        rand = [random_group_inspection_curve(grouping, gt.flipped, seed=s) for s in range(50)]
+        summed = grouping.sum_rows(loss.double())
+        row["training loss"] = _curves([mislabel_detection(summed, gt.flipped, groups=grouping)])
+        rand = [
+            mislabel_detection(_uniform(grouping.n_groups, s), gt.flipped, groups=grouping)
+            for s in range(50)
+        ]
         row["random (mean of 50)"] = _curves(rand)
         row["max flips in a group"] = int(grouping.sum_rows(gt.flipped.long()).max())
         out[f"size{size}"] = row
