@@ -124,6 +124,8 @@ def test_group_lds_and_tasks(tmp_path):
     assert out["prune"]["size1"]["n_kept"] == [24, 12]
     out = _run(tmp_path, "group-tasks:task=mislabel:setting=test-wide")
     assert set(out["mislabel"]["size4"]) >= {"self-influence trak", "random (mean of 50)"}
+    with pytest.raises(ConfigError, match="fractions kept, strictly decreasing"):
+        parse_question("group-tasks:fractions=0.2,0.6")
 
 
 def test_half_precision(tmp_path):

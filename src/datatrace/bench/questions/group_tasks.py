@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from datatrace.bench.questions.harness import QuestionConfig, timed
+from datatrace.errors import ConfigError
 
 __all__ = ["GroupTasksConfig", "group_tasks"]
 
@@ -50,6 +51,15 @@ class GroupTasksConfig(QuestionConfig):
     train_seeds: int = 2
     random_seeds: int = 2
     group_seed: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        kept = list(self.fractions)
+        if not kept or any(not 0.0 < f <= 1.0 for f in kept) or kept != sorted(set(kept))[::-1]:
+            raise ConfigError(
+                f"group-tasks fractions are fractions kept, strictly decreasing in (0, 1], "
+                f"e.g. 1.0,0.6,0.2; got {kept}."
+            )
 
 
 def _prune(config: GroupTasksConfig) -> dict[str, Any]:
