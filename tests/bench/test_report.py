@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from datatrace.bench.report import BLOCK, load_results, main, render_table, update_blocks
+from datatrace.bench.report import (
+    BLOCK,
+    load_results,
+    main,
+    render_table,
+    result_differences,
+    update_blocks,
+)
 from datatrace.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,6 +105,32 @@ def test_main_prints_a_table(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     (tmp_path / "r.json").write_text(json.dumps(payload()))
     assert main([str(tmp_path / "r.json")]) == 0
     assert capsys.readouterr().out.startswith("| method |")
+
+
+def test_compare_ignores_times_and_memory_and_names_every_other_difference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = payload(threads=1)
+    rerun = json.loads(json.dumps(old))
+    rerun["threads"] = 2
+    for row in rerun["rows"][:2]:
+        row["fit_s"], row["attribute_s"], row["peak_rss_bytes"] = 9.0, 9.0, 1
+    assert result_differences(old, rerun) == []
+    changed = json.loads(json.dumps(rerun))
+    changed["rows"][1]["ci"][0] = 0.2800000001  # one bit-level change in if-ekfac's interval
+    changed["rows"][0]["setting"]["proj_dim"] = 1024
+    del changed["rows"][2]
+    assert result_differences(old, changed) == [
+        "rows[rps]: only in the old result",
+        "rows[if-ekfac].ci[0]: 0.28 != 0.2800000001",
+        "rows[trak].setting.proj_dim: 512 != 1024",
+    ]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(changed))
+    (tmp_path / "same.json").write_text(json.dumps(rerun))
+    assert main(["--compare", str(tmp_path / "old.json"), str(tmp_path / "same.json")]) == 0
+    assert main(["--compare", str(tmp_path / "old.json"), str(tmp_path / "new.json")]) == 1
+    assert "rows[trak].setting.proj_dim: 512 != 1024" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)

@@ -11,7 +11,9 @@ generated, never typed: each sits between two markers that name the JSON it come
 
 and ``python -m datatrace.bench.report --update README.md docs/benchmarks.md`` (``make
 readme-table``) rewrites every such block from its JSON. ``python -m datatrace.bench.report
-PATH`` prints the table of one results file.
+PATH`` prints the table of one results file; ``--compare OLD NEW`` lists every result that
+differs between two runs (exit status 1), ignoring times and memory: the check that a
+refactor left every score the same (:func:`result_differences`).
 
 Columns: the row's label, the grid point chosen on the validation queries, test LDS and its
 95% bootstrap interval (DESIGN.md §9), mislabel AUROC and LOO Pearson where the run has those
@@ -266,6 +268,58 @@ def print_table(payload: dict[str, Any]) -> None:
         print(f"note: {note}")
 
 
+# what a rerun of the same code may change: wall times, memory, the machine's threads
+_COST_KEYS = frozenset({"threads", "peak_rss_bytes", "peak_rss_total_bytes", "seconds"})
+
+
+def result_differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """Every place where two ``datatrace bench --json`` results differ, timings and memory
+    excluded (keys ending in ``_s``, ``seconds``, peak memory, threads); numbers compare
+    exactly (JSON round-trips floats bit for bit). Rows are matched by their label.
+
+    Example:
+        >>> a = {"rows": [{"label": "trak", "lds": 0.25, "fit_s": 1.0}]}
+        >>> result_differences(a, {"rows": [{"label": "trak", "lds": 0.25, "fit_s": 2.0}]})
+        []
+        >>> result_differences(a, {"rows": [{"label": "trak", "lds": 0.26, "fit_s": 1.0}]})
+        ['rows[trak].lds: 0.25 != 0.26']
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            if key in _COST_KEYS or str(key).endswith("_s"):
+                continue
+            here = f"{where}.{key}" if where else str(key)
+            if key not in old or key not in new:
+                out.append(f"{here}: only in the {'new' if key in new else 'old'} result")
+            elif key == "rows" and isinstance(old[key], list) and isinstance(new[key], list):
+                out += _row_differences(old[key], new[key], here)
+            else:
+                out += result_differences(old[key], new[key], here)
+        return out
+    if isinstance(old, list) and isinstance(new, list):
+        if len(old) != len(new):
+            return [f"{where}: {len(old)} entries != {len(new)}"]
+        return [
+            d
+            for i, (a, b) in enumerate(zip(old, new))
+            for d in result_differences(a, b, f"{where}[{i}]")
+        ]
+    return [] if old == new and type(old) is type(new) else [f"{where}: {old!r} != {new!r}"]
+
+
+def _row_differences(old: list[Any], new: list[Any], where: str) -> list[str]:
+    label = lambda r: str(r.get("label", r.get("method"))) if isinstance(r, dict) else repr(r)  # noqa: E731
+    olds, news = {label(r): r for r in old}, {label(r): r for r in new}
+    out = [
+        f"{where}[{k}]: only in the {'new' if k in news else 'old'} result"
+        for k in sorted(set(olds) ^ set(news))
+    ]
+    for k in sorted(set(olds) & set(news)):
+        out += result_differences(olds[k], news[k], f"{where}[{k}]")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m datatrace.bench.report",
@@ -282,7 +336,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="rewrite the <!-- bench-table: PATH --> blocks of these markdown files",
     )
     parser.add_argument("--root", type=Path, default=Path("."), help="base of marker paths")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("OLD", "NEW"),
+        help="list what differs between two results, times and memory excluded (exit 1 if any)",
+    )
     args = parser.parse_args(argv)
+    if args.compare:
+        old, new = args.compare
+        diffs = result_differences(load_results(old), load_results(new))
+        for line in diffs:
+            print(line)
+        print(f"{len(diffs)} difference(s)", file=sys.stderr)
+        return 1 if diffs else 0
     if args.results is None and not args.update:
         parser.error("give a results JSON to print, or --update FILE ...")
     if args.results is not None:
