@@ -32,6 +32,44 @@ REFUSED = [
         r"projector='gaussian' applies only with curvature='fisher'",
     ),
     ("if-cg", {"query_rank": 2}, r"query_rank=2 applies only with the factored training-score"),
+    # values only some configurations take (the rules InfluenceConfig.__post_init__ held)
+    (
+        "if-cg",
+        {"damping": "heuristic"},
+        r"damping='heuristic' applies only with curvature='kfac' or 'ekfac' and "
+        r"solver='explicit'; got curvature='ggn', solver='cg'.*pass a number",
+    ),
+    (
+        "if-ekfac",
+        {"solver": "cg"},  # the id's per-layer damping stays: the message says what to pass
+        r"damping='heuristic' applies only .* got curvature='ekfac', solver='cg'",
+    ),
+    (
+        "if-cg",
+        {"solver": "datainf"},
+        r"solver='datainf' applies only with curvature='fisher'; got curvature='ggn'.*DataInf",
+    ),
+    (
+        "if-datainf",
+        {"train_features": "recompute"},
+        r"train_features='recompute' applies only with a curvature other than 'fisher'",
+    ),
+    (
+        "if-explicit",
+        {"train_features": "factored", "curvature": "fisher"},
+        r"train_features='factored' applies only with a curvature other than 'fisher'",
+    ),
+    (
+        "if-ekfac",
+        {"train_features": "factored", "engine": "functional"},
+        r"engine='functional' applies only with train_features other than 'factored'",
+    ),
+    (
+        "if-ekfac",
+        {"fisher_samples": 2},
+        r"fisher_samples=2 applies only with .* and fisher='true'; got curvature='ekfac', "
+        r"fisher='empirical'",
+    ),
     ("trak", {"damping": 0.1, "relative_damping": 0.5}, r"relative_damping=0.5 .* damping=None"),
     ("trak", {"q_dropout_rate": 0.3}, r"q_dropout_rate=0.3 applies only with q_dropout >= 1"),
     (
@@ -87,6 +125,26 @@ def test_unrolled_refuses_the_shared_settings_it_never_reads(name):
     value = value or {"projector": "gaussian", "proj_dim": 8}[name]
     with pytest.raises(ConfigError, match=f"UnrolledConfig does not use {name}"):
         UnrolledConfig(**{name: value})
+
+
+def test_value_rules_accept_the_values_they_are_not_about():
+    # a number is read by every solver; 'gradients' and the functional engine by every path
+    make_attributor("if-cg", task(), damping=0.5)
+    make_attributor("if-datainf", task(), train_features="gradients")
+    make_attributor("if-cg", task(), train_features="recompute", engine="functional")
+    make_attributor("if-ekfac", task(), fisher="true", fisher_samples=3)
+
+
+def test_influence_config_post_init_checks_each_field_alone():
+    """Cross-field rules live in APPLIES: a bad single field is reported as such first."""
+    from datatrace.methods.influence_config import InfluenceConfig
+
+    with pytest.raises(ConfigError, match="fisher_samples must be an integer >= 1; got 0"):
+        InfluenceConfig(fisher_samples=0, curvature="ggn")
+    with pytest.raises(ConfigError, match="query_rank must be None or an integer >= 1"):
+        InfluenceConfig(query_rank=0)
+    with pytest.raises(ConfigError, match="damping must be a number >= 0, 'heuristic'"):
+        InfluenceConfig(damping="tiny", solver="cg")
 
 
 def test_the_check_runs_after_the_config_s_own_validation():

@@ -225,12 +225,13 @@ def check_damping(damping: Any, modules: Sequence[str] | None = None) -> None:
         raise ConfigError(f"damping must be a finite number >= 0; got {damping!r}.")
 
 
-def check_fisher_samples(fisher_samples: Any, fisher: str) -> None:
-    """Validate ``fisher_samples``: an integer >= 1, above 1 only with ``fisher="true"``."""
+def check_fisher_samples(fisher_samples: Any, fisher: str | None = None) -> None:
+    """Validate ``fisher_samples``: an integer >= 1, above 1 only with ``fisher="true"``
+    (not checked without ``fisher``: a config's ``APPLIES`` rule says it)."""
     ok = isinstance(fisher_samples, int) and not isinstance(fisher_samples, bool)
     if not ok or fisher_samples < 1:
         raise ConfigError(f"fisher_samples must be an integer >= 1; got {fisher_samples!r}.")
-    if fisher_samples > 1 and fisher != "true":
+    if fisher is not None and fisher_samples > 1 and fisher != "true":
         raise ConfigError(
             f"fisher_samples={fisher_samples} samples labels, which only fisher='true' does; "
             f"got fisher={fisher!r}; pass fisher='true' with it."

@@ -3,9 +3,11 @@ for settings a method ignores (:class:`Applies`).
 
 A setting that a method reads only in some configurations (``proj_dim`` without a projector,
 ``fisher`` with a curvature that is not K-FAC) or never (``engine`` for a method that takes no
-gradients) is declared once in its config class's ``APPLIES`` table. Passing such a setting
-where it would be ignored raises a ``ConfigError`` naming it, what decides, and the fix;
-leaving it at its default is always accepted. The check runs after a config's own
+gradients) is declared once in its config class's ``APPLIES`` table, and so is a value that
+only some configurations can take (a per-layer ``damping``, ``solver="datainf"``). Passing
+such a setting where it would be ignored raises a ``ConfigError`` naming it, what decides,
+and the fix; leaving it at its default is always accepted. A config's ``__post_init__``
+therefore validates each field on its own; rules between fields live in ``APPLIES``. The check runs after a config's own
 ``__post_init__`` validation, so a malformed value is still reported as such first.
 """
 
@@ -37,6 +39,9 @@ class Applies:
         needs: what they have, completing "applies only with ...".
         on: the settings ``when`` reads, quoted in the error with their values.
         hint: more advice for the error (e.g. the setting that does what was meant).
+        values: true for the values the rule is about (None: every value but the default),
+            for a setting only some of whose values need more: a per-layer ``damping``
+            (a number is read everywhere), ``solver="datainf"``.
 
     Example:
         >>> rule = Applies(lambda c: c.projector != "none", "a projector", on=("projector",))
@@ -48,6 +53,7 @@ class Applies:
     needs: str
     on: tuple[str, ...] = ()
     hint: str = ""
+    values: Callable[[Any], bool] | None = None
 
 
 def unused(reason: str) -> Applies:
@@ -69,6 +75,8 @@ def _check_applies(config: MethodConfig) -> None:
     for name, rule in type(config).APPLIES.items():
         value = getattr(config, name)
         if value == defaults[name] or rule.when(config):
+            continue
+        if rule.values is not None and not rule.values(value):
             continue
         hint = f" {rule.hint}" if rule.hint else ""
         if not rule.on:

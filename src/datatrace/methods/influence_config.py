@@ -90,7 +90,8 @@ class InfluenceConfig(MethodConfig):
     fisher_samples: int = 1
     curvature_examples: int | float | None = None
 
-    # settings that only some curvatures or feature paths read (MethodConfig.APPLIES)
+    # settings that only some curvatures, solvers or feature paths read, and values only
+    # some of them take (MethodConfig.APPLIES): __post_init__ checks each field alone
     APPLIES: ClassVar[Mapping[str, Applies]] = {
         **MethodConfig.APPLIES,
         "fisher": Applies(
@@ -99,13 +100,49 @@ class InfluenceConfig(MethodConfig):
             on=("curvature",),
             hint="(curvature='ggn' is the exact true Fisher, 'fisher' the empirical one.)",
         ),
-        "fisher_samples": Applies(_kfac, _KFAC, on=("curvature",)),
+        "fisher_samples": Applies(
+            lambda c: _kfac(c) and c.fisher == "true",
+            f"{_KFAC} and fisher='true'",
+            on=("curvature", "fisher"),
+            hint="(It samples labels, which only fisher='true' does.)",
+        ),
         "curvature_examples": Applies(_kfac, _KFAC, on=("curvature",)),
+        "damping": Applies(
+            lambda c: _kfac(c) and c.solver == "explicit",
+            f"{_KFAC} and solver='explicit'",
+            on=("curvature", "solver"),
+            hint="(A per-layer damping is K-FAC's closed-form inverse; for another solver or "
+            "curvature pass a number, e.g. damping=1e-3.)",
+            values=lambda v: not isinstance(v, (int, float)),
+        ),
+        "solver": Applies(
+            lambda c: c.curvature == "fisher",
+            "curvature='fisher'",
+            on=("curvature",),
+            hint="(The DataInf solver inverts the empirical Fisher of per-sample gradients.)",
+            values=lambda v: v == "datainf",
+        ),
         "projector": Applies(
             lambda c: c.curvature == "fisher",
             "curvature='fisher'",
             on=("curvature",),
             hint="(The other curvatures act on the full parameter space.)",
+        ),
+        "train_features": Applies(
+            lambda c: c.curvature != "fisher",
+            "a curvature other than 'fisher'",
+            on=("curvature",),
+            hint="(curvature='fisher' is built from kept training gradients: "
+            "train_features='gradients' or 'auto'.)",
+            values=lambda v: v in ("factored", "recompute"),
+        ),
+        "engine": Applies(
+            lambda c: c.train_features != "factored",
+            "train_features other than 'factored'",
+            on=("train_features",),
+            hint="(train_features='factored' contracts the hook engine's layer factors with "
+            "preconditioned queries: use train_features='gradients'.)",
+            values=lambda v: v == "functional",
         ),
         "query_rank": Applies(
             lambda c: c.factored,
@@ -126,53 +163,25 @@ class InfluenceConfig(MethodConfig):
                 f"{self.curvature!r}."
             )
         check_damping(self.damping)
-        if not isinstance(self.damping, (int, float)) and not (
-            self.curvature in KFAC_KINDS and self.solver == "explicit"
-        ):
-            raise ConfigError(
-                f"damping={self.damping!r} (per layer) needs curvature='kfac' or 'ekfac' with "
-                f"solver='explicit'; got curvature={self.curvature!r}, solver={self.solver!r}. "
-                "Pass a number."
-            )
         if self.fisher not in ("true", "empirical", "exact"):
             raise ConfigError(
                 f"fisher must be 'true', 'empirical' or 'exact'; got {self.fisher!r}."
             )
-        check_fisher_samples(self.fisher_samples, self.fisher)
+        check_fisher_samples(self.fisher_samples)
         check_curvature_examples(self.curvature_examples)
-        if self.solver == "datainf" and self.curvature != "fisher":
-            raise ConfigError(
-                f"the DataInf solver inverts the empirical Fisher of per-sample gradients; got "
-                f"curvature={self.curvature!r}. Set curvature='fisher'."
-            )
         if self.train_features not in ("auto", "factored", "gradients", "recompute"):
             raise ConfigError(
                 f"train_features must be 'auto', 'factored', 'gradients' or 'recompute'; got "
                 f"{self.train_features!r}."
             )
-        if self.train_features == "recompute" and self.curvature == "fisher":
-            raise ConfigError(
-                "train_features='recompute' keeps no training gradients, but curvature='fisher' "
-                "is built from them; use train_features='gradients' (or 'auto'), or another "
-                "curvature."
-            )
-        if self.train_features == "factored" and (
-            self.curvature == "fisher" or self.engine == "functional"
+        if self.query_rank is not None and (
+            isinstance(self.query_rank, bool)
+            or not isinstance(self.query_rank, int)
+            or self.query_rank < 1
         ):
             raise ConfigError(
-                f"train_features='factored' contracts hook factors with preconditioned queries; "
-                f"it needs curvature != 'fisher' and engine != 'functional' (got curvature="
-                f"{self.curvature!r}, engine={self.engine!r}). Use train_features='gradients'."
+                f"query_rank must be None or an integer >= 1; got {self.query_rank!r}."
             )
-        if self.query_rank is not None:
-            if isinstance(self.query_rank, bool) or not isinstance(self.query_rank, int):
-                raise ConfigError(
-                    f"query_rank must be None or an integer >= 1; got {self.query_rank!r}."
-                )
-            if self.query_rank < 1:
-                raise ConfigError(
-                    f"query_rank must be None or an integer >= 1; got {self.query_rank!r}."
-                )
 
     def to_json(self) -> dict[str, Any]:
         out = super().to_json()
