@@ -9,7 +9,7 @@ example, so the order must be fixed: shuffled loaders and iterable datasets are 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ __all__ = [
     "Batch",
     "as_data",
     "batch_size_of",
+    "count_or_none",
     "iter_batch_range",
     "iter_batches",
     "num_batches",
@@ -224,6 +225,16 @@ def num_batches(data: Any, batch_size: int) -> int:
         assert data.batch_sampler is not None  # checked by _check_loader
         return len(data.batch_sampler)  # type: ignore[arg-type]
     return -(-num_examples(data) // batch_size)
+
+
+def count_or_none(count: Callable[..., int], data: Any, *args: Any) -> int | None:
+    """``count(data, *args)`` (:func:`num_examples`, :func:`num_batches`), or None where the
+    data cannot be counted (for a progress bar's total: the batching itself then says what
+    is wrong with the data)."""
+    try:
+        return count(data, *args)
+    except DataError:
+        return None
 
 
 def iter_batch_range(

@@ -4,7 +4,9 @@
 dataclass) is registered through the public path (:func:`datatrace.methods.register_method`)
 and run through the conformance checks of tests/methods (shape, sign, determinism,
 batch-size invariance, not-fitted error, store resume, pickling), the group suite
-(``groups=``) and the one-member ensemble checks (``members=``), with no edit to src/.
+(``groups=``) and the one-member ensemble checks (``members=``), with no edit to src/. A
+toy that declares the train-feature forms it scores (``feature_forms``) gets the loop's
+choice in its context.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from datatrace import METHODS, Checkpoint, ConfigError, Task, dropout_members, make_attributor
 from datatrace.methods import (
     Attributor,
+    FormChoice,
     MemberContext,
     MethodConfig,
     register_method,
@@ -154,3 +157,53 @@ def test_ensembles(toy, data):
     one_member.test_dropout_member_equals_masked_model(toy, small)
     masked = make_attributor(toy, Task(mlp()), members=dropout_members(2, rate=0.3, layers=["1"]))
     assert masked.fit(train).attribute(queries).shape == (5, 12)
+
+
+@dataclass(frozen=True)
+class FormState(ToyState):
+    """The toy's state plus the train-feature form the loop handed it."""
+
+    form: str
+    modules: tuple[str, ...] | None
+
+
+class FormToy(ToyAttributor):
+    """The toy declaring that it prefers factored train features: it reads the loop's
+    decision (``ctx.form``, ``ctx.layout``) instead of making it."""
+
+    @classmethod
+    def feature_forms(cls, config: MethodConfig) -> tuple[FormChoice, ...]:
+        return ("factored", "flat")
+
+    def _fit_member(self, ctx: MemberContext[ToyState]) -> ToyState:
+        modules = None if ctx.layout is None else tuple(ctx.layout.modules)
+        width = sum(p.numel() for p in ctx.task.tracked_params().values())
+        if ctx.form == "projected":
+            width = self.config.proj_dim
+        return FormState(float(self.config.scale), width, ctx.form, modules)
+
+
+@pytest.mark.parametrize(
+    ("settings", "form"),
+    [
+        ({}, "factored"),
+        ({"groups": torch.arange(12) % 3}, "flat"),  # group features are summed gradients
+        ({"engine": "functional"}, "flat"),
+        ({"projector": "gaussian", "proj_dim": 8}, "projected"),
+    ],
+    ids=["plain", "groups", "functional", "projector"],
+)
+def test_a_declared_feature_form_is_decided_by_the_loop(data, settings, form, monkeypatch):
+    train, queries = data
+    attr = FormToy(Task(mlp()), **settings).fit(train)
+    state = attr._contexts[0].fitted
+    assert isinstance(state, FormState) and state.form == form
+    assert state.modules == (("0", "2") if form == "factored" else None)
+    assert attr.attribute(queries).shape == (5, attr._n_units)
+    # a toy that takes factored features only gets them, or a ConfigError naming why not
+    monkeypatch.setattr(FormToy, "feature_forms", classmethod(lambda cls, config: ("factored",)))
+    if form == "factored":
+        assert FormToy(Task(mlp()), **settings).fit(train)._contexts[0].form == "factored"
+    else:
+        with pytest.raises(ConfigError, match="factored train features"):
+            FormToy(Task(mlp()), **settings).fit(train)

@@ -3,6 +3,8 @@
 from datatrace.methods.base import (
     METHODS,
     Attributor,
+    FeatureForm,
+    FormChoice,
     MemberContext,
     MethodConfig,
     make_attributor,
@@ -21,6 +23,8 @@ from datatrace.methods.unrolled import UnrolledAttributor, UnrolledConfig
 __all__ = [
     "METHODS",
     "Attributor",
+    "FeatureForm",
+    "FormChoice",
     "GradCosAttributor",
     "GradDotAttributor",
     "GradSimConfig",

@@ -61,7 +61,7 @@ from datatrace.ensemble import member_fingerprint, member_states, resolve_member
 from datatrace.errors import ConfigError, DataError
 from datatrace.group import Grouping, check_groups_spec, resolve_groups
 from datatrace.methods.config import RESULT_NEUTRAL, MethodConfig
-from datatrace.methods.context import MemberContext, StateT
+from datatrace.methods.context import FeatureForm, FormChoice, MemberContext, StateT
 from datatrace.methods.loop import SharedLoop, finite_or_raise
 from datatrace.methods.registry import (
     METHODS,
@@ -78,6 +78,8 @@ from datatrace.task import Member, Task
 __all__ = [
     "METHODS",
     "Attributor",
+    "FeatureForm",
+    "FormChoice",
     "MemberContext",
     "MethodConfig",
     "finite_or_raise",
@@ -97,7 +99,9 @@ class Attributor(SharedLoop[StateT]):
     dataclass, the type argument: ``Attributor[MyState]``) and implement
     :meth:`~datatrace.methods.hooks.MethodHooks._fit_member`, which returns it. Traits the
     bench and the tests read are class attributes: ``supports_groups``, ``replays_training``,
-    ``reads_trajectory``, ``target_kind`` and :meth:`layer_params_only`.
+    ``reads_trajectory``, ``target_kind`` and :meth:`layer_params_only`; the train-feature
+    forms a method scores (:meth:`~datatrace.methods.hooks.MethodHooks.feature_forms`) are
+    its declared needs, from which the loop decides each fit's form (``ctx.form``).
 
     Args:
         task: the :class:`~datatrace.task.Task`.

@@ -3,9 +3,10 @@
 The shared loop (:mod:`datatrace.methods.loop`) builds one context per member and hands it to
 every hook of a method. It carries the member's *effective* task (its dropout masks or LoRA
 adapter applied while the loop is inside the member's scope), its checkpoints and their
-states, its projector, and the method's own typed state of that member (``fitted``: the
-frozen dataclass the method's ``_prepare_member`` / ``_fit_member`` return). A method never
-swaps or inspects member kinds: what it needs of them is a property here.
+states, its projector, the form of its train features (:func:`decide_feature_form`) and the
+method's own typed state of that member (``fitted``: the frozen dataclass the method's
+``_prepare_member`` / ``_fit_member`` return). A method never swaps or inspects member
+kinds: what it needs of them is a property here.
 
 This module is the loop's side of the ensemble layer: it is the only part of
 :mod:`datatrace.methods` that knows a member kind.
@@ -16,18 +17,73 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 import torch
 
 from datatrace.ensemble import DropoutMember
+from datatrace.errors import ConfigError
+from datatrace.gradients.factored import ParamLayout, covers_tracked
+from datatrace.methods.config import MethodConfig
 from datatrace.projection import Projector
 from datatrace.task import Checkpoint, Member, Task
 
-__all__ = ["MemberContext", "StateT", "check_dropout_masks"]
+__all__ = [
+    "FeatureForm",
+    "FormChoice",
+    "MemberContext",
+    "StateT",
+    "check_dropout_masks",
+    "decide_feature_form",
+]
 
 StateT = TypeVar("StateT")
 """A method's per-member state: the frozen dataclass its file declares."""
+
+FeatureForm = Literal["flat", "projected", "factored"]
+"""How a member's train features represent per-example gradients: flattened, randomly
+projected (``projector=``), or factored per layer (each Linear/Conv2d layer's inputs and
+output gradients, :class:`~datatrace.gradients.factored.ParamLayout`)."""
+
+FormChoice = Literal["factored", "flat"]
+"""A form a method can score, as it declares them
+(:meth:`~datatrace.methods.hooks.MethodHooks.feature_forms`): ``"flat"`` means gradients,
+projected when the config has a projector."""
+
+
+def decide_feature_form(
+    preferred: tuple[FormChoice, ...], config: MethodConfig, grouped: bool, task: Task
+) -> tuple[FeatureForm, ParamLayout | None]:
+    """The first of a method's ``preferred`` forms this fit allows, and its layer layout.
+
+    Factored features need per-example gradients (no ``groups=``: a group's features are
+    summed gradients), no projector, the hook engine, and every tracked parameter of
+    ``task`` (the member's effective task) in a Linear/Conv2d layer. A method that accepts
+    only factored features gets them or an error: ``ConfigError`` for the settings,
+    ``ModelError`` (naming the parameters) for the layers.
+    """
+    for choice in preferred:
+        if choice == "flat":
+            return ("flat" if config.projector == "none" else "projected"), None
+        only = len(preferred) == 1
+        blockers = [
+            name
+            for name, present in (
+                ("groups=", grouped),
+                (f"projector={config.projector!r}", config.projector != "none"),
+                ("engine='functional'", config.engine == "functional"),
+            )
+            if present
+        ]
+        if not blockers and (only or covers_tracked(task)):
+            return "factored", ParamLayout(task)  # the layout refuses uncovered parameters
+        if only:
+            raise ConfigError(
+                f"these settings score factored train features (each example's layer "
+                f"factors), which {' and '.join(blockers)} rule(s) out; drop "
+                f"{' and '.join(blockers)}, or the setting that needs factored features."
+            )
+    raise ConfigError(f"no train-feature form among {preferred!r}; declare 'flat' last.")
 
 
 @dataclass(frozen=True)
@@ -43,6 +99,11 @@ class MemberContext(Generic[StateT]):
         checkpoints: the member's checkpoints, final last (``None``: the task's model).
         states: the weights at each checkpoint, as the effective task names them.
         projector: the member's random projection (None without ``projector=``).
+        form: the form of the member's train (and, for methods that match them, query)
+            features, decided once per fit by the loop from the method's
+            :meth:`~datatrace.methods.hooks.MethodHooks.feature_forms`.
+        layout: the layer layout of factored features (None for the other forms), taken
+            in the member's scope (a LoRA member's adapter layers).
         features: the member's in-memory train feature blocks (the loop fills them; empty
             when they live in the store or are recomputed).
         unit_members: while a grouped train batch is featurized, the ``(G, k)`` batch
@@ -58,6 +119,8 @@ class MemberContext(Generic[StateT]):
     checkpoints: tuple[Checkpoint | None, ...]
     states: tuple[dict[str, torch.Tensor], ...]
     projector: Projector | None
+    form: FeatureForm = "flat"
+    layout: ParamLayout | None = None
     method_state: StateT | None = None
     features: list[torch.Tensor] = field(default_factory=list)
     unit_members: torch.Tensor | None = None
@@ -80,6 +143,12 @@ class MemberContext(Generic[StateT]):
                 "state needed while featurizing)."
             )
         return self.method_state
+
+    def factor_layout(self) -> ParamLayout:
+        """The layer layout of factored train features (``form == "factored"``)."""
+        if self.layout is None:
+            raise RuntimeError(f"member {self.index} has {self.form} train features, not factored.")
+        return self.layout
 
     def with_state(self, state: StateT | None) -> MemberContext[StateT]:
         """This context holding the method's ``state``."""

@@ -33,14 +33,9 @@ import torch
 
 from datatrace.data import Batch
 from datatrace.errors import ConfigError
-from datatrace.gradients.factored import (
-    FactorCodec,
-    ParamLayout,
-    covers_tracked,
-    factored_modules,
-    pairs_factors,
-)
+from datatrace.gradients.factored import FactorCodec, factored_modules, pairs_factors
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.methods.context import FormChoice
 from datatrace.task import Member
 
 __all__ = ["GradCosAttributor", "GradDotAttributor", "GradSimConfig", "GradientSimilarity"]
@@ -89,9 +84,10 @@ class GradSimState:
     """The gradient-similarity state of one member.
 
     Attributes:
-        codec: the factored-row codec of the member's layers (None: flat features). Decided
-            in the member's scope (a LoRA member tracks its adapter layers) before its
-            features are computed, and kept for scoring outside it.
+        codec: the factored-row codec of the member's layers (None: flat features), built
+            from the loop's decision (``ctx.form``, ``ctx.layout``: taken in the member's
+            scope, where a LoRA member tracks its adapter layers) before its features are
+            computed, and kept for scoring outside it.
     """
 
     codec: FactorCodec | None
@@ -117,6 +113,15 @@ class GradientSimilarity(Attributor[GradSimState]):
     Config = GradSimConfig
     config: GradSimConfig
 
+    @classmethod
+    def feature_forms(cls, config: MethodConfig) -> tuple[FormChoice, ...]:
+        """Factored where asked for or allowed (``"auto"``, ``"recompute"``), else flat or
+        projected gradients (see :class:`GradSimConfig`)."""
+        assert isinstance(config, GradSimConfig)
+        if config.train_features == "factored":
+            return ("factored",)
+        return ("flat",) if config.train_features == "gradients" else ("factored", "flat")
+
     def __init__(self, task: Any, **kwargs: Any) -> None:
         super().__init__(task, **kwargs)
         if self.config.train_features == "factored":
@@ -129,16 +134,9 @@ class GradientSimilarity(Attributor[GradSimState]):
             factored_modules(self.task)  # refuse parameters outside Linear/Conv2d now
 
     def _prepare_member(self, ctx: MemberContext[GradSimState]) -> GradSimState:
-        """The feature kind, decided in the member's scope (see :class:`GradSimState`)."""
-        cfg = self.config
-        factored = cfg.train_features == "factored" or (
-            cfg.train_features in ("auto", "recompute")
-            and cfg.projector == "none"
-            and cfg.engine != "functional"
-            and self._groups_arg is None
-            and covers_tracked(ctx.task)
-        )
-        return GradSimState(FactorCodec(ParamLayout(ctx.task), pairs_factors) if factored else None)
+        """The codec of the form the loop chose for the member (see :class:`GradSimState`)."""
+        factored = ctx.form == "factored"
+        return GradSimState(FactorCodec(ctx.factor_layout(), pairs_factors) if factored else None)
 
     def _fit_member(self, ctx: MemberContext[GradSimState]) -> GradSimState:
         return ctx.fitted  # no per-train-set work beyond the features

@@ -24,7 +24,7 @@ from datatrace.errors import CostWarning, NumericalError, warn
 from datatrace.gradients import PerSampleGrads, compute_group_grads, compute_per_sample_grads
 from datatrace.group import Grouping
 from datatrace.methods.config import MethodConfig
-from datatrace.methods.context import MemberContext, StateT
+from datatrace.methods.context import FormChoice, MemberContext, StateT
 from datatrace.store import Store
 from datatrace.task import Member, Task
 
@@ -47,6 +47,19 @@ class MethodHooks(ABC, Generic[StateT]):
     _grouping: Grouping | None
     _contexts: list[MemberContext[StateT]]
     _recompute: bool
+
+    @classmethod
+    def feature_forms(cls, config: MethodConfig) -> tuple[FormChoice, ...]:
+        """The train-feature forms the method scores with these settings, preferred first.
+
+        The shared loop takes the first one each fit allows (factored needs no groups, no
+        projector, the hook engine and every tracked parameter in a Linear/Conv2d layer;
+        ``"flat"`` is projected with a projector) and hands it to every hook as
+        ``ctx.form`` (with ``ctx.layout`` for factored features), so a method reads the
+        decision instead of making it. Default: ``("flat",)`` (the per-sample gradients
+        of :meth:`_features`).
+        """
+        return ("flat",)
 
     def _features(
         self,

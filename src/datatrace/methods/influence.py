@@ -48,7 +48,7 @@ Cost: one per-sample gradient per example plus the solver's curvature products p
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,7 +79,8 @@ from datatrace.gradients.factored import (
 )
 from datatrace.gradients.hooks import _outer_sum
 from datatrace.group import take_examples
-from datatrace.methods.base import Attributor, MemberContext, register
+from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
+from datatrace.methods.context import FormChoice
 from datatrace.methods.influence_config import KFAC_KINDS, InfluenceConfig
 from datatrace.methods.per_module import (
     module_param_spans,
@@ -113,26 +114,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class InfluenceState:
-    """Influence's state of one member.
+    """Influence's state of one member (its train-feature form and layer layout are the
+    loop's: ``ctx.form``, ``ctx.layout``).
 
     Attributes:
-        layout: the member's layer layout (factored train features only; None otherwise),
-            fixed in the member's scope before its features.
-        inverse: ``(H + λI)^{-1}`` as the solver prepared it (None while featurizing).
+        inverse: ``(H + λI)^{-1}`` as the solver prepared it.
     """
 
-    layout: ParamLayout | None = None
-    inverse: InverseOperator | None = None
+    inverse: InverseOperator
 
     def solve(self) -> InverseOperator:
         """The prepared inverse (set by ``_fit_member``)."""
-        assert self.inverse is not None
         return self.inverse
-
-    def factors(self) -> ParamLayout:
-        """The layer layout of factored train features."""
-        assert self.layout is not None
-        return self.layout
 
 
 @register("influence")
@@ -190,6 +183,16 @@ class InfluenceAttributor(Attributor[InfluenceState]):
     Config = InfluenceConfig
     config: InfluenceConfig
 
+    @classmethod
+    def feature_forms(cls, config: MethodConfig) -> tuple[FormChoice, ...]:
+        """Factored where the config asks for it (``train_features="factored"``,
+        ``query_rank``) or allows it (``"recompute"``, ``"auto"`` with K-FAC/EK-FAC), else
+        flat or projected gradients (see :class:`InfluenceConfig`)."""
+        assert isinstance(config, InfluenceConfig)
+        if config.train_features == "factored" or config.query_rank is not None:
+            return ("factored",)
+        return ("factored", "flat") if config.factored else ("flat",)
+
     def __init__(self, task: Any, **kwargs: Any) -> None:
         super().__init__(task, **kwargs)
         self._solver = make_solver(self.config.solver, **self.config.solver_options)
@@ -203,12 +206,12 @@ class InfluenceAttributor(Attributor[InfluenceState]):
                 "summed into a group's gradient; with groups= use train_features='gradients' "
                 "(or 'auto'), or 'recompute' (group gradients recomputed when scoring)."
             )
-        # factored training scores: not for groups, whose features are summed gradients, and
-        # recomputed ones only where the hook engine covers every tracked parameter
-        self._factored = cfg.factored and self._groups_arg is None
-        if cfg.train_features == "recompute" and self._factored:
-            self._factored = covers_tracked(self.task)
-        if cfg.query_rank is not None and not self._factored:
+        # the loop decides the form at fit (groups, layers); what query_rank needs is refused
+        # now: recomputed features fall back to gradients where hooks do not cover the task
+        if cfg.query_rank is not None and (
+            self._groups_arg is not None
+            or (cfg.train_features == "recompute" and not covers_tracked(self.task))
+        ):
             why = (
                 "groups= turns it off"
                 if self._groups_arg is not None
@@ -218,7 +221,7 @@ class InfluenceAttributor(Attributor[InfluenceState]):
                 f"query_rank={cfg.query_rank} compresses the factored training-score path, but "
                 f"{why}; drop query_rank, or groups= / the other parameters."
             )
-        if cfg.curvature in KFAC_KINDS or self._factored:
+        if cfg.curvature in KFAC_KINDS or self.feature_forms(cfg) == ("factored",):
             # refuse parameters outside Linear/Conv2d (and a per-layer damping that does not
             # name every layer) now, not in fit
             modules = list(factored_modules(self.task))
@@ -277,12 +280,14 @@ class InfluenceAttributor(Attributor[InfluenceState]):
     def _recomputes_train_features(self, members: Sequence[Member]) -> bool:
         """``"recompute"``, or ``"auto"`` over its budget (see :class:`InfluenceConfig`)."""
         cfg = self.config
-        if cfg.train_features != "auto" or not self._factored:
+        if cfg.train_features != "auto" or "factored" not in self.feature_forms(cfg):
             return cfg.train_features == "recompute"
         budget, itemsize = TRAIN_FEATURE_BUDGET, self.feature_dtype.itemsize
         count = len(members) * self._n_train
-        # its tracked layers (a LoRA member's adapters)
+        # its tracked layers (a LoRA member's adapters), in the form the loop gives them
         with self._member_task(members[0]) as task:
+            if self._feature_form(task)[0] != "factored":
+                return False
             # a layer's part of a row is at most its O I' gradient: when rows of every
             # parameter (and the per-layer position counts) fit, no example is measured
             n_layers = len(ParamLayout(task).slots)
@@ -352,9 +357,6 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         arrays = self._cached_arrays(ctx, "kfac-v2", names, fit, salt)
         return KFACCurvature.from_arrays(ctx.task, arrays, kind=cfg.curvature, fisher=cfg.fisher)
 
-    def _prepare_member(self, ctx: MemberContext[InfluenceState]) -> InfluenceState:
-        return InfluenceState(layout=ParamLayout(ctx.task) if self._factored else None)
-
     def _fit_member(self, ctx: MemberContext[InfluenceState]) -> InfluenceState:
         op = self._operator(ctx)
         inverse: InverseOperator
@@ -366,16 +368,17 @@ class InfluenceAttributor(Attributor[InfluenceState]):
                 float(self.config.damping),  # type: ignore[arg-type]
                 progress=self.config.progress,
             )
-        return replace(ctx.fitted, inverse=inverse)
+        return InfluenceState(inverse=inverse)
 
     def _transform_queries(
         self, ctx: MemberContext[InfluenceState], q: torch.Tensor
     ) -> torch.Tensor:
         inverse = ctx.fitted.solve()
-        if self._factored and isinstance(inverse, KFACInverse):
+        factored = ctx.form == "factored"
+        if factored and isinstance(inverse, KFACInverse):
             # per layer, never the flat (dim, k) transpose; within _score_blocks the matrices
             # are kept for _combine
-            layout = ctx.fitted.factors()
+            layout = ctx.factor_layout()
             mats = [m.div_(self._n_train) for m in inverse.apply_matrices(layout.to_matrices(q))]
             out = layout.from_matrices(mats)
             if self.config.query_rank is None:
@@ -384,8 +387,8 @@ class InfluenceAttributor(Attributor[InfluenceState]):
                 return out
         else:
             out = inverse.apply(q.T).T / self._n_train
-        if self._factored and self.config.query_rank is not None:
-            out = pack_low_rank(ctx.fitted.factors(), out, self.config.query_rank)
+        if factored and self.config.query_rank is not None:
+            out = pack_low_rank(ctx.factor_layout(), out, self.config.query_rank)
         info = getattr(inverse, "info", None)
         if info is not None and not info.converged:
             warn(
@@ -415,7 +418,7 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         cached = self._query_cache.get(ctx.index)
         if cached is not None and cached[0] is q:
             return cached[1]
-        layout = ctx.fitted.factors()
+        layout = ctx.factor_layout()
         rank = self.config.query_rank
         split = (
             (unpack_low_rank(layout, q, rank), None)
@@ -426,19 +429,19 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         return split
 
     def _train_features(self, ctx: MemberContext[InfluenceState], batch: Batch) -> torch.Tensor:
-        if not self._factored:
+        if ctx.form != "factored":
             return super()._train_features(ctx, batch)
         psg = compute_per_sample_grads(ctx.task, batch, state=ctx.state, engine="hooks")
-        return FactorCodec(ctx.fitted.factors()).encode(psg.factors)
+        return FactorCodec(ctx.factor_layout()).encode(psg.factors)
 
     def _combine(
         self, ctx: MemberContext[InfluenceState], q: torch.Tensor, train: torch.Tensor, start: int
     ) -> torch.Tensor:
-        if not self._factored:
+        if ctx.form != "factored":
             return super()._combine(ctx, q, train, start)
         queries, full = self._query_matrices(ctx, q)
         total = q.new_zeros(q.shape[0], train.shape[0])
-        for j, part in enumerate(FactorCodec(ctx.fitted.factors()).decode(train)):
+        for j, part in enumerate(FactorCodec(ctx.factor_layout()).decode(train)):
             if full is not None:
                 total += contract_preconditioned(full[j], part)
             else:
@@ -449,9 +452,9 @@ class InfluenceAttributor(Attributor[InfluenceState]):
     def _self_scores(
         self, ctx: MemberContext[InfluenceState], train: torch.Tensor, start: int
     ) -> torch.Tensor:
-        if not self._factored:
+        if ctx.form != "factored":
             return super()._self_scores(ctx, train, start)
-        layout = ctx.fitted.factors()
+        layout = ctx.factor_layout()
         mats = [
             _outer_sum(part[1], part[0]) if len(part) == 2 else part[0]
             for part in FactorCodec(layout).decode(train)
@@ -481,7 +484,7 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         params = self.task.tracked_params()
         spans = module_param_spans(list(params), [p.numel() for p in params.values()])
         rank = self.config.query_rank
-        if self._factored and rank is not None:  # packed rows [L_1, R_1, ..., L_L, R_L]
+        if rank is not None:  # factored features, packed rows [L_1, R_1, ..., L_L, R_L]
             spans, pos = {}, 0
             for slot in ParamLayout(self.task).slots:
                 width = min(rank, slot.out_features, slot.in_width) * (
@@ -510,7 +513,7 @@ class InfluenceAttributor(Attributor[InfluenceState]):
                 whose positions differ (conv patches are not tokens).
         """
         self._check_fitted()
-        if not self._factored or self._grouping is not None:
+        if any(c.form != "factored" for c in self._contexts):
             raise ConfigError(
                 "per-token training scores need curvature 'kfac' or 'ekfac' with factored "
                 "train features and no groups= (they split each example's layer factors by "
@@ -521,7 +524,7 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         total: torch.Tensor | None = None
         for member_ctx, q in zip(self._contexts, qs):
             with self._member_scope(member_ctx) as ctx:
-                layout = ctx.fitted.factors()
+                layout = ctx.factor_layout()
                 rank = self.config.query_rank
                 psg = compute_per_sample_grads(ctx.task, train, state=ctx.state, engine="hooks")
                 by_module = {f.module: f for f in psg.factors}

@@ -28,6 +28,7 @@ from datatrace._progress import progress_bar
 from datatrace.data import (
     Batch,
     batch_size_of,
+    count_or_none,
     iter_batch_range,
     iter_batches,
     num_batches,
@@ -36,8 +37,9 @@ from datatrace.data import (
 from datatrace.ensemble import member_scope, member_states
 from datatrace.errors import DataError, ModelError, NotFittedError, NumericalError
 from datatrace.gradients import group_members
+from datatrace.gradients.factored import ParamLayout
 from datatrace.group import Grouping, take_examples
-from datatrace.methods.context import MemberContext, StateT
+from datatrace.methods.context import FeatureForm, MemberContext, StateT, decide_feature_form
 from datatrace.methods.hooks import MethodHooks
 from datatrace.projection import make_projector
 from datatrace.store import (
@@ -91,9 +93,11 @@ class SharedLoop(MethodHooks[StateT]):
                         member=index,
                     )
                 checkpoints = tuple(c for c, _ in pairs)
+                form, layout = self._feature_form(task)
                 ctx = MemberContext[StateT](
                     index, member, self.task, checkpoints, tuple(s for _, s in pairs), projector
                 )
+                ctx = replace(ctx, form=form, layout=layout)
                 scoped = replace(ctx, task=task, scoped=True)
                 scoped = scoped.with_state(self._prepare_member(scoped))
                 if not self._recompute:
@@ -101,6 +105,11 @@ class SharedLoop(MethodHooks[StateT]):
                 fitted = self._fit_member(scoped)
             # kept outside the scope: the attributor's task (a LoRA member's copy is dropped)
             self._contexts.append(ctx.with_state(fitted))
+
+    def _feature_form(self, task: Task) -> tuple[FeatureForm, ParamLayout | None]:
+        """This fit's train-feature form for a member's effective ``task`` (and its layout)."""
+        grouped = self._grouping is not None
+        return decide_feature_form(self.feature_forms(self.config), self.config, grouped, task)
 
     def _cached_arrays(
         self,
@@ -519,7 +528,7 @@ class SharedLoop(MethodHooks[StateT]):
         self._check_fitted()
         self.task.check_eval_mode()
         distributed.check_same_queries(queries, self.config.batch_size)
-        n_queries = _count_examples(queries)
+        n_queries = count_or_none(num_examples, queries)
         if n_queries is not None:
             self._check_cost(n_queries)
         out = []
@@ -532,7 +541,7 @@ class SharedLoop(MethodHooks[StateT]):
                         iter_batches(queries, self.config.batch_size),
                         desc=self._phase("query features", ctx),
                         enabled=self.config.progress,
-                        total=_count_batches(queries, self.config.batch_size),
+                        total=count_or_none(num_batches, queries, self.config.batch_size),
                         unit="batch",
                     )
                     feats = [self._query_features(ctx, b).detach().to(dtype) for b in batches]
@@ -577,23 +586,6 @@ def finite_or_raise(values: torch.Tensor, what: str, start: int) -> torch.Tensor
         "the data and weights are finite: the gradients or the curvature solve overflowed. "
         "Raise damping=, use float64 (model.double() and data), or rescale the inputs."
     )
-
-
-def _count_examples(data: Any) -> int | None:
-    """Examples in ``data`` (None where they cannot be counted)."""
-    try:
-        return num_examples(data)
-    except DataError:
-        return None
-
-
-def _count_batches(data: Any, batch_size: int) -> int | None:
-    """Batches of ``data`` for a bar's total (None where they cannot be counted: the
-    batching itself then says what is wrong with the data)."""
-    try:
-        return num_batches(data, batch_size)
-    except DataError:
-        return None
 
 
 def _rows_of(batch: Batch, start: int, stop: int) -> Batch:
