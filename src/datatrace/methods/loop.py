@@ -3,7 +3,8 @@
 For every member ``m``: ``scores_m = transform_m(Q_m) @ F_m^T`` where ``F_m`` holds the train
 features and ``Q_m`` the query features; members are then aggregated (mean by default). The
 loop builds each member's :class:`~datatrace.methods.context.MemberContext` (its effective
-task, weights and projector), asks the method for its state of the member
+task, weights, projector and train-feature form, decided here from the method's
+``feature_forms``), asks the method for its state of the member
 (``_prepare_member``, then ``_fit_member`` after featurization) and keeps that typed state
 in the context; it owns everything else (:mod:`datatrace.methods.base` describes groups,
 recomputed train features, ``torchrun``, devices and dtypes).
@@ -94,10 +95,10 @@ class SharedLoop(MethodHooks[StateT]):
                     )
                 checkpoints = tuple(c for c, _ in pairs)
                 form, layout = self._feature_form(task)
+                states = tuple(s for _, s in pairs)
                 ctx = MemberContext[StateT](
-                    index, member, self.task, checkpoints, tuple(s for _, s in pairs), projector
+                    index, member, self.task, checkpoints, states, projector, form, layout
                 )
-                ctx = replace(ctx, form=form, layout=layout)
                 scoped = replace(ctx, task=task, scoped=True)
                 scoped = scoped.with_state(self._prepare_member(scoped))
                 if not self._recompute:
