@@ -205,5 +205,5 @@ def test_a_declared_feature_form_is_decided_by_the_loop(data, settings, form, mo
     if form == "factored":
         assert FormToy(Task(mlp()), **settings).fit(train)._contexts[0].form == "factored"
     else:
-        with pytest.raises(ConfigError, match="factored train features"):
+        with pytest.raises(ConfigError, match="FormToy needs factored train features"):
             FormToy(Task(mlp()), **settings).fit(train)

@@ -61,7 +61,7 @@ from datatrace.ensemble import member_fingerprint, member_states, resolve_member
 from datatrace.errors import ConfigError, DataError
 from datatrace.group import Grouping, check_groups_spec, resolve_groups
 from datatrace.methods.config import RESULT_NEUTRAL, MethodConfig
-from datatrace.methods.context import FeatureForm, FormChoice, MemberContext, StateT
+from datatrace.methods.context import FeatureForm, FormChoice, FormDemand, MemberContext, StateT
 from datatrace.methods.loop import SharedLoop, finite_or_raise
 from datatrace.methods.registry import (
     METHODS,
@@ -80,6 +80,7 @@ __all__ = [
     "Attributor",
     "FeatureForm",
     "FormChoice",
+    "FormDemand",
     "MemberContext",
     "MethodConfig",
     "finite_or_raise",
@@ -216,6 +217,9 @@ class Attributor(SharedLoop[StateT]):
         self._train: Any = None
         self._n_train = 0
         self.store: Store | None = None
+        # fit decides each member's train-feature form; what rules out the only form the
+        # settings admit (groups=, a projector, the engine, the model's layers) fails now
+        self._feature_form(self.task)
 
     # ------------------------------------------------------------------ public API
     def fit(self, train: Any) -> Self:

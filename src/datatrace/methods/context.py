@@ -22,7 +22,7 @@ from typing import Generic, Literal, TypeVar
 import torch
 
 from datatrace.ensemble import DropoutMember
-from datatrace.errors import ConfigError
+from datatrace.errors import ConfigError, ModelError
 from datatrace.gradients.factored import ParamLayout, covers_tracked
 from datatrace.methods.config import MethodConfig
 from datatrace.projection import Projector
@@ -31,6 +31,7 @@ from datatrace.task import Checkpoint, Member, Task
 __all__ = [
     "FeatureForm",
     "FormChoice",
+    "FormDemand",
     "MemberContext",
     "StateT",
     "check_dropout_masks",
@@ -51,38 +52,74 @@ FormChoice = Literal["factored", "flat"]
 projected when the config has a projector."""
 
 
+@dataclass(frozen=True)
+class FormDemand:
+    """What the loop's refusal names when a method's settings admit factored train features
+    only (:meth:`~datatrace.methods.hooks.MethodHooks.form_demand`).
+
+    Attributes:
+        setting: the setting that demands them, as received (``"query_rank=2"``).
+        fix: the other settings to suggest (``"drop query_rank"``).
+    """
+
+    setting: str
+    fix: str
+
+
 def decide_feature_form(
-    preferred: tuple[FormChoice, ...], config: MethodConfig, grouped: bool, task: Task
+    preferred: tuple[FormChoice, ...],
+    config: MethodConfig,
+    grouped: bool,
+    task: Task,
+    demand: FormDemand | None = None,
 ) -> tuple[FeatureForm, ParamLayout | None]:
     """The first of a method's ``preferred`` forms this fit allows, and its layer layout.
 
     Factored features need per-example gradients (no ``groups=``: a group's features are
     summed gradients), no projector, the hook engine, and every tracked parameter of
     ``task`` (the member's effective task) in a Linear/Conv2d layer. A method that accepts
-    only factored features gets them or an error: ``ConfigError`` for the settings,
-    ``ModelError`` (naming the parameters) for the layers.
+    only factored features gets them or an error naming ``demand`` (the setting that asks
+    for them and the fix): ``ConfigError`` for the settings, ``ModelError`` (naming the
+    parameters) for the layers.
     """
     for choice in preferred:
         if choice == "flat":
             return ("flat" if config.projector == "none" else "projected"), None
         only = len(preferred) == 1
-        blockers = [
-            name
-            for name, present in (
-                ("groups=", grouped),
-                (f"projector={config.projector!r}", config.projector != "none"),
-                ("engine='functional'", config.engine == "functional"),
+        blockers = [  # the setting as received, and why it rules factors out
+            (name, why)
+            for name, present, why in (
+                ("groups=", grouped, "they cannot be summed into a group's gradient"),
+                (
+                    f"projector={config.projector!r}",
+                    config.projector != "none",
+                    "a projection mixes every layer into each column",
+                ),
+                (
+                    "engine='functional'",
+                    config.engine == "functional",
+                    "only the hook engine records layer factors",
+                ),
             )
             if present
         ]
-        if not blockers and (only or covers_tracked(task)):
-            return "factored", ParamLayout(task)  # the layout refuses uncovered parameters
-        if only:
+        if not only:
+            if not blockers and covers_tracked(task):
+                return "factored", ParamLayout(task)
+            continue
+        demand = demand or FormDemand("these settings", "use settings that score flat gradients")
+        needs = f"{demand.setting} needs factored train features (each example's layer factors)"
+        if blockers:
+            names = " and ".join(name for name, _ in blockers)
+            why = "; ".join(reason for _, reason in blockers)
+            verb = "rules" if len(blockers) == 1 else "rule"
             raise ConfigError(
-                f"these settings score factored train features (each example's layer "
-                f"factors), which {' and '.join(blockers)} rule(s) out; drop "
-                f"{' and '.join(blockers)}, or the setting that needs factored features."
+                f"{needs}, which {names} {verb} out: {why}; drop {names}, or {demand.fix}."
             )
+        try:
+            return "factored", ParamLayout(task)
+        except ModelError as err:  # names the parameters outside Linear/Conv2d layers
+            raise ModelError(f"{needs}, and {err} Or {demand.fix}.") from None
     raise ConfigError(f"no train-feature form among {preferred!r}; declare 'flat' last.")
 
 

@@ -27,15 +27,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from datatrace.data import Batch
 from datatrace.errors import ConfigError
-from datatrace.gradients.factored import FactorCodec, factored_modules, pairs_factors
+from datatrace.gradients.factored import FactorCodec, pairs_factors
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
-from datatrace.methods.context import FormChoice
+from datatrace.methods.context import FormChoice, FormDemand
 from datatrace.task import Member
 
 __all__ = ["GradCosAttributor", "GradDotAttributor", "GradSimConfig", "GradientSimilarity"]
@@ -122,16 +122,12 @@ class GradientSimilarity(Attributor[GradSimState]):
             return ("factored",)
         return ("flat",) if config.train_features == "gradients" else ("factored", "flat")
 
-    def __init__(self, task: Any, **kwargs: Any) -> None:
-        super().__init__(task, **kwargs)
-        if self.config.train_features == "factored":
-            if self._groups_arg is not None:
-                raise ConfigError(
-                    "train_features='factored' keeps each example's layer factors, which cannot "
-                    "be summed into a group's gradient; with groups= use train_features="
-                    "'gradients' (or 'auto')."
-                )
-            factored_modules(self.task)  # refuse parameters outside Linear/Conv2d now
+    @classmethod
+    def form_demand(cls, config: MethodConfig) -> FormDemand:
+        return FormDemand(
+            "train_features='factored'",
+            "use train_features='auto' (flat gradients where factors cannot be used)",
+        )
 
     def _prepare_member(self, ctx: MemberContext[GradSimState]) -> GradSimState:
         """The codec of the form the loop chose for the member (see :class:`GradSimState`)."""

@@ -24,7 +24,7 @@ from datatrace.errors import CostWarning, NumericalError, warn
 from datatrace.gradients import PerSampleGrads, compute_group_grads, compute_per_sample_grads
 from datatrace.group import Grouping
 from datatrace.methods.config import MethodConfig
-from datatrace.methods.context import FormChoice, MemberContext, StateT
+from datatrace.methods.context import FormChoice, FormDemand, MemberContext, StateT
 from datatrace.store import Store
 from datatrace.task import Member, Task
 
@@ -44,6 +44,7 @@ class MethodHooks(ABC, Generic[StateT]):
     _train: Any
     _n_train: int
     _n_units: int
+    _groups_arg: Any
     _grouping: Grouping | None
     _contexts: list[MemberContext[StateT]]
     _recompute: bool
@@ -60,6 +61,13 @@ class MethodHooks(ABC, Generic[StateT]):
         of :meth:`_features`).
         """
         return ("flat",)
+
+    @classmethod
+    def form_demand(cls, config: MethodConfig) -> FormDemand:
+        """Where :meth:`feature_forms` is ``("factored",)``: the setting that demands it and
+        the fix, which the loop's refusal names when groups, a projector, the functional
+        engine or the model's layers rule factored features out."""
+        return FormDemand(cls.__name__, "use a method that scores flat gradients")
 
     def _features(
         self,

@@ -72,7 +72,6 @@ from datatrace.gradients.factored import (
     ParamLayout,
     contract_low_rank,
     contract_preconditioned,
-    covers_tracked,
     factored_modules,
     pack_low_rank,
     unpack_low_rank,
@@ -80,7 +79,7 @@ from datatrace.gradients.factored import (
 from datatrace.gradients.hooks import _outer_sum
 from datatrace.group import take_examples
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
-from datatrace.methods.context import FormChoice
+from datatrace.methods.context import FormChoice, FormDemand
 from datatrace.methods.influence_config import KFAC_KINDS, InfluenceConfig
 from datatrace.methods.per_module import (
     module_param_spans,
@@ -193,6 +192,17 @@ class InfluenceAttributor(Attributor[InfluenceState]):
             return ("factored",)
         return ("factored", "flat") if config.factored else ("flat",)
 
+    @classmethod
+    def form_demand(cls, config: MethodConfig) -> FormDemand:
+        assert isinstance(config, InfluenceConfig)
+        auto = (
+            "use train_features='auto' or 'recompute' (flat gradients where factors cannot be used)"
+        )
+        if config.query_rank is None:
+            return FormDemand("train_features='factored'", auto)
+        fix = "drop query_rank" + (f" and {auto}" if config.train_features == "factored" else "")
+        return FormDemand(f"query_rank={config.query_rank}", fix)
+
     def __init__(self, task: Any, **kwargs: Any) -> None:
         super().__init__(task, **kwargs)
         self._solver = make_solver(self.config.solver, **self.config.solver_options)
@@ -200,28 +210,7 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         self._query_cache: dict[int, tuple[torch.Tensor, Any]] = {}
         self._scoring = False  # inside _score_blocks: _transform_queries fills _query_cache
         cfg = self.config
-        if cfg.train_features == "factored" and self._groups_arg is not None:
-            raise ConfigError(
-                "train_features='factored' keeps each example's layer factors, which cannot be "
-                "summed into a group's gradient; with groups= use train_features='gradients' "
-                "(or 'auto'), or 'recompute' (group gradients recomputed when scoring)."
-            )
-        # the loop decides the form at fit (groups, layers); what query_rank needs is refused
-        # now: recomputed features fall back to gradients where hooks do not cover the task
-        if cfg.query_rank is not None and (
-            self._groups_arg is not None
-            or (cfg.train_features == "recompute" and not covers_tracked(self.task))
-        ):
-            why = (
-                "groups= turns it off"
-                if self._groups_arg is not None
-                else ("a tracked parameter is outside Linear/Conv2d layers")
-            )
-            raise ConfigError(
-                f"query_rank={cfg.query_rank} compresses the factored training-score path, but "
-                f"{why}; drop query_rank, or groups= / the other parameters."
-            )
-        if cfg.curvature in KFAC_KINDS or self.feature_forms(cfg) == ("factored",):
+        if cfg.curvature in KFAC_KINDS:
             # refuse parameters outside Linear/Conv2d (and a per-layer damping that does not
             # name every layer) now, not in fit
             modules = list(factored_modules(self.task))

@@ -109,8 +109,8 @@ class SharedLoop(MethodHooks[StateT]):
 
     def _feature_form(self, task: Task) -> tuple[FeatureForm, ParamLayout | None]:
         """This fit's train-feature form for a member's effective ``task`` (and its layout)."""
-        grouped = self._grouping is not None
-        return decide_feature_form(self.feature_forms(self.config), self.config, grouped, task)
+        forms, demand = self.feature_forms(self.config), self.form_demand(self.config)
+        return decide_feature_form(forms, self.config, self._groups_arg is not None, task, demand)
 
     def _cached_arrays(
         self,
