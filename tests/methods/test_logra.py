@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datatrace import ConfigError, ModelError, Task, make_attributor
+from datatrace import ConfigError, ModelError, Task, lora_members, make_attributor
 from datatrace.curvature import fit_kfac
 from datatrace.gradients.factored import ParamLayout
 from datatrace.projection import FactoredProjector
@@ -167,3 +167,25 @@ def test_untracked_layer_kinds_are_refused():
     # selecting the supported layers works
     task = Task(cnn(), module_types=(nn.Conv2d, nn.Linear))
     assert make_attributor("logra", task, proj_dim_in=2, proj_dim_out=2) is not None
+
+
+def test_the_loop_decides_the_layer_projected_form():
+    # LoGra's per-layer projections need its layers, not per-example factors: groups= and
+    # the functional engine keep the form; a LoRA member's layout is its adapter layers
+    train = classification_data(n=12)
+    adapter = {
+        "0.lora_A.weight": torch.randn(2, 6, dtype=torch.float64),
+        "0.lora_B.weight": torch.randn(5, 2, dtype=torch.float64),
+    }
+    for settings, modules in [
+        ({}, ["0", "2"]),
+        ({"groups": torch.arange(12) % 3}, ["0", "2"]),
+        ({"engine": "functional"}, ["0", "2"]),
+        ({"members": lora_members([adapter])}, ["0.lora_A", "0.lora_B"]),
+    ]:
+        attr = make_attributor("logra", Task(mlp()), proj_dim_in=2, **settings).fit(train)
+        ctx = attr._contexts[0]
+        assert ctx.form == "layer-projected" and ctx.factor_layout().modules == modules
+    # the refusal names LoGra and the alternative
+    with pytest.raises(ModelError, match=r"LoGra needs layer-projected train features.*trak"):
+        make_attributor("logra", Task(cnn()))

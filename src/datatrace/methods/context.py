@@ -41,15 +41,23 @@ __all__ = [
 StateT = TypeVar("StateT")
 """A method's per-member state: the frozen dataclass its file declares."""
 
-FeatureForm = Literal["flat", "projected", "factored"]
+FeatureForm = Literal["flat", "projected", "factored", "layer-projected"]
 """How a member's train features represent per-example gradients: flattened, randomly
-projected (``projector=``), or factored per layer (each Linear/Conv2d layer's inputs and
-output gradients, :class:`~datatrace.gradients.factored.ParamLayout`)."""
+projected (``projector=``), factored per layer (each Linear/Conv2d layer's inputs and
+output gradients, :class:`~datatrace.gradients.factored.ParamLayout`), or each layer's
+gradient projected on both sides and flattened (LoGra's ``P_gᵀ D P_a``; the method owns
+the projections, the loop the layout)."""
 
-FormChoice = Literal["factored", "flat"]
+FormChoice = Literal["factored", "layer-projected", "flat"]
 """A form a method can score, as it declares them
 (:meth:`~datatrace.methods.hooks.MethodHooks.feature_forms`): ``"flat"`` means gradients,
 projected when the config has a projector."""
+
+# what each per-layer form holds, for refusals
+_LAYER_FORMS = {
+    "factored": "each example's layer factors",
+    "layer-projected": "each Linear/Conv2d layer's gradient projected on both sides",
+}
 
 
 @dataclass(frozen=True)
@@ -75,21 +83,31 @@ def decide_feature_form(
 ) -> tuple[FeatureForm, ParamLayout | None]:
     """The first of a method's ``preferred`` forms this fit allows, and its layer layout.
 
-    Factored features need per-example gradients (no ``groups=``: a group's features are
-    summed gradients), no projector, the hook engine, and every tracked parameter of
-    ``task`` (the member's effective task) in a Linear/Conv2d layer. A method that accepts
-    only factored features gets them or an error naming ``demand`` (the setting that asks
-    for them and the fix): ``ConfigError`` for the settings, ``ModelError`` (naming the
+    Both per-layer forms need every tracked parameter of ``task`` (the member's effective
+    task) in a Linear/Conv2d layer and no projector; factored features also need
+    per-example gradients (no ``groups=``: a group's features are summed gradients) and the
+    hook engine (layer-projected ones are projected gradients, which sum and which the
+    functional engine's dense gradients give too). Where the last form a method declares is
+    ruled out (no flat fallback), it gets an error naming ``demand`` (the setting that asks
+    for the form and the fix): ``ConfigError`` for the settings, ``ModelError`` (naming the
     parameters) for the layers.
     """
-    for choice in preferred:
+    if not preferred or any(c != "flat" and c not in _LAYER_FORMS for c in preferred):
+        raise ConfigError(
+            f"a method declares one or more train-feature forms among 'factored', "
+            f"'layer-projected' and 'flat'; got {preferred!r}."
+        )
+    for k, choice in enumerate(preferred):
         if choice == "flat":
             return ("flat" if config.projector == "none" else "projected"), None
-        only = len(preferred) == 1
-        blockers = [  # the setting as received, and why it rules factors out
+        blockers = [  # the setting as received, and why it rules the form out
             (name, why)
             for name, present, why in (
-                ("groups=", grouped, "they cannot be summed into a group's gradient"),
+                (
+                    "groups=",
+                    grouped and choice == "factored",
+                    "they cannot be summed into a group's gradient",
+                ),
                 (
                     f"projector={config.projector!r}",
                     config.projector != "none",
@@ -97,18 +115,18 @@ def decide_feature_form(
                 ),
                 (
                     "engine='functional'",
-                    config.engine == "functional",
+                    config.engine == "functional" and choice == "factored",
                     "only the hook engine records layer factors",
                 ),
             )
             if present
         ]
-        if not only:
+        if k < len(preferred) - 1:  # another form follows: take this one only where it fits
             if not blockers and covers_tracked(task):
-                return "factored", ParamLayout(task)
+                return choice, ParamLayout(task)
             continue
         demand = demand or FormDemand("these settings", "use settings that score flat gradients")
-        needs = f"{demand.setting} needs factored train features (each example's layer factors)"
+        needs = f"{demand.setting} needs {choice} train features ({_LAYER_FORMS[choice]})"
         if blockers:
             names = " and ".join(name for name, _ in blockers)
             why = "; ".join(reason for _, reason in blockers)
@@ -117,10 +135,10 @@ def decide_feature_form(
                 f"{needs}, which {names} {verb} out: {why}; drop {names}, or {demand.fix}."
             )
         try:
-            return "factored", ParamLayout(task)
+            return choice, ParamLayout(task)
         except ModelError as err:  # names the parameters outside Linear/Conv2d layers
             raise ModelError(f"{needs}, and {err} Or {demand.fix}.") from None
-    raise ConfigError(f"no train-feature form among {preferred!r}; declare 'flat' last.")
+    raise AssertionError("unreachable: the last form returns or raises")
 
 
 @dataclass(frozen=True)
@@ -139,7 +157,7 @@ class MemberContext(Generic[StateT]):
         form: the form of the member's train (and, for methods that match them, query)
             features, decided once per fit by the loop from the method's
             :meth:`~datatrace.methods.hooks.MethodHooks.feature_forms`.
-        layout: the layer layout of factored features (None for the other forms), taken
+        layout: the layer layout of per-layer features (None for flat ones), taken
             in the member's scope (a LoRA member's adapter layers).
         features: the member's in-memory train feature blocks (the loop fills them; empty
             when they live in the store or are recomputed).
@@ -182,9 +200,11 @@ class MemberContext(Generic[StateT]):
         return self.method_state
 
     def factor_layout(self) -> ParamLayout:
-        """The layer layout of factored train features (``form == "factored"``)."""
+        """The layer layout of per-layer train features (``"factored"``, ``"layer-projected"``)."""
         if self.layout is None:
-            raise RuntimeError(f"member {self.index} has {self.form} train features, not factored.")
+            raise RuntimeError(
+                f"member {self.index} has {self.form} train features, not per layer."
+            )
         return self.layout
 
     def with_state(self, state: StateT | None) -> MemberContext[StateT]:

@@ -53,20 +53,20 @@ class MethodHooks(ABC, Generic[StateT]):
     def feature_forms(cls, config: MethodConfig) -> tuple[FormChoice, ...]:
         """The train-feature forms the method scores with these settings, preferred first.
 
-        The shared loop takes the first one each fit allows (factored needs no groups, no
-        projector, the hook engine and every tracked parameter in a Linear/Conv2d layer;
-        ``"flat"`` is projected with a projector) and hands it to every hook as
-        ``ctx.form`` (with ``ctx.layout`` for factored features), so a method reads the
-        decision instead of making it. Default: ``("flat",)`` (the per-sample gradients
-        of :meth:`_features`).
+        The shared loop takes the first one each fit allows (both per-layer forms need no
+        projector and every tracked parameter in a Linear/Conv2d layer, factored ones also
+        no groups and the hook engine; ``"flat"`` is projected with a projector) and hands
+        it to every hook as ``ctx.form`` (with ``ctx.layout`` for ``"factored"`` and
+        ``"layer-projected"`` features), so a method reads the decision instead of making
+        it. Default: ``("flat",)`` (the per-sample gradients of :meth:`_features`).
         """
         return ("flat",)
 
     @classmethod
     def form_demand(cls, config: MethodConfig) -> FormDemand:
-        """Where :meth:`feature_forms` is ``("factored",)``: the setting that demands it and
-        the fix, which the loop's refusal names when groups, a projector, the functional
-        engine or the model's layers rule factored features out."""
+        """Where :meth:`feature_forms` has no flat fallback: the setting that demands its
+        last form and the fix, which the loop's refusal names when groups, a projector, the
+        functional engine or the model's layers rule that form out."""
         return FormDemand(cls.__name__, "use a method that scores flat gradients")
 
     def _features(

@@ -51,15 +51,15 @@ from datatrace.curvature import (
 from datatrace.data import Batch
 from datatrace.errors import ConfigError
 from datatrace.gradients.engine import PerSampleGrads
-from datatrace.gradients.factored import ParamLayout, factored_modules
+from datatrace.gradients.factored import ParamLayout
 from datatrace.gradients.hooks import _outer_sum
 from datatrace.methods.base import Attributor, MemberContext, MethodConfig, register
 from datatrace.methods.config import Applies, no_projection
+from datatrace.methods.context import FormChoice, FormDemand
 from datatrace.methods.per_module import per_module_scores, per_token_scores
 from datatrace.projection import FactoredProjector
 from datatrace.scores import Scores
 from datatrace.solvers import inverse_eigenvalues
-from datatrace.task import Task
 
 __all__ = ["LoGraAttributor", "LoGraConfig"]
 
@@ -174,19 +174,23 @@ class LoGraAttributor(Attributor[LoGraState]):
     Config = LoGraConfig
     config: LoGraConfig
 
+    @classmethod
+    def feature_forms(cls, config: MethodConfig) -> tuple[FormChoice, ...]:
+        """Each layer's gradient projected on both sides: the loop refuses parameters
+        outside Linear/Conv2d layers and hands over the member's layout (``ctx.layout``, a
+        LoRA member's adapter layers)."""
+        return ("layer-projected",)
+
+    @classmethod
+    def form_demand(cls, config: MethodConfig) -> FormDemand:
+        return FormDemand(
+            "LoGra", "score flat projected gradients (trak, grad-dot with projector=)"
+        )
+
     def __init__(self, task: Any, **kwargs: Any) -> None:
         super().__init__(task, **kwargs)
-        # refuse parameters outside Linear/Conv2d and a per-layer damping naming other layers
-        self._layout_of = (self.task, ParamLayout(self.task))
-        if isinstance(self.config.damping, dict):
-            check_damping(self.config.damping, self._layout(self.task).modules)
-
-    def _layout(self, task: Task) -> ParamLayout:
-        """The layer layout of ``task``, a member's effective one during its work (a LoRA
-        member tracks its adapter layers, not the base model's)."""
-        if self._layout_of[0] is not task:
-            self._layout_of = (task, ParamLayout(task))
-        return self._layout_of[1]
+        if isinstance(self.config.damping, dict):  # a per-layer damping naming other layers
+            check_damping(self.config.damping, ParamLayout(self.task).modules)
 
     # ------------------------------------------------------------------ projections
     def _prepare_member(self, ctx: MemberContext[LoGraState]) -> LoGraState:
@@ -196,7 +200,7 @@ class LoGraAttributor(Attributor[LoGraState]):
             cfg.proj_dim_in or 1, cfg.proj_dim_out or 1, seed=cfg.seed, member=ctx.index
         )
         out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
-        for slot in self._layout(ctx.task).slots:
+        for slot in ctx.factor_layout().slots:
             # in the working dtype, as every projector: a half-precision model gets the
             # float32 model's matrices (randn in bf16 draws other numbers), not rounded ones
             p_a, p_g = proj.layer_matrices(
@@ -209,11 +213,11 @@ class LoGraAttributor(Attributor[LoGraState]):
             out.append((p_a if cfg.proj_dim_in else None, p_g if cfg.proj_dim_out else None))
         return LoGraState(out)
 
-    def _layer_shapes(self, task: Task) -> list[tuple[int, int]]:
+    def _layer_shapes(self, layout: ParamLayout) -> list[tuple[int, int]]:
         cfg = self.config
         return [
             (cfg.proj_dim_out or slot.out_features, cfg.proj_dim_in or slot.in_width)
-            for slot in self._layout(task).slots
+            for slot in layout.slots
         ]
 
     def _project(self, ctx: MemberContext[LoGraState], psg: PerSampleGrads) -> torch.Tensor:
@@ -221,8 +225,7 @@ class LoGraAttributor(Attributor[LoGraState]):
         working dtype."""
         by_module = {f.module: f for f in psg.factors}
         b, parts, dtype = psg.batch_size, [], ctx.task.working_dtype
-        layout = self._layout(ctx.task)
-        for slot, (p_a, p_g) in zip(layout.slots, ctx.fitted.projections):
+        for slot, (p_a, p_g) in zip(ctx.factor_layout().slots, ctx.fitted.projections):
             f = by_module.get(slot.module)
             if f is not None:
                 a = f.a.to(dtype) if p_a is None else f.a.to(dtype) @ p_a
@@ -260,9 +263,8 @@ class LoGraAttributor(Attributor[LoGraState]):
     def _curvature(self, ctx: MemberContext[LoGraState]) -> list[KFACLayer]:
         """Fit K-FAC/EK-FAC of the projected factors, or reload it from the store."""
         cfg = self.config
-        task = ctx.task
-        modules = factored_modules(task)
-        names = [f"L{j}-{f}" for j in range(len(modules)) for f in KFACCurvature.FIELDS]
+        task, layout = ctx.task, ctx.factor_layout()
+        names = [f"L{j}-{f}" for j in range(len(layout.slots)) for f in KFACCurvature.FIELDS]
 
         def fit() -> dict[str, torch.Tensor]:
             layers = fit_kfac_layers(
@@ -285,20 +287,18 @@ class LoGraAttributor(Attributor[LoGraState]):
 
         arrays = self._cached_arrays(ctx, "logra", names, fit)
         layers = []
-        for j, ((mname, (w, b)), shape) in enumerate(
-            zip(modules.items(), self._layer_shapes(task))
-        ):
+        for j, (slot, shape) in enumerate(zip(layout.slots, self._layer_shapes(layout))):
             vals = {
                 f: arrays[f"L{j}-{f}"].to(task.device, task.working_dtype)
                 for f in KFACCurvature.FIELDS
             }
-            layers.append(KFACLayer(mname, w, b, shape, **vals))
+            layers.append(KFACLayer(slot.module, slot.weight, slot.bias, shape, **vals))
         return layers
 
-    def _split(self, task: Task, rows: torch.Tensor) -> list[torch.Tensor]:
+    def _split(self, layout: ParamLayout, rows: torch.Tensor) -> list[torch.Tensor]:
         """``(k, d)`` feature rows to per-layer ``(k, k_out, k_in)`` matrices."""
         out, pos = [], 0
-        for o, i in self._layer_shapes(task):
+        for o, i in self._layer_shapes(layout):
             out.append(rows[:, pos : pos + o * i].reshape(rows.shape[0], o, i))
             pos += o * i
         return out
@@ -310,7 +310,7 @@ class LoGraAttributor(Attributor[LoGraState]):
         assert layers is not None and inverse is not None  # set by _fit_member
         mats = [
             lay.unrotate(inv * lay.rotate(m))
-            for lay, inv, m in zip(layers, inverse, self._split(ctx.task, q))
+            for lay, inv, m in zip(layers, inverse, self._split(ctx.factor_layout(), q))
         ]
         return torch.cat([m.reshape(q.shape[0], -1) for m in mats], 1) / self._n_train
 
@@ -321,10 +321,14 @@ class LoGraAttributor(Attributor[LoGraState]):
         The preconditioner is block-diagonal over layers, so ``score = sum_l <P_l, D̃_l> / n``
         splits exactly into one term per layer (``P_l`` the preconditioned query block).
         """
-        spans, pos = {}, 0
-        for slot, (o, i) in zip(self._layout(self.task).slots, self._layer_shapes(self.task)):
-            spans[slot.module] = [slice(pos, pos + o * i)]
-            pos += o * i
+        self._check_fitted()
+        spans = []  # per member: its layout (a LoRA member's adapter layers)
+        for ctx in self._contexts:
+            layout, member, pos = ctx.factor_layout(), {}, 0
+            for slot, (o, i) in zip(layout.slots, self._layer_shapes(layout)):
+                member[slot.module] = [slice(pos, pos + o * i)]
+                pos += o * i
+            spans.append(member)
         return per_module_scores(self, queries, spans)
 
     def attribute_per_token(self, queries: Any) -> torch.Tensor:
