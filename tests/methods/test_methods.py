@@ -7,6 +7,7 @@ from datatrace import (
     GradCosAttributor,
     GradDotAttributor,
     RepresenterAttributor,
+    SourceAttributor,
     Task,
     TracInAttributor,
     TRAKAttributor,
@@ -244,3 +245,12 @@ def test_trak_default_runs_when_proj_dim_exceeds_train_size():
     )
     assert torch.isfinite(scores.values).all()
     assert (scores.values.diagonal() > 0).all()
+
+
+def test_trak_and_source_score_the_flat_or_projected_gradients_the_loop_decides():
+    train = classification_data(n=8)
+    trak = TRAKAttributor(Task(mlp(), target="margin"), proj_dim=8).fit(train)
+    flat = TRAKAttributor(Task(mlp(), target="margin"), projector="none").fit(train)
+    source = SourceAttributor(Task(mlp()), horizon=10.0).fit(train)
+    assert [a._contexts[0].form for a in (trak, flat, source)] == ["projected", "flat", "flat"]
+    assert [a._contexts[0].layout for a in (trak, flat, source)] == [None, None, None]

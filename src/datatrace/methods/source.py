@@ -478,12 +478,7 @@ class SourceAttributor(Attributor[SourceState]):
         parameters alone.
         """
         self._check_fitted()
-        if self.config.projector != "none":
-            raise ConfigError(
-                f"per-module scores split gradients by parameter; projector="
-                f"{self.config.projector!r} mixes all modules into each column. Use "
-                "projector='none'."
-            )
+        # the loop gives Source flat gradients (its config refuses projectors): split by parameter
         params = self.task.tracked_params()
         sizes = [p.numel() for p in params.values()]
         base = module_param_spans(list(params), sizes)
