@@ -208,7 +208,6 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         self._solver = make_solver(self.config.solver, **self.config.solver_options)
         # member index -> (preconditioned query block, its per-layer split): see _query_matrices
         self._query_cache: dict[int, tuple[torch.Tensor, Any]] = {}
-        self._scoring = False  # inside _score_blocks: _transform_queries fills _query_cache
         cfg = self.config
         if cfg.curvature in KFAC_KINDS:
             # refuse parameters outside Linear/Conv2d (and a per-layer damping that does not
@@ -365,15 +364,10 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         inverse = ctx.fitted.solve()
         factored = ctx.form == "factored"
         if factored and isinstance(inverse, KFACInverse):
-            # per layer, never the flat (dim, k) transpose; within _score_blocks the matrices
-            # are kept for _combine
+            # per layer, never the flat (dim, k) transpose
             layout = ctx.factor_layout()
             mats = [m.div_(self._n_train) for m in inverse.apply_matrices(layout.to_matrices(q))]
             out = layout.from_matrices(mats)
-            if self.config.query_rank is None:
-                if self._scoring:
-                    self._query_cache[ctx.index] = (out, (None, [m.contiguous() for m in mats]))
-                return out
         else:
             out = inverse.apply(q.T).T / self._n_train
         if factored and self.config.query_rank is not None:
@@ -391,11 +385,9 @@ class InfluenceAttributor(Attributor[InfluenceState]):
     def _score_blocks(
         self, queries: Any, local: bool = False
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._scoring = True
         try:
             yield from super()._score_blocks(queries, local)
         finally:  # the per-layer query split lives for one attribute call
-            self._scoring = False
             self._query_cache.clear()
 
     # ------------------------------------------------------------------ factored path
