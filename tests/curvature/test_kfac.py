@@ -234,3 +234,21 @@ def test_bad_input():
         fit_kfac(Task(mlp(), loss=lambda o, y: (o - 1).pow(2).sum(1)), data)
     with pytest.raises(DataError):
         fit_kfac(task, (torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0).long()))
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 5])
+def test_spectral_equals_rotate_scale_unrotate(k):
+    # the fused product reuses its buffers: with one matrix (k = 1) a reshape would alias
+    # them, and a strided input must be read, not overwritten
+    task, data = _linear_tasks()[0]
+    curv = fit_kfac(task, data, kind="ekfac", batch_size=4)
+    g = torch.Generator().manual_seed(k)
+    for layer in curv.layers:
+        o, i = layer.shape
+        mats = torch.randn(o, k, i, generator=g, dtype=torch.float64).transpose(0, 1)
+        before = mats.clone()
+        mult = torch.rand(o, i, generator=g, dtype=torch.float64) + 0.5
+        got = layer.spectral(mats, mult)
+        assert got.is_contiguous() and got.shape == (k, o, i)
+        torch.testing.assert_close(got, layer.unrotate(mult * layer.rotate(mats)), rtol=RTOL, atol=ATOL)
+        assert torch.equal(mats, before)

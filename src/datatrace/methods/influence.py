@@ -368,6 +368,8 @@ class InfluenceAttributor(Attributor[InfluenceState]):
             layout = ctx.factor_layout()
             mats = [m.div_(self._n_train) for m in inverse.apply_matrices(layout.to_matrices(q))]
             out = layout.from_matrices(mats)
+            if self.config.query_rank is None:  # _combine's split of ``out``: these matrices
+                self._query_cache[ctx.index] = (out, (None, mats))
         else:
             out = inverse.apply(q.T).T / self._n_train
         if factored and self.config.query_rank is not None:

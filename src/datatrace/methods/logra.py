@@ -309,7 +309,7 @@ class LoGraAttributor(Attributor[LoGraState]):
         layers, inverse = ctx.fitted.layers, ctx.fitted.inverse
         assert layers is not None and inverse is not None  # set by _fit_member
         mats = [
-            lay.unrotate(inv * lay.rotate(m))
+            lay.spectral(m, inv)
             for lay, inv, m in zip(layers, inverse, self._split(ctx.factor_layout(), q))
         ]
         return torch.cat([m.reshape(q.shape[0], -1) for m in mats], 1) / self._n_train
