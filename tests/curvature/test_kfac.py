@@ -250,5 +250,7 @@ def test_spectral_equals_rotate_scale_unrotate(k):
         mult = torch.rand(o, i, generator=g, dtype=torch.float64) + 0.5
         got = layer.spectral(mats, mult)
         assert got.is_contiguous() and got.shape == (k, o, i)
-        torch.testing.assert_close(got, layer.unrotate(mult * layer.rotate(mats)), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(
+            got, layer.unrotate(mult * layer.rotate(mats)), rtol=RTOL, atol=ATOL
+        )
         assert torch.equal(mats, before)
