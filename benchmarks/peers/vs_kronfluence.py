@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--dtype", default="float32", choices=["float32", "float64"], help="our model's dtype "
         "(float64 admits dampings below float32 resolution); kronfluence runs float32")  # fmt: skip
     add("--curvature-examples", default="all", help="comma-separated counts (400), fractions "
-        "(0.1) or 'all'; each gets its own damping choice, LDS rows and timed runs")  # fmt: skip
+        "(0.1) or 'all', each optionally '/EIGEN' (eigenvalue_examples, EK-FAC); each gets its "
+        "own damping choice, LDS rows and timed runs")  # fmt: skip
     add("--train-features", default="auto", choices=["auto", "factored", "recompute"],
         help="ours: keep the training factors or recompute them when scoring")  # fmt: skip
     add = ap.add_argument_group("digits settings").add_argument
@@ -116,19 +117,33 @@ def parse_damping(text: str) -> float | str:
     return text if text == "heuristic" else float(text)
 
 
-def parse_curvature_examples(text: str) -> int | float | None:
-    """``all`` (or ``none``): every example; ``0.1``: a fraction; ``400``: a count."""
-    if text.lower() in ("all", "none"):
-        return None
-    return float(text) if any(c in text for c in ".eE") else int(text)
+Subsets = tuple[int | float | None, int | float | None]
 
 
-def data_passes(curvature_examples: int | float | None, n_train: int) -> float:
-    """Passes over the training set of one fit + attribute: covariance and eigenvalue passes
-    over the curvature subset, one scoring (or featurizing) pass over every example."""
-    m = n_train if curvature_examples is None else curvature_examples
-    m = max(1, round(m * n_train)) if isinstance(m, float) else m
-    return 1 + 2 * min(m, n_train) / n_train
+def parse_curvature_examples(text: str) -> Subsets:
+    """``(curvature_examples, eigenvalue_examples)`` of ``CURV[/EIGEN]``, each ``all`` (or
+    ``none``): every example; ``0.1``: a fraction; ``400``: a count."""
+
+    def one(t: str) -> int | float | None:
+        if t.lower() in ("all", "none"):
+            return None
+        return float(t) if any(c in t for c in ".eE") else int(t)
+
+    curv, _, eigen = text.partition("/")
+    return one(curv), one(eigen) if eigen else None
+
+
+def data_passes(subsets: Subsets, n_train: int) -> float:
+    """Passes over the training set of one fit + attribute: a covariance pass over the
+    curvature subset, an eigenvalue pass over its own (EK-FAC; the curvature subset unless
+    set), one scoring (or featurizing) pass over every example."""
+
+    def count(m: int | float | None) -> int:
+        m = n_train if m is None else m
+        return min(max(1, round(m * n_train)) if isinstance(m, float) else m, n_train)
+
+    curv, eigen = subsets
+    return 1 + (count(curv) + count(curv if eigen is None else eigen)) / n_train
 
 
 def run_lm(args: Any, py: Path, load_before: tuple[float, ...]) -> dict[str, Any]:
@@ -161,10 +176,12 @@ def run_lm(args: Any, py: Path, load_before: tuple[float, ...]) -> dict[str, Any
     def val_lds(values: torch.Tensor) -> float:
         return lds(values[:n_val], gt.subsets, gt.targets[:, :n_val]).mean
 
-    def fit_ours(damping: float | str, ce: int | float | None) -> Any:
+    def fit_ours(damping: float | str, ce: Subsets) -> Any:
         """Ours matched to kronfluence's defaults (true Fisher, one label), fit."""
         options = {"fisher": "true", "fisher_samples": 1, "batch_size": args.batch_size}
-        options.update(seed=0, curvature_examples=ce, train_features=args.train_features)
+        options.update(seed=0, curvature_examples=ce[0], train_features=args.train_features)
+        if ce[1] is not None:
+            options["eigenvalue_examples"] = ce[1]
         return make_attributor(args.method, task, damping=damping, **options).fit(train)
 
     # ---- our damping, chosen on the validation queries for every curvature subset
@@ -231,7 +248,9 @@ def run_lm(args: Any, py: Path, load_before: tuple[float, ...]) -> dict[str, Any
               "kronfluence": {k: _seconds(r) for k, r in peer[t]["rows"].items()}}
              for t in args.threads]  # fmt: skip
     first = peer[args.threads[0]]
-    passes = {k: data_passes(ce, n_train) for k, ce in {**subsets, README_DEFAULTS: None}.items()}
+    passes = {
+        k: data_passes(ce, n_train) for k, ce in {**subsets, README_DEFAULTS: (None, None)}.items()
+    }
     return dict(
         setting=setting.to_json(), recipe_hash=setting.recipe_hash(),
         lds_protocol={"m": args.m, "seeds": args.seeds, "alpha": 0.5},

@@ -221,3 +221,90 @@ def test_cli_reads_counts_and_fractions():
     assert fraction == {"curvature_examples": 0.1}
     cfg = InfluenceConfig(curvature="ekfac", solver="explicit", curvature_examples=0.1)
     assert InfluenceConfig(**cfg.to_json()) == cfg
+
+
+# ---------------------------------------------------------------- eigenvalue_examples
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_eigenvalue_subset_is_ekfac_of_the_curvature_subset_with_fewer_eigenvalue_examples(
+    fisher,
+):
+    task, train, queries = _case()
+    seed = 3
+    attr = _fit(task, train, curvature_examples=12, eigenvalue_examples=5, fisher=fisher, seed=seed)
+    curv_idx, eig_idx = curvature_subset(N_TRAIN, 12, seed), curvature_subset(N_TRAIN, 5, seed)
+    assert curv_idx is not None and eig_idx is not None
+    assert set(eig_idx.tolist()) < set(curv_idx.tolist())  # nested: the same permutation
+    expected = fit_kfac(
+        task,
+        (train[0][curv_idx], train[1][curv_idx]),
+        kind="ekfac",
+        fisher=fisher,
+        seed=seed,
+        batch_size=6,
+        eigenvalue_data=(train[0][eig_idx], train[1][eig_idx]),
+    )
+    _assert_same_curvature(_curvature(attr), expected, exact=False)
+    # the factors are the curvature subset's, the eigenvalues not
+    plain = _fit(task, train, curvature_examples=12, fisher=fisher, seed=seed)
+    a, b = _curvature(attr).layers[0], _curvature(plain).layers[0]
+    assert torch.equal(a.a_factor, b.a_factor) and torch.equal(a.q_g, b.q_g)
+    assert not torch.allclose(a.eigenvalues, b.eigenvalues)
+    assert attr.attribute(queries).values.shape == (3, N_TRAIN)
+
+
+def test_the_eigenvalue_pass_reads_only_its_subset(monkeypatch):
+    task, train, _ = _case()
+    seen: list[torch.Tensor] = []
+    real = kfac_fit._capture
+
+    def spy(task_, state, batch, *args, **kwargs):
+        seen.append(batch[0])
+        return real(task_, state, batch, *args, **kwargs)
+
+    monkeypatch.setattr(kfac_fit, "_capture", spy)
+    _fit(task, train, curvature_examples=0.5, eigenvalue_examples=0.2, batch_size=4)
+    curv, eig = curvature_subset(N_TRAIN, 0.5, 0), curvature_subset(N_TRAIN, 0.2, 0)
+    assert curv is not None and eig is not None and (len(curv), len(eig)) == (10, 4)
+    assert torch.equal(torch.cat(seen), torch.cat([train[0][curv], train[0][eig]]))
+
+
+@pytest.mark.parametrize("eigen", [12, None])
+def test_as_many_eigenvalue_examples_as_curvature_examples_is_bit_identical(eigen):
+    task, train, queries = _case()
+    ref = _fit(task, train, curvature_examples=12, train_features="recompute")
+    same = _fit(task, train, curvature_examples=12, eigenvalue_examples=eigen)
+    _assert_same_curvature(_curvature(same), _curvature(ref), exact=True)
+    assert torch.equal(same.attribute(queries).values, ref.attribute(queries).values)
+    assert ("eigenvalue_examples" in same.config.to_json()) == (eigen is not None)
+
+
+def test_eigenvalue_examples_refusals_name_the_values():
+    task, train, _ = _case()
+    with pytest.raises(
+        ConfigError, match=r"eigenvalue_examples=5 applies only with curvature='ekfac'"
+    ):
+        make_attributor("if-kfac", task, eigenvalue_examples=5)
+    with pytest.raises(ConfigError, match="eigenvalue_examples must be None, an integer >= 1"):
+        make_attributor("if-ekfac", task, eigenvalue_examples=0)
+    with pytest.raises(
+        ConfigError, match=r"eigenvalue_examples=0\.5 exceeds curvature_examples=0\.2"
+    ):
+        make_attributor("if-ekfac", task, curvature_examples=0.2, eigenvalue_examples=0.5)
+    # a count against a fraction is compared once n_train is known
+    attr = make_attributor("if-ekfac", task, curvature_examples=0.25, eigenvalue_examples=6)
+    with pytest.raises(
+        ConfigError, match=r"selects 6 of the 20 .* more than the 5 of curvature_examples=0.25"
+    ):
+        attr.fit(train)
+    with pytest.raises(ConfigError, match="K-FAC does not run"):
+        fit_kfac(task, train, kind="kfac", eigenvalue_data=train)
+
+
+def test_store_keys_the_factors_by_the_eigenvalue_subset(tmp_path):
+    task, train, queries = _case()
+    store = tmp_path / "store"
+    first = _fit(task, train, curvature_examples=10, eigenvalue_examples=4, store=store)
+    again = _fit(task, train, curvature_examples=10, eigenvalue_examples=4, store=store)
+    assert torch.equal(first.attribute(queries).values, again.attribute(queries).values)
+    with pytest.raises(StoreError, match="eigenvalue_examples: stored 4, given 5"):
+        _fit(task, train, curvature_examples=10, eigenvalue_examples=5, store=store)

@@ -258,21 +258,21 @@ def check_fisher_samples(fisher_samples: Any, fisher: str | None = None) -> None
         )
 
 
-def check_curvature_examples(curvature_examples: Any) -> None:
-    """Validate ``curvature_examples``: None, an integer >= 1 (a count) or a float in (0, 1]
-    (a fraction of the training set)."""
+def check_curvature_examples(curvature_examples: Any, name: str = "curvature_examples") -> None:
+    """Validate ``curvature_examples`` (or the setting ``name``): None, an integer >= 1 (a
+    count) or a float in (0, 1] (a fraction of the training set)."""
     value = curvature_examples
     if value is None:
         return
     expected = "None, an integer >= 1 (a count) or a float in (0, 1] (a fraction)"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"curvature_examples must be {expected}; got {value!r}.")
+        raise ConfigError(f"{name} must be {expected}; got {value!r}.")
     if isinstance(value, int) and value < 1:
-        raise ConfigError(f"curvature_examples must be {expected}; got {value!r}.")
+        raise ConfigError(f"{name} must be {expected}; got {value!r}.")
     if isinstance(value, float) and not 0 < value <= 1:
         whole = value > 1 and value.is_integer()  # inf and nan are neither
         hint = f"; pass the integer {int(value)} for a count" if whole else ""
-        raise ConfigError(f"curvature_examples must be {expected}; got the float {value!r}{hint}.")
+        raise ConfigError(f"{name} must be {expected}; got the float {value!r}{hint}.")
 
 
 def curvature_subset(

@@ -262,6 +262,7 @@ def fit_kfac_layers(
     projections: Projections | None = None,
     fisher_samples: int = 1,
     progress: bool | None = False,
+    eigenvalue_data: Any = None,
 ) -> list[KFACLayer]:
     """The layers of :func:`fit_kfac`, optionally of projected gradients (LoGra).
 
@@ -285,6 +286,11 @@ def fit_kfac_layers(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer; got {seed!r}.")
     check_fisher_samples(fisher_samples, fisher)
+    if eigenvalue_data is not None and kind != "ekfac":
+        raise ConfigError(
+            "eigenvalue_data feeds EK-FAC's eigenvalue pass, which K-FAC does not run; got "
+            f"kind={kind!r}. Use kind='ekfac' or leave eigenvalue_data out."
+        )
     modules = factored_modules(task)
     if fisher == "true" and task.loss_name not in ("cross_entropy", "mse", "lm"):
         raise ConfigError(
@@ -359,7 +365,7 @@ def fit_kfac_layers(
     if kind == "ekfac":
         values = fit_ekfac_eigenvalues(
             task,
-            data,
+            data if eigenvalue_data is None else eigenvalue_data,
             layers,
             state=state,
             fisher=fisher,
@@ -389,6 +395,7 @@ def fit_kfac(
     seed: int = 0,
     fisher_samples: int = 1,
     progress: bool | None = False,
+    eigenvalue_data: Any = None,
 ) -> KFACCurvature:
     """Fit K-FAC (one pass over ``data``) or EK-FAC (two passes) for the task's tracked layers.
 
@@ -404,6 +411,9 @@ def fit_kfac(
             contributions averaged (less sampling noise, one backward pass each).
         progress: a bar over the batches of each pass: True, False or None (where stderr is
             a terminal); ``DATATRACE_PROGRESS=0`` turns it off (docs/conventions.md).
+        eigenvalue_data: EK-FAC only: the data of the eigenvalue pass (default: ``data``),
+            e.g. a subset of it: the eigenvalues of the Kronecker basis settle on fewer
+            examples than the factors that define it (kronfluence's ``lambda_max_examples``).
 
     Returns:
         The fitted :class:`KFACCurvature` (factors and eigendecompositions in float64, cast
@@ -426,5 +436,6 @@ def fit_kfac(
         seed=seed,
         fisher_samples=fisher_samples,
         progress=progress,
+        eigenvalue_data=eigenvalue_data,
     )
     return KFACCurvature(task, layers, kind=kind, fisher=fisher)

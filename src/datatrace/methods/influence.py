@@ -315,10 +315,13 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         cfg = self.config
         seed = cfg.seed + 7919 * ctx.index  # member 0 samples as the plain method does
         subset = curvature_subset(self._n_train, cfg.curvature_examples, seed)
+        eigen = self._eigenvalue_subset(subset, seed)
         # factors of another subset are not these
         salt = (
             b"" if subset is None else b"curvature-subset:" + subset.numpy().astype("<i8").tobytes()
         )
+        if eigen is not None:
+            salt += b"eigenvalue-subset:" + eigen.numpy().astype("<i8").tobytes()
         names = [
             f"L{j}-{f}"
             for j in range(len(factored_modules(ctx.task)))
@@ -332,6 +335,9 @@ class InfluenceAttributor(Attributor[InfluenceState]):
             return fit_kfac(
                 ctx.task,
                 train,
+                eigenvalue_data=(
+                    None if eigen is None else _examples(self._train, eigen, cfg.batch_size)
+                ),
                 state=ctx.state,
                 kind=cfg.curvature,  # type: ignore[arg-type]
                 fisher=cfg.fisher,
@@ -344,6 +350,25 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         # "v2": eigenvalues from a fresh-label pass (factors stored before that are not reused)
         arrays = self._cached_arrays(ctx, "kfac-v2", names, fit, salt)
         return KFACCurvature.from_arrays(ctx.task, arrays, kind=cfg.curvature, fisher=cfg.fisher)
+
+    def _eigenvalue_subset(self, subset: torch.Tensor | None, seed: int) -> torch.Tensor | None:
+        """Training-set indices of EK-FAC's eigenvalue pass, when fewer than the curvature
+        examples (``subset``, None: all): the same permutation's first, so nested in them."""
+        cfg = self.config
+        if cfg.eigenvalue_examples is None:
+            return None
+        eigen = curvature_subset(self._n_train, cfg.eigenvalue_examples, seed)
+        n_eigen = self._n_train if eigen is None else len(eigen)
+        n_curv = self._n_train if subset is None else len(subset)
+        if n_eigen > n_curv:
+            raise ConfigError(
+                f"eigenvalue_examples={cfg.eigenvalue_examples!r} selects {n_eigen:,} of the "
+                f"{self._n_train:,} training examples, more than the {n_curv:,} of "
+                f"curvature_examples={cfg.curvature_examples!r}; the eigenvalue pass reads a "
+                "subset of the curvature examples: lower eigenvalue_examples or raise "
+                "curvature_examples."
+            )
+        return None if n_eigen == n_curv else eigen
 
     def _fit_member(self, ctx: MemberContext[InfluenceState]) -> InfluenceState:
         op = self._operator(ctx)

@@ -78,6 +78,12 @@ class InfluenceConfig(MethodConfig):
             biased sample of data ordered by class, source or time. Each curvature pass then
             costs that fraction of a full pass (kronfluence's ``covariance_max_examples``
             and ``lambda_max_examples``, which take the first examples).
+        eigenvalue_examples: EK-FAC only: the examples of the eigenvalue pass, a count or
+            fraction of the training set as ``curvature_examples`` and at most as many: the
+            first of the same seeded permutation, so a subset of the curvature examples
+            (None, default: all of them). EK-FAC's eigenvalues in a fixed Kronecker basis
+            settle on fewer examples than the factors that define the basis (on pydoc-gpt2,
+            5-10% of the chunks after factors from 30%; docs/methods/influence.md).
     """
 
     solver: str = "cg"
@@ -89,6 +95,7 @@ class InfluenceConfig(MethodConfig):
     query_rank: int | None = None
     fisher_samples: int = 1
     curvature_examples: int | float | None = None
+    eigenvalue_examples: int | float | None = None
 
     # settings that only some curvatures, solvers or feature paths read, and values only
     # some of them take (MethodConfig.APPLIES): __post_init__ checks each field alone
@@ -107,6 +114,12 @@ class InfluenceConfig(MethodConfig):
             hint="(It samples labels, which only fisher='true' does.)",
         ),
         "curvature_examples": Applies(_kfac, _KFAC, on=("curvature",)),
+        "eigenvalue_examples": Applies(
+            lambda c: c.curvature == "ekfac",
+            "curvature='ekfac'",
+            on=("curvature",),
+            hint="(K-FAC has no eigenvalue pass; curvature_examples sets its one pass.)",
+        ),
         "damping": Applies(
             lambda c: _kfac(c) and c.solver == "explicit",
             f"{_KFAC} and solver='explicit'",
@@ -169,6 +182,13 @@ class InfluenceConfig(MethodConfig):
             )
         check_fisher_samples(self.fisher_samples)
         check_curvature_examples(self.curvature_examples)
+        check_curvature_examples(self.eigenvalue_examples, "eigenvalue_examples")
+        eigen, curv = self.eigenvalue_examples, self.curvature_examples
+        if eigen is not None and curv is not None and type(eigen) is type(curv) and eigen > curv:
+            raise ConfigError(
+                f"eigenvalue_examples={eigen!r} exceeds curvature_examples={curv!r}; the "
+                "eigenvalue pass reads a subset of the curvature examples."
+            )
         if self.train_features not in ("auto", "factored", "gradients", "recompute"):
             raise ConfigError(
                 f"train_features must be 'auto', 'factored', 'gradients' or 'recompute'; got "
@@ -185,9 +205,10 @@ class InfluenceConfig(MethodConfig):
 
     def to_json(self) -> dict[str, Any]:
         out = super().to_json()
-        if out["curvature_examples"] is None:
-            # left out at its default, so stores written before the setting existed still match
-            del out["curvature_examples"]
+        for name in ("curvature_examples", "eigenvalue_examples"):
+            if out[name] is None:
+                # left out at its default: stores written before the setting still match
+                del out[name]
         return out
 
     @property
