@@ -8,7 +8,9 @@ from datatrace import ModelError, Task
 from datatrace.gradients import compute_per_sample_grads
 from datatrace.gradients.factored import (
     FactorCodec,
+    GradientBlock,
     ParamLayout,
+    contract_preconditioned,
     covers_tracked,
     factored_modules,
     pairs_factors,
@@ -90,3 +92,30 @@ def test_uncovered_parameters_are_refused_by_name():
     assert covers_tracked(Task(TinyLM().double().eval(), loss="lm", module_types=(nn.Linear,)))
     with pytest.raises(ModelError, match=r"emb\.weight"):
         factored_modules(task)
+
+
+@pytest.mark.parametrize("n_queries", [1, 40])
+def test_gradient_block_is_the_batchwise_contraction(n_queries):
+    # one query: the LM's layers keep factors (k T < I'); forty: gradient matrices in the
+    # block's buffers. Either way the block's scores are each batch's contraction, side by side.
+    task = Task(TinyLM(vocab=64, d=16).double().eval(), loss="lm", module_types="layers")
+    layout = ParamLayout(task)
+    g = torch.Generator().manual_seed(5)
+    queries = [
+        torch.randn(n_queries, s.out_features, s.in_width, generator=g, dtype=torch.float64)
+        for s in layout.slots
+    ]
+    block = GradientBlock(layout, capacity=9, n_queries=n_queries)
+    expected = []
+    for n, t in [(4, 3), (3, 5)]:  # batches of different lengths
+        psg = compute_per_sample_grads(task, _lm_ids(n, t, seed=n), engine="hooks")
+        by_module = {f.module: f for f in psg.factors}
+        parts = [(by_module[m].a, by_module[m].g) for m in layout.modules]
+        block.add(parts)
+        expected.append(sum(contract_preconditioned(p, part) for p, part in zip(queries, parts)))
+    assert block.rows == 7
+    forms = {mats is None for mats in block._mats}
+    assert forms == ({True} if n_queries == 1 else {False})
+    torch.testing.assert_close(block.contract(queries), torch.cat(expected, 1), rtol=RTOL, atol=0)
+    with pytest.raises(ValueError, match="a block of 9 rows cannot take rows 7:11"):
+        block.add([(a[:1].expand(4, -1, -1), gg[:1].expand(4, -1, -1)) for a, gg in parts])

@@ -206,11 +206,18 @@ class SharedLoop(MethodHooks[StateT]):
         whole = self._fitted_train_features(ctx)
         if whole is not None:
             return self._to_feature_dtype(whole[offset : offset + batch_size_of(batch)])
+        return self._unit_train_features(self._batch_context(ctx, offset, batch), batch)
+
+    @staticmethod
+    def _batch_context(
+        ctx: MemberContext[StateT], offset: int, batch: Batch
+    ) -> MemberContext[StateT]:
+        """``ctx`` with the training indices of the batch at ``offset`` (per-example masks)."""
         try:
             indices: torch.Tensor | None = torch.arange(offset, offset + batch_size_of(batch))
         except DataError:  # a batch whose size cannot be read: no indices
             indices = None
-        return self._unit_train_features(replace(ctx, batch_indices=indices), batch)
+        return replace(ctx, batch_indices=indices)
 
     def _featurize_train(self, ctx: MemberContext[StateT], train: Any) -> None:
         whole = self._fitted_train_features(ctx)
@@ -522,6 +529,18 @@ class SharedLoop(MethodHooks[StateT]):
         with self._member_scope(ctx) as scoped, scoped.task.moving_batches():
             yield scoped
 
+    def _scoring_train_blocks(
+        self, ctx: MemberContext[StateT], local: bool, queries: torch.Tensor
+    ) -> Iterator[tuple[int, Any]]:
+        """``(first unit, block)`` pairs :meth:`_score_blocks` hands to ``_combine`` with the
+        member's transformed ``queries`` (default: :meth:`_iter_train_features`); a method may
+        yield blocks of its own form, which only its ``_combine`` reads."""
+        return self._iter_train_features(ctx, local)
+
+    def _count_scoring_blocks(self, ctx: MemberContext[StateT], local: bool) -> int | None:
+        """How many blocks :meth:`_scoring_train_blocks` yields (None: not known cheaply)."""
+        return self._count_train_blocks(ctx, local)
+
     def _all_train_features(self, ctx: MemberContext[StateT]) -> torch.Tensor:
         return torch.cat([b for _, b in self._iter_train_features(ctx)], 0)
 
@@ -554,12 +573,12 @@ class SharedLoop(MethodHooks[StateT]):
         self, queries: Any, local: bool = False
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         qs = self._transformed_queries(queries)
-        iters = [self._iter_train_features(ctx, local) for ctx in self._contexts]
+        iters = [self._scoring_train_blocks(ctx, local, q) for ctx, q in zip(self._contexts, qs)]
         bar = progress_bar(
             zip(*iters),
             desc=self._phase("scoring"),
             enabled=self.config.progress,
-            total=self._count_train_blocks(self._contexts[0], local),
+            total=self._count_scoring_blocks(self._contexts[0], local),
             unit="block",
         )
         for parts in bar:
