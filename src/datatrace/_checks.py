@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from datatrace.errors import ConfigError, DatatraceError
+import torch
 
-__all__ = ["check_int"]
+from datatrace.errors import ConfigError, DatatraceError, NumericalError
+
+__all__ = ["check_int", "finite_or_raise"]
 
 
 def check_int(name: str, value: Any, low: int, error: type[DatatraceError] = ConfigError) -> int:
@@ -19,3 +21,17 @@ def check_int(name: str, value: Any, low: int, error: type[DatatraceError] = Con
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise error(f"{name} must be an integer >= {low}; got {value!r}.")
     return value
+
+
+def finite_or_raise(values: torch.Tensor, what: str, start: int) -> torch.Tensor:
+    """``values``, unless they hold NaN/inf: never returned silently (``NumericalError``)."""
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return values
+    bad = (~finite).nonzero()[0].tolist()
+    where = f"unit {start + bad[-1]}" + (f" of query {bad[0]}" if len(bad) == 2 else "")
+    raise NumericalError(
+        f"the {what} hold {int((~finite).sum())} NaN/inf value(s) (first at {where}) although "
+        "the data and weights are finite: the gradients or the curvature solve overflowed. "
+        "Raise damping=, use float64 (model.double() and data), or rescale the inputs."
+    )

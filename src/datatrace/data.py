@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 from torch.utils.data._utils.collate import default_collate
 
 from datatrace.errors import DataError
@@ -27,6 +27,7 @@ __all__ = [
     "iter_batches",
     "num_batches",
     "num_examples",
+    "subset_examples",
     "take_examples",
 ]
 
@@ -323,3 +324,26 @@ def take_examples(data: Any, indices: torch.Tensor) -> Batch:
             "of tensors, a map-style Dataset or a DataLoader over one."
         )
     return collate([dataset[int(i)] for i in indices])
+
+
+def subset_examples(data: Any, indices: torch.Tensor, batch_size: int) -> Any:
+    """The examples ``indices`` of ``data``, in that order, as data a pass reads (e.g.
+    K-FAC's curvature passes on a subset).
+
+    Tensors are indexed (a copy of the subset); a dataset, or a loader's dataset, is wrapped
+    in a :class:`~torch.utils.data.Subset`, so only the subset's examples are ever loaded.
+    """
+    data = as_data(data)
+    rows = indices.tolist()
+    if isinstance(data, DataLoader):
+        return DataLoader(
+            Subset(data.dataset, rows),
+            batch_size=data.batch_size or batch_size,
+            shuffle=False,
+            collate_fn=data.collate_fn,
+            num_workers=data.num_workers,
+            pin_memory=data.pin_memory,
+        )
+    if isinstance(data, Dataset):
+        return Subset(data, rows)
+    return take_examples(data, indices)

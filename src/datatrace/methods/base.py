@@ -54,6 +54,7 @@ import torch
 from typing_extensions import Self
 
 from datatrace import distributed
+from datatrace._checks import finite_or_raise
 from datatrace._progress import progress_bar
 from datatrace.data import as_data, iter_batches, num_batches, num_examples
 from datatrace.devices import resolve_device
@@ -62,7 +63,7 @@ from datatrace.errors import ConfigError, DataError
 from datatrace.group import Grouping, check_groups_spec, resolve_groups
 from datatrace.methods.config import RESULT_NEUTRAL, MethodConfig
 from datatrace.methods.context import FeatureForm, FormChoice, FormDemand, MemberContext, StateT
-from datatrace.methods.loop import SharedLoop, finite_or_raise
+from datatrace.methods.loop import SharedLoop
 from datatrace.methods.registry import (
     METHODS,
     make_attributor,

@@ -52,7 +52,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
 
 from datatrace.curvature import (
     FisherOperator,
@@ -64,7 +63,7 @@ from datatrace.curvature import (
     curvature_subset,
     fit_kfac,
 )
-from datatrace.data import Batch, as_data
+from datatrace.data import Batch, subset_examples
 from datatrace.errors import ConfigError, ConvergenceWarning, warn
 from datatrace.gradients import compute_per_sample_grads
 from datatrace.gradients.factored import (
@@ -86,6 +85,7 @@ from datatrace.methods.per_module import (
     module_param_spans,
     per_module_scores,
     per_token_scores,
+    train_token_terms,
 )
 from datatrace.scores import Scores
 from datatrace.solvers import InverseOperator, make_solver
@@ -339,13 +339,15 @@ class InfluenceAttributor(Attributor[InfluenceState]):
 
         def fit() -> dict[str, torch.Tensor]:
             train = (
-                self._train if subset is None else _examples(self._train, subset, cfg.batch_size)
+                self._train
+                if subset is None
+                else subset_examples(self._train, subset, cfg.batch_size)
             )
             return fit_kfac(
                 ctx.task,
                 train,
                 eigenvalue_data=(
-                    None if eigen is None else _examples(self._train, eigen, cfg.batch_size)
+                    None if eigen is None else subset_examples(self._train, eigen, cfg.batch_size)
                 ),
                 state=ctx.state,
                 kind=cfg.curvature,  # type: ignore[arg-type]
@@ -587,56 +589,11 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         total: torch.Tensor | None = None
         for member_ctx, q in zip(self._contexts, qs):
             with self._member_scope(member_ctx) as ctx:
-                layout = ctx.factor_layout()
-                rank = self.config.query_rank
                 psg = compute_per_sample_grads(ctx.task, train, state=ctx.state, engine="hooks")
-                by_module = {f.module: f for f in psg.factors}
-                lengths = {by_module[m].a.shape[1] for m in layout.modules}
-                if len(lengths) != 1:
-                    raise ConfigError(
-                        f"per-token training scores need every tracked layer applied once per "
-                        f"token; the layers have {sorted(lengths)} positions per example."
-                    )
-                mats = None if rank is not None else layout.to_matrices(q)
-                low = unpack_low_rank(layout, q, rank) if rank is not None else None
-                part = None
-                for j, m in enumerate(layout.modules):
-                    f = by_module[m]
-                    a, g = f.a.to(q.dtype), f.g.to(q.dtype)
-                    if low is None:
-                        assert mats is not None
-                        term = torch.einsum("koi,bti,bto->kbt", mats[j], a, g)
-                    else:
-                        left, right = low[j]
-                        gl = torch.einsum("bto,kor->kbtr", g, left)
-                        term = (gl * torch.einsum("bti,kri->kbtr", a, right)).sum(3)
-                    part = term if part is None else part + term
-                assert part is not None
+                part = train_token_terms(ctx.factor_layout(), psg, q, self.config.query_rank)
                 total = part if total is None else total + part
         assert total is not None
         return total / len(self._contexts)
-
-
-def _examples(data: Any, indices: torch.Tensor, batch_size: int) -> Any:
-    """The examples ``indices`` of ``data``, in that order, as data the K-FAC passes read.
-
-    Tensors are indexed (a copy of the subset); a dataset, or a loader's dataset, is wrapped
-    in a :class:`~torch.utils.data.Subset`, so only the subset's examples are ever loaded.
-    """
-    data = as_data(data)
-    rows = indices.tolist()
-    if isinstance(data, DataLoader):
-        return DataLoader(
-            Subset(data.dataset, rows),
-            batch_size=data.batch_size or batch_size,
-            shuffle=False,
-            collate_fn=data.collate_fn,
-            num_workers=data.num_workers,
-            pin_memory=data.pin_memory,
-        )
-    if isinstance(data, Dataset):
-        return Subset(data, rows)
-    return take_examples(data, indices)
 
 
 def _gib(nbytes: float) -> str:

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datatrace import distributed
+from datatrace._checks import finite_or_raise
 from datatrace._progress import progress_bar
 from datatrace.data import (
     Batch,
@@ -36,7 +37,7 @@ from datatrace.data import (
     num_examples,
 )
 from datatrace.ensemble import member_scope, member_states
-from datatrace.errors import DataError, ModelError, NotFittedError, NumericalError
+from datatrace.errors import DataError, ModelError, NotFittedError
 from datatrace.gradients import group_members
 from datatrace.gradients.factored import ParamLayout
 from datatrace.group import Grouping, take_examples
@@ -52,7 +53,7 @@ from datatrace.store import (
 )
 from datatrace.task import Member, Task
 
-__all__ = ["SharedLoop", "finite_or_raise"]
+__all__ = ["SharedLoop"]
 
 _log = logging.getLogger("datatrace.methods.base")  # one logger name for the loop and its API
 
@@ -209,15 +210,12 @@ class SharedLoop(MethodHooks[StateT]):
         return self._unit_train_features(self._batch_context(ctx, offset, batch), batch)
 
     @staticmethod
-    def _batch_context(
-        ctx: MemberContext[StateT], offset: int, batch: Batch
-    ) -> MemberContext[StateT]:
+    def _batch_context(ctx: MemberContext[StateT], offset: int, batch: Batch) -> Any:
         """``ctx`` with the training indices of the batch at ``offset`` (per-example masks)."""
         try:
-            indices: torch.Tensor | None = torch.arange(offset, offset + batch_size_of(batch))
+            return replace(ctx, batch_indices=torch.arange(offset, offset + batch_size_of(batch)))
         except DataError:  # a batch whose size cannot be read: no indices
-            indices = None
-        return replace(ctx, batch_indices=indices)
+            return replace(ctx, batch_indices=None)
 
     def _featurize_train(self, ctx: MemberContext[StateT], train: Any) -> None:
         whole = self._fitted_train_features(ctx)
@@ -532,9 +530,8 @@ class SharedLoop(MethodHooks[StateT]):
     def _scoring_train_blocks(
         self, ctx: MemberContext[StateT], local: bool, queries: torch.Tensor
     ) -> Iterator[tuple[int, Any]]:
-        """``(first unit, block)`` pairs :meth:`_score_blocks` hands to ``_combine`` with the
-        member's transformed ``queries`` (default: :meth:`_iter_train_features`); a method may
-        yield blocks of its own form, which only its ``_combine`` reads."""
+        """``(first unit, block)`` for ``_combine`` with the member's transformed ``queries``
+        (default: the train features); a method's own form of block only its ``_combine`` reads."""
         return self._iter_train_features(ctx, local)
 
     def _count_scoring_blocks(self, ctx: MemberContext[StateT], local: bool) -> int | None:
@@ -592,20 +589,6 @@ class SharedLoop(MethodHooks[StateT]):
             if self._grouping is not None:
                 ids = self._grouping.ids[start : start + size]
             yield ids, finite_or_raise(self._aggregate(blocks, start), "scores", start)
-
-
-def finite_or_raise(values: torch.Tensor, what: str, start: int) -> torch.Tensor:
-    """``values``, unless they hold NaN/inf: never returned silently (``NumericalError``)."""
-    finite = torch.isfinite(values)
-    if bool(finite.all()):
-        return values
-    bad = (~finite).nonzero()[0].tolist()
-    where = f"unit {start + bad[-1]}" + (f" of query {bad[0]}" if len(bad) == 2 else "")
-    raise NumericalError(
-        f"the {what} hold {int((~finite).sum())} NaN/inf value(s) (first at {where}) although "
-        "the data and weights are finite: the gradients or the curvature solve overflowed. "
-        "Raise damping=, use float64 (model.double() and data), or rescale the inputs."
-    )
 
 
 def _rows_of(batch: Batch, start: int, stop: int) -> Batch:

@@ -23,10 +23,12 @@ from typing import Any
 import torch
 
 from datatrace.errors import ConfigError, DataError
+from datatrace.gradients import PerSampleGrads
+from datatrace.gradients.factored import ParamLayout, unpack_low_rank
 from datatrace.methods.base import Attributor
 from datatrace.scores import Scores
 
-__all__ = ["module_param_spans", "per_module_scores", "per_token_scores"]
+__all__ = ["module_param_spans", "per_module_scores", "per_token_scores", "train_token_terms"]
 
 
 def module_param_spans(names: Sequence[str], sizes: Sequence[int]) -> dict[str, list[slice]]:
@@ -143,3 +145,37 @@ def per_token_scores(attributor: Attributor, queries: Any) -> torch.Tensor:
     expanded["labels"] = torch.where(keep.repeat(n, 1), base, torch.full_like(base, -100))
     values = attributor.attribute(expanded).values
     return values.reshape(n, t, -1)
+
+
+def train_token_terms(
+    layout: ParamLayout, psg: PerSampleGrads, q: torch.Tensor, rank: int | None
+) -> torch.Tensor:
+    """``(k, n, T)``: ``sum_layers g_{n,t}ᵀ P_q a_{n,t}`` for the preconditioned queries ``q``
+    (flat rows, or low-rank pairs packed at ``rank``) and the training factors ``psg``.
+
+    Raises:
+        ConfigError: the layers have different numbers of positions (conv patches).
+    """
+    by_module = {f.module: f for f in psg.factors}
+    lengths = {by_module[m].a.shape[1] for m in layout.modules}
+    if len(lengths) != 1:
+        raise ConfigError(
+            f"per-token training scores need every tracked layer applied once per "
+            f"token; the layers have {sorted(lengths)} positions per example."
+        )
+    mats = None if rank is not None else layout.to_matrices(q)
+    low = unpack_low_rank(layout, q, rank) if rank is not None else None
+    total = None
+    for j, m in enumerate(layout.modules):
+        f = by_module[m]
+        a, g = f.a.to(q.dtype), f.g.to(q.dtype)
+        if low is None:
+            assert mats is not None
+            term = torch.einsum("koi,bti,bto->kbt", mats[j], a, g)
+        else:
+            left, right = low[j]
+            gl = torch.einsum("bto,kor->kbtr", g, left)
+            term = (gl * torch.einsum("bti,kri->kbtr", a, right)).sum(3)
+        total = term if total is None else total + term
+    assert total is not None
+    return total
