@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
@@ -460,11 +461,10 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         if per_block is None:
             yield from super()._scoring_train_blocks(ctx, local, queries)
             return
-        capacity = per_block * self.config.batch_size
-        batches = list(self._train_batches(local))
-        for lo in range(0, len(batches), per_block):
+        capacity, batches = per_block * self.config.batch_size, self._train_batches(local)
+        while group := list(islice(batches, per_block)):  # streamed: one block's batches
             block = GradientBlock(ctx.factor_layout(), capacity, queries.shape[0])
-            for _, offset, batch in batches[lo : lo + per_block]:
+            for _, offset, batch in group:
                 with self._recomputing(ctx) as scoped:
                     scoped = self._batch_context(scoped, offset, batch)
                     psg = compute_per_sample_grads(
@@ -472,7 +472,7 @@ class InfluenceAttributor(Attributor[InfluenceState]):
                     )
                 by_module = {f.module: f for f in psg.factors}
                 block.add([(by_module[m].a, by_module[m].g) for m in block.layout.modules])
-            yield batches[lo][1], block
+            yield group[0][1], block
 
     def _count_scoring_blocks(self, ctx: MemberContext[InfluenceState], local: bool) -> int | None:
         per_block, count = self._batches_per_block(), self._count_train_blocks(ctx, local)
