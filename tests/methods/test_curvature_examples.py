@@ -109,7 +109,8 @@ def test_subset_curvature_is_kfac_of_those_examples_and_scores_cover_all(
     torch.testing.assert_close(values, reference, rtol=1e-8, atol=1e-12)
 
 
-def test_the_curvature_passes_read_only_the_subset(monkeypatch):
+@pytest.mark.parametrize("eigen", [None, 0.2])
+def test_the_curvature_passes_read_only_their_subsets(eigen, monkeypatch):
     task, train, _ = _case()
     seen: list[torch.Tensor] = []
     real = kfac_fit._capture
@@ -119,11 +120,14 @@ def test_the_curvature_passes_read_only_the_subset(monkeypatch):
         return real(task_, state, batch, *args, **kwargs)
 
     monkeypatch.setattr(kfac_fit, "_capture", spy)
-    _fit(task, train, curvature_examples=0.25, train_features="recompute", batch_size=4)
-    idx = curvature_subset(N_TRAIN, 0.25, 0)
-    assert idx is not None and len(idx) == 5
-    passes = torch.cat(seen)  # covariance pass, then eigenvalue pass: the subset each time
-    assert torch.equal(passes, torch.cat([train[0][idx], train[0][idx]]))
+    opts = {"eigenvalue_examples": eigen} if eigen is not None else {}
+    _fit(task, train, curvature_examples=0.5, train_features="recompute", batch_size=4, **opts)
+    curv = curvature_subset(N_TRAIN, 0.5, 0)
+    eig = curv if eigen is None else curvature_subset(N_TRAIN, eigen, 0)
+    assert curv is not None and eig is not None and len(curv) == 10
+    assert len(eig) == (10 if eigen is None else 4)
+    # covariance pass on the curvature subset, then the eigenvalue pass on its own
+    assert torch.equal(torch.cat(seen), torch.cat([train[0][curv], train[0][eig]]))
 
 
 def test_subset_is_seeded_nested_and_rounded():
@@ -250,22 +254,6 @@ def test_eigenvalue_subset_is_ekfac_of_the_curvature_subset_with_fewer_eigenvalu
     assert torch.equal(a.a_factor, b.a_factor) and torch.equal(a.q_g, b.q_g)
     assert not torch.allclose(a.eigenvalues, b.eigenvalues)
     assert attr.attribute(queries).values.shape == (3, N_TRAIN)
-
-
-def test_the_eigenvalue_pass_reads_only_its_subset(monkeypatch):
-    task, train, _ = _case()
-    seen: list[torch.Tensor] = []
-    real = kfac_fit._capture
-
-    def spy(task_, state, batch, *args, **kwargs):
-        seen.append(batch[0])
-        return real(task_, state, batch, *args, **kwargs)
-
-    monkeypatch.setattr(kfac_fit, "_capture", spy)
-    _fit(task, train, curvature_examples=0.5, eigenvalue_examples=0.2, batch_size=4)
-    curv, eig = curvature_subset(N_TRAIN, 0.5, 0), curvature_subset(N_TRAIN, 0.2, 0)
-    assert curv is not None and eig is not None and (len(curv), len(eig)) == (10, 4)
-    assert torch.equal(torch.cat(seen), torch.cat([train[0][curv], train[0][eig]]))
 
 
 @pytest.mark.parametrize("eigen", [12, None])
