@@ -11,6 +11,7 @@ by :mod:`datatrace.solvers`.
 """
 
 from datatrace.curvature.kfac import (
+    HEURISTIC_DAMPING,
     Damping,
     FisherKind,
     KFACCurvature,
@@ -20,9 +21,11 @@ from datatrace.curvature.kfac import (
     check_curvature_examples,
     check_damping,
     check_fisher_samples,
+    check_relative_damping,
     compute_dtype,
     curvature_subset,
     eigen_pass_seed,
+    factored_damping,
     layer_damping,
 )
 from datatrace.curvature.kfac_fit import fit_ekfac_eigenvalues, fit_kfac, fit_kfac_layers
@@ -38,6 +41,7 @@ from datatrace.curvature.operators import (
 )
 
 __all__ = [
+    "HEURISTIC_DAMPING",
     "CallableOperator",
     "Damping",
     "DenseOperator",
@@ -54,9 +58,11 @@ __all__ = [
     "check_curvature_examples",
     "check_damping",
     "check_fisher_samples",
+    "check_relative_damping",
     "compute_dtype",
     "curvature_subset",
     "eigen_pass_seed",
+    "factored_damping",
     "fit_ekfac_eigenvalues",
     "fit_kfac",
     "fit_kfac_layers",

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from datatrace.solvers import InverseOperator, Solver
 
 __all__ = [
+    "HEURISTIC_DAMPING",
     "Damping",
     "FisherKind",
     "KFACCurvature",
@@ -55,9 +56,11 @@ __all__ = [
     "check_curvature_examples",
     "check_damping",
     "check_fisher_samples",
+    "check_relative_damping",
     "compute_dtype",
     "curvature_subset",
     "eigen_pass_seed",
+    "factored_damping",
     "layer_damping",
 ]
 
@@ -167,6 +170,16 @@ class KFACLayer:
         # the factors are PSD: rounding may leave eigenvalues at -1e-17
         evals = lg.clamp_min(0).unsqueeze(1) * la.clamp_min(0).unsqueeze(0)
         return cls(module, weight, bias, weight_shape, a, g, qa, qg, evals)
+
+    def factor_eigenvalues(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(λ_G (O,), λ_A (I',))`` in float64: the eigenvalues of ``G`` and ``A`` in the
+        order of :attr:`q_g` and :attr:`q_a` (``diag(Qᵀ F Q)``; a K-FAC layer's
+        :attr:`eigenvalues` are their outer product, an EK-FAC layer's are not)."""
+        out = []
+        for q, f in ((self.q_g, self.g_factor), (self.q_a, self.a_factor)):
+            q64 = q.to(torch.float64)
+            out.append((q64 * (f.to(torch.float64) @ q64)).sum(0).clamp_min(0))
+        return out[0], out[1]
 
     def rotate(self, mats: torch.Tensor) -> torch.Tensor:
         """``Q_Gᵀ M Q_A`` for ``(k, O, I')`` matrices."""
@@ -315,18 +328,49 @@ def curvature_subset(
     return perm[:m].sort().values
 
 
-def layer_damping(layers: Sequence[KFACLayer], damping: Damping) -> dict[str, float]:
-    """``{module: λ}``: a number for all, ``"heuristic"`` (0.1 x each layer's mean eigenvalue)
-    or a ``{module: number}`` dict naming every layer."""
+def layer_damping(
+    layers: Sequence[KFACLayer], damping: Damping, relative: float = HEURISTIC_DAMPING
+) -> dict[str, float]:
+    """``{module: λ}``: a number for all, ``"heuristic"`` (``relative`` x each layer's mean
+    eigenvalue; default 0.1) or a ``{module: number}`` dict naming every layer."""
     modules = [layer.module for layer in layers]
     check_damping(damping, modules)
     if isinstance(damping, Mapping):
         return {m: float(damping[m]) for m in modules}
     if damping == "heuristic":
-        return {
-            layer.module: HEURISTIC_DAMPING * float(layer.eigenvalues.mean()) for layer in layers
-        }
+        check_relative_damping(relative)
+        return {layer.module: relative * float(layer.eigenvalues.mean()) for layer in layers}
     return {m: float(damping) for m in modules}
+
+
+def check_relative_damping(relative: Any) -> None:
+    """Validate the factor of the heuristic damping: a finite number >= 0."""
+    ok = isinstance(relative, (int, float)) and not isinstance(relative, bool)
+    if not (ok and 0 <= relative < float("inf")):
+        raise ConfigError(
+            f"relative_damping (heuristic damping as a multiple of each layer's mean "
+            f"eigenvalue) must be a finite number >= 0; got {relative!r}."
+        )
+
+
+def factored_damping(layer: KFACLayer, damping: float) -> tuple[float, float]:
+    """``(δ_G, δ_A)``: a layer's damping λ split over its two factors (Martens & Grosse 2015,
+    §6.3, factored Tikhonov damping): ``(G + δ_G I)⁻¹ ⊗ (A + δ_A I)⁻¹`` with
+    ``δ_A = π √λ``, ``δ_G = √λ / π`` and ``π = sqrt((tr A / I') / (tr G / O))``, which
+    balances the two factors' mean eigenvalues; ``δ_G δ_A = λ``. With the heuristic λ
+    (0.1 x the mean of ``λ_G λ_Aᵀ``) each factor gets ``√0.1`` x its own mean eigenvalue.
+
+    Example:
+        >>> layer = KFACLayer.from_factors("fc", "fc.weight", None, (2, 2),
+        ...                                4 * torch.eye(2), torch.eye(2))
+        >>> factored_damping(layer, 0.04)
+        (0.1, 0.4)
+    """
+    mean_a = float(layer.a_factor.diagonal().sum()) / layer.a_factor.shape[0]
+    mean_g = float(layer.g_factor.diagonal().sum()) / layer.g_factor.shape[0]
+    pi = (mean_a / mean_g) ** 0.5 if mean_a > 0 and mean_g > 0 else 1.0
+    root = damping**0.5
+    return root / pi, root * pi
 
 
 # ----------------------------------------------------------------------------- operator
@@ -403,23 +447,42 @@ class KFACCurvature(LinearOperator):
         """The dense ``(dim, dim)`` approximate curvature (small models)."""
         return self.to_dense()
 
-    def layer_damping(self, damping: Damping) -> dict[str, float]:
-        """Per-layer damping values: a number for all, ``"heuristic"`` (0.1 x each layer's
-        mean eigenvalue) or a ``{module: number}`` dict naming every layer."""
-        return layer_damping(self.layers, damping)
+    def layer_damping(
+        self, damping: Damping, relative: float = HEURISTIC_DAMPING
+    ) -> dict[str, float]:
+        """Per-layer damping values: a number for all, ``"heuristic"`` (``relative`` x each
+        layer's mean eigenvalue) or a ``{module: number}`` dict naming every layer."""
+        return layer_damping(self.layers, damping, relative)
 
     def inverse(
-        self, damping: Damping, solver: Solver | None = None, *, progress: bool | None = False
+        self,
+        damping: Damping,
+        solver: Solver | None = None,
+        *,
+        progress: bool | None = False,
+        factored: bool = False,
+        relative_damping: float = HEURISTIC_DAMPING,
     ) -> InverseOperator:
         """``(F + damping I)⁻¹``: with no ``solver``, in closed form in the eigenbasis
         (per-layer damping, see :meth:`layer_damping`; a :class:`~datatrace.solvers.KFACInverse`
         whose damped eigenvalues :func:`datatrace.solvers.inverse_eigenvalues` inverts); with a
-        solver, that solver's inverse of this operator (``damping`` a number).
+        solver, that solver's inverse of this operator (``damping`` a number). ``factored``
+        (K-FAC, no solver): ``(G + δ_G I)⁻¹ ⊗ (A + δ_A I)⁻¹`` instead, each layer's λ split
+        by :func:`factored_damping`. ``relative_damping``: the factor of
+        ``damping="heuristic"``.
         """
+        if factored and (solver is not None or self.kind != "kfac"):
+            raise ConfigError(
+                f"factored damping inverts each Kronecker factor in closed form: it needs "
+                f"kind='kfac' and no solver; got kind={self.kind!r}, solver="
+                f"{type(solver).__name__ if solver is not None else None}. (EK-FAC's "
+                "eigenvalues are no Kronecker product.)"
+            )
         if solver is None:
             from datatrace.solvers import KFACInverse  # solvers import operators: import late
 
-            return KFACInverse(self, self.layer_damping(damping))
+            layers = self.layer_damping(damping, relative_damping)
+            return KFACInverse(self, layers, factored=factored)
         if not isinstance(damping, (int, float)) or isinstance(damping, bool):
             raise ConfigError(
                 f"a solver inverts K-FAC with one number as damping; got {damping!r}. Pass a "

@@ -274,6 +274,31 @@ class FactorCodec:
                 part[-1].mul_(col)  # g, or the matrix: views into out
         return out
 
+    def transform(
+        self,
+        rows: torch.Tensor,
+        maps: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        factor: float = 1.0,
+    ) -> torch.Tensor:
+        """Rows of ``factor L_l D R_l`` for each layer's gradient ``D`` and ``maps[l] =
+        (L_l (O, O), R_l (I', I'))``: factors map to ``(a R_l, factor g L_lᵀ)`` (the same
+        number of positions: ``L (sum g aᵀ) R = sum (L g)(Rᵀ a)ᵀ``), matrices to
+        ``factor L_l D R_l``."""
+        out = rows.clone()
+        for parts in self.segments(out):
+            for part, (left, right) in zip(parts, maps, strict=True):
+                left, right = left.to(rows.dtype), right.to(rows.dtype)
+                if len(part) == 2:  # views into out
+                    part[0].copy_(part[0] @ right)
+                    part[1].copy_((part[1] @ left.T).mul_(factor))
+                else:
+                    part[0].copy_((left @ part[0] @ right).mul_(factor))
+        return out
+
+    def matrices(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer ``(B, O, I')`` gradient matrices of the first segment of ``rows``."""
+        return [_matrix(part) for part in self.decode(rows)]
+
     def join(self, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
         """Concatenate row blocks along the examples, re-encoding them at common ``T``s
         when their positions differ (zero positions add nothing to a gradient)."""

@@ -48,6 +48,7 @@ Cost: one per-sample gradient per example plus the solver's curvature products p
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -75,6 +76,7 @@ from datatrace.gradients.factored import (
     contract_preconditioned,
     factored_modules,
     pack_low_rank,
+    pairs_factors,
     unpack_low_rank,
 )
 from datatrace.gradients.hooks import _outer_sum
@@ -218,6 +220,9 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         self._solver = make_solver(self.config.solver, **self.config.solver_options)
         # member index -> (preconditioned query block, its per-layer split): see _query_matrices
         self._query_cache: dict[int, tuple[torch.Tensor, Any]] = {}
+        # per member: whether its last transformed queries are factor rows (factored damping)
+        self._factor_queries: dict[int, bool] = {}
+        self._dense_queries = False  # per-module and per-token scores read query matrices
         cfg = self.config
         if cfg.curvature in KFAC_KINDS:
             # refuse parameters outside Linear/Conv2d (and a per-layer damping that does not
@@ -386,7 +391,11 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         op = self._operator(ctx)
         inverse: InverseOperator
         if isinstance(op, KFACCurvature) and self.config.solver == "explicit":
-            inverse = op.inverse(self.config.damping)  # type: ignore[arg-type]
+            inverse = op.inverse(
+                self.config.damping,  # type: ignore[arg-type]
+                factored=self.config.factored_damping,
+                relative_damping=self.config.relative_damping,
+            )
         else:
             inverse = self._solver.prepare(
                 op,
@@ -395,11 +404,58 @@ class InfluenceAttributor(Attributor[InfluenceState]):
             )
         return InfluenceState(inverse=inverse)
 
+    def _query_codec(self, ctx: MemberContext[InfluenceState]) -> FactorCodec | None:
+        """The codec of query rows kept as layer factors, with factored damping and
+        factored train features: its inverse keeps each layer's rank, so a query of one
+        position is scored by two small inner products per layer (``FactorCodec.inner``)."""
+        cfg = self.config
+        if not cfg.factored_damping or ctx.form != "factored" or cfg.query_rank is not None:
+            return None
+        return None if self._dense_queries else FactorCodec(ctx.factor_layout())
+
+    @contextmanager
+    def _plain_queries(self) -> Iterator[None]:
+        """Preconditioned queries as flat rows (or ``query_rank`` pairs) even with factored
+        damping: per-module and per-token scores split those."""
+        self._dense_queries = True
+        try:
+            yield
+        finally:
+            self._dense_queries = False
+
+    def _query_features(self, ctx: MemberContext[InfluenceState], batch: Batch) -> torch.Tensor:
+        codec = self._query_codec(ctx)
+        if codec is None:
+            return super()._query_features(ctx, batch)
+        psg = compute_per_sample_grads(
+            ctx.task, batch, state=ctx.state, which="query", engine="hooks"
+        )
+        return codec.encode(psg.factors)
+
+    def _join_query_features(
+        self, ctx: MemberContext[InfluenceState], feats: list[torch.Tensor]
+    ) -> torch.Tensor:
+        codec = self._query_codec(ctx)
+        return super()._join_query_features(ctx, feats) if codec is None else codec.join(feats)
+
     def _transform_queries(
         self, ctx: MemberContext[InfluenceState], q: torch.Tensor
     ) -> torch.Tensor:
         inverse = ctx.fitted.solve()
         factored = ctx.form == "factored"
+        codec, self._factor_queries[ctx.index] = self._query_codec(ctx), False
+        if codec is not None:
+            assert isinstance(inverse, KFACInverse)
+            layout = ctx.factor_layout()
+            parts = codec.decode(q)
+            if all(  # the pairwise product is the cheaper one (T_q = T_n assumed)
+                len(p) == 2 and pairs_factors(p[0].shape[1], s.out_features, s.in_width)
+                for p, s in zip(parts, layout.slots)
+            ):
+                self._factor_queries[ctx.index] = True
+                maps = [inverse.kronecker[m] for m in layout.modules]
+                return codec.transform(q, maps, 1.0 / self._n_train)
+            q = layout.from_matrices(codec.matrices(q))  # many positions: query matrices
         if factored and isinstance(inverse, KFACInverse):
             # per layer, never the flat (dim, k) transpose
             layout = ctx.factor_layout()
@@ -487,8 +543,10 @@ class InfluenceAttributor(Attributor[InfluenceState]):
         task, ctx = self.task, self._contexts[0]
         if not self._recompute or ctx.form != "factored" or self._grouping is not None:
             return None
-        if self.config.query_rank is not None or not (
-            self.feature_dtype == task.dtype == task.working_dtype
+        if (
+            self.config.query_rank is not None
+            or self._factor_queries.get(ctx.index, False)
+            or not (self.feature_dtype == task.dtype == task.working_dtype)
         ):
             return None
         bs = self.config.batch_size
@@ -501,6 +559,8 @@ class InfluenceAttributor(Attributor[InfluenceState]):
     ) -> torch.Tensor:
         if ctx.form != "factored":
             return super()._combine(ctx, q, train, start)
+        if self._factor_queries.get(ctx.index, False):
+            return FactorCodec(ctx.factor_layout()).inner(q, train)
         queries, full = self._query_matrices(ctx, q)
         if isinstance(train, GradientBlock):
             assert full is not None  # blocks only with full query matrices
@@ -557,7 +617,8 @@ class InfluenceAttributor(Attributor[InfluenceState]):
                 )
                 spans[slot.module] = [slice(pos, pos + width)]
                 pos += width
-        return per_module_scores(self, queries, spans)
+        with self._plain_queries():
+            return per_module_scores(self, queries, spans)
 
     def attribute_per_token(self, queries: Any) -> torch.Tensor:
         """``(n_query, T, n_units)`` scores per predicted query token (language models); they
@@ -585,7 +646,8 @@ class InfluenceAttributor(Attributor[InfluenceState]):
                 f"position); got curvature={self.config.curvature!r}, "
                 f"train_features={self.config.train_features!r}, groups={self._groups_arg!r}."
             )
-        qs = self._transformed_queries(queries)
+        with self._plain_queries():
+            qs = self._transformed_queries(queries)
         total: torch.Tensor | None = None
         for member_ctx, q in zip(self._contexts, qs):
             with self._member_scope(member_ctx) as ctx:

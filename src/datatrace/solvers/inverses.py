@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from datatrace._progress import progress_bar
+from datatrace.curvature.kfac import factored_damping
 from datatrace.curvature.operators import FisherOperator, LinearOperator, as_columns
 from datatrace.errors import ConfigError, NumericalError
 
@@ -243,11 +244,19 @@ def inverse_eigenvalues(eigenvalues: torch.Tensor, damping: float, name: str) ->
 class KFACInverse(InverseOperator):
     """``(F + λ_l I)⁻¹`` per layer ``l``: ``Q_G ((Q_Gᵀ M Q_A) / (Λ + λ_l)) Q_Aᵀ``.
 
+    With ``factored`` (K-FAC only), ``(G + δ_G I)⁻¹ M (A + δ_A I)⁻¹`` instead: the damped
+    eigenvalues are the outer product ``1 / (λ_G + δ_G) 1 / (λ_A + δ_A)ᵀ`` with ``λ_l`` split
+    by :func:`datatrace.curvature.factored_damping`, so the inverse maps a rank-``r`` matrix
+    ``sum g aᵀ`` to one of rank ``r``, ``sum (G + δ_G I)⁻¹ g ((A + δ_A I)⁻¹ a)ᵀ``: the two
+    factor inverses are :attr:`kronecker`.
+
     Built by :meth:`datatrace.curvature.KFACCurvature.inverse`.
 
     Attributes:
         layer_damping: ``{module: λ_l}``.
         damping: the smallest ``λ_l``.
+        factored: whether the damping is split over the factors.
+        kronecker: with ``factored``, ``{module: ((G + δ_G I)⁻¹, (A + δ_A I)⁻¹)}`` (float64).
 
     Example:
         >>> from datatrace import Task
@@ -259,18 +268,35 @@ class KFACInverse(InverseOperator):
         torch.Size([15])
     """
 
-    def __init__(self, curvature: KFACCurvature, layer_damping: Mapping[str, float]) -> None:
+    def __init__(
+        self,
+        curvature: KFACCurvature,
+        layer_damping: Mapping[str, float],
+        *,
+        factored: bool = False,
+    ) -> None:
         super().__init__(
             curvature.dim, curvature.dtype, curvature.device, min(layer_damping.values())
         )
         self.curvature = curvature
         self.layer_damping = dict(layer_damping)
-        self._inv = {
-            layer.module: inverse_eigenvalues(
-                layer.eigenvalues, self.layer_damping[layer.module], layer.module
+        self.factored = factored
+        self.kronecker: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inv = {}
+        for layer in curvature.layers:
+            damping = self.layer_damping[layer.module]
+            if not factored:
+                self._inv[layer.module] = inverse_eigenvalues(
+                    layer.eigenvalues, damping, layer.module
+                )
+                continue
+            inv_g, inv_a = (
+                inverse_eigenvalues(lam, d, layer.module)
+                for lam, d in zip(layer.factor_eigenvalues(), factored_damping(layer, damping))
             )
-            for layer in curvature.layers
-        }
+            self._inv[layer.module] = inv_g.unsqueeze(1) * inv_a.unsqueeze(0)
+            q_g, q_a = layer.q_g.to(torch.float64), layer.q_a.to(torch.float64)
+            self.kronecker[layer.module] = ((q_g * inv_g) @ q_g.T, (q_a * inv_a) @ q_a.T)
 
     def apply_matrices(self, mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Apply the inverse to per-layer ``(k, O, I')`` gradient matrices."""
