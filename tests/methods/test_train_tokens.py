@@ -13,6 +13,7 @@ from tests.models import cnn
     [
         ("if-ekfac", {}),
         ("if-kfac", {}),
+        ("if-kfac", {"factored_damping": True}),
         ("if-ekfac", {"query_rank": 2}),
         ("if-ekfac", {"train_features": "recompute"}),
     ],
