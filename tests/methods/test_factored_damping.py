@@ -124,7 +124,7 @@ def test_relative_damping_scales_the_heuristic():
     assert "relative_damping" not in make_attributor("if-kfac", task).config.to_json()
     assert attr.config.to_json()["relative_damping"] == 0.01
     assert make_attributor("if-kfac", task).config.relative_damping == HEURISTIC_DAMPING
-    with pytest.raises(ConfigError, match="relative_damping=0.01 applies only with"):
+    with pytest.raises(ConfigError, match=r"relative_damping=0\.01 applies only with"):
         make_attributor("if-kfac", task, relative_damping=0.01, damping=1e-3)
     with pytest.raises(ConfigError, match="must be a finite number >= 0; got -1"):
         make_attributor("if-kfac", task, relative_damping=-1)
