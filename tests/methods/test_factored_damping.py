@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datatrace import ConfigError, Task, make_attributor
+from datatrace import ConfigError, Task, dropout_members, make_attributor
 from datatrace.curvature import (
     HEURISTIC_DAMPING,
     factored_damping,
@@ -94,6 +94,24 @@ def test_factor_queries_score_as_the_query_matrices(options):
     parts = fast.attribute_per_module(queries)
     torch.testing.assert_close(sum(s.values for s in parts.values()), got, rtol=RTOL, atol=1e-14)
     assert fast.self_attribute().shape == (20,)
+
+
+def test_factor_queries_with_dropout_members_of_two_models():
+    """The two-training recipe (docs/benchmarks.md): masks over two models, each member its
+    own inverse and factor queries; the flattened-gradient path scores the same."""
+    task, train, queries = Task(mlp()), classification_data(n=20), classification_data(n=4, seed=7)
+    models = [mlp(seed=0).state_dict(), mlp(seed=1).state_dict()]
+    members = dropout_members(3, rate=0.3, layers=["1"], models=models)
+    options = {"factored_damping": True, "relative_damping": 0.01, "members": members}
+    fast = make_attributor("if-kfac", task, **options).fit(train)
+    got = fast.attribute(queries).values
+    assert fast._factor_queries == {0: True, 1: True, 2: True}
+    dense = make_attributor("if-kfac", task, train_features="gradients", **options)
+    want = dense.fit(train).attribute(queries).values
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=1e-14)
+    # each member counts: not the plain model's scores
+    plain = make_attributor("if-kfac", task, factored_damping=True, relative_damping=0.01)
+    assert not torch.allclose(plain.fit(train).attribute(queries).values, got, rtol=1e-3)
 
 
 def test_many_positions_fall_back_to_query_matrices():
