@@ -41,6 +41,8 @@ def methods(store: Path | None = None) -> dict[str, torch.Tensor]:
             "loss",
         ),
         "grad-dot": ("grad-dot", {}, "loss"),
+        # factored damping: queries kept as layer factors, scored pairwise per rank
+        "if-kfac-factored": ("if-kfac", {"factored_damping": True}, "loss"),
     }
     for name, (method_id, options, target) in settings.items():
         attr = make_attributor(

@@ -58,7 +58,7 @@ def runs(tmp_path_factory):
     return tmp, ranks, single
 
 
-@pytest.mark.parametrize("method_id", ["trak", "if-ekfac", "grad-dot"])
+@pytest.mark.parametrize("method_id", ["trak", "if-ekfac", "grad-dot", "if-kfac-factored"])
 @pytest.mark.parametrize("what", ["scores", "unit_ids", "self", "top_ids", "top_values"])
 def test_every_rank_returns_the_single_process_result(runs, method_id, what):
     _, ranks, single = runs
