@@ -93,7 +93,8 @@ def test_factor_queries_score_as_the_query_matrices(options):
     # per-module scores split the same scores (through query matrices)
     parts = fast.attribute_per_module(queries)
     torch.testing.assert_close(sum(s.values for s in parts.values()), got, rtol=RTOL, atol=1e-14)
-    assert fast.self_attribute().shape == (20,)
+    # self-scores through the factors' paired products equal the flattened path's
+    torch.testing.assert_close(fast.self_attribute(), dense.self_attribute(), rtol=RTOL, atol=1e-14)
 
 
 def test_factor_queries_with_dropout_members_of_two_models():
@@ -127,6 +128,8 @@ def test_many_positions_fall_back_to_query_matrices():
     dense = make_attributor("if-kfac", task, factored_damping=True, train_features="gradients")
     want = dense.fit(train).attribute(queries).values
     torch.testing.assert_close(got, want, rtol=RTOL, atol=1e-14)
+    # self-scores: pairwise products over positions t, s of each example's factors
+    torch.testing.assert_close(fast.self_attribute(), dense.self_attribute(), rtol=RTOL, atol=1e-14)
 
 
 def test_relative_damping_scales_the_heuristic():

@@ -264,6 +264,19 @@ class FactorCodec:
                 total += _layer_sq_norms(part)
         return total
 
+    def paired_inner(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` inner products of row ``b`` of ``left`` with row ``b`` of ``right`` (the
+        diagonal of :meth:`inner`), both in this codec's layout, all segments."""
+        total = left.new_zeros(left.shape[0])
+        for lsegs, rsegs in zip(self.segments(left), self.segments(right), strict=True):
+            for lp, rp in zip(lsegs, rsegs):
+                if len(lp) == 2 and len(rp) == 2:  # sum_{t,s} (a_t · a'_s)(g_t · g'_s)
+                    aa = torch.bmm(lp[0], rp[0].transpose(1, 2))
+                    total += (aa * torch.bmm(lp[1], rp[1].transpose(1, 2))).sum((1, 2))
+                else:
+                    total += (_matrix(lp) * _matrix(rp)).sum((1, 2))
+        return total
+
     def scale(self, rows: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
         """Rows whose gradients are multiplied by ``factor`` (a number or ``(B,)``): only
         the output-gradient (or matrix) columns change."""

@@ -264,10 +264,15 @@ class InfluenceScoring(Attributor[InfluenceState]):
         if ctx.form != "factored":
             return super()._self_scores(ctx, train, start)
         layout = ctx.factor_layout()
+        inverse = ctx.fitted.solve()
+        if isinstance(inverse, KFACInverse) and inverse.factored:  # factors keep their rank
+            codec = FactorCodec(layout)
+            maps = [inverse.kronecker[m] for m in layout.modules]
+            return codec.paired_inner(train, codec.transform(train, maps, 1.0 / self._n_train))
         mats = [
             _outer_sum(part[1], part[0]) if len(part) == 2 else part[0]
             for part in FactorCodec(layout).decode(train)
         ]
         grads = layout.from_matrices(mats)
-        pre = ctx.fitted.solve().apply(grads.T).T / self._n_train
+        pre = inverse.apply(grads.T).T / self._n_train
         return (pre * grads).sum(1)
