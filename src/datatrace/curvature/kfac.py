@@ -253,9 +253,13 @@ def check_damping(damping: Any, modules: Sequence[str] | None = None) -> None:
                     f"{missing}, unknown {extra}."
                 )
         return
-    ok = isinstance(damping, (int, float)) and not isinstance(damping, bool)
-    if not (ok and 0 <= damping < float("inf")):
+    if not _finite_nonnegative(damping):
         raise ConfigError(f"damping must be a finite number >= 0; got {damping!r}.")
+
+
+def _finite_nonnegative(value: Any) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and 0 <= value < float("inf")
 
 
 def check_fisher_samples(fisher_samples: Any, fisher: str | None = None) -> None:
@@ -345,8 +349,7 @@ def layer_damping(
 
 def check_relative_damping(relative: Any) -> None:
     """Validate the factor of the heuristic damping: a finite number >= 0."""
-    ok = isinstance(relative, (int, float)) and not isinstance(relative, bool)
-    if not (ok and 0 <= relative < float("inf")):
+    if not _finite_nonnegative(relative):
         raise ConfigError(
             f"relative_damping (heuristic damping as a multiple of each layer's mean "
             f"eigenvalue) must be a finite number >= 0; got {relative!r}."
